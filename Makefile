@@ -1,0 +1,42 @@
+# Two commands on a fresh machine:
+#   make demo   install, then run the whole workflow on the embedded demo cohort
+#   make test   install, then run the test suite (what .ci/run calls)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CORES  ?= 2
+SNAKEMAKE := $(BIN)/snakemake
+
+.PHONY: install demo test test-fast dag clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned (a CPU build where the machine provides one), then the full
+# lock without dependency resolution so nothing pulls a different torch.
+$(VENV)/.installed: $(BIN)/python envs/requirements.lock pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet --no-deps -r envs/requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import torch, monai, ants, nnunetv2, snakemake; print('environment ok: torch', torch.__version__, 'monai', monai.__version__)"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete
+	@echo "demo finished: see results/demo/"
+
+test: install
+	$(BIN)/python -m pytest -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+dag: install
+	$(SNAKEMAKE) --rulegraph | dot -Tpng > resources/rulegraph.png
+
+clean-demo:
+	rm -rf results/demo logs/demo .snakemake

@@ -1,0 +1,26 @@
+# brainSPADE-style synthesis workflow:
+#   demo cohort / sample sheet -> preprocessing (N4, registration, skull stripping,
+#   working grid) -> generators -> synthetic samples -> nnU-Net arms -> tables.
+# Rules live in workflow/rules/*.smk, their scripts in workflow/scripts/, and the
+# logic in the importable package workflow/brainsynth.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/cohort.smk"
+include: "workflow/rules/preprocessing.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,312 @@
+"""Per-subject preprocessing with ANTs: N4, registration, skull stripping, working grid.
+
+The study's generators and nnU-Net all see subjects registered to one template,
+skull-stripped, on one working grid, with intensities on a common scale and
+tissue maps that are probabilistic (channels summing to 1). Each step here is a
+function of files to files so a Snakemake rule can call it and rerun it alone.
+"""
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from .io import atomic_path, save_json, save_nifti
+from .labels import LabelSchema
+
+log = logging.getLogger(__name__)
+
+_AFFINE_SHRINK = (6, 4, 2, 1)
+_AFFINE_SMOOTH = (3, 2, 1, 0)
+
+
+def set_threads(n):
+    """ANTs/ITK read their thread count from the environment at each call."""
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(n)))
+
+
+def _ants():
+    import ants
+
+    return ants
+
+
+def _save_ants(image, path):
+    with atomic_path(path) as tmp:
+        image.to_filename(str(tmp))
+    return Path(path)
+
+
+def n4_correct(in_path, out_path, shrink_factor=2, iterations=(50, 50, 30), tol=1e-7):
+    """N4 bias-field correction of one image (whole head, no mask)."""
+    ants = _ants()
+    img = ants.image_read(str(in_path))
+    corrected = ants.n4_bias_field_correction(
+        img,
+        shrink_factor=int(shrink_factor),
+        convergence={"iters": list(iterations), "tol": tol},
+    )
+    return _save_ants(corrected, out_path)
+
+
+def register(moving_path, fixed_path, out_affine, out_warp, out_inverse_warp, out_warped,
+             transform="SyN", syn_iterations=(40, 20, 0), affine_iterations=(200, 100, 50, 0),
+             seed=0):
+    """Register a subject's T1 to the template T1 and keep the transforms.
+
+    Writes the affine (.mat), the forward and inverse SyN warps and the warped
+    T1. For a linear ``transform`` (Rigid/Affine) the warp files hold identity
+    fields so downstream rules see the same file set whatever the transform.
+    """
+    ants = _ants()
+    fixed = ants.image_read(str(fixed_path))
+    moving = ants.image_read(str(moving_path))
+    n_aff = len(affine_iterations)
+    if not 1 <= n_aff <= 4:
+        raise ValueError("affine_iterations must have 1 to 4 levels")
+    with tempfile.TemporaryDirectory(prefix="reg_", dir=Path(out_affine).parent) as tmp:
+        reg = ants.registration(
+            fixed=fixed,
+            moving=moving,
+            type_of_transform=transform,
+            outprefix=str(Path(tmp) / "reg_"),
+            reg_iterations=tuple(int(i) for i in syn_iterations),
+            aff_iterations=tuple(int(i) for i in affine_iterations),
+            aff_shrink_factors=_AFFINE_SHRINK[-n_aff:],
+            aff_smoothing_sigmas=_AFFINE_SMOOTH[-n_aff:],
+            random_seed=int(seed),
+        )
+        fwd, inv = reg["fwdtransforms"], reg["invtransforms"]
+        affine = [t for t in fwd if t.endswith(".mat")]
+        warps = [t for t in fwd if t.endswith(".nii.gz")]
+        inv_warps = [t for t in inv if t.endswith(".nii.gz")]
+        if len(affine) != 1:
+            raise RuntimeError(f"ANTs returned unexpected transforms: {fwd}")
+        with atomic_path(out_affine) as tmp_aff:
+            shutil.copyfile(affine[0], tmp_aff)
+        if warps:
+            with atomic_path(out_warp) as t:
+                shutil.copyfile(warps[0], t)
+            with atomic_path(out_inverse_warp) as t:
+                shutil.copyfile(inv_warps[0], t)
+        else:
+            _identity_warp(fixed, out_warp)
+            _identity_warp(moving, out_inverse_warp)
+        _save_ants(reg["warpedmovout"], out_warped)
+    return {"affine": Path(out_affine), "warp": Path(out_warp), "inverse_warp": Path(out_inverse_warp)}
+
+
+def _identity_warp(reference, path):
+    ants = _ants()
+    shape = tuple(reference.shape) + (3,)
+    field = ants.from_numpy(
+        np.zeros(shape, dtype=np.float32),
+        origin=reference.origin,
+        spacing=reference.spacing,
+        direction=reference.direction,
+        has_components=True,
+    )
+    _save_ants(field, path)
+
+
+def forward_transforms(affine, warp):
+    """Transform list taking the subject (moving) image into template space."""
+    return [str(warp), str(affine)], [False, False]
+
+
+def inverse_transforms(affine, inverse_warp):
+    """Transform list taking a template image back into the subject's space."""
+    return [str(affine), str(inverse_warp)], [True, False]
+
+
+def skull_strip(native_t1_path, template_mask_path, affine, inverse_warp, out_mask,
+                threshold=0.5, closing_voxels=1):
+    """Brain mask by propagating the template mask into the subject's space.
+
+    The warped (linearly interpolated) mask is thresholded, then refined: the
+    largest connected component is kept, holes are filled and an optional
+    binary closing smooths the boundary.
+    """
+    ants = _ants()
+    native = ants.image_read(str(native_t1_path))
+    tmask = ants.image_read(str(template_mask_path))
+    tlist, invert = inverse_transforms(affine, inverse_warp)
+    warped = ants.apply_transforms(fixed=native, moving=tmask, transformlist=tlist,
+                                   whichtoinvert=invert, interpolator="linear")
+    prob = warped.numpy()
+    mask = refine_mask(prob >= float(threshold), int(closing_voxels))
+    ref = nib.load(str(native_t1_path))
+    save_nifti(mask.astype(np.uint8), ref.affine, out_mask)
+    return mask
+
+
+def refine_mask(mask, closing_voxels=1):
+    """Largest component, closed and hole-filled."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask
+    lab, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum(mask, lab, index=np.arange(1, n + 1))
+        mask = lab == (int(np.argmax(sizes)) + 1)
+    if closing_voxels > 0:
+        struct = ndimage.generate_binary_structure(3, 1)
+        mask = ndimage.binary_closing(mask, structure=struct, iterations=closing_voxels,
+                                      border_value=0)
+    return ndimage.binary_fill_holes(mask)
+
+
+def dice(a, b):
+    """Dice of two boolean masks; 1.0 when both are empty."""
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
+    denom = a.sum() + b.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(a, b).sum() / denom)
+
+
+def skull_strip_qc(mask_path, truth_path, out_json, subject):
+    """QC record for the mask: volume and, when a reference mask exists, Dice."""
+    mask_img = nib.load(str(mask_path))
+    mask = np.asanyarray(mask_img.dataobj) > 0
+    vox_ml = float(np.prod(mask_img.header.get_zooms()[:3])) / 1000.0
+    rec = {"subject": subject, "brain_volume_ml": round(float(mask.sum()) * vox_ml, 2),
+           "skull_strip_dice": None}
+    if truth_path:
+        truth = np.asanyarray(nib.load(str(truth_path)).dataobj) > 0
+        rec["skull_strip_dice"] = round(dice(mask, truth), 4)
+    save_json(rec, out_json)
+    return rec
+
+
+def normalise_intensity(data, mask, lower=1.0, upper=99.0):
+    """Percentile scaling inside the brain to [0, 1]; 0 outside the brain."""
+    data = np.asarray(data, dtype=np.float32)
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.zeros_like(data)
+    lo, hi = np.percentile(data[mask], [lower, upper])
+    scale = hi - lo if hi > lo else 1.0
+    out = np.clip((data - lo) / scale, 0.0, 1.0)
+    out[~mask] = 0.0
+    return out.astype(np.float32)
+
+
+def probabilistic_from_labels(label, schema, voxel_mm, sigma_mm=2.0):
+    """One-hot -> probabilistic maps (channels last, summing to 1).
+
+    Each class channel is Gaussian-smoothed (``sigma_mm``), then the channels are
+    renormalised; voxels whose smoothed mass vanishes keep their one-hot value.
+    """
+    onehot = schema.one_hot(label)
+    if sigma_mm and sigma_mm > 0:
+        sig = float(sigma_mm) / np.asarray(voxel_mm, dtype=float)
+        onehot = np.stack([ndimage.gaussian_filter(c, sigma=sig, mode="constant") for c in onehot])
+    total = onehot.sum(axis=0, keepdims=True)
+    safe = total > 1e-6
+    prob = np.where(safe, onehot / np.where(safe, total, 1.0), schema.one_hot(label))
+    return np.moveaxis(prob.astype(np.float32), 0, -1)
+
+
+def probabilistic_from_atropos(t1_path, mask, prior_maps, schema, iterations=5, prior_weight=0.25):
+    """Tissue maps by Atropos with template priors, for subjects without labels.
+
+    ``prior_maps`` is a dict tissue-name -> 3D array on the same grid as the
+    image. Lesion channels stay 0: Atropos has no lesion model.
+    """
+    ants = _ants()
+    img = ants.image_read(str(t1_path))
+    mask_img = img.new_image_like(np.asarray(mask, dtype=np.float32))
+    names = list(prior_maps)
+    priors = [img.new_image_like(np.asarray(prior_maps[n], dtype=np.float32)) for n in names]
+    seg = ants.atropos(a=img, x=mask_img, i=priors, m="[0.2,1x1x1]",
+                       c=f"[{int(iterations)},0]", priorweight=float(prior_weight))
+    probs = np.stack([p.numpy() for p in seg["probabilityimages"]])
+    out = np.zeros((schema.n_classes,) + tuple(img.shape), dtype=np.float32)
+    inside = np.asarray(mask, dtype=bool)
+    probs = probs * inside
+    s = probs.sum(axis=0)
+    norm = np.where(s > 0, s, 1.0)
+    for name, p in zip(names, probs):
+        out[schema.value(name)] = np.where(inside, p / norm, 0.0)
+    out[0] = np.where(inside & (s > 0), 0.0, 1.0)
+    return np.moveaxis(out, 0, -1)
+
+
+def to_working_grid(images, native_mask, affine, warp, template_t1, out_images, out_mask,
+                    label=None, out_label=None, label_map=None, schema=None, lower=1.0, upper=99.0):
+    """Warp images, brain mask and (optionally) labels onto the template grid.
+
+    ``images``/``out_images`` are dicts modality -> path. Images are masked and
+    normalised; labels use ANTs' genericLabel interpolation (which keeps the
+    source values), then ``label_map`` translates them to the schema. Returns
+    the working-grid brain mask and label arrays.
+    """
+    ants = _ants()
+    fixed = ants.image_read(str(template_t1))
+    tlist, invert = forward_transforms(affine, warp)
+    ref = nib.load(str(template_t1))
+
+    def warp_to_grid(path, interpolator):
+        moving = ants.image_read(str(path))
+        return ants.apply_transforms(fixed=fixed, moving=moving, transformlist=tlist,
+                                     whichtoinvert=invert, interpolator=interpolator).numpy()
+
+    mask = warp_to_grid(native_mask, "linear") >= 0.5
+    save_nifti(mask.astype(np.uint8), ref.affine, out_mask)
+    for mod, path in images.items():
+        data = warp_to_grid(path, "linear")
+        save_nifti(normalise_intensity(data, mask, lower, upper), ref.affine, out_images[mod],
+                   dtype=np.float32)
+    lab = None
+    if label is not None:
+        lab = np.rint(warp_to_grid(label, "genericLabel")).astype(np.int32)
+        if label_map:
+            from .validate import apply_label_map
+
+            lab = apply_label_map(lab, label_map, schema)
+        lab = lab.astype(np.uint8)
+        lab[~mask & (lab > 0)] = 0
+        save_nifti(lab, ref.affine, out_label)
+    return mask, lab
+
+
+def lesion_record(label_path, schema, subject, has_label=True):
+    """Lesion voxel counts per lesion type (numerators of dc_jl).
+
+    ``has_label`` is False for subjects whose label map came from Atropos: their
+    lesion counts are unknown, not zero, and they are left out of dc_jl maxima.
+    """
+    lab = np.asanyarray(nib.load(str(label_path)).dataobj)
+    counts = schema.lesion_counts(lab)
+    return {"subject": subject, **{f"n_{k}": v for k, v in counts.items()}, "has_label": bool(has_label)}
+
+
+def lesion_proportions(records, schema):
+    """dc_jl = lesion voxel count / the cohort's maximum for that lesion type."""
+    import pandas as pd
+
+    df = pd.DataFrame.from_records(records).sort_values("subject").reset_index(drop=True)
+    labelled = df["has_label"].astype(bool)
+    for lt in schema.lesion_types:
+        col = df[f"n_{lt}"].astype(float)
+        mx = col[labelled].max() if labelled.any() else 0.0
+        dc = (col / mx).round(6) if mx > 0 else col * 0.0
+        df[f"dc_{lt}"] = dc.where(labelled)
+    return df
+
+
+def tissue_priors_from_template(template_label_path, schema, sigma_mm=2.0):
+    """Template tissue labels -> smoothed prior maps for Atropos (dict name -> array)."""
+    img = nib.load(str(template_label_path))
+    lab = np.asanyarray(img.dataobj).astype(np.int16)
+    prob = probabilistic_from_labels(lab, schema, img.header.get_zooms()[:3], sigma_mm)
+    return {t: prob[..., schema.value(t)] for t in schema.tissues}
+
+
+def load_schema(config):
+    return LabelSchema.from_config(config)

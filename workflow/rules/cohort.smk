@@ -1,0 +1,71 @@
+# Inputs: the embedded demo cohort, the working-grid template, and ingest of
+# BraTS / BIDS directory layouts into a sample sheet.
+
+
+rule build_template:
+    """Working-grid template (T1 head, brain mask, tissue labels and priors) from nilearn's MNI152 2009."""
+    output:
+        t1=template_file("t1"),
+        brain_mask=template_file("brain_mask"),
+        labels=template_file("labels"),
+        priors=template_file("priors"),
+    params:
+        grid=config["grid"],
+        template=config["template"],
+    log:
+        f"{LOGS}/cohort/build_template.log",
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    script:
+        "../scripts/build_template.py"
+
+
+rule synthesize_subject:
+    """One demo subject in its own native space: T1/T2/FLAIR with skull, bias, noise, lesions."""
+    output:
+        **{m: f"{R}/cohort/{{subject}}/{m}.nii.gz" for m in MODALITIES},
+        label=f"{R}/cohort/{{subject}}/label.nii.gz",
+        brain_mask=f"{R}/cohort/{{subject}}/brain_mask.nii.gz",
+    params:
+        row=lambda wc: SUBJECTS.loc[wc.subject].to_dict(),
+        demo=config["demo"],
+        labels=config["labels"],
+        seed=config["seed"],
+    log:
+        f"{LOGS}/cohort/synthesize_subject/{{subject}}.log",
+    resources:
+        mem_mb=3000,
+        runtime=5,
+    script:
+        "../scripts/synthesize_subject.py"
+
+
+rule cohort_sheet:
+    """The demo cohort as a sample sheet (same format a user writes for real data)."""
+    input:
+        expand(f"{R}/cohort/{{subject}}/t1.nii.gz", subject=SUBJECT_IDS),
+    output:
+        f"{R}/cohort/subjects.tsv",
+    params:
+        subjects=SUBJECTS,
+        modalities=MODALITIES,
+    log:
+        f"{LOGS}/cohort/cohort_sheet.log",
+    script:
+        "../scripts/cohort_sheet.py"
+
+
+rule ingest_dataset:
+    """BraTS 2021 or BIDS directory -> sample sheet. Request it explicitly, e.g.
+    snakemake results/ingest/brats_subjects.tsv --config ingest_root=/data/BraTS2021"""
+    output:
+        "results/ingest/{layout}_subjects.tsv",
+    params:
+        root=lambda wc: config.get("ingest_root") or "",
+    wildcard_constraints:
+        layout="brats|bids",
+    log:
+        "logs/ingest/{layout}.log",
+    script:
+        "../scripts/ingest_dataset.py"
