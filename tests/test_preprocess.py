@@ -1,0 +1,153 @@
+"""Preprocessing functions on small synthetic volumes, with the real ANTs."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brainsynth import preprocess as pp
+from brainsynth.labels import LabelSchema
+from brainsynth.io import save_nifti
+
+
+def _ellipsoid(shape, centre, radii):
+    grid = np.indices(shape).astype(float)
+    d = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii))
+    return d <= 1.0
+
+
+def _head(shape=(40, 44, 40), shift=(0, 0, 0)):
+    """A toy head: bright brain ellipsoid with a darker core, skull ring, bright scalp."""
+    c = [s / 2 + d for s, d in zip(shape, shift)]
+    brain = _ellipsoid(shape, c, (12, 14, 11))
+    core = _ellipsoid(shape, c, (6, 7, 5))
+    skull = _ellipsoid(shape, c, (15, 17, 14)) & ~brain
+    scalp = _ellipsoid(shape, c, (17, 19, 16)) & ~skull & ~brain
+    img = np.zeros(shape, np.float32)
+    img[brain] = 1.0
+    img[core] = 0.5
+    img[skull] = 0.1
+    img[scalp] = 0.9
+    return img, brain
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    fixed, fixed_brain = _head()
+    moving, moving_brain = _head(shift=(2, -2, 1))
+    rng = np.random.default_rng(0)
+    moving = moving + rng.normal(0, 0.01, moving.shape).astype(np.float32)
+    paths = {
+        "fixed": save_nifti(fixed, aff, tmp_path / "fixed.nii.gz"),
+        "fixed_mask": save_nifti(fixed_brain.astype(np.uint8), aff, tmp_path / "fixed_mask.nii.gz"),
+        "moving": save_nifti(moving, aff, tmp_path / "moving.nii.gz"),
+        "moving_mask": save_nifti(moving_brain.astype(np.uint8), aff, tmp_path / "moving_mask.nii.gz"),
+    }
+    return tmp_path, paths
+
+
+def test_normalise_intensity_scales_brain_and_zeros_outside():
+    data = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+    mask = np.zeros_like(data, bool)
+    mask[2:8, 2:8, 2:8] = True
+    out = pp.normalise_intensity(data, mask, 1, 99)
+    assert out.dtype == np.float32
+    assert out[~mask].max() == 0.0
+    assert 0.0 <= out[mask].min() < 0.05 and 0.95 < out[mask].max() <= 1.0
+
+
+def test_probabilistic_maps_sum_to_one_and_keep_argmax():
+    schema = LabelSchema()
+    lab = np.zeros((20, 20, 20), np.uint8)
+    lab[5:15, 5:15, 5:15] = schema.value("wm")
+    lab[8:12, 8:12, 8:12] = schema.value("wmh")
+    prob = pp.probabilistic_from_labels(lab, schema, (2.0, 2.0, 2.0), sigma_mm=2.0)
+    assert prob.shape == lab.shape + (schema.n_classes,)
+    np.testing.assert_allclose(prob.sum(-1), 1.0, atol=1e-5)
+    assert (prob.min() >= 0) and (prob.max() <= 1 + 1e-6)
+    assert np.array_equal(np.argmax(prob, -1)[10, 10, 10], schema.value("wmh"))
+    # smoothing makes the edge voxels mixed, not one-hot
+    assert 0.1 < prob[5, 10, 10, schema.value("wm")] < 0.9
+
+
+def test_refine_mask_keeps_largest_component_and_fills_holes():
+    m = _ellipsoid((30, 30, 30), (15, 15, 15), (8, 8, 8))
+    m[15, 15, 15] = False  # hole
+    m[1, 1, 1] = True  # speck
+    out = pp.refine_mask(m, closing_voxels=1)
+    assert out[15, 15, 15] and not out[1, 1, 1]
+
+
+def test_dice_edge_cases():
+    a = np.zeros((4, 4), bool)
+    assert pp.dice(a, a) == 1.0
+    b = a.copy()
+    b[0, 0] = True
+    assert pp.dice(a, b) == 0.0
+    assert pp.dice(b, b) == 1.0
+
+
+def test_lesion_proportions_divide_by_cohort_max_and_skip_unlabelled():
+    schema = LabelSchema()
+    recs = [
+        {"subject": "a", "n_wmh": 10, "n_tumour": 0, "has_label": True},
+        {"subject": "b", "n_wmh": 40, "n_tumour": 200, "has_label": True},
+        {"subject": "c", "n_wmh": 0, "n_tumour": 0, "has_label": False},
+    ]
+    df = pp.lesion_proportions(recs, schema).set_index("subject")
+    assert df.loc["a", "dc_wmh"] == pytest.approx(0.25)
+    assert df.loc["b", "dc_wmh"] == pytest.approx(1.0)
+    assert df.loc["b", "dc_tumour"] == pytest.approx(1.0)
+    assert df.loc["a", "dc_tumour"] == 0.0
+    assert np.isnan(df.loc["c", "dc_wmh"])
+
+
+def test_n4_register_skull_strip_and_grid(pair):
+    tmp, p = pair
+    pp.set_threads(1)
+    n4 = pp.n4_correct(p["moving"], tmp / "n4.nii.gz", shrink_factor=2, iterations=(10, 5))
+    assert nib.load(str(n4)).shape == nib.load(str(p["moving"])).shape
+    reg = pp.register(n4, p["fixed"], tmp / "aff.mat", tmp / "warp.nii.gz", tmp / "iwarp.nii.gz",
+                      tmp / "warped.nii.gz", transform="SyN", syn_iterations=(20, 10, 0),
+                      affine_iterations=(100, 50, 0), seed=1)
+    assert all(v.exists() for v in reg.values())
+    mask = pp.skull_strip(n4, p["fixed_mask"], reg["affine"], reg["inverse_warp"], tmp / "mask.nii.gz")
+    truth = nib.load(str(p["moving_mask"])).get_fdata() > 0
+    assert pp.dice(mask, truth) > 0.9
+    rec = pp.skull_strip_qc(tmp / "mask.nii.gz", p["moving_mask"], tmp / "qc.json", "s1")
+    assert rec == json.loads((tmp / "qc.json").read_text())
+    assert rec["skull_strip_dice"] > 0.9
+    gmask, lab = pp.to_working_grid(
+        {"t1": n4}, tmp / "mask.nii.gz", reg["affine"], reg["warp"], p["fixed"],
+        {"t1": tmp / "grid_t1.nii.gz"}, tmp / "grid_mask.nii.gz",
+        label=p["moving_mask"], out_label=tmp / "grid_label.nii.gz", schema=LabelSchema(),
+    )
+    fixed_brain = nib.load(str(p["fixed_mask"])).get_fdata() > 0
+    assert pp.dice(gmask, fixed_brain) > 0.9
+    assert set(np.unique(lab)) <= {0, 1}
+    grid_t1 = nib.load(str(tmp / "grid_t1.nii.gz"))
+    assert np.allclose(grid_t1.affine, nib.load(str(p["fixed"])).affine)
+    assert grid_t1.get_fdata()[~gmask].max() == 0.0
+
+
+def test_atropos_tissue_maps_use_template_priors(tmp_path):
+    schema = LabelSchema()
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    lab = np.zeros((24, 24, 24), np.uint8)
+    lab[4:20, 4:20, 4:20] = schema.value("csf")
+    lab[6:18, 6:18, 6:18] = schema.value("gm")
+    lab[9:15, 9:15, 9:15] = schema.value("wm")
+    intens = {0: 0.0, 1: 0.2, 2: 0.6, 3: 1.0}
+    img = np.vectorize(intens.get)(lab).astype(np.float32)
+    img += np.random.default_rng(0).normal(0, 0.03, img.shape).astype(np.float32)
+    save_nifti(img, aff, tmp_path / "t1.nii.gz")
+    save_nifti(lab, aff, tmp_path / "tlab.nii.gz")
+    priors = pp.tissue_priors_from_template(tmp_path / "tlab.nii.gz", schema, sigma_mm=1.0)
+    priors = {k: priors[k] for k in ("csf", "gm", "wm")}
+    prob = pp.probabilistic_from_atropos(tmp_path / "t1.nii.gz", lab > 0, priors, schema, iterations=3)
+    np.testing.assert_allclose(prob.sum(-1), 1.0, atol=1e-4)
+    seg = np.argmax(prob, -1)
+    agree = (seg == lab)[lab > 0].mean()
+    assert agree > 0.9
