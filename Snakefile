@@ -4,12 +4,15 @@
 # Rules live in workflow/rules/*.smk, their scripts in workflow/scripts/, and the
 # logic in the importable package workflow/brainsynth.
 
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# Defaults from the repository; --configfile / --config override them.
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 validate(config, "config/schemas/config.schema.yaml")

@@ -3,15 +3,18 @@
 
 
 rule build_template:
-    """Working-grid template (T1 head, brain mask, tissue labels and priors) from nilearn's MNI152 2009."""
+    """Working-grid template (T1 head, brain mask, tissue labels and priors) from nilearn's
+    MNI152 2009; a user T1 head template + brain mask (in MNI space) replace T1 and mask."""
     output:
         t1=template_file("t1"),
         brain_mask=template_file("brain_mask"),
         labels=template_file("labels"),
         priors=template_file("priors"),
+    input:
+        **{k: v for k, v in config["template"].items() if v},
     params:
         grid=config["grid"],
-        template=config["template"],
+        labels=config["labels"],
     log:
         f"{LOGS}/cohort/build_template.log",
     resources:

@@ -11,7 +11,8 @@ from snakemake.exceptions import WorkflowError
 from brainsynth.errors import InputError
 from brainsynth.labels import LabelSchema
 from brainsynth import demo as demo_cohort
-from brainsynth.sheet import load_sheet, check_files_exist
+from brainsynth.sheet import load_sheet
+from brainsynth.validate import check_files_exist
 
 EXP = config["experiment"]
 R = f"results/{EXP}"
@@ -56,9 +57,8 @@ def raw_path(subject, kind):
     return SUBJECTS.loc[subject, kind]
 
 
-def raw_inputs(wildcards):
-    """All input files of one subject (for rules that check or use them)."""
-    s = wildcards.subject
+def raw_inputs(s):
+    """All input files of one subject: modalities, and label / brain_mask when given."""
     files = {m: raw_path(s, m) for m in MODALITIES}
     for extra in ("label", "brain_mask"):
         if has_column(s, extra):
@@ -75,8 +75,9 @@ def subjects_with(split=None):
     return list(df.index)
 
 
-def label_maps():
-    return {str(k): {int(v): c for v, c in m.items()} for k, m in (config.get("label_maps") or {}).items()}
+def label_map(subject):
+    """The label_maps entry for the subject's site (None: values are already schema values)."""
+    return (config.get("label_maps") or {}).get(str(SUBJECTS.loc[subject, "site"]))
 
 
 def preprocessing_targets():
@@ -87,4 +88,7 @@ def preprocessing_targets():
 
 
 def all_targets():
-    return preprocessing_targets()
+    targets = preprocessing_targets()
+    if DEMO:
+        targets.append(f"{R}/cohort/subjects.tsv")
+    return targets

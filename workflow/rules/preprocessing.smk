@@ -7,24 +7,34 @@ PPCFG = config["preprocessing"]
 
 
 rule validate_inputs:
-    """Checks every input file (NIfTI, 3D, finite, label values, geometry) before any work."""
+    """Checks every subject's files (NIfTI, 3D, finite, label values, geometry) in one job,
+    so a bad file stops the run before any subject is processed."""
     input:
-        unpack(raw_inputs),
+        [f for s in SUBJECT_IDS for f in raw_inputs(s).values()],
     output:
-        f"{PP}/input_check/{{subject}}.ok",
+        f"{PP}/input_check.tsv",
     params:
+        subjects=[
+            {"subject": s, "site": str(SUBJECTS.loc[s, "site"]), "split": SUBJECTS.loc[s, "split"],
+             **raw_inputs(s)}
+            for s in SUBJECT_IDS
+        ],
         modalities=MODALITIES,
         labels=config["labels"],
-        label_map=lambda wc: label_maps().get(str(SUBJECTS.loc[wc.subject, "site"])),
+        label_maps=config.get("label_maps"),
     log:
-        f"{LOGS}/preprocessing/validate_inputs/{{subject}}.log",
+        f"{LOGS}/preprocessing/validate_inputs.log",
+    resources:
+        mem_mb=2000,
+        runtime=30,
     script:
         "../scripts/validate_inputs.py"
 
 
 rule n4_bias_correct:
     input:
-        ok=f"{PP}/input_check/{{subject}}.ok",
+        # ancient: validation orders the work but a re-check never forces a rerun
+        checked=ancient(f"{PP}/input_check.tsv"),
         images=lambda wc: [raw_path(wc.subject, m) for m in MODALITIES],
     output:
         [f"{PP}/n4/{{subject}}/{m}.nii.gz" for m in MODALITIES],
@@ -110,7 +120,7 @@ rule resample_to_grid:
     params:
         modalities=MODALITIES,
         labels=config["labels"],
-        label_map=lambda wc: label_maps().get(str(SUBJECTS.loc[wc.subject, "site"])),
+        label_map=lambda wc: label_map(wc.subject),
         normalisation=PPCFG["normalisation"],
         tissue_maps=PPCFG["tissue_maps"],
     log:

@@ -1,21 +1,17 @@
-"""Rule validate_inputs: check one subject's files; write a marker only when all is well."""
+"""Rule validate_inputs: check all subjects' files; write the summary only when all is well."""
 
-from pathlib import Path
+import pandas as pd
 
-from brainsynth.errors import InputErrors
-from brainsynth.io import atomic_path, run_main
+from brainsynth.io import run_main, save_table
 from brainsynth.labels import LabelSchema
-from brainsynth.validate import check_subject
+from brainsynth.validate import validate_cohort
 
 
 def main(sm):
-    row = {"subject": sm.wildcards.subject, **dict(sm.input.items())}
+    df = pd.DataFrame.from_records(sm.params.subjects)
     schema = LabelSchema.from_config({"labels": sm.params.labels})
-    errors = check_subject(row, sm.params.modalities, schema, label_map=sm.params.label_map)
-    if errors:
-        raise InputErrors(errors)
-    with atomic_path(sm.output[0]) as tmp:
-        Path(tmp).write_text("".join(f"{k}\t{v}\n" for k, v in row.items()))
+    summary = validate_cohort(df, sm.params.modalities, schema, label_maps=sm.params.label_maps)
+    save_table(summary, sm.output[0])
 
 
 run_main(main, snakemake)  # noqa: F821
