@@ -42,12 +42,17 @@ def _save_ants(image, path):
     return Path(path)
 
 
-def n4_correct(in_path, out_path, shrink_factor=2, iterations=(50, 50, 30), tol=1e-7):
-    """N4 bias-field correction of one image (whole head, no mask)."""
+def n4_correct(in_path, out_path, shrink_factor=4, iterations=(50, 50, 30), tol=1e-7):
+    """N4 bias-field correction of one image, fitted inside a head mask.
+
+    The mask (ANTs' intensity-threshold ``get_mask``) keeps the fit off the noisy
+    background, which otherwise dominates both the runtime and the field.
+    """
     ants = _ants()
     img = ants.image_read(str(in_path))
     corrected = ants.n4_bias_field_correction(
         img,
+        mask=ants.get_mask(img),
         shrink_factor=int(shrink_factor),
         convergence={"iters": list(iterations), "tol": tol},
     )

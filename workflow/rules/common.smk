@@ -92,3 +92,95 @@ def all_targets():
     if DEMO:
         targets.append(f"{R}/cohort/subjects.tsv")
     return targets
+
+
+# ============================================================ segmentation stage helpers
+# (experiment design of workflow/rules/segmentation.smk: arms, tasks, test sets; the logic
+# lives in brainsynth.experiment). Parse-time only: reads config and the subject table.
+from brainsynth import experiment as seg_design
+
+SEG = f"{R}/segmentation"
+SEGCFG = config.get("segmentation") or {}
+SYNTH_SAMPLES = f"{R}/synthesis/samples"
+
+
+def _seg_design():
+    """Active tasks/arms, training cases per arm, test sets, dataset ids (computed once)."""
+    synth_cfg = config.get("synthesis") or {}
+    synth_enabled = bool(synth_cfg.get("enabled", True))
+    synth_ids = seg_design.synthetic_ids(synth_cfg.get("n_samples", 0)) if synth_enabled else []
+    real_ids = subjects_with("train")
+    recipes = SEGCFG.get("recipes") or {}
+    task_defs = SEGCFG.get("task_definitions") or {}
+    for name in list(recipes) + list(task_defs):
+        if not seg_design.NAME_RE.match(str(name)):
+            raise InputError(f"name {name!r} is not letters, digits and '-'", field="segmentation",
+                             fix="rename it (names become nnU-Net dataset names and folders)")
+    unknown = [a for a in SEGCFG.get("arms", []) if a not in recipes]
+    unknown += [t for t in SEGCFG.get("tasks", []) if t not in task_defs]
+    if unknown:
+        raise InputError(f"{unknown} not defined", field="segmentation.arms/tasks",
+                         fix="define arms under segmentation.recipes, tasks under segmentation.task_definitions")
+    arms = [a for a in SEGCFG.get("arms", [])
+            if synth_enabled or not seg_design.uses_synthetic(recipes[a])]
+    dropped = [a for a in SEGCFG.get("arms", []) if a not in arms]
+    if dropped:
+        sys.stderr.write(f"synthesis.enabled is false: arms {dropped} (synthetic data) are left out\n")
+    tasks = list(SEGCFG.get("tasks", []))
+    design = {
+        "tasks": tasks,
+        "arms": arms,
+        "cases": {a: seg_design.arm_cases(recipes[a], real_ids, synth_ids, config["seed"], a) for a in arms},
+        "groups": {t: seg_design.task_classes(task_defs[t], SCHEMA, t) for t in tasks},
+        "test_sets": seg_design.test_sets(SUBJECTS, SEGCFG.get("test_sets_by", "role")) if tasks else {},
+        "ids": {(t, a): seg_design.dataset_id(t, a, task_defs, recipes,
+                                              (SEGCFG.get("nnunet") or {}).get("dataset_id_base", 100))
+                for t in tasks for a in arms},
+    }
+    if tasks and arms and not design["test_sets"]:
+        raise InputError("no test subjects (split == test)", field="segmentation",
+                         fix="mark test subjects in the sample sheet or set segmentation.tasks: []")
+    ref = SEGCFG.get("reference_arm")
+    design["reference_arm"] = ref if ref in arms else (arms[0] if arms else None)
+    return design
+
+
+try:
+    SEG_DESIGN = _seg_design()
+except InputError as exc:
+    raise WorkflowError(f"Invalid input: {exc}") from None
+SEG_TASKS = SEG_DESIGN["tasks"]
+SEG_ARMS = SEG_DESIGN["arms"]
+SEG_TEST_SETS = SEG_DESIGN["test_sets"]
+# (test_set, subject) of every test subject
+SEG_TEST_CASES = [(ts, s) for ts, subs in SEG_TEST_SETS.items() for s in subs]
+
+
+def seg_case_files(arm):
+    """``{case_id: {"source", "images": {modality: path}, "label": path}}`` of an arm's training set."""
+    cases = {}
+    for s in SEG_DESIGN["cases"][arm]["real"]:
+        cases[s] = {"source": "real", "label": f"{R}/preprocessing/grid/{s}/label.nii.gz",
+                    "images": {m: f"{R}/preprocessing/grid/{s}/{m}.nii.gz" for m in MODALITIES}}
+    for s in SEG_DESIGN["cases"][arm]["synthetic"]:
+        cases[s] = {"source": "synthetic", "label": f"{SYNTH_SAMPLES}/{s}/label.nii.gz",
+                    "images": {m: f"{SYNTH_SAMPLES}/{s}/{m}.nii.gz" for m in MODALITIES}}
+    return cases
+
+
+def seg_metrics(task):
+    """Metrics with a table and a figure for ``task`` (fp_tum for tasks that define it)."""
+    metrics = list((SEGCFG.get("tables") or {}).get("metrics", ["dice"]))
+    if not (SEGCFG.get("scoring") or {}).get("hd95", False):
+        metrics = [m for m in metrics if m != "hd95"]
+    if SEGCFG["task_definitions"][task].get("fp_tum"):
+        metrics.append("fp_tum")
+    return metrics
+
+
+def segmentation_targets():
+    if not SEG_TASKS or not SEG_ARMS:
+        return []
+    return [f"{R}/{kind}/{t}_{m}.{ext}" for t in SEG_TASKS for m in seg_metrics(t)
+            for kind, ext in (("tables", "csv"), ("figures", "png"))]
+# ============================================================ end segmentation stage helpers

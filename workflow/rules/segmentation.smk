@@ -1,0 +1,189 @@
+# Segmentation experiment: for every (task, arm) an nnU-Net v2 dataset of real and/or
+# synthetic cases -> plan + preprocess -> train -> predict every test set -> scores;
+# then per task and metric a table and a figure across arms.
+#
+#   results/<exp>/segmentation/<task>/<arm>/
+#       dataset.json          the assembled dataset: id, labels, cases and their sources
+#       labels/<case>.nii.gz  training labels remapped to the task's nnU-Net labels
+#       nnunet/{raw,preprocessed,results}   the arm's own nnU-Net roots
+#       plans.json            the nnU-Net plans used (copy)
+#       model.json            trained model: folder, checkpoint, training length, time
+#       predictions/<test_set>/<subject>.nii.gz   task labels
+#       scores.tsv            long score table (brainsynth.metrics)
+#   results/<exp>/tables/<task>_<metric>.{csv,md,tex}, <task>_<metric>_pvalues.csv
+#   results/<exp>/figures/<task>_<metric>.png
+#
+# Params hold only what each step depends on: the dataset step the arm's resolved case
+# list and the task's class mapping, planning/training/prediction the nnU-Net settings.
+# Changing one arm's recipe therefore reruns that arm and the task's tables only.
+
+NNCFG = SEGCFG.get("nnunet") or {}
+SCORECFG = SEGCFG.get("scoring") or {}
+TABCFG = SEGCFG.get("tables") or {}
+
+
+wildcard_constraints:
+    task="|".join(SEG_TASKS) or "no-task",
+    arm="|".join(SEG_ARMS) or "no-arm",
+    metric="|".join(sorted({m for t in SEG_TASKS for m in seg_metrics(t)})) or "no-metric",
+
+
+def _seg_plans_identifier():
+    return NNCFG.get("plans_identifier") or ("nnUNetPlansDemo" if NNCFG.get("plans_overrides") else "nnUNetPlans")
+
+
+rule assemble_nnunet_dataset:
+    """nnU-Net raw dataset of one (task, arm): labels remapped to the task, images linked."""
+    input:
+        lambda wc: [f for spec in seg_case_files(wc.arm).values()
+                    for f in [spec["label"], *spec["images"].values()]],
+    output:
+        dataset=f"{SEG}/{{task}}/{{arm}}/dataset.json",
+        labels=directory(f"{SEG}/{{task}}/{{arm}}/labels"),
+        raw=directory(f"{SEG}/{{task}}/{{arm}}/nnunet/raw"),
+    params:
+        dataset_id=lambda wc: SEG_DESIGN["ids"][(wc.task, wc.arm)],
+        dataset_name=lambda wc: seg_design.dataset_name(wc.task, wc.arm),
+        cases=lambda wc: seg_case_files(wc.arm),
+        classes=lambda wc: SEG_DESIGN["groups"][wc.task],
+        n_schema_classes=SCHEMA.n_classes,
+        modalities=MODALITIES,
+    log:
+        f"{LOGS}/segmentation/{{task}}/{{arm}}/assemble_nnunet_dataset.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/assemble_nnunet_dataset.py"
+
+
+rule plan_nnunet:
+    """nnU-Net fingerprint, integrity check, planning (small derived plans) and preprocessing."""
+    input:
+        dataset=rules.assemble_nnunet_dataset.output.dataset,
+    output:
+        plans=f"{SEG}/{{task}}/{{arm}}/plans.json",
+    params:
+        configuration=NNCFG.get("configuration", "3d_fullres"),
+        plans_overrides=NNCFG.get("plans_overrides"),
+        plans_identifier=_seg_plans_identifier(),
+    log:
+        f"{LOGS}/segmentation/{{task}}/{{arm}}/plan_nnunet.log",
+        nnunet=f"{LOGS}/segmentation/{{task}}/{{arm}}/plan_nnunet.nnunet.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/plan_nnunet.py"
+
+
+rule train_segmentation:
+    """nnU-Net training of one (task, arm) (nnUNetTrainerBrainsynth: configurable length)."""
+    input:
+        dataset=rules.assemble_nnunet_dataset.output.dataset,
+        plans=rules.plan_nnunet.output.plans,
+    output:
+        model=f"{SEG}/{{task}}/{{arm}}/model.json",
+        results=directory(f"{SEG}/{{task}}/{{arm}}/nnunet/results"),
+    params:
+        configuration=NNCFG.get("configuration", "3d_fullres"),
+        fold=NNCFG.get("fold", "all"),
+        trainer=NNCFG.get("trainer", "nnUNetTrainerBrainsynth"),
+        plans_identifier=_seg_plans_identifier(),
+        epochs=NNCFG.get("epochs"),
+        iterations_per_epoch=NNCFG.get("iterations_per_epoch"),
+        val_iterations_per_epoch=NNCFG.get("val_iterations_per_epoch"),
+        final_validation=NNCFG.get("final_validation", False),
+        device=NNCFG.get("device", "auto"),
+    log:
+        f"{LOGS}/segmentation/{{task}}/{{arm}}/train_segmentation.log",
+        nnunet=f"{LOGS}/segmentation/{{task}}/{{arm}}/train_segmentation.nnunet.log",
+    threads: NNCFG.get("threads", 2)
+    resources:
+        mem_mb=8000,
+        runtime=NNCFG.get("runtime", 120),
+    script:
+        "../scripts/train_segmentation.py"
+
+
+rule predict_segmentation:
+    """The arm's model on every test subject (all test sets, one model load)."""
+    input:
+        model=rules.train_segmentation.output.model,
+        images=[f"{R}/preprocessing/grid/{s}/{m}.nii.gz" for _, s in SEG_TEST_CASES for m in MODALITIES],
+    output:
+        [f"{SEG}/{{task}}/{{arm}}/predictions/{ts}/{s}.nii.gz" for ts, s in SEG_TEST_CASES],
+    params:
+        cases=[{"case_id": s, "test_set": ts,
+                "images": {m: f"{R}/preprocessing/grid/{s}/{m}.nii.gz" for m in MODALITIES}}
+               for ts, s in SEG_TEST_CASES],
+        tile_step_size=NNCFG.get("tile_step_size", 0.5),
+        use_mirroring=NNCFG.get("use_mirroring", False),
+        device=NNCFG.get("device", "auto"),
+    log:
+        f"{LOGS}/segmentation/{{task}}/{{arm}}/predict_segmentation.log",
+    threads: NNCFG.get("threads", 2)
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/predict_segmentation.py"
+
+
+rule score_segmentation:
+    """Long score table of one (task, arm): per test subject, class and metric."""
+    input:
+        predictions=rules.predict_segmentation.output,
+        truth=[f"{R}/preprocessing/grid/{s}/label.nii.gz" for _, s in SEG_TEST_CASES],
+    output:
+        f"{SEG}/{{task}}/{{arm}}/scores.tsv",
+    params:
+        experiment=EXP,
+        subjects=[{"subject": s, "test_set": ts, "site": str(SUBJECTS.loc[s, "site"]),
+                   **({"phenotype": str(SUBJECTS.loc[s, "phenotype"])} if "phenotype" in SUBJECTS.columns
+                      else {})}
+                  for ts, s in SEG_TEST_CASES],
+        classes=lambda wc: SEG_DESIGN["groups"][wc.task],
+        fp_tum=lambda wc: seg_design.fp_tum_spec(SEGCFG["task_definitions"][wc.task],
+                                                 SEG_DESIGN["groups"][wc.task], SCHEMA),
+        hd95=SCORECFG.get("hd95", False),
+    log:
+        f"{LOGS}/segmentation/{{task}}/{{arm}}/score_segmentation.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/score_segmentation.py"
+
+
+rule segmentation_table:
+    """One metric of one task across arms: mean (std) table vs the reference arm + box plots."""
+    input:
+        expand(f"{SEG}/{{{{task}}}}/{{arm}}/scores.tsv", arm=SEG_ARMS),
+    output:
+        csv=report(f"{R}/tables/{{task}}_{{metric}}.csv", caption="../report/segmentation_table.rst",
+                   category="Segmentation", subcategory="{task}", labels={"task": "{task}", "metric": "{metric}",
+                                                                           "kind": "table"}),
+        md=f"{R}/tables/{{task}}_{{metric}}.md",
+        tex=f"{R}/tables/{{task}}_{{metric}}.tex",
+        pvalues=f"{R}/tables/{{task}}_{{metric}}_pvalues.csv",
+        figure=report(f"{R}/figures/{{task}}_{{metric}}.png", caption="../report/segmentation_figure.rst",
+                      category="Segmentation", subcategory="{task}", labels={"task": "{task}", "metric": "{metric}",
+                                                                              "kind": "figure"}),
+    params:
+        arms=SEG_ARMS,
+        reference_arm=SEG_DESIGN["reference_arm"],
+        test_sets=list(SEG_TEST_SETS),
+        test=TABCFG.get("test", "auto"),
+        alpha=TABCFG.get("alpha", 0.05),
+    log:
+        f"{LOGS}/segmentation/tables/{{task}}_{{metric}}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/segmentation_table.py"
