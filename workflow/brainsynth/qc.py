@@ -77,6 +77,7 @@ def qc_table(json_paths, out_tsv, min_dice=None):
     """Gather per-subject QC records into one TSV, flagging masks below ``min_dice``."""
     recs = [json.loads(open(p).read()) for p in json_paths]
     df = pd.DataFrame.from_records(recs).sort_values("subject")
+    df = df[["subject"] + [c for c in df.columns if c != "subject"]]
     if min_dice is not None and "skull_strip_dice" in df:
         d = pd.to_numeric(df["skull_strip_dice"], errors="coerce")
         df["skull_strip_pass"] = np.where(d.isna(), "", np.where(d >= min_dice, "yes", "no"))
