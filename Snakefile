@@ -21,9 +21,12 @@ validate(config, "config/schemas/config.schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/cohort.smk"
 include: "workflow/rules/preprocessing.smk"
+include: "workflow/rules/generators.smk"
+include: "workflow/rules/segmentation.smk"
 
 
 rule all:
     input:
         all_targets(),
+        segmentation_targets(),
     default_target: True

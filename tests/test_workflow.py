@@ -212,3 +212,21 @@ def test_tiny_demo_runs_and_param_change_reruns_only_downstream(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=changed)
     assert code == 0, out
     assert set(planned_jobs(out)) == {"resample_to_grid", "qc_montage", "lesion_proportions", "all"}
+
+
+def test_ingest_rule_writes_a_sheet_from_brats_layout(tmp_path):
+    root = tmp_path / "BraTS2021"
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    for case in ("BraTS2021_00001", "BraTS2021_00002"):
+        d = root / case
+        d.mkdir(parents=True)
+        for kind in ("t1", "t1ce", "t2", "flair", "seg"):
+            arr = np.zeros((8, 8, 8), np.uint8 if kind == "seg" else np.float32)
+            nib.save(nib.Nifti1Image(arr, aff), d / f"{case}_{kind}.nii.gz")
+    code, out = run_snakemake(tmp_path, "results/ingest/brats_subjects.tsv", "--config",
+                              f"ingest_root={root}", config=TINY)
+    assert code == 0, out[-3000:]
+    sheet = pd.read_csv(tmp_path / "results" / "ingest" / "brats_subjects.tsv", sep="\t")
+    assert list(sheet["subject"]) == ["BraTS2021_00001", "BraTS2021_00002"]
+    assert sheet["label"].str.endswith("BraTS2021_00001_seg.nii.gz").iloc[0]
+    assert Path(sheet["t1ce"].iloc[1]).exists()

@@ -87,8 +87,22 @@ def preprocessing_targets():
     ] + expand(f"{R}/preprocessing/qc/{{subject}}.png", subject=SUBJECT_IDS)
 
 
+def synthesis_enabled():
+    return bool((config.get("synthesis") or {}).get("enabled", True))
+
+
+def generator_targets():
+    if not synthesis_enabled():
+        return []
+    return [
+        f"{R}/synthesis/manifest.tsv",
+        f"{R}/synthesis/montage.png",
+        f"{R}/synthesis/quality/quality_metrics.tsv",
+    ]
+
+
 def all_targets():
-    targets = preprocessing_targets()
+    targets = preprocessing_targets() + generator_targets()
     if DEMO:
         targets.append(f"{R}/cohort/subjects.tsv")
     return targets
@@ -133,7 +147,8 @@ def _seg_design():
         "cases": {a: seg_design.arm_cases(recipes[a], real_ids, synth_ids, config["seed"], a) for a in arms},
         "groups": {t: seg_design.task_classes(task_defs[t], SCHEMA, t) for t in tasks},
         "test_sets": seg_design.test_sets(SUBJECTS, SEGCFG.get("test_sets_by", "role")) if tasks else {},
-        "ids": {(t, a): seg_design.dataset_id(t, a, task_defs, recipes,
+        # positions in the run lists (lists are replaced, never merged, by --configfile)
+        "ids": {(t, a): seg_design.dataset_id(t, a, tasks, SEGCFG.get("arms", []),
                                               (SEGCFG.get("nnunet") or {}).get("dataset_id_base", 100))
                 for t in tasks for a in arms},
     }

@@ -1,0 +1,427 @@
+"""Tests of the label generator (VAE + LDM), the SPADE image generator, sampling and quality metrics.
+
+Tiny networks on 4 synthetic "brains" (nested spheres + a lesion) on a
+16x20x16 grid, so every trainer runs in seconds on one CPU thread.
+"""
+
+import logging
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from brainsynth.errors import InputError
+from brainsynth.generators import common as C
+from brainsynth.generators import image_generator as IG
+from brainsynth.generators import label_generator as LG
+from brainsynth.generators import quality as Q
+from brainsynth.generators import sampling as S
+
+torch.set_num_threads(1)
+
+SHAPE = (16, 20, 16)
+K = 10
+AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
+T1 = np.array([0, .30, .60, .90, .70, .50, .20, .10, .40, .80], np.float32)
+T2 = np.array([0, .90, .50, .30, .40, .60, .80, .70, .95, .60], np.float32)
+
+LABEL_CFG = {
+    "device": "cpu", "seed": 3, "checkpoint_every": 5, "log_every": 5,
+    "vae": {"channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 4, "latent_channels": 2,
+            "patch_size": None,
+            "steps": 20, "batch_size": 2, "lr": 2e-3, "adv_warmup_steps": 14, "disc_channels": 8,
+            "disc_layers": 1},
+    "ldm": {"channels": [8, 8, 8], "attention_levels": [False, False, True], "num_head_channels": 4,
+            "norm_num_groups": 4, "steps": 12, "batch_size": 2, "num_train_timesteps": 40},
+    "sampling": {"scheduler": "ddim", "inference_steps": 5, "batch_size": 2},
+}
+IMAGE_CFG = {
+    "device": "cpu", "seed": 5, "steps": 8, "batch_size": 2, "channels": [8, 8, 16], "z_dim": 8,
+    "spade_hidden": 8, "checkpoint_every": 4, "log_every": 4,
+    "disc": {"num_d": 1, "num_layers_d": 1, "channels": 8}, "weights": {"modality": 1.0},
+}
+
+
+def _cfg(base, **over):
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for k, v in over.items():
+        if isinstance(v, dict):
+            out[k] = {**out.get(k, {}), **v}
+        else:
+            out[k] = v
+    return out
+
+
+def _brain(i, rng):
+    g = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"), -1).astype(float)
+    c = np.array(SHAPE) / 2 + rng.normal(0, 0.6, 3)
+    r = np.linalg.norm((g - c) / np.array([1.0, 1.2, 1.0]), axis=-1)
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[r < 7] = 1
+    lab[r < 6] = 2
+    lab[r < 4.5] = 3
+    lab[r < 2] = 4
+    lc = c + rng.normal(0, 1.5, 3)
+    les = (np.linalg.norm(g - lc, axis=-1) < (2.0 if i % 2 == 0 else 1.3)) & (lab > 0)
+    lab[les] = 8 if i % 2 == 0 else 6
+    return lab
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cohort")
+    rng = np.random.default_rng(0)
+    labs, lps, ims, rows = [], [], {"t1": [], "t2": []}, []
+    for i in range(4):
+        lab = _brain(i, rng)
+        labs.append(lab)
+        prob = np.eye(K, dtype=np.float32)[lab]
+        p = d / f"sub{i}_labelprob.nii.gz"
+        nib.save(nib.Nifti1Image(prob, AFFINE), p)
+        lps.append(str(p))
+        for m, lut in (("t1", T1), ("t2", T2)):
+            pp = d / f"sub{i}_{m}.nii.gz"
+            nib.save(nib.Nifti1Image(lut[lab], AFFINE), pp)
+            ims[m].append(str(pp))
+        rows.append({"subject": f"sub{i}", "dc_wmh": float((lab == 6).sum()), "dc_tumour": float((lab >= 7).sum())})
+    df = pd.DataFrame(rows)
+    for c in ("dc_wmh", "dc_tumour"):
+        df[c] = df[c] / df[c].max()
+    df.to_csv(d / "conditioning.tsv", sep="\t", index=False)
+    return {"dir": d, "labels": labs, "label_paths": lps, "image_paths": ims, "cond": d / "conditioning.tsv"}
+
+
+@pytest.fixture(scope="module")
+def models(cohort, tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    vae = LG.train_label_vae(cohort["label_paths"], LABEL_CFG, d / "vae")
+    ldm = LG.train_label_ldm(vae["model"], cohort["label_paths"], cohort["cond"], LABEL_CFG, d / "ldm")
+    img = IG.train_image_generator(cohort["label_paths"], cohort["image_paths"], IMAGE_CFG, d / "img")
+    return {"vae": vae, "ldm": ldm, "img": img}
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
+
+
+# --------------------------------------------------------------------------- label VAE
+
+
+def test_label_vae_outputs_and_loss_decreases(models):
+    vae = models["vae"]
+    for key in ("model", "config", "losses_tsv", "losses_png"):
+        assert vae[key].exists(), key
+    hist = pd.read_csv(vae["losses_tsv"], sep="\t")
+    assert list(hist["step"]) == list(range(1, 21))
+    assert {"focal", "kl", "gen_adv", "disc"} <= set(hist.columns)
+    assert hist["focal"].iloc[-5:].mean() < 0.6 * hist["focal"].iloc[:3].mean()
+    assert (hist["disc"].iloc[14:] > 0).all() and (hist["disc"].iloc[:14] == 0).all()  # GAN after warm-up
+
+
+def test_vae_kill_and_resume_matches_uninterrupted(cohort, tmp_path):
+    cfg = _cfg(LABEL_CFG, checkpoint_every=2, vae={"steps": 6, "adv_warmup_steps": 2})
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step):
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "a", callback=kill_at_5)
+    assert not (tmp_path / "a" / "label_vae.pt").exists()
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "label_vae_last.pt", weights_only=False)
+    assert ckpt["step"] == 4
+    seen = []
+    out = LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "a", callback=seen.append)
+    assert seen == [5, 6]  # resumed after the last checkpoint, no step repeated before it
+    assert [h["step"] for h in out["history"]] == list(range(1, 7))
+    ref = LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "b")
+    _same_weights(_state(out["model"]), _state(ref["model"]))
+    # a rerun after completion trains nothing and rewrites the same model
+    seen.clear()
+    LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "a", callback=seen.append)
+    assert seen == []
+
+
+def test_changed_config_does_not_resume(cohort, tmp_path, caplog):
+    cfg = _cfg(LABEL_CFG, checkpoint_every=2, vae={"steps": 4, "adv_weight": 0.0})
+    r = LG.train_label_vae(cohort["label_paths"], cfg, tmp_path, max_steps_this_run=2)
+    assert r["completed"] is False
+    seen = []
+    with caplog.at_level(logging.WARNING):
+        LG.train_label_vae(cohort["label_paths"], _cfg(cfg, vae={"lr": 1e-3}), tmp_path, callback=seen.append)
+    assert seen == [1, 2, 3, 4]
+    assert "another configuration" in caplog.text
+
+
+# --------------------------------------------------------------------------- LDM + sampling
+
+
+def test_ldm_outputs_and_latent_padding(models):
+    ldm = models["ldm"]
+    for key in ("model", "config", "losses_tsv", "losses_png"):
+        assert ldm[key].exists(), key
+    p = torch.load(ldm["model"], weights_only=False)
+    assert p["latent_shape"] == [8, 10, 8]
+    assert p["padded_latent_shape"] == [8, 12, 8]  # divisible by 2**(3-1)
+    assert p["lesion_types"] == ["wmh", "tumour"]
+    assert p["unet_kwargs"]["cross_attention_dim"] == 2 and p["unet_kwargs"]["with_conditioning"]
+    assert p["scale_factor"] > 0
+    assert p["train_conditioning"].shape == (4, 2)
+
+
+def test_ldm_resume_matches_uninterrupted(models, cohort, tmp_path):
+    args = (models["vae"]["model"], cohort["label_paths"], cohort["cond"], LABEL_CFG, tmp_path)
+    assert LG.train_label_ldm(*args, max_steps_this_run=7)["completed"] is False
+    seen = []
+    out = LG.train_label_ldm(*args, callback=seen.append)
+    assert seen == list(range(8, 13))
+    _same_weights(_state(out["model"]), _state(models["ldm"]["model"]))
+
+
+def test_sample_labels_probabilistic_and_deterministic(models):
+    vae, ldm = models["vae"]["model"], models["ldm"]["model"]
+    cond = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]], np.float32)
+    a = LG.sample_labels(vae, ldm, cond, "ddim", 4, seed=11)
+    assert a.shape == (3, K) + SHAPE and a.dtype == np.float32
+    assert np.allclose(a.sum(1), 1.0, atol=1e-4) and a.min() >= 0
+    b = LG.sample_labels(vae, ldm, cond, "ddim", 4, seed=11)
+    np.testing.assert_array_equal(a, b)
+    c = LG.sample_labels(vae, ldm, cond, "ddim", 4, seed=12)
+    assert not np.allclose(a, c)
+    d = LG.sample_labels(vae, ldm, cond[:2], "ddpm", None, seed=11)  # all 40 training steps
+    assert d.shape == (2, K) + SHAPE and np.allclose(d.sum(1), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(d, LG.sample_labels(vae, ldm, cond[:2], "ddpm", None, seed=11))
+    with pytest.raises(InputError):
+        LG.sample_labels(vae, ldm, np.zeros((2, 3)), "ddim", 2)
+    with pytest.raises(InputError, match="patch_size"):
+        LG.train_label_vae(["unused"], _cfg(LABEL_CFG, vae={"patch_size": [8, 8]}), "unused")
+
+
+def test_conditioning_helpers(models):
+    types, train = LG.training_conditioning(models["ldm"]["model"])
+    assert types == ["wmh", "tumour"]
+    e = LG.make_conditioning("explicit", 3, types, values={"tumour": 0.4})
+    np.testing.assert_allclose(e, [[0.0, 0.4]] * 3)
+    r = LG.make_conditioning("random", 50, types, train, seed=1)
+    assert r.shape == (50, 2) and {tuple(x) for x in r} <= {tuple(x) for x in train}
+    np.testing.assert_array_equal(r, LG.make_conditioning("random", 50, types, train, seed=1))
+    u = LG.make_conditioning("unseen", 20, types, train, seed=2)
+    assert (u > 0).all()  # both lesion types at once: never seen in training
+    assert not ((train > 0).all(1)).any()
+    assert (LG.make_conditioning("healthy", 2, types) == 0).all()
+    with pytest.raises(InputError):
+        LG.make_conditioning("explicit", 2, types, values={"glioma": 1.0})
+    with pytest.raises(InputError):
+        LG.make_conditioning("bogus", 2, types)
+
+
+def test_label_generator_2d_mode(cohort, tmp_path):
+    cfg = _cfg(LABEL_CFG, spatial_dims=2, vae={"steps": 4, "adv_warmup_steps": 2, "patch_size": [8, 8]},
+               ldm={"steps": 3, "channels": [8, 8], "attention_levels": [False, False]})
+    vae = LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "vae")
+    ldm = LG.train_label_ldm(vae["model"], cohort["label_paths"], cohort["cond"], cfg, tmp_path / "ldm")
+    assert torch.load(vae["model"], weights_only=False)["patch_size"] == [8, 8]  # trained on crops
+    p = torch.load(ldm["model"], weights_only=False)
+    assert p["latent_shape"] == [8, 10]  # whole slices encoded
+    assert p["train_conditioning"].shape[1] == 2 and p["train_conditioning"].max() <= 1.0 + 1e-6
+    s = LG.sample_labels(vae["model"], ldm["model"], np.array([[0.2, 0.0]]), "ddim", 3, seed=0)
+    assert s.shape == (1, K) + SHAPE[:2] and np.allclose(s.sum(1), 1.0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- image generator
+
+
+def test_image_generator_outputs_and_generation(models, cohort):
+    img = models["img"]
+    for key in ("model", "config", "losses_tsv", "losses_png"):
+        assert img[key].exists(), key
+    hist = pd.read_csv(img["losses_tsv"], sep="\t")
+    assert {"adv", "feature_matching", "kld", "slice_consistency", "modality_cls", "disc"} <= set(hist.columns)
+    assert np.isfinite(hist.drop(columns="step").to_numpy()).all()
+    p = torch.load(img["model"], weights_only=False)
+    assert p["modalities"] == ["t1", "t2"] and p["padded_shape"] == [16, 24] and p["style_channels"] == 8
+    prob = C.load_prob_label(cohort["label_paths"][0])
+    styles = {"t1": C.load_image(cohort["image_paths"]["t1"][1]),                 # 3-D: slice-wise style
+              "t2": C.load_image(cohort["image_paths"]["t2"][2])[..., 8]}          # 2-D: one style slice
+    out = IG.generate_images(img["model"], prob, styles, seed=0)
+    assert set(out) == {"t1", "t2"}
+    for v in out.values():
+        assert v.shape == SHAPE and v.dtype == np.float32 and 0 <= v.min() and v.max() <= 1
+        assert (v[cohort["labels"][0] == 0] == 0).all()  # background masked
+    again = IG.generate_images(img["model"], prob, styles, seed=0)
+    np.testing.assert_array_equal(out["t1"], again["t1"])
+
+
+def test_image_generator_resume_matches_uninterrupted(cohort, tmp_path):
+    cfg = _cfg(IMAGE_CFG, steps=6, checkpoint_every=2)
+    r = IG.train_image_generator(cohort["label_paths"], cohort["image_paths"], cfg, tmp_path / "a",
+                                 max_steps_this_run=3)
+    assert r["completed"] is False
+    seen = []
+    a = IG.train_image_generator(cohort["label_paths"], cohort["image_paths"], cfg, tmp_path / "a",
+                                 callback=seen.append)
+    assert seen == [4, 5, 6]
+    assert [h["step"] for h in a["history"]] == list(range(1, 7))
+    b = IG.train_image_generator(cohort["label_paths"], cohort["image_paths"], cfg, tmp_path / "b")
+    _same_weights(_state(a["model"]), _state(b["model"]))
+    ha, hb = pd.read_csv(a["losses_tsv"], sep="\t"), pd.read_csv(b["losses_tsv"], sep="\t")
+    np.testing.assert_allclose(ha.to_numpy(), hb.to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_image_generator_patch_mode_sliding_window(cohort, tmp_path):
+    cfg = _cfg(IMAGE_CFG, steps=3, channels=[8, 8], patch_size=[8, 8], sw_batch_size=2, style_channels=0)
+    r = IG.train_image_generator(cohort["label_paths"], cohort["image_paths"], cfg, tmp_path)
+    prob = C.load_prob_label(cohort["label_paths"][1])
+    out = IG.generate_images(r["model"], prob, {"t2": C.load_image(cohort["image_paths"]["t2"][0])}, seed=1)
+    assert out["t2"].shape == SHAPE and np.isfinite(out["t2"]).all()
+    net, payload = IG.load_generator(r["model"])
+    assert payload["patch_size"] == [8, 8] and net.style_proj is None  # plain SPADENet
+
+
+def test_image_generator_rejects_bad_inputs(cohort, tmp_path):
+    with pytest.raises(InputError):
+        IG.train_image_generator(cohort["label_paths"], {"t1": cohort["image_paths"]["t1"][:2]}, IMAGE_CFG, tmp_path)
+    with pytest.raises(InputError):
+        IG.train_image_generator(cohort["label_paths"], cohort["image_paths"], {"bogus_key": 1}, tmp_path)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sample_synthetic_writes_subjects(models, cohort, tmp_path):
+    styles = [{"subject": f"sub{i}", "t1": cohort["image_paths"]["t1"][i], "t2": cohort["image_paths"]["t2"][i]}
+              for i in range(4)]
+    kw = dict(label_vae=models["vae"]["model"], label_ldm=models["ldm"]["model"],
+              image_generator=models["img"]["model"], style_subjects=styles, n=3,
+              reference=cohort["label_paths"][0], conditioning="unseen", seed=4, steps=3)
+    man = S.sample_synthetic(out_dir=tmp_path / "a", **kw)
+    assert list(man["subject"]) == ["syn0001", "syn0002", "syn0003"]
+    assert {"seed", "dc_wmh", "dc_tumour", "style_t1", "style_t2", "conditioning_mode"} <= set(man.columns)
+    assert (man[["dc_wmh", "dc_tumour"]].to_numpy() > 0).all()
+    disk = pd.read_csv(tmp_path / "a" / "manifest.tsv", sep="\t")
+    assert list(disk["subject"]) == list(man["subject"])
+    assert (tmp_path / "a" / "montage.png").stat().st_size > 0
+    lab = nib.load(tmp_path / "a" / "samples" / "syn0001" / "label.nii.gz")
+    prob = nib.load(tmp_path / "a" / "samples" / "syn0001" / "labelprob.nii.gz").get_fdata(dtype=np.float32)
+    assert lab.get_data_dtype() == np.uint8 and lab.shape == SHAPE
+    assert prob.shape == SHAPE + (K,) and np.allclose(prob.sum(-1), 1, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(lab.dataobj), prob.argmax(-1))
+    np.testing.assert_allclose(lab.affine, AFFINE)
+    for m in ("t1", "t2"):
+        assert nib.load(tmp_path / "a" / "samples" / "syn0002" / f"{m}.nii.gz").shape == SHAPE
+    # deterministic per seed
+    S.sample_synthetic(out_dir=tmp_path / "b", **kw)
+    for f in ("samples/syn0003/labelprob.nii.gz", "samples/syn0003/t2.nii.gz"):
+        np.testing.assert_array_equal(nib.load(tmp_path / "a" / f).get_fdata(),
+                                      nib.load(tmp_path / "b" / f).get_fdata())
+    pd.testing.assert_frame_equal(man, pd.read_csv(tmp_path / "b" / "manifest.tsv", sep="\t"))
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def test_mmd_identical_vs_shifted():
+    rng = np.random.default_rng(0)
+    real = rng.uniform(0, 1, (6, 12, 12, 12)).astype(np.float32)
+    same = Q.mmd(real, real.copy())
+    assert same["mmd_biased"] == pytest.approx(0.0, abs=1e-9)
+    assert Q.mmd(real, real[::-1].copy())["mmd"] == pytest.approx(same["mmd"], abs=1e-6)  # order-free
+    other = rng.uniform(0, 1, (6, 12, 12, 12)).astype(np.float32)  # same distribution, independent
+    shifted = Q.mmd(real, np.clip(other + 0.3, 0, 1.5))
+    assert abs(Q.mmd(real, other)["mmd"]) < 0.02 * shifted["mmd"]
+    assert shifted["mmd_biased"] > 0.05 and shifted["n_per_set"] == 6
+
+
+def test_nearest_real_flags_near_copies():
+    rng = np.random.default_rng(1)
+    base = np.zeros((5, 16, 16, 16), np.float32)
+    for i in range(5):
+        base[i] = rng.uniform(0, 1, (16, 16, 16)) * (np.arange(16) < 8 + i)[None, None, :]
+    copy = np.clip(base[2] + rng.normal(0, 0.005, base[2].shape), 0, 1).astype(np.float32)
+    novel = rng.uniform(0, 1, (16, 16, 16)).astype(np.float32)
+    df = Q.nearest_real(np.stack([copy, novel]), base, "ssim", 0.95, ["copy", "novel"],
+                        [f"r{i}" for i in range(5)])
+    assert df.loc[0, "nearest_real"] == "r2" and bool(df.loc[0, "near_copy"])
+    assert not bool(df.loc[1, "near_copy"])
+    pre = Q.nearest_real(np.stack([copy, novel]), base, "ssim", 0.95, candidates=2)  # MSE prefilter
+    assert pre.loc[0, "nearest_real"] == "real_2" and list(pre["near_copy"]) == [True, False]
+    mse = Q.nearest_real(np.stack([copy, novel]), base, "mse")
+    assert list(mse["near_copy"]) == [True, False]
+    labs = np.stack([_brain(i, np.random.default_rng(i)) for i in range(3)])
+    dice = Q.nearest_real(labs[1:2], labs, "dice", n_classes=K)
+    assert dice.loc[0, "nearest_real"] == "real_1" and dice.loc[0, "similarity"] == pytest.approx(1.0)
+
+
+def test_ms_ssim_diversity_and_params():
+    k, w = Q.ms_ssim_params((48, 56, 48))
+    assert k >= 5 and len(w) >= 3 and sum(w) == pytest.approx(1.0)
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 1, (1, 16, 20, 16)).astype(np.float32)
+    same = Q.ms_ssim_diversity(np.repeat(x, 3, 0))
+    assert same["ms_ssim_mean"] == pytest.approx(1.0, abs=1e-4) and same["n_pairs"] == 3
+    diverse = Q.ms_ssim_diversity(rng.uniform(0, 1, (4, 16, 20, 16)).astype(np.float32))
+    assert diverse["ms_ssim_mean"] < 0.5
+
+
+def test_volume_fractions_vs_training(cohort):
+    names = LG.LabelSchema().names
+    hard = np.zeros((2, 4, 4, 4), np.uint8)
+    hard[0, :2] = 2          # 32 voxels gm
+    hard[0, 2, :2] = 6       # 8 voxels wmh
+    hard[1, :1] = 3          # 16 voxels wm
+    prob = np.stack([np.eye(K, dtype=np.float32)[h] for h in hard]).transpose(0, 4, 1, 2, 3)
+    vf = Q.volume_fractions_vs_training(prob, hard, names)
+    assert vf.synthetic.loc[0, "gm"] == pytest.approx(0.8) and vf.synthetic.loc[0, "wmh"] == pytest.approx(0.2)
+    assert vf.synthetic.loc[1, "wm"] == pytest.approx(1.0)
+    assert vf.synthetic.loc[0, "brain_fraction"] == pytest.approx(40 / 64)
+    pd.testing.assert_frame_equal(vf.synthetic, vf.training)  # probabilistic and hard agree
+    assert np.allclose(vf.summary["difference"], 0)
+    real = np.stack(cohort["labels"])
+    vf2 = Q.volume_fractions_vs_training(real[:2], real[2:], names)
+    assert set(vf2.summary["class"]) >= {"gm", "wm", "wmh", "oedema"}
+
+
+def test_evaluate_quality_tables(cohort, tmp_path):
+    d = cohort["dir"]
+    real = [{"subject": f"sub{i}", "labelprob": cohort["label_paths"][i], "t1": cohort["image_paths"]["t1"][i],
+             "t2": cohort["image_paths"]["t2"][i]} for i in range(4)]
+    syn = [dict(real[1], subject="syn_copy"), dict(real[3], subject="syn_copy2")]
+    paths = Q.evaluate_quality(syn, real, ["t1", "t2"], tmp_path)
+    mem = pd.read_csv(paths["memorisation"], sep="\t")
+    assert mem["near_copy"].all() and list(mem["nearest_real_label"]) == ["sub1", "sub3"]
+    met = pd.read_csv(paths["metrics"], sep="\t")
+    assert {"ms_ssim_diversity", "mmd"} <= set(met["metric"])
+    assert pd.read_csv(paths["volume_fractions_summary"], sep="\t").shape[0] > 0
+    assert d.exists()
+
+
+# --------------------------------------------------------------------------- common
+
+
+def test_common_helpers(cohort, tmp_path):
+    with pytest.raises(InputError):
+        C.merge_config({"a": {"b": 1}}, {"a": {"c": 2}})
+    assert C.merge_config({"a": {"b": 1, "c": 0}}, {"a": {"c": 2}}) == {"a": {"b": 1, "c": 2}}
+    x = torch.rand(1, K, 5, 7)
+    x = x / x.sum(1, keepdim=True)
+    y = C.pad_background(x, (8, 8))
+    assert torch.allclose(y.sum(1), torch.ones(1, 8, 8)) and torch.equal(C.crop_to(y, (5, 7)), x)
+    bad = np.full(SHAPE + (K,), 0.5, np.float32)
+    nib.save(nib.Nifti1Image(bad, AFFINE), tmp_path / "bad.nii.gz")
+    with pytest.raises(InputError, match="sum to 1"):
+        C.load_prob_label(tmp_path / "bad.nii.gz")
+    assert C.get_device("auto").type in ("cpu", "cuda")
+    assert not C.amp_enabled(torch.device("cpu"), True)
+    assert LG.subject_of_path("/x/sub-10_labelprob.nii.gz", ["sub-1", "sub-10"]) == "sub-10"
+    assert LG.subject_of_path("/x/sub-1_labelprob.nii.gz", ["sub-1", "sub-10"]) == "sub-1"

@@ -1,0 +1,288 @@
+"""The segmentation experiment stage: arm recipes, task label maps, the Snakemake rules.
+
+Fast tests cover the experiment design (brainsynth.experiment) and the DAG (dry runs).
+The slow test runs the real pipeline on a tiny demo cohort: preprocessing, then nnU-Net
+(real nnU-Net v2, CPU, a few iterations) for one task and two real-data arms, scores,
+tables, figures and the Snakemake report; then it checks by dry runs that changing one
+arm's recipe reruns exactly that arm (dataset, planning, training, prediction, scoring)
+and the task's tables, and that a training setting reruns training but not the datasets.
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from brainsynth import experiment as design
+from brainsynth.errors import InputError
+from brainsynth.labels import LabelSchema
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_workflow import planned_jobs, run_snakemake  # noqa: E402
+
+SCHEMA = LabelSchema()
+
+
+# ----------------------------------------------------------------------------- design
+def test_arm_counts_pool_and_real_relative():
+    assert design.arm_counts({"real": 1.0}, 12, 20) == (12, 0)
+    assert design.arm_counts({"real": 0.0, "synthetic": 1.0}, 12, 20) == (0, 20)
+    assert design.arm_counts({"real": 1.0, "synthetic": 1.0}, 12, 20) == (12, 20)
+    # R50S50: as many cases as R, half real, half synthetic
+    assert design.arm_counts({"real": 0.5, "synthetic": 0.5, "relative_to": "real"}, 12, 20) == (6, 6)
+    assert design.arm_counts({"real": 0.0, "synthetic": 1.0, "relative_to": "real"}, 12, 20) == (0, 12)
+    assert design.arm_counts({"real": 0.5}, 3, 0) == (2, 0)  # half up
+    with pytest.raises(InputError, match="synthesis.n_samples"):
+        design.arm_counts({"synthetic": 2.0, "relative_to": "real"}, 12, 20, arm="X")
+    with pytest.raises(InputError, match="no training case"):
+        design.arm_counts({"real": 0.01}, 12, 20, arm="X")
+    with pytest.raises(InputError, match="segmentation.recipes.X"):
+        design.arm_counts({"real": 1.0, "fake": 1}, 12, 20, arm="X")
+
+
+def test_arm_cases_are_seeded_and_nested():
+    real = [f"demo{i:03d}" for i in range(1, 13)]
+    synth = design.synthetic_ids(20)
+    assert synth[0] == "synth0001" and synth[-1] == "synth0020"
+    full = design.arm_cases({"real": 1.0, "synthetic": 1.0}, real, synth, seed=7)
+    assert full["real"] == sorted(real) and full["synthetic"] == sorted(synth)
+    half = design.arm_cases({"real": 0.5, "synthetic": 0.5, "relative_to": "real"}, real, synth, seed=7)
+    quarter = design.arm_cases({"real": 0.25}, real, synth, seed=7)
+    assert len(half["real"]) == 6 and len(half["synthetic"]) == 6 and len(quarter["real"]) == 3
+    assert set(quarter["real"]) <= set(half["real"])  # nested subsets
+    assert half == design.arm_cases({"real": 0.5, "synthetic": 0.5, "relative_to": "real"}, real[::-1], synth,
+                                    seed=7)  # independent of the input order
+    other = design.arm_cases({"real": 0.5}, real, synth, seed=8)
+    assert other["real"] != half["real"]
+    with pytest.raises(InputError, match="both real and synthetic"):
+        design.arm_cases({"real": 1.0, "synthetic": 1.0}, ["synth0001"], ["synth0001"], seed=1)
+
+
+def test_task_label_maps_round_trip():
+    tissue = {"classes": {"csf": ["csf"], "gm": ["gm"], "wm": ["wm", "wmh", "necrotic", "oedema", "enhancing"],
+                          "deep_gm": ["deep_gm"], "brainstem": ["brainstem"]}}
+    groups = design.task_classes(tissue, SCHEMA, "tissue")
+    assert groups["wm"] == [3, 6, 7, 8, 9]
+    assert design.nnunet_labels(groups) == {"background": 0, "csf": 1, "gm": 2, "wm": 3, "deep_gm": 4,
+                                            "brainstem": 5}
+    lut = design.forward_lut(groups, SCHEMA.n_classes)
+    label = np.arange(10, dtype=np.uint8)
+    assert design.apply_lut(label, lut).tolist() == [0, 1, 2, 3, 4, 5, 3, 3, 3, 3]
+    assert design.inverse_lut(groups).tolist() == [0, 1, 2, 3, 4, 5]
+
+    tumour = design.task_classes({"classes": {"tumour": ["necrotic", "oedema", "enhancing"]}}, SCHEMA)
+    assert design.apply_lut(label, design.forward_lut(tumour, 10)).tolist() == [0] * 7 + [1] * 3
+    assert design.inverse_lut(tumour).tolist() == [0, 7]
+    wmh_def = {"classes": {"wmh": ["wmh"]}, "fp_tum": True}
+    wmh = design.task_classes(wmh_def, SCHEMA)
+    assert design.fp_tum_spec(wmh_def, wmh, SCHEMA) == {"wmh": [6], "tumour": [7, 8, 9]}
+    assert design.fp_tum_spec({"classes": {}}, wmh, SCHEMA) is None
+    with pytest.raises(InputError, match="unknown schema class"):
+        design.task_classes({"classes": {"x": ["nonsense"]}}, SCHEMA, "bad")
+    with pytest.raises(InputError, match="mapped to both"):
+        design.task_classes({"classes": {"a": ["wm"], "b": ["wm"]}}, SCHEMA, "bad")
+    with pytest.raises(InputError, match="outside"):
+        design.apply_lut(np.array([12]), lut)
+
+
+def test_remap_label_file_keeps_geometry(tmp_path):
+    aff = np.diag([4.0, 4.0, 4.0, 1.0])
+    src = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(10, dtype=np.uint8).reshape(2, 5, 1), aff), src)
+    lut = design.forward_lut({"tumour": [7, 8, 9]}, 10)
+    out = design.remap_label_file(src, tmp_path / "out" / "case.nii.gz", lut)
+    img = nib.load(out)
+    assert np.allclose(img.affine, aff) and img.get_data_dtype() == np.uint8
+    assert np.asarray(img.dataobj).ravel().tolist() == [0] * 7 + [1] * 3
+    assert [p.name for p in out.parent.iterdir()] == ["case.nii.gz"]  # no temporary left
+
+
+def test_test_sets_and_dataset_ids():
+    subjects = pd.DataFrame({
+        "subject": ["s4", "s1", "s2", "s3", "s5"], "site": ["c", "a", "a", "b", "a"],
+        "split": ["test", "train", "test", "test", "test"],
+        "role": ["far_ood", "in_distribution", "in_distribution", "near_ood", "in_distribution"]})
+    assert design.test_sets(subjects) == {"in_distribution": ["s2", "s5"], "near_ood": ["s3"], "far_ood": ["s4"]}
+    assert design.test_sets(subjects.drop(columns="role")) == {"a": ["s2", "s5"], "c": ["s4"], "b": ["s3"]}
+    tasks, recipes = ["tissue", "tumour", "wmh"], ["R", "S", "H"]
+    ids = {(t, a): design.dataset_id(t, a, tasks, recipes) for t in tasks for a in recipes}
+    assert ids[("tissue", "R")] == 100 and ids[("wmh", "H")] == 302 and len(set(ids.values())) == 9
+    assert design.dataset_name("tumour", "R50S50") == "tumour-R50S50"
+
+
+# ----------------------------------------------------------------------------- DAG
+TINY_SEG = {
+    "experiment": "tinyseg",
+    "demo": {
+        "sites": {
+            "site_a": {"role": "in_distribution", "n": 3, "n_test": 1, "noise": 0.02,
+                       "voxel_scale": 1.0, "contrast_jitter": 0.05},
+            "site_b": {"role": "near_ood", "n": 1, "n_test": 1, "noise": 0.04,
+                       "voxel_scale": 1.15, "contrast_jitter": 0.12},
+            "site_c": {"role": "far_ood", "n": 1, "n_test": 1, "noise": 0.07,
+                       "voxel_scale": 1.3, "contrast_jitter": 0.25},
+        },
+    },
+    # fast preprocessing: affine registration, short N4
+    "preprocessing": {"n4": {"shrink_factor": 4, "iterations": [20, 10]},
+                      "registration": {"transform": "Affine", "syn_iterations": [10, 0],
+                                       "affine_iterations": [100, 50, 0]}},
+    "synthesis": {"enabled": False},
+    "segmentation": {
+        "tasks": ["wmh"],
+        "arms": ["R", "Rhalf"],
+        "recipes": {"Rhalf": {"real": 0.5}},
+        "nnunet": {"configuration": "2d", "epochs": 2, "iterations_per_epoch": 4, "val_iterations_per_epoch": 1,
+                   "plans_overrides": {"base_features": 4, "max_features": 32, "max_stages": 3, "batch_size": 8}},
+        "tables": {"metrics": ["dice", "hd95"]},
+    },
+}
+
+
+def _cfg(**seg):
+    cfg = yaml.safe_load(yaml.safe_dump(TINY_SEG))
+    cfg["segmentation"].update(seg)
+    return cfg
+
+
+def _jobs_by_rule(out):
+    """rule -> sorted list of 'task/arm' (or 'task_metric') of the jobs a dry run plans."""
+    found = {}
+    for block in re.split(r"\n(?=rule |localrule )", out):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        w = re.search(r"wildcards: (.*)", block)
+        if m:
+            found.setdefault(m.group(1), []).append(w.group(1) if w else "")
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def test_dry_run_plans_every_segmentation_rule(tmp_path):
+    code, out = run_snakemake(tmp_path, "-n", config=TINY_SEG)
+    assert code == 0, out[-3000:]
+    jobs = planned_jobs(out)
+    for rule in ("assemble_nnunet_dataset", "plan_nnunet", "train_segmentation", "predict_segmentation",
+                 "score_segmentation"):
+        assert jobs[rule] == 2, (rule, jobs)
+    assert jobs["segmentation_table"] == 3  # dice, hd95, fp_tum
+    by_rule = _jobs_by_rule(out)
+    assert by_rule["segmentation_table"] == ["task=wmh, metric=dice", "task=wmh, metric=fp_tum",
+                                             "task=wmh, metric=hd95"]
+    assert by_rule["train_segmentation"] == ["task=wmh, arm=R", "task=wmh, arm=Rhalf"]
+    assert "results/tinyseg/segmentation/wmh/Rhalf/predictions/near_ood/" in out
+    assert not (tmp_path / "results").exists()
+
+
+def test_synthetic_arms_follow_synthesis_switch(tmp_path):
+    cfg = _cfg(arms=["R", "S", "H", "R50S50"])
+    code, out = run_snakemake(tmp_path, "-n", config=cfg)
+    assert code == 0, out[-3000:]
+    assert "arms ['S', 'H', 'R50S50'] (synthetic data) are left out" in out
+    assert planned_jobs(out)["train_segmentation"] == 1
+
+    # with synthesis on, the synthetic arms read results/<exp>/synthesis/samples/synthNNNN/*
+    samples = tmp_path / "results" / "tinyseg" / "synthesis" / "samples"
+    for sid in design.synthetic_ids(4):
+        (samples / sid).mkdir(parents=True)
+        for f in ("t1", "t2", "flair", "label"):
+            (samples / sid / f"{f}.nii.gz").touch()
+    cfg["synthesis"] = {"enabled": True, "n_samples": 4}
+    code, out = run_snakemake(tmp_path, "-n", config=cfg)
+    assert code == 0, out[-3000:]
+    assert planned_jobs(out)["train_segmentation"] == 4
+    assemble = [b for b in re.split(r"\n(?=rule )", out) if b.startswith("rule assemble_nnunet_dataset")]
+    inputs = {re.search(r"arm=(\w+)", b).group(1): re.search(r"input: (.*)", b).group(1) for b in assemble}
+    assert "synthesis/samples/synth0004/label.nii.gz" in inputs["S"]
+    assert "synth" not in inputs["R"] and "preprocessing/grid" not in inputs["S"]
+    # R50S50 (relative to the 2 real training subjects): 1 real + 1 synthetic case
+    assert inputs["R50S50"].count("synthesis/samples") == 4 and inputs["R50S50"].count("preprocessing/grid") == 4
+
+
+@pytest.mark.parametrize("change,expect", [
+    ({"arms": ["R", "nope"]}, "['nope'] not defined"),
+    ({"recipes": {"Rhalf": {"real": 0.5, "synthetic": 3.0}}, "arms": ["Rhalf"]}, "synthesis.n_samples"),
+    ({"tasks": ["wmh", "bad"], "task_definitions": {"bad": {"classes": {"x": ["nonsense"]}}}},
+     "unknown schema class 'nonsense'"),
+])
+def test_bad_segmentation_config_is_named(tmp_path, change, expect):
+    cfg = _cfg(**change)
+    cfg["synthesis"] = {"enabled": True, "n_samples": 2}
+    code, out = run_snakemake(tmp_path, "-n", config=cfg)
+    assert code != 0
+    assert expect in out, out[-2000:]
+    assert "Traceback" not in out
+
+
+# ----------------------------------------------------------------------------- real run
+@pytest.mark.slow
+def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path):
+    run_snakemake(tmp_path, config=TINY_SEG, check=True, timeout=1500)
+    res = tmp_path / "results" / "tinyseg"
+    seg_dir = res / "segmentation" / "wmh"
+
+    ds = {a: json.loads((seg_dir / a / "dataset.json").read_text()) for a in ("R", "Rhalf")}
+    assert (ds["R"]["n_real"], ds["Rhalf"]["n_real"]) == (2, 1)
+    assert {c["case_id"] for c in ds["Rhalf"]["cases"]} < {c["case_id"] for c in ds["R"]["cases"]}
+    assert ds["R"]["labels"] == {"background": 0, "wmh": 1} and ds["R"]["dataset_id"] != ds["Rhalf"]["dataset_id"]
+    raw = seg_dir / "R" / "nnunet" / "raw" / ds["R"]["dataset_name"]
+    for case in ds["R"]["cases"]:
+        lab = raw / "labelsTr" / f"{case['case_id']}.nii.gz"
+        assert lab.is_symlink() and lab.resolve() == (seg_dir / "R" / "labels" / lab.name).resolve()
+        assert set(np.unique(np.asarray(nib.load(lab).dataobj))) <= {0, 1}
+        assert (raw / "imagesTr" / f"{case['case_id']}_0002.nii.gz").resolve().name == "flair.nii.gz"
+    model = json.loads((seg_dir / "R" / "model.json").read_text())
+    assert Path(model["checkpoint"]).is_file() and model["epochs"] == 2
+    assert "nnunet/results" in model["model_folder"]
+
+    pred = seg_dir / "R" / "predictions"
+    test_sets = {p.name: sorted(q.name for q in p.iterdir()) for p in pred.iterdir()}
+    assert sorted(test_sets) == ["far_ood", "in_distribution", "near_ood"]
+    some = next((pred / "near_ood").iterdir())
+    truth = res / "preprocessing" / "grid" / some.name.replace(".nii.gz", "") / "label.nii.gz"
+    assert nib.load(some).shape == nib.load(truth).shape
+    assert np.allclose(nib.load(some).affine, nib.load(truth).affine, atol=1e-4)
+
+    scores = pd.read_csv(seg_dir / "Rhalf" / "scores.tsv", sep="\t")
+    assert set(scores["test_set"]) == {"in_distribution", "near_ood", "far_ood"}
+    assert set(scores["arm"]) == {"Rhalf"} and set(scores["task"]) == {"wmh"}
+    assert {"dice", "hd95", "fp_tum", "truth_voxels"} <= set(scores["metric"])
+    assert scores.loc[scores["metric"] == "dice", "value"].between(0, 1).all()
+
+    for metric in ("dice", "hd95", "fp_tum"):
+        table = pd.read_csv(res / "tables" / f"wmh_{metric}.csv")
+        assert table["arm"].tolist() == ["R", "Rhalf"]
+        assert any("(far_ood)" in c for c in table.columns)
+        for ext in ("md", "tex"):
+            assert (res / "tables" / f"wmh_{metric}.{ext}").stat().st_size > 50
+        assert (res / "figures" / f"wmh_{metric}.png").stat().st_size > 5000
+
+    code, out = run_snakemake(tmp_path, "--report", "report.html", config=TINY_SEG)
+    assert code == 0, out[-3000:]
+    html = (tmp_path / "report.html").read_text(errors="replace")
+    assert "wmh_dice.csv" in html and "wmh_fp_tum.png" in html
+
+    code, out = run_snakemake(tmp_path, "-n", config=TINY_SEG)
+    assert code == 0 and "Nothing to be done" in out, out[-2000:]
+
+    # one arm's recipe changes: that arm's chain and the task's tables rerun, nothing else
+    changed = _cfg(recipes={"Rhalf": {"real": 1.0}})
+    code, out = run_snakemake(tmp_path, "-n", config=changed)
+    assert code == 0, out[-3000:]
+    per_arm = {"assemble_nnunet_dataset", "plan_nnunet", "train_segmentation", "predict_segmentation",
+               "score_segmentation"}
+    assert planned_jobs(out) == {**{r: 1 for r in per_arm}, "segmentation_table": 3, "all": 1}, out[-3000:]
+    jobs = _jobs_by_rule(out)
+    for rule in per_arm:
+        assert jobs[rule] == ["task=wmh, arm=Rhalf"], jobs
+
+    # a training setting: every arm retrains (and predicts, scores), no dataset or plan reruns
+    changed = _cfg(nnunet=dict(TINY_SEG["segmentation"]["nnunet"], epochs=3))
+    code, out = run_snakemake(tmp_path, "-n", config=changed)
+    assert code == 0, out[-3000:]
+    assert planned_jobs(out) == {"train_segmentation": 2, "predict_segmentation": 2, "score_segmentation": 2,
+                                 "segmentation_table": 3, "all": 1}

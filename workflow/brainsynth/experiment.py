@@ -1,0 +1,244 @@
+"""Design of the segmentation experiment: arms, tasks, test sets (parse-time safe).
+
+Arms
+----
+An arm is a recipe for the nnU-Net training set, drawn from two pools: the
+real training subjects (``split == train``) and the synthetic samples
+(``synth0001``...). A recipe gives one fraction per pool::
+
+    R:      {real: 1.0, synthetic: 0.0}                    # real only
+    S:      {real: 0.0, synthetic: 1.0}                    # synthetic only
+    H:      {real: 1.0, synthetic: 1.0}                    # real + synthetic
+    R50S50: {real: 0.5, synthetic: 0.5, relative_to: real} # N_real cases, half of each
+
+``relative_to: pool`` (default): ``n_x = round(fraction_x * pool size_x)``;
+``relative_to: real``: both counts are fractions of the number of real
+training subjects, so ``R50S50`` has as many cases as ``R`` (the paper's
+mixtures). Rounding is half-up. Which cases are used is deterministic from
+the seed and does not depend on the arm: every pool is shuffled once
+(:func:`pool_order`) and an arm takes the first ``n`` of it, so subsets are
+nested (R25 within R50 within R100) and the same for every task.
+
+Tasks
+-----
+A task maps the schema's classes (``labels.classes``) to nnU-Net labels::
+
+    tissue: {classes: {csf: [csf], gm: [gm], wm: [wm, wmh], ...}}
+    tumour: {classes: {tumour: [necrotic, oedema, enhancing]}}
+    wmh:    {classes: {wmh: [wmh]}, fp_tum: true}
+
+Task label ``k`` (1..K, in the order given) is the union of its source
+classes; every class not named is background. Predictions are mapped back to
+schema values (each task label -> its first source class) and scored against
+the original ground truth with the source classes grouped, so ``wm`` of the
+tissue task is scored against ``wm + wmh`` voxels. ``fp_tum`` adds the share
+of ground-truth tumour voxels (lesion type ``tumour``) predicted as the task's
+first class.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import numpy as np
+
+from .errors import InputError
+
+POOLS = ("real", "synthetic")
+RELATIVE_TO = ("pool", "real")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+SYNTH_PREFIX = "synth"
+
+
+def synthetic_ids(n_samples):
+    """``synth0001`` .. ``synthNNNN`` (the sample ids the generator rules write)."""
+    return [f"{SYNTH_PREFIX}{i:04d}" for i in range(1, int(n_samples) + 1)]
+
+
+def _round_half_up(x):
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def arm_counts(recipe, n_real, n_synthetic, arm="?"):
+    """``(n_real_cases, n_synthetic_cases)`` of one recipe; raises InputError when impossible."""
+    field = f"segmentation.recipes.{arm}"
+    unknown = set(recipe) - set(POOLS) - {"relative_to"}
+    if unknown:
+        raise InputError(f"unknown recipe keys {sorted(unknown)}", field=field,
+                         fix="use real, synthetic (fractions) and relative_to (pool|real)")
+    rel = recipe.get("relative_to", "pool")
+    if rel not in RELATIVE_TO:
+        raise InputError(f"relative_to must be one of {RELATIVE_TO}, got {rel!r}", field=field,
+                         fix="use 'pool' (fraction of each pool) or 'real' (fraction of the real pool size)")
+    fr = {}
+    for pool in POOLS:
+        v = recipe.get(pool, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise InputError(f"{pool} fraction must be a number >= 0, got {v!r}", field=field, fix="e.g. 0.5")
+        fr[pool] = float(v)
+    base = {"real": n_real, "synthetic": n_real if rel == "real" else n_synthetic}
+    counts = {p: _round_half_up(fr[p] * base[p]) for p in POOLS}
+    if fr["real"] > 1.0 + 1e-9 or counts["real"] > n_real:
+        raise InputError(f"asks for {counts['real']} real cases but there are {n_real} real training subjects",
+                         field=field, fix="use a real fraction <= 1")
+    if counts["synthetic"] > n_synthetic:
+        raise InputError(f"asks for {counts['synthetic']} synthetic cases but synthesis.n_samples is "
+                         f"{n_synthetic}", field=field,
+                         fix="raise synthesis.n_samples or lower the synthetic fraction")
+    if counts["real"] + counts["synthetic"] == 0:
+        raise InputError("selects no training case", field=field, fix="give a fraction > 0")
+    return counts["real"], counts["synthetic"]
+
+
+def pool_order(ids, seed, pool):
+    """The pool's ids in a seeded random order (arm-independent; arms take a prefix)."""
+    ids = sorted(str(i) for i in ids)
+    rng = np.random.default_rng([int(seed), zlib.crc32(f"segmentation:{pool}".encode())])
+    return [ids[i] for i in rng.permutation(len(ids))]
+
+
+def arm_cases(recipe, real_ids, synthetic_ids_, seed, arm="?"):
+    """``{"real": [...], "synthetic": [...]}``: the training cases of one arm (sorted)."""
+    n_r, n_s = arm_counts(recipe, len(real_ids), len(synthetic_ids_), arm)
+    real = sorted(pool_order(real_ids, seed, "real")[:n_r])
+    synth = sorted(pool_order(synthetic_ids_, seed, "synthetic")[:n_s])
+    clash = set(real) & set(synth)
+    if clash:
+        raise InputError(f"subject ids {sorted(clash)} are both real and synthetic case ids",
+                         field="samples", fix=f"rename subjects starting with {SYNTH_PREFIX!r}")
+    return {"real": real, "synthetic": synth}
+
+
+def uses_synthetic(recipe):
+    return float(recipe.get("synthetic", 0.0) or 0.0) > 0.0
+
+
+def dataset_id(task, arm, tasks, arms, base=100, stride=100):
+    """nnU-Net dataset id ``base + stride * task_index + arm_index`` (positions in the run lists).
+
+    Every arm has its own nnU-Net roots, so the id only has to be unique within
+    them; distinct ids per (task, arm) keep logs and result folders unambiguous.
+    """
+    t = list(tasks).index(task)
+    a = list(arms).index(arm)
+    if a >= stride:
+        raise InputError(f"more than {stride} arms", field="segmentation.arms", fix="run fewer arms at once")
+    value = int(base) + stride * t + a
+    if not 1 <= value <= 999:
+        raise InputError(f"dataset id {value} for {task}/{arm} is outside 1..999",
+                         field="segmentation.nnunet.dataset_id_base", fix="lower dataset_id_base")
+    return value
+
+
+def dataset_name(task, arm):
+    return f"{task}-{arm}"
+
+
+# --------------------------------------------------------------------------- tasks
+def task_classes(task_cfg, schema, task="?"):
+    """``{task class: [schema values]}`` in task-label order (label k = position + 1)."""
+    classes = task_cfg.get("classes") or {}
+    if not classes:
+        raise InputError("task defines no classes", field=f"segmentation.task_definitions.{task}.classes",
+                         fix="e.g. {tumour: [necrotic, oedema, enhancing]}")
+    out, seen = {}, {}
+    for name, sources in classes.items():
+        if name == "background":
+            raise InputError("'background' is implicit", field=f"segmentation.task_definitions.{task}.classes",
+                             fix="list only foreground classes")
+        sources = [sources] if isinstance(sources, str) else list(sources)
+        vals = []
+        for s in sources:
+            if s not in schema.classes or s == "background":
+                raise InputError(f"class {name!r}: unknown schema class {s!r}",
+                                 field=f"segmentation.task_definitions.{task}.classes",
+                                 fix=f"use classes of labels.classes: {[c for c in schema.names if c != 'background']}")
+            if s in seen:
+                raise InputError(f"schema class {s!r} is mapped to both {seen[s]!r} and {name!r}",
+                                 field=f"segmentation.task_definitions.{task}.classes", fix="map it once")
+            seen[s] = name
+            vals.append(int(schema.value(s)))
+        out[str(name)] = vals
+    return out
+
+
+def nnunet_labels(groups):
+    """nnU-Net ``labels`` of a task: ``{"background": 0, class: k}``."""
+    return {"background": 0, **{name: k for k, name in enumerate(groups, start=1)}}
+
+
+def forward_lut(groups, n_schema_classes):
+    """uint8 lookup table schema value -> task label."""
+    lut = np.zeros(int(n_schema_classes), np.uint8)
+    for k, vals in enumerate(groups.values(), start=1):
+        lut[vals] = k
+    return lut
+
+
+def inverse_lut(groups):
+    """uint8 lookup table task label -> schema value (the first source class)."""
+    return np.array([0] + [vals[0] for vals in groups.values()], np.uint8)
+
+
+def apply_lut(label, lut, what="label"):
+    arr = np.asarray(label)
+    if arr.size and (arr.min() < 0 or arr.max() >= len(lut)):
+        raise InputError(f"{what} has values outside 0..{len(lut) - 1} (found {int(arr.min())}..{int(arr.max())})",
+                         fix="check the label schema (labels.classes)")
+    return lut[arr.astype(np.int64)]
+
+
+def remap_label_file(src, dst, lut):
+    """Write ``lut[label]`` of NIfTI ``src`` to ``dst`` (uint8, same geometry), atomically."""
+    import nibabel as nib
+
+    from .io import save_nifti
+
+    img = nib.load(str(src))
+    out = apply_lut(np.asarray(img.dataobj), lut, what=str(src))
+    header = img.header.copy()
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1, 0)
+    return save_nifti(out.astype(np.uint8), img.affine, dst, dtype=np.uint8, header=header)
+
+
+def fp_tum_spec(task_cfg, groups, schema):
+    """``{"wmh": [values], "tumour": [values]}`` for :func:`brainsynth.metrics.score_cohort` or None."""
+    if not task_cfg.get("fp_tum"):
+        return None
+    tum = schema.lesion_types.get("tumour")
+    if not tum:
+        raise InputError("fp_tum needs a lesion type 'tumour'", field="labels.lesion_types",
+                         fix="declare tumour classes or drop fp_tum")
+    first = next(iter(groups.values()))
+    return {"wmh": [first[0]], "tumour": [int(schema.value(c)) for c in tum]}
+
+
+# --------------------------------------------------------------------------- test sets
+ROLE_ORDER = ("in_distribution", "near_ood", "far_ood")
+
+
+def test_sets(subjects, by="role"):
+    """``{test set: [subjects]}`` of the ``split == test`` subjects, grouped by column ``by``.
+
+    Falls back to ``site`` when the table has no column ``by`` (user sheets);
+    empty cells form the set ``test``. Order: the site roles
+    in_distribution, near_ood, far_ood first, then others as they appear
+    (subjects sorted).
+    """
+    df = subjects.reset_index(drop=True)
+    df = df[df["split"] == "test"].sort_values("subject")
+    col = by if by in df.columns else "site"
+    out = {}
+    for s, v in zip(df["subject"], df[col]):
+        key = str(v) if isinstance(v, str) and v else "test"
+        if not NAME_RE.match(key.replace("_", "-")):
+            raise InputError(f"test set name {key!r} (column {col!r}) is not a valid folder name",
+                             subject=str(s), field="segmentation.test_sets_by",
+                             fix="use letters, digits, '_' and '-'")
+        out.setdefault(key, []).append(str(s))
+    rank = {r: i for i, r in enumerate(ROLE_ORDER)}
+    keys = sorted(out, key=lambda k: (rank.get(k, len(rank)), list(out).index(k)))
+    return {k: out[k] for k in keys}

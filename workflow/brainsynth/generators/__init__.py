@@ -1,0 +1,13 @@
+"""brainSPADE generators: label generator (VAE + latent diffusion), image generator (SPADE VAE-GAN).
+
+Modules
+-------
+common           devices, AMP, seeding, checkpoint/resume, loss curves, progress log, data loading
+label_generator  :func:`train_label_vae`, :func:`train_label_ldm`, :func:`sample_labels`, conditioning helpers
+image_generator  :func:`train_image_generator`, :func:`generate_images`
+sampling         :func:`sample_synthetic` (labels -> images -> NIfTI + manifest + montage)
+quality          MS-SSIM diversity, MMD, memorisation check, class volume fractions
+
+Importing this package does not import torch-heavy submodules eagerly; import
+the submodule you need.
+"""

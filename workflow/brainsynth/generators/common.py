@@ -1,0 +1,541 @@
+"""Shared machinery of the generators: device, AMP, seeding, checkpoint/resume, logging, data.
+
+Training loops
+--------------
+Every trainer runs :func:`train_loop`, which
+
+* resumes from ``<out_dir>/checkpoints/<name>_last.pt`` when one exists and was
+  written with the same training configuration and input files (a hash of the
+  config without logging/device/step-count keys and of the input files' size and
+  mtime is stored; a mismatch logs a warning and starts afresh; raising ``steps``
+  continues a finished run, lowering it below the checkpoint restarts),
+* runs steps ``start .. total_steps`` (1-based), so a killed-and-rerun job
+  continues from ``last checkpoint step + 1`` and ends after exactly
+  ``total_steps`` steps; the loss history holds every step exactly once,
+* saves a checkpoint atomically every ``checkpoint_every`` steps and at the end:
+  model(s), optimiser(s), AMP scaler(s), step, loss history and the RNG states of
+  ``torch`` (CPU and CUDA), ``numpy`` and ``random``. All training randomness
+  comes from these global generators, so an interrupted-and-resumed CPU run
+  gives the same weights as an uninterrupted run with the same seed,
+* logs ``step/total``, the losses and it/s every ``log_every`` steps,
+* writes the loss curves as TSV and PNG.
+
+``max_steps_this_run`` (stop after that many steps, checkpointing first) and
+``callback(step)`` (called after every step; may raise) exist to test and to
+split long trainings over several jobs.
+
+Data conventions
+----------------
+Probabilistic label map: 4-D NIfTI ``(X, Y, Z, K)`` float32, ``K`` = all classes
+of the schema in value order (background first), channels summing to 1.
+Images: one 3-D NIfTI per modality, intensities in [0, 1], 0 outside the brain.
+Axial slices are taken along the last spatial axis (``Z``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..io import atomic_path, save_figure, save_json, save_table
+
+log = logging.getLogger("brainsynth.generators")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def merge_config(defaults, cfg, where="config"):
+    """Deep-merge ``cfg`` over ``defaults``; unknown keys raise :class:`InputError`."""
+    out = copy.deepcopy(defaults)
+    for key, val in (cfg or {}).items():
+        if key not in defaults:
+            raise InputError(
+                f"unknown key {key!r}",
+                field=f"{where}.{key}",
+                fix=f"use one of {sorted(defaults)}",
+            )
+        if isinstance(defaults[key], dict) and isinstance(val, dict):
+            out[key] = merge_config(defaults[key], val, where=f"{where}.{key}")
+        else:
+            out[key] = copy.deepcopy(val)
+    return out
+
+
+def files_fingerprint(paths):
+    """(path, size, mtime) of each file: a checkpoint is reused only for unchanged inputs."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        st = p.stat() if p.exists() else None
+        out.append([str(p), st.st_size if st else None, st.st_mtime_ns if st else None])
+    return out
+
+
+# settings that do not change what a training step computes: a checkpoint stays valid across them
+NON_TRAINING_KEYS = {"log_every", "checkpoint_every", "num_threads", "device", "steps", "sampling",
+                     "style_code", "mask_background", "sw_overlap", "sw_batch_size"}
+
+
+def training_fingerprint_config(cfg):
+    """``cfg`` without :data:`NON_TRAINING_KEYS` (at any depth), for checkpoint fingerprints.
+
+    ``steps`` is left out so that raising the number of steps continues a finished training.
+    """
+    if isinstance(cfg, dict):
+        return {k: training_fingerprint_config(v) for k, v in cfg.items() if k not in NON_TRAINING_KEYS}
+    return cfg
+
+
+def config_hash(*objs):
+    """Stable short hash of JSON-able objects (configs, input paths)."""
+    txt = json.dumps(objs, sort_keys=True, default=str)
+    return hashlib.sha1(txt.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- device / seeds
+
+
+def get_device(pref="auto"):
+    """``auto`` -> CUDA when available, else CPU; or an explicit torch device string."""
+    if pref in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(pref)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but CUDA is not available",
+                         field="device", fix="set device: auto or cpu")
+    return dev
+
+
+def amp_enabled(device, want=True):
+    """Mixed precision only on CUDA."""
+    return bool(want) and torch.device(device).type == "cuda"
+
+
+def autocast(device, enabled):
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.float16, enabled=bool(enabled))
+
+
+def make_scaler(device, enabled):
+    return torch.amp.GradScaler(torch.device(device).type, enabled=bool(enabled))
+
+
+def seed_everything(seed):
+    """Seed torch (CPU+CUDA), numpy and random; logged."""
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    log.info("seed: %d (torch, numpy, random)", seed)
+    return seed
+
+
+def set_threads(n=None):
+    """Limit torch intra-op threads (default: $OMP_NUM_THREADS or 1)."""
+    n = int(n or os.environ.get("OMP_NUM_THREADS") or 1)
+    torch.set_num_threads(max(1, n))
+    return n
+
+
+def rng_state():
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "random": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st):
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["random"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def generator(seed, device="cpu"):
+    g = torch.Generator(device=torch.device(device).type)
+    g.manual_seed(int(seed) % (2**63))
+    return g
+
+
+# --------------------------------------------------------------------------- saving models
+
+
+def torch_save(obj, path):
+    """``torch.save`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def torch_load(path, map_location="cpu"):
+    path = Path(path)
+    if not path.exists():
+        raise InputError("model file does not exist", file=path, fix="run the training rule first")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def state_dict_cpu(module):
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- perceptual loss
+
+
+def build_perceptual(spatial_dims, weight, weights_path, where):
+    """Perceptual loss from a local ResNet-50 state dict only; ``None`` (logged) otherwise."""
+    if not weight or float(weight) <= 0:
+        log.info("perceptual loss off (weight 0)")
+        return None
+    if not weights_path:
+        log.info("perceptual loss off: no local weights configured (%s.perceptual_weights_path); "
+                 "pretrained weights are never downloaded", where)
+        return None
+    p = Path(weights_path)
+    if not p.exists():
+        raise InputError("perceptual weights file does not exist", file=p, field=f"{where}.perceptual_weights_path",
+                         fix="point it to a local ResNet-50 state dict or set perceptual_weight: 0")
+    try:
+        import torchvision  # noqa: F401
+    except ImportError as exc:
+        raise InputError("the perceptual loss needs torchvision, which is not installed",
+                         field=f"{where}.perceptual_weight",
+                         fix="install torchvision or set perceptual_weight: 0") from exc
+    from monai.losses import PerceptualLoss
+
+    loss = PerceptualLoss(spatial_dims=spatial_dims, network_type="resnet50", is_fake_3d=spatial_dims == 3,
+                          pretrained=True, pretrained_path=str(p))
+    log.info("perceptual loss on: resnet50 weights %s", p)
+    return loss
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class Checkpointer:
+    """Atomic ``last`` checkpoint of a training run.
+
+    ``modules``/``optimizers``/``scalers`` are dicts name -> object; ``extra`` a
+    dict of picklable values restored verbatim (e.g. a latent scale factor).
+    """
+
+    def __init__(self, directory, name, every, fingerprint):
+        self.dir = Path(directory)
+        self.name = name
+        self.every = max(1, int(every))
+        self.fingerprint = fingerprint
+        self.path = self.dir / f"{name}_last.pt"
+
+    def save(self, step, modules, optimizers, scalers, history, extra=None):
+        payload = {
+            "step": int(step),
+            "fingerprint": self.fingerprint,
+            "modules": {k: m.state_dict() for k, m in modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "scalers": {k: s.state_dict() for k, s in scalers.items()},
+            "history": list(history),
+            "rng": rng_state(),
+            "extra": dict(extra or {}),
+        }
+        torch_save(payload, self.path)
+        log.info("checkpoint: step %d -> %s", step, self.path)
+
+    def load(self, modules, optimizers, scalers, device="cpu", max_step=None):
+        """Restore in place; returns ``(step, history, extra)`` or ``(0, [], {})``.
+
+        A checkpoint beyond ``max_step`` (the total was lowered) is ignored.
+        """
+        if not self.path.exists():
+            return 0, [], {}
+        try:
+            payload = torch.load(self.path, map_location=device, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint must not block a rerun
+            log.warning("checkpoint %s unreadable (%s); starting from step 0", self.path, exc)
+            return 0, [], {}
+        if payload.get("fingerprint") != self.fingerprint:
+            log.warning("checkpoint %s was written with another configuration/inputs; starting from step 0",
+                        self.path)
+            return 0, [], {}
+        if max_step is not None and int(payload["step"]) > int(max_step):
+            log.warning("checkpoint %s is at step %d, beyond the requested %d steps; starting from step 0",
+                        self.path, payload["step"], max_step)
+            return 0, [], {}
+        for k, m in modules.items():
+            m.load_state_dict(payload["modules"][k])
+        for k, o in optimizers.items():
+            o.load_state_dict(payload["optimizers"][k])
+        for k, s in scalers.items():
+            s.load_state_dict(payload["scalers"][k])
+        set_rng_state(payload["rng"])
+        log.info("resuming %s from checkpoint step %d (%s)", self.name, payload["step"], self.path)
+        return int(payload["step"]), list(payload["history"]), dict(payload.get("extra", {}))
+
+
+class StopTraining(Exception):
+    """Raised internally when ``max_steps_this_run`` is reached."""
+
+
+class ProgressLogger:
+    def __init__(self, name, total, every):
+        self.name = name
+        self.total = int(total)
+        self.every = max(1, int(every))
+        self.t0 = time.perf_counter()
+        self.n = 0
+
+    def step(self, step, losses):
+        self.n += 1
+        if step % self.every == 0 or step == self.total or self.n == 1:
+            dt = time.perf_counter() - self.t0
+            rate = self.n / dt if dt > 0 else float("nan")
+            txt = " ".join(f"{k}={v:.4g}" for k, v in losses.items())
+            log.info("%s step %d/%d %s (%.2f it/s)", self.name, step, self.total, txt, rate)
+
+
+def train_loop(*, name, total_steps, step_fn, modules, optimizers, scalers, out_dir, fingerprint,
+               checkpoint_every=50, log_every=10, max_steps_this_run=None, callback=None,
+               extra=None, device="cpu"):
+    """Run ``step_fn(step) -> dict(loss name -> float)`` for steps 1..total with resume.
+
+    Returns ``(history, completed, extra)``: the loss history (list of dicts with
+    ``step``), whether ``total_steps`` was reached and the (possibly restored)
+    ``extra`` dict.
+    """
+    out_dir = Path(out_dir)
+    ckpt = Checkpointer(out_dir / "checkpoints", name, checkpoint_every, fingerprint)
+    start, history, saved_extra = ckpt.load(modules, optimizers, scalers, device=device, max_step=total_steps)
+    extra = dict(extra or {})
+    extra.update(saved_extra)
+    history = [h for h in history if h["step"] <= start]
+    prog = ProgressLogger(name, total_steps, log_every)
+    if start >= total_steps:
+        log.info("%s: checkpoint already at step %d/%d, nothing to train", name, start, total_steps)
+        return history, True, extra
+    log.info("%s: training steps %d..%d", name, start + 1, total_steps)
+    done_this_run = 0
+    step = start
+    for step in range(start + 1, total_steps + 1):
+        losses = step_fn(step)
+        losses = {k: float(v) for k, v in losses.items()}
+        history.append({"step": step, **losses})
+        prog.step(step, losses)
+        done_this_run += 1
+        if step % ckpt.every == 0 or step == total_steps:
+            ckpt.save(step, modules, optimizers, scalers, history, extra)
+        if callback is not None:
+            callback(step)
+        if max_steps_this_run is not None and done_this_run >= max_steps_this_run and step < total_steps:
+            if step % ckpt.every != 0:
+                ckpt.save(step, modules, optimizers, scalers, history, extra)
+            log.info("%s: stopping after %d steps this run (step %d/%d)", name, done_this_run, step,
+                     total_steps)
+            return history, False, extra
+    return history, True, extra
+
+
+# --------------------------------------------------------------------------- loss curves
+
+
+def write_loss_curves(history, tsv_path, png_path, title=""):
+    """Loss history (list of dicts with ``step``) -> TSV + PNG (one panel per loss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(history)
+    if df.empty:
+        df = pd.DataFrame({"step": []})
+    save_table(df, tsv_path)
+    # terms that are switched off (all zero) stay in the TSV but get no panel
+    cols = [c for c in df.columns if c != "step" and df[c].astype(float).abs().sum() > 0]
+    n = max(1, len(cols))
+    ncol = min(n, 4)
+    nrow = int(np.ceil(n / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.0 * ncol, 2.4 * nrow), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    for ax, c in zip(axes.ravel(), cols):
+        y = df[c].to_numpy(dtype=float)
+        ax.plot(df["step"], y, lw=0.6, alpha=0.5)
+        if len(y) >= 5:
+            w = max(1, len(y) // 20)
+            ax.plot(df["step"], pd.Series(y).rolling(w, min_periods=1).mean(), lw=1.2)
+        ax.set_title(c, fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"{title} (x: step)", fontsize=10)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.86, wspace=0.35, hspace=0.45)
+    save_figure(fig, png_path, dpi=80)
+    return Path(tsv_path), Path(png_path)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_prob_label(path, n_classes=None, tol=1e-2):
+    """4-D probabilistic label map -> ``(K, X, Y, Z)`` float32, validated."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("probabilistic label map not found", file=path, fix="run preprocessing first")
+    img = nib.load(str(path))
+    arr = np.asarray(img.dataobj, dtype=np.float32)
+    if arr.ndim != 4:
+        raise InputError(f"expected a 4-D (X,Y,Z,K) probabilistic map, got shape {arr.shape}", file=path,
+                         fix="use the *_labelprob.nii.gz output of preprocessing")
+    if n_classes is not None and arr.shape[-1] != n_classes:
+        raise InputError(f"map has {arr.shape[-1]} channels but the label schema has {n_classes} classes",
+                         file=path, fix="regenerate the maps with the current labels.classes")
+    s = arr.sum(-1)
+    if np.abs(s - 1).max() > tol:
+        raise InputError(f"channels do not sum to 1 (max deviation {np.abs(s - 1).max():.3g})", file=path,
+                         fix="renormalise the probabilistic map")
+    return np.ascontiguousarray(np.moveaxis(arr, -1, 0))
+
+
+def load_image(path):
+    """3-D image -> ``(X, Y, Z)`` float32."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError("image not found", file=path, fix="run preprocessing first")
+    arr = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise InputError(f"expected a 3-D image, got shape {arr.shape}", file=path)
+    return arr
+
+
+def load_label_stack(label_paths, n_classes=None):
+    """All maps -> ``(N, K, X, Y, Z)``; all must share one grid."""
+    if not label_paths:
+        raise InputError("no probabilistic label maps given", fix="check the training subject list")
+    vols = [load_prob_label(p, n_classes) for p in label_paths]
+    shapes = {v.shape for v in vols}
+    if len(shapes) != 1:
+        raise InputError(f"label maps are on different grids: {sorted(shapes)}",
+                         fix="resample all subjects to the working grid")
+    return np.stack(vols)
+
+
+class Cohort:
+    """Training subjects in memory: probabilistic maps and (optionally) images on one grid.
+
+    ``labels``: ``(N, K, X, Y, Z)``; ``images``: ``(N, M, X, Y, Z)`` (``M`` = len(modalities))
+    or ``None``; ``brain[i]``: axial indices with >= ``min_brain_voxels`` brain voxels.
+    ``dtype`` float16 halves the memory of large cohorts (paper grid: ~47 MB/subject in float32).
+    2-D mode: :meth:`label_slices` stacks every brain slice ``(S, K, X, Y)``.
+    """
+
+    def __init__(self, label_paths, image_paths=None, n_classes=None, min_brain_voxels=1, dtype=np.float32):
+        self.label_paths = [str(p) for p in label_paths]
+        labels = load_label_stack(self.label_paths, n_classes)
+        self.shape = tuple(labels.shape[2:])
+        self.modalities = list(image_paths or {})
+        self.images = None
+        if image_paths:
+            imgs = np.zeros((labels.shape[0], len(self.modalities)) + self.shape, dtype=dtype)
+            for j, m in enumerate(self.modalities):
+                paths = list(image_paths[m])
+                if len(paths) != len(self.label_paths):
+                    raise InputError(f"{len(paths)} {m} images for {len(self.label_paths)} label maps",
+                                     field=f"image_paths.{m}",
+                                     fix="give one image per subject and modality, in the label order")
+                for i, p in enumerate(paths):
+                    a = load_image(p)
+                    if a.shape != self.shape:
+                        raise InputError(f"image grid {a.shape} differs from the label grid {self.shape}",
+                                         file=p, fix="resample to the working grid")
+                    imgs[i, j] = a
+            self.images = imgs
+        self.brain = []
+        for i, v in enumerate(labels):
+            zs = brain_slices(v, min_brain_voxels=min_brain_voxels)
+            if len(zs) == 0:
+                raise InputError("no axial slice with brain", file=self.label_paths[i])
+            self.brain.append(zs)
+        self.labels = labels.astype(dtype, copy=False)
+
+    def __len__(self):
+        return len(self.label_paths)
+
+    def label_slices(self):
+        """``(S, K, X, Y)`` brain slices and their ``(subject index, z)``."""
+        sl, idx = [], []
+        for i, zs in enumerate(self.brain):
+            for z in zs:
+                sl.append(self.labels[i, ..., z])
+                idx.append((i, int(z)))
+        return np.stack(sl), idx
+
+
+def brain_slices(prob_volume, background_channel=0, min_brain_voxels=1):
+    """Indices ``z`` of axial slices of a ``(K, X, Y, Z)`` map that contain brain."""
+    brain = (1.0 - prob_volume[background_channel]) > 0.5
+    counts = brain.reshape(-1, brain.shape[-1]).sum(0)
+    return np.flatnonzero(counts >= min_brain_voxels)
+
+
+def axial_slices(volume):
+    """``(C, X, Y, Z)`` -> ``(Z, C, X, Y)``."""
+    return np.ascontiguousarray(np.moveaxis(volume, -1, 0))
+
+
+def divisible_shape(shape, k):
+    return tuple(int(np.ceil(s / k) * k) for s in shape)
+
+
+def pad_to(x, shape, value=0.0):
+    """Centre-pad the trailing spatial dims of tensor ``x`` to ``shape``."""
+    spatial = x.shape[-len(shape):]
+    pads = []
+    for s, t in zip(reversed(spatial), reversed(tuple(shape))):
+        d = t - s
+        if d < 0:
+            raise ValueError(f"cannot pad {tuple(spatial)} to smaller {tuple(shape)}")
+        pads += [d // 2, d - d // 2]
+    if not any(pads):
+        return x
+    return F.pad(x, pads, value=value)
+
+
+def crop_to(x, shape):
+    """Centre-crop the trailing spatial dims of ``x`` to ``shape`` (inverse of :func:`pad_to`)."""
+    spatial = x.shape[-len(shape):]
+    sl = [slice(None)] * (x.ndim - len(shape))
+    for s, t in zip(spatial, shape):
+        d = s - t
+        sl.append(slice(d // 2, d // 2 + t))
+    return x[tuple(sl)]
+
+
+def pad_background(x, shape):
+    """Pad a probabilistic map ``(B, K, ...)`` with background (channel 0 = 1)."""
+    y = pad_to(x, shape, value=0.0)
+    if tuple(y.shape[-len(shape):]) == tuple(x.shape[-len(shape):]):
+        return y
+    mask = pad_to(torch.ones_like(x[:, :1]), shape, value=0.0)
+    y[:, :1] = y[:, :1] + (1.0 - mask)
+    return y
+
+
+def save_config(cfg, path):
+    return save_json(cfg, path)

@@ -1,0 +1,774 @@
+"""Label generator: a KL autoencoder over probabilistic label maps + a conditioned latent diffusion model.
+
+Public API
+----------
+``train_label_vae(label_paths, cfg, out_dir, ...) -> dict of output paths``
+    monai ``AutoencoderKL`` over the ``K``-channel probabilistic maps (3-D, or
+    axial 2-D slices with ``spatial_dims: 2``). The decoder output is a logit per
+    class; ``softmax`` over channels gives the probabilistic map. Loss: focal
+    reconstruction on the softmax output (monai ``FocalLoss(use_softmax=True)``,
+    soft targets) + ``kl_weight`` * KL + after ``adv_warmup_steps`` a
+    least-squares adversarial loss from a monai ``PatchDiscriminator``
+    (``PatchAdversarialLoss(criterion="least_squares")``) + optional perceptual
+    loss (only with a local weights file).
+``train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, ...) -> dict``
+    latents of the frozen VAE (posterior means by default, see ``ldm.latents``),
+    scaled by ``1/std`` (MONAI tutorials), padded so
+    each spatial size is divisible by ``2**(len(ldm.channels)-1)``; monai
+    ``DiffusionModelUNet(with_conditioning=True, cross_attention_dim=n_types)``
+    conditioned (cross-attention) on the vector ``dc_jl`` of the lesion types as a
+    sequence of length 1 ``(B, 1, n_types)``; epsilon prediction, L2 loss,
+    ``DDPMScheduler`` training.
+``sample_labels(vae_path, ldm_path, conditioning, scheduler="ddim", steps=None, seed=0, ...)``
+    ``(N, n_types)`` conditioning -> ``(N, K, *spatial)`` float32 probabilistic maps
+    (softmax, sum to 1), cropped back to the working grid. Deterministic for a
+    given seed (and batch size).
+``make_conditioning(mode, n, lesion_types, train_values=None, values=None, seed=0)``
+    ``explicit`` (given values), ``random`` (rows drawn from the training
+    distribution of ``dc_jl``), ``unseen`` (every lesion type > 0 at once, each
+    drawn from its non-zero training values: combinations absent from training,
+    e.g. WMH and tumour together), ``healthy`` (all zero).
+``training_conditioning(ldm_path) -> (lesion_types, values)``
+
+Conditioning table (TSV): columns ``subject`` and ``dc_<lesion type>`` (lesion
+voxel count / dataset maximum, in [0, 1]); the lesion types are the ``dc_``
+columns in table order. In 2-D mode the conditioning is per slice: the soft
+lesion voxel count of the slice divided by its training-set maximum (the
+normalisers are stored in the model).
+
+Config (``label_generator:`` in config.yaml; defaults in :data:`DEFAULTS`)
+--------------------------------------------------------------------------
+==============================  ===========================================================
+key                             meaning
+==============================  ===========================================================
+spatial_dims                    3 (volumes) or 2 (axial slices)
+device                          auto | cpu | cuda[:i]
+amp                             mixed precision (used on CUDA only)
+seed                            training seed (torch, numpy, random)
+num_threads                     torch CPU threads (null: $OMP_NUM_THREADS or 1)
+checkpoint_every / log_every    steps between checkpoints / progress lines
+vae.channels                    AutoencoderKL channels per level (downsampling len-1 times)
+vae.num_res_blocks              residual blocks per level
+vae.attention_levels            self-attention per level (list of bool, len = channels)
+vae.with_nonlocal_attn          mid-block attention in encoder and decoder
+vae.latent_channels             latent channels
+vae.norm_num_groups             GroupNorm groups (must divide every channel count)
+vae.patch_size                  null (whole maps) or random crops of this size (the VAE is fully
+                                convolutional: latents of whole maps are encoded after training)
+vae.steps / vae.batch_size      optimisation steps / volumes (or slices) per step
+vae.lr / vae.disc_lr            Adam learning rates of autoencoder / discriminator
+vae.focal_gamma                 focal loss gamma
+vae.kl_weight                   weight of the KL term
+vae.adv_weight                  weight of the adversarial term (0 disables the GAN)
+vae.adv_warmup_steps            steps before the discriminator is switched on
+vae.disc_channels / disc_layers PatchDiscriminator width / depth
+vae.perceptual_weight           > 0 enables the perceptual loss ...
+vae.perceptual_weights_path     ... only with this local ResNet-50 state dict (never downloaded)
+ldm.channels                    DiffusionModelUNet channels per level
+ldm.num_res_blocks              residual blocks per level
+ldm.attention_levels            cross/self-attention per level (the mid block always has it)
+ldm.num_head_channels           channels per attention head
+ldm.norm_num_groups             GroupNorm groups
+ldm.transformer_num_layers      transformer layers per attention block
+ldm.num_train_timesteps         diffusion steps T
+ldm.schedule / beta_start / beta_end   noise schedule (monai scheduler names)
+ldm.latents                     mean: the VAE posterior means (robust when the VAE is briefly
+                                trained and its posterior sigma is still ~1) | sample: mu + sigma*eps
+                                (MONAI tutorials' encode_stage_2_inputs)
+ldm.latent_norm                 global: latents x 1/std (MONAI tutorials) | channel: per-channel
+                                (z - mean_c) / std_c (removes the offsets an eps-predicting model
+                                must otherwise reproduce to 1/sqrt(alpha_bar) precision at high t)
+ldm.steps / ldm.batch_size / ldm.lr    optimisation steps / latents per step / Adam lr
+sampling.scheduler              ddpm (all T steps) | ddim
+sampling.inference_steps        DDIM steps (ignored by ddpm)
+sampling.ddim_eta               DDIM eta (0: deterministic given the initial noise)
+sampling.batch_size             samples decoded at once
+sampling.clip_x0                clip the predicted x0 at every step to the range of the scaled
+                                training latents (+ clip_margin x range): keeps briefly trained
+                                models from diverging at high noise levels
+sampling.clip_margin            margin of that range, as a fraction of it
+==============================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..labels import LabelSchema
+from . import common as C
+
+log = logging.getLogger("brainsynth.generators.label")
+
+DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
+    "spatial_dims": 3,
+    "device": "auto",
+    "amp": True,
+    "seed": 0,
+    "num_threads": None,
+    "checkpoint_every": 50,
+    "log_every": 10,
+    "vae": {
+        "channels": [8, 16, 16],
+        "num_res_blocks": 1,
+        "attention_levels": [False, False, False],
+        "with_nonlocal_attn": False,
+        "latent_channels": 3,
+        "norm_num_groups": 4,
+        "patch_size": [32, 32, 32],
+        "steps": 200,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "disc_lr": 1e-3,
+        "focal_gamma": 2.0,
+        "kl_weight": 1e-6,
+        "adv_weight": 0.01,
+        "adv_warmup_steps": 100,
+        "disc_channels": 8,
+        "disc_layers": 2,
+        "perceptual_weight": 0.0,
+        "perceptual_weights_path": None,
+    },
+    "ldm": {
+        "channels": [16, 32, 32],
+        "num_res_blocks": 1,
+        "attention_levels": [False, False, True],
+        "num_head_channels": 8,
+        "norm_num_groups": 8,
+        "transformer_num_layers": 1,
+        "num_train_timesteps": 1000,
+        "schedule": "scaled_linear_beta",
+        "beta_start": 0.0015,
+        "beta_end": 0.0205,
+        "latents": "mean",
+        "latent_norm": "channel",
+        "steps": 500,
+        "batch_size": 4,
+        "lr": 5e-4,
+    },
+    "sampling": {
+        "scheduler": "ddim",
+        "inference_steps": 25,
+        "ddim_eta": 0.0,
+        "batch_size": 4,
+        "clip_x0": True,
+        "clip_margin": 0.1,
+    },
+}
+
+# Paper scale (96x128x96 at 2 mm, one GPU): overrides of DEFAULTS. Architecture after the
+# MONAI 3-D brain LDM tutorials the study builds on (latent 24x32x24x3); step counts are
+# budgets, not values taken from the paper.
+PAPER = {
+    "vae": {"channels": [32, 64, 64], "num_res_blocks": 2, "norm_num_groups": 32, "latent_channels": 3,
+            "patch_size": [64, 64, 64], "steps": 50000, "batch_size": 2, "lr": 1e-4, "disc_lr": 1e-4,
+            "adv_warmup_steps": 5000,
+            "disc_channels": 32, "disc_layers": 3, "perceptual_weight": 0.001},
+    "ldm": {"channels": [64, 128, 256], "num_res_blocks": 2, "attention_levels": [False, True, True],
+            "num_head_channels": [0, 64, 64], "norm_num_groups": 32, "latents": "sample", "steps": 100000,
+            "batch_size": 8,
+            "lr": 2.5e-5},
+    "sampling": {"scheduler": "ddim", "inference_steps": 100, "batch_size": 4},
+}
+
+
+def resolve_config(cfg):
+    return C.merge_config(DEFAULTS, cfg, where="label_generator")
+
+
+# --------------------------------------------------------------------------- networks
+
+
+def _vae_kwargs(cfg, n_classes):
+    v = cfg["vae"]
+    ch = list(v["channels"])
+    att = list(v["attention_levels"])
+    if len(att) != len(ch):
+        raise InputError(f"vae.attention_levels has {len(att)} entries for {len(ch)} channels",
+                         field="label_generator.vae.attention_levels", fix="give one bool per level")
+    return dict(
+        spatial_dims=int(cfg["spatial_dims"]),
+        in_channels=n_classes,
+        out_channels=n_classes,
+        channels=ch,
+        num_res_blocks=int(v["num_res_blocks"]),
+        attention_levels=att,
+        latent_channels=int(v["latent_channels"]),
+        norm_num_groups=int(v["norm_num_groups"]),
+        with_encoder_nonlocal_attn=bool(v["with_nonlocal_attn"]),
+        with_decoder_nonlocal_attn=bool(v["with_nonlocal_attn"]),
+    )
+
+
+def _unet_kwargs(cfg, latent_channels, n_types):
+    m = cfg["ldm"]
+    return dict(
+        spatial_dims=int(cfg["spatial_dims"]),
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        channels=list(m["channels"]),
+        num_res_blocks=int(m["num_res_blocks"]),
+        attention_levels=list(m["attention_levels"]),
+        num_head_channels=(int(m["num_head_channels"]) if np.isscalar(m["num_head_channels"])
+                           else [int(c) for c in m["num_head_channels"]]),
+        norm_num_groups=int(m["norm_num_groups"]),
+        transformer_num_layers=int(m["transformer_num_layers"]),
+        with_conditioning=True,
+        cross_attention_dim=int(n_types),
+    )
+
+
+def _scheduler_kwargs(cfg):
+    m = cfg["ldm"]
+    return dict(num_train_timesteps=int(m["num_train_timesteps"]), schedule=m["schedule"],
+                beta_start=float(m["beta_start"]), beta_end=float(m["beta_end"]))
+
+
+def build_vae(kwargs):
+    from monai.networks.nets import AutoencoderKL
+
+    return AutoencoderKL(**kwargs)
+
+
+def build_unet(kwargs):
+    from monai.networks.nets import DiffusionModelUNet
+
+    return DiffusionModelUNet(**kwargs)
+
+
+def build_scheduler(kind, kwargs, clip_range=None):
+    """DDPM/DDIM scheduler. ``clip_range`` ``(lo, hi)`` clips the predicted x0 to the range of
+    the (scaled) training latents; ``None``: no clipping (MONAI's default [-1, 1] does not
+    fit unit-variance latents)."""
+    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+    clip = {"clip_sample": False}
+    if clip_range is not None:
+        clip = {"clip_sample": True, "clip_sample_min": float(clip_range[0]),
+                "clip_sample_max": float(clip_range[1])}
+    if kind == "ddpm":
+        return DDPMScheduler(**clip, **kwargs)
+    if kind == "ddim":
+        return DDIMScheduler(**clip, **kwargs)
+    raise InputError(f"unknown scheduler {kind!r}", field="label_generator.sampling.scheduler",
+                     fix="use ddpm or ddim")
+
+
+def load_vae(path, device="cpu"):
+    payload = C.torch_load(path)
+    if payload.get("kind") != "label_vae":
+        raise InputError("not a label VAE model file", file=path, fix="pass the output of train_label_vae")
+    vae = build_vae(payload["vae_kwargs"])
+    vae.load_state_dict(payload["state_dict"])
+    return vae.to(device).eval(), payload
+
+
+def load_ldm(path, device="cpu"):
+    payload = C.torch_load(path)
+    if payload.get("kind") != "label_ldm":
+        raise InputError("not a label LDM model file", file=path, fix="pass the output of train_label_ldm")
+    unet = build_unet(payload["unet_kwargs"])
+    unet.load_state_dict(payload["state_dict"])
+    return unet.to(device).eval(), payload
+
+
+def _channelwise_perceptual(perc, pred, target):
+    """Perceptual loss of ``K``-channel maps: mean over channels of 1-channel losses."""
+    return torch.stack([perc(pred[:, c:c + 1].float(), target[:, c:c + 1].float())
+                        for c in range(pred.shape[1])]).mean()
+
+
+def _fingerprint_cfg(cfg, part):
+    """The settings a ``part`` (vae | ldm) training step depends on."""
+    return C.training_fingerprint_config({"spatial_dims": cfg["spatial_dims"], "seed": cfg["seed"],
+                                          "amp": cfg["amp"], part: cfg[part]})
+
+
+def kl_loss(z_mu, z_sigma):
+    dims = list(range(1, z_mu.ndim))
+    kl = 0.5 * torch.sum(z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1, dim=dims)
+    return kl.mean()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _training_maps(label_paths, spatial_dims, n_classes=None):
+    """-> (tensor (N, K, *spatial), original spatial shape, slice index); 2-D: brain slices stacked."""
+    if spatial_dims not in (2, 3):
+        raise InputError(f"spatial_dims must be 2 or 3, got {spatial_dims}", field="label_generator.spatial_dims")
+    cohort = C.Cohort(label_paths, n_classes=n_classes, dtype=np.float16)  # float16: half the memory
+    if spatial_dims == 3:
+        return torch.from_numpy(cohort.labels), cohort.shape, None
+    slices, index = cohort.label_slices()
+    return torch.from_numpy(slices), cohort.shape[:2], index
+
+
+def _levels_factor(n_levels):
+    return 2 ** (max(1, int(n_levels)) - 1)
+
+
+def subject_of_path(path, subjects):
+    """The subject id among ``subjects`` whose name starts the file name (longest match)."""
+    name = Path(path).name
+    best = None
+    for s in subjects:
+        s = str(s)
+        if name.startswith(s) and (len(name) == len(s) or not name[len(s)].isalnum()):
+            if best is None or len(s) > len(best):
+                best = s
+    return best
+
+
+def load_conditioning_table(cond_table):
+    """Path or DataFrame -> (DataFrame, lesion types from the ``dc_`` columns)."""
+    if isinstance(cond_table, pd.DataFrame):
+        df = cond_table.copy()
+    else:
+        p = Path(cond_table)
+        if not p.exists():
+            raise InputError("conditioning table not found", file=p, fix="run the preprocessing stage")
+        df = pd.read_csv(p, sep="\t", dtype={"subject": str})
+    if "subject" not in df.columns:
+        raise InputError("conditioning table has no 'subject' column", file=cond_table)
+    types = [c[3:] for c in df.columns if c.startswith("dc_")]
+    if not types:
+        raise InputError("conditioning table has no dc_<lesion type> column", file=cond_table,
+                         fix="add columns dc_wmh, dc_tumour, ...")
+    vals = df[[f"dc_{t}" for t in types]].to_numpy(dtype=float)
+    if not np.isfinite(vals).all() or vals.min() < 0 or vals.max() > 1:
+        raise InputError("dc_ values must be finite and in [0, 1]", file=cond_table,
+                         fix="recompute the conditioning table")
+    df["subject"] = df["subject"].astype(str)
+    return df, types
+
+
+def _subject_conditioning(label_paths, df, types, subjects=None):
+    if subjects is None:
+        subjects = []
+        for p in label_paths:
+            s = subject_of_path(p, df["subject"])
+            if s is None:
+                raise InputError("no row of the conditioning table matches this label map", file=p,
+                                 fix="the file name must start with the subject id of the table")
+            subjects.append(s)
+    rows = df.set_index("subject")
+    missing = [s for s in subjects if s not in rows.index]
+    if missing:
+        raise InputError(f"subjects {missing} missing from the conditioning table", fix="regenerate the table")
+    return np.stack([rows.loc[s, [f"dc_{t}" for t in types]].to_numpy(dtype=np.float32) for s in subjects]), subjects
+
+
+def _slice_conditioning(maps2d, types, schema):
+    """Per-slice soft lesion counts / training maximum."""
+    counts = []
+    for t in types:
+        if t not in schema.lesion_types:
+            raise InputError(f"lesion type {t!r} of the conditioning table is not in the label schema",
+                             field="labels.lesion_types")
+        idx = [schema.value(c) for c in schema.lesion_types[t]]
+        counts.append(maps2d[:, idx].double().sum(dim=tuple(range(1, maps2d.ndim))).numpy())
+    counts = np.stack(counts, 1).astype(np.float64)
+    norm = counts.max(0)
+    norm[norm <= 0] = 1.0
+    return (counts / norm).astype(np.float32), norm.tolist()
+
+
+# --------------------------------------------------------------------------- VAE training
+
+
+def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callback=None):
+    """Train the label autoencoder. Returns a dict of output paths (``model``, ``config``,
+    ``losses_tsv``, ``losses_png``) or, when stopped by ``max_steps_this_run``, ``{"completed": False}``.
+    """
+    cfg = resolve_config(cfg)
+    out_dir = Path(out_dir)
+    C.set_threads(cfg["num_threads"])
+    device = C.get_device(cfg["device"])
+    amp = C.amp_enabled(device, cfg["amp"])
+    sd = int(cfg["spatial_dims"])
+    v = cfg["vae"]
+    C.seed_everything(cfg["seed"])
+
+    factor = _levels_factor(len(v["channels"]))
+    patch = None
+    if v["patch_size"]:
+        patch = [int(p) for p in v["patch_size"]]
+        if len(patch) != sd or any(p % factor for p in patch):
+            raise InputError(f"vae.patch_size {patch} must have {sd} sizes divisible by {factor}",
+                             field="label_generator.vae.patch_size",
+                             fix=f"give {sd} sizes that are multiples of {factor}, or null for whole maps")
+    data, shape, _ = _training_maps([str(p) for p in label_paths], sd)
+    n_classes = data.shape[1]
+    padded = C.divisible_shape(shape, factor)
+    data = C.pad_background(data, padded)
+    if patch is not None:
+        patch = [min(p, s) for p, s in zip(patch, padded)]
+    log.info("label VAE: %d %s maps, %d classes, grid %s (padded %s), patch %s, device %s, amp %s",
+             data.shape[0], f"{sd}-D", n_classes, shape, padded, patch, device, amp)
+
+    from monai.losses import FocalLoss, PatchAdversarialLoss
+    from monai.networks.nets import PatchDiscriminator
+
+    vkw = _vae_kwargs(cfg, n_classes)
+    vae = build_vae(vkw).to(device)
+    use_adv = float(v["adv_weight"]) > 0
+    disc = PatchDiscriminator(spatial_dims=sd, channels=int(v["disc_channels"]), in_channels=n_classes,
+                              num_layers_d=int(v["disc_layers"]), out_channels=1).to(device)
+    focal = FocalLoss(use_softmax=True, gamma=float(v["focal_gamma"]))
+    adv_loss = PatchAdversarialLoss(criterion="least_squares")
+    perc = C.build_perceptual(sd, v["perceptual_weight"], v["perceptual_weights_path"], "label_generator.vae")
+    if perc is not None:
+        perc = perc.to(device)
+    opt_g = torch.optim.Adam(vae.parameters(), lr=float(v["lr"]))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=float(v["disc_lr"]))
+    sc_g, sc_d = C.make_scaler(device, amp), C.make_scaler(device, amp)
+    warmup = int(v["adv_warmup_steps"])
+    bs = int(v["batch_size"])
+
+    def step_fn(step):
+        vae.train()
+        idx = torch.randint(data.shape[0], (bs,))
+        x = data[idx]
+        if patch is not None:
+            crops = []
+            for b in range(bs):
+                pos = [int(torch.randint(0, s - p + 1, (1,))) for s, p in zip(padded, patch)]
+                crops.append(x[(b, slice(None)) + tuple(slice(o, o + p) for o, p in zip(pos, patch))])
+            x = torch.stack(crops)
+        x = x.to(device).float()
+        opt_g.zero_grad(set_to_none=True)
+        with C.autocast(device, amp):
+            logits, z_mu, z_sigma = vae(x)
+            rec = focal(logits.float(), x)
+            kl = kl_loss(z_mu.float(), z_sigma.float())
+            loss_g = rec + float(v["kl_weight"]) * kl
+            prob = torch.softmax(logits.float(), dim=1)
+            g_adv = torch.zeros((), device=device)
+            if use_adv and step > warmup:
+                g_adv = adv_loss(disc(prob.contiguous())[-1], target_is_real=True, for_discriminator=False)
+                loss_g = loss_g + float(v["adv_weight"]) * g_adv
+            p_loss = torch.zeros((), device=device)
+            if perc is not None:
+                p_loss = _channelwise_perceptual(perc, prob, x)
+                loss_g = loss_g + float(v["perceptual_weight"]) * p_loss
+        sc_g.scale(loss_g).backward()
+        sc_g.step(opt_g)
+        sc_g.update()
+        d_loss = torch.zeros((), device=device)
+        if use_adv and step > warmup:
+            opt_d.zero_grad(set_to_none=True)
+            with C.autocast(device, amp):
+                fake = adv_loss(disc(prob.detach().contiguous())[-1], target_is_real=False, for_discriminator=True)
+                real = adv_loss(disc(x.contiguous())[-1], target_is_real=True, for_discriminator=True)
+                d_loss = 0.5 * (fake + real)
+                loss_d = float(v["adv_weight"]) * d_loss
+            sc_d.scale(loss_d).backward()
+            sc_d.step(opt_d)
+            sc_d.update()
+        return {"loss": loss_g.item(), "focal": rec.item(), "kl": kl.item(), "gen_adv": g_adv.item(),
+                "disc": d_loss.item(), "perceptual": p_loss.item()}
+
+    fp = C.config_hash(_fingerprint_cfg(cfg, "vae"), C.files_fingerprint(label_paths), "label_vae")
+    history, completed, _ = C.train_loop(
+        name="label_vae", total_steps=int(v["steps"]), step_fn=step_fn,
+        modules={"vae": vae, "disc": disc}, optimizers={"g": opt_g, "d": opt_d},
+        scalers={"g": sc_g, "d": sc_d}, out_dir=out_dir, fingerprint=fp,
+        checkpoint_every=cfg["checkpoint_every"], log_every=cfg["log_every"],
+        max_steps_this_run=max_steps_this_run, callback=callback, device=device)
+    if not completed:
+        return {"completed": False, "history": history}
+
+    payload = {"kind": "label_vae", "vae_kwargs": vkw, "state_dict": C.state_dict_cpu(vae),
+               "spatial_dims": sd, "n_classes": n_classes, "shape": list(shape), "padded_shape": list(padded),
+               "config": cfg, "steps": int(v["steps"]), "patch_size": patch}
+    paths = {
+        "model": C.torch_save(payload, out_dir / "label_vae.pt"),
+        "config": C.save_config({"label_generator": cfg, "vae_kwargs": vkw, "shape": list(shape),
+                                 "padded_shape": list(padded), "n_training": len(label_paths)},
+                                out_dir / "label_vae_config.json"),
+    }
+    paths["losses_tsv"], paths["losses_png"] = C.write_loss_curves(
+        history, out_dir / "label_vae_losses.tsv", out_dir / "label_vae_losses.png", "label VAE")
+    paths["completed"] = True
+    paths["history"] = history
+    return paths
+
+
+# --------------------------------------------------------------------------- LDM training
+
+
+@torch.no_grad()
+def _encode_all(vae, data, device, batch=4):
+    mus, sigmas = [], []
+    for i in range(0, data.shape[0], batch):
+        mu, sigma = vae.encode(data[i:i + batch].to(device).float())
+        mus.append(mu.float().cpu())
+        sigmas.append(sigma.float().cpu())
+    return torch.cat(mus), torch.cat(sigmas)
+
+
+def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects=None, schema=None,
+                    max_steps_this_run=None, callback=None):
+    """Train the conditioned latent diffusion model on the frozen VAE's latents.
+
+    ``subjects`` (optional) gives the conditioning-table subject of each label map;
+    by default it is matched from the file names. Returns a dict of output paths.
+    """
+    cfg = resolve_config(cfg)
+    out_dir = Path(out_dir)
+    C.set_threads(cfg["num_threads"])
+    device = C.get_device(cfg["device"])
+    amp = C.amp_enabled(device, cfg["amp"])
+    m = cfg["ldm"]
+    schema = schema or LabelSchema()
+    C.seed_everything(cfg["seed"])
+
+    vae, vpay = load_vae(vae_path, device)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    sd = int(vpay["spatial_dims"])
+    if sd != int(cfg["spatial_dims"]):
+        log.info("label LDM: spatial_dims taken from the VAE (%d)", sd)
+        cfg["spatial_dims"] = sd
+    label_paths = [str(p) for p in label_paths]
+    data, shape, _ = _training_maps(label_paths, sd, vpay["n_classes"])
+    if list(shape) != list(vpay["shape"]):
+        raise InputError(f"label maps have grid {shape} but the VAE was trained on {vpay['shape']}",
+                         fix="retrain the VAE on the current working grid")
+    data = C.pad_background(data, vpay["padded_shape"])
+
+    df, types = load_conditioning_table(cond_table)
+    norm = None
+    if sd == 3:
+        cond, subjects = _subject_conditioning(label_paths, df, types, subjects)
+    else:
+        cond, norm = _slice_conditioning(data, types, schema)
+    cond_t = torch.from_numpy(np.asarray(cond, dtype=np.float32))
+
+    mu, sigma = _encode_all(vae, data, device)
+    g = C.generator(int(cfg["seed"]) + 1)
+    use_mean = m["latents"] == "mean"
+    if m["latents"] not in ("mean", "sample"):
+        raise InputError(f"ldm.latents must be mean or sample, got {m['latents']!r}",
+                         field="label_generator.ldm.latents")
+    z_sample = mu if use_mean else mu + sigma * torch.randn(mu.shape, generator=g)
+    scale_factor = float(1.0 / z_sample.flatten().std().clamp_min(1e-6))
+    nc = mu.shape[1]
+    if m["latent_norm"] == "global":  # MONAI tutorials: one scale factor, no shift
+        shift = torch.zeros(nc)
+        scale = torch.full((nc,), scale_factor)
+    elif m["latent_norm"] == "channel":  # per-channel standardisation (shift + scale)
+        zc = z_sample.transpose(0, 1).reshape(nc, -1)
+        shift = zc.mean(1)
+        scale = 1.0 / zc.std(1).clamp_min(1e-6)
+    else:
+        raise InputError(f"ldm.latent_norm must be global or channel, got {m['latent_norm']!r}",
+                         field="label_generator.ldm.latent_norm")
+    bshape = (1, nc) + (1,) * (mu.ndim - 2)
+    shift_b, scale_b = shift.view(bshape), scale.view(bshape)
+    log.info("label LDM: VAE posterior sigma mean %.3g vs latent mean std %.3g; training on %s latents",
+             float(sigma.mean()), float(mu.std()), m["latents"])
+    latent_shape = list(mu.shape[2:])
+    zn = (z_sample - shift_b) * scale_b
+    latent_range = [float(zn.min()), float(zn.max())]
+    lpad = list(C.divisible_shape(latent_shape, _levels_factor(len(m["channels"]))))
+    log.info("label LDM: %d latents %s (padded %s), scale factor %.4f, lesion types %s, device %s",
+             mu.shape[0], latent_shape, lpad, scale_factor, types, device)
+
+    ukw = _unet_kwargs(cfg, mu.shape[1], len(types))
+    unet = build_unet(ukw).to(device)
+    skw = _scheduler_kwargs(cfg)
+    sched = build_scheduler("ddpm", skw)
+    opt = torch.optim.Adam(unet.parameters(), lr=float(m["lr"]))
+    scaler = C.make_scaler(device, amp)
+    bs = int(m["batch_size"])
+    T = int(m["num_train_timesteps"])
+
+    def step_fn(step):
+        unet.train()
+        idx = torch.randint(mu.shape[0], (bs,))
+        z = mu[idx] if use_mean else mu[idx] + sigma[idx] * torch.randn(sigma[idx].shape)
+        z = (z - shift_b) * scale_b
+        z = C.pad_to(z, lpad).to(device)
+        ctx = cond_t[idx].unsqueeze(1).to(device)
+        noise = torch.randn(z.shape).to(device)
+        t = torch.randint(0, T, (bs,)).long().to(device)
+        opt.zero_grad(set_to_none=True)
+        with C.autocast(device, amp):
+            noisy = sched.add_noise(original_samples=z, noise=noise, timesteps=t)
+            pred = unet(x=noisy, timesteps=t, context=ctx)
+            loss = F.mse_loss(pred.float(), noise.float())
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return {"mse": loss.item()}
+
+    fp = C.config_hash(_fingerprint_cfg(cfg, "ldm"), C.files_fingerprint(label_paths + [vae_path]),
+                       np.asarray(cond).round(6).tolist(), "label_ldm")
+    history, completed, _ = C.train_loop(
+        name="label_ldm", total_steps=int(m["steps"]), step_fn=step_fn, modules={"unet": unet},
+        optimizers={"opt": opt}, scalers={"scaler": scaler}, out_dir=out_dir, fingerprint=fp,
+        checkpoint_every=cfg["checkpoint_every"], log_every=cfg["log_every"],
+        max_steps_this_run=max_steps_this_run, callback=callback, device=device)
+    if not completed:
+        return {"completed": False, "history": history}
+
+    payload = {"kind": "label_ldm", "unet_kwargs": ukw, "state_dict": C.state_dict_cpu(unet),
+               "scheduler_kwargs": skw, "scale_factor": scale_factor, "latent_shape": latent_shape,
+               "latent_shift": shift.tolist(), "latent_scale": scale.tolist(),
+               "padded_latent_shape": lpad, "lesion_types": types, "spatial_dims": sd,
+               "latent_range": latent_range,
+               "train_conditioning": np.asarray(cond, dtype=np.float32), "slice_count_norm": norm,
+               "sampling": cfg["sampling"], "config": cfg, "subjects": subjects}
+    paths = {
+        "model": C.torch_save(payload, out_dir / "label_ldm.pt"),
+        "config": C.save_config({"label_generator": cfg, "unet_kwargs": ukw, "scheduler_kwargs": skw,
+                                 "scale_factor": scale_factor, "latent_shape": latent_shape,
+                                 "padded_latent_shape": lpad, "lesion_types": types,
+                                 "slice_count_norm": norm, "n_training": len(label_paths)},
+                                out_dir / "label_ldm_config.json"),
+    }
+    paths["losses_tsv"], paths["losses_png"] = C.write_loss_curves(
+        history, out_dir / "label_ldm_losses.tsv", out_dir / "label_ldm_losses.png", "label LDM")
+    paths["completed"] = True
+    paths["history"] = history
+    return paths
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def training_conditioning(ldm_path):
+    """``(lesion_types, (N, n_types) array)`` of the conditioning seen in training."""
+    payload = C.torch_load(ldm_path)
+    return list(payload["lesion_types"]), np.asarray(payload["train_conditioning"], dtype=np.float32)
+
+
+def make_conditioning(mode, n, lesion_types, train_values=None, values=None, seed=0):
+    """Build an ``(n, n_types)`` float32 conditioning array in [0, 1].
+
+    mode ``explicit``: ``values`` is a dict type -> value, a sequence of ``n_types``
+    values or an ``(n, n_types)`` array. ``random``: rows of ``train_values`` drawn
+    with replacement. ``unseen``: every type > 0 at once, each drawn from the
+    non-zero training values of that type (uniform [0.1, 0.5] when a type never
+    occurs). ``healthy``: zeros.
+    """
+    types = list(lesion_types)
+    k = len(types)
+    rng = np.random.default_rng([int(seed), 7])
+    if mode == "explicit":
+        if values is None:
+            raise InputError("explicit conditioning needs values", field="conditioning.values",
+                             fix="give e.g. {wmh: 0.3, tumour: 0.0}")
+        if isinstance(values, dict):
+            unknown = set(values) - set(types)
+            if unknown:
+                raise InputError(f"unknown lesion types {sorted(unknown)}", field="conditioning.values",
+                                 fix=f"use {types}")
+            row = np.array([float(values.get(t, 0.0)) for t in types], dtype=np.float32)
+            out = np.tile(row, (n, 1))
+        else:
+            arr = np.asarray(values, dtype=np.float32)
+            if arr.ndim == 1 and arr.shape[0] == k:
+                out = np.tile(arr, (n, 1))
+            elif arr.shape == (n, k):
+                out = arr.copy()
+            else:
+                raise InputError(f"conditioning values of shape {arr.shape} do not fit n={n}, types={types}",
+                                 field="conditioning.values")
+    elif mode == "random":
+        if train_values is None or len(train_values) == 0:
+            raise InputError("random conditioning needs the training conditioning values")
+        tv = np.asarray(train_values, dtype=np.float32)
+        out = tv[rng.integers(0, len(tv), size=n)]
+    elif mode == "unseen":
+        tv = np.zeros((0, k), np.float32) if train_values is None else np.asarray(train_values, np.float32)
+        out = np.zeros((n, k), np.float32)
+        for j in range(k):
+            pos = tv[:, j][tv[:, j] > 0] if len(tv) else np.zeros(0)
+            out[:, j] = rng.choice(pos, size=n) if len(pos) else rng.uniform(0.1, 0.5, size=n)
+    elif mode == "healthy":
+        out = np.zeros((n, k), np.float32)
+    else:
+        raise InputError(f"unknown conditioning mode {mode!r}", field="conditioning.mode",
+                         fix="use explicit, random, unseen or healthy")
+    if out.min() < 0 or out.max() > 1:
+        raise InputError("conditioning values must lie in [0, 1]", field="conditioning.values")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+@torch.no_grad()
+def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, seed=0, *, batch_size=None,
+                  device="auto", eta=None, progress=True, sampling=None):
+    """Sample ``N`` probabilistic label maps ``(N, K, *spatial)`` float32 (channels sum to 1).
+
+    ``scheduler`` ``ddpm`` runs all training timesteps; ``ddim`` runs ``steps``
+    (default: the config's ``sampling.inference_steps``). The initial noise of
+    sample ``i`` comes from a generator seeded with ``(seed, i)``; DDPM/DDIM(eta>0)
+    step noise from one per batch: same seed and batch size -> same maps.
+    ``sampling``: a ``label_generator.sampling`` dict overriding the one stored with the
+    LDM; explicit arguments override both.
+    """
+    dev = C.get_device(device)
+    vae, vpay = load_vae(vae_path, dev)
+    unet, lpay = load_ldm(ldm_path, dev)
+    samp = C.merge_config(DEFAULTS["sampling"], lpay.get("sampling"), where="label_generator.sampling")
+    samp = C.merge_config(samp, sampling, where="label_generator.sampling")  # overrides of the stored config
+    kind = scheduler or samp["scheduler"]
+    bs = int(batch_size or samp["batch_size"])
+    eta = float(samp.get("ddim_eta", 0.0) if eta is None else eta)
+    cond = np.asarray(conditioning, dtype=np.float32)
+    types = lpay["lesion_types"]
+    if cond.ndim != 2 or cond.shape[1] != len(types):
+        raise InputError(f"conditioning must be (N, {len(types)}) for lesion types {types}, got {cond.shape}")
+    clip = None
+    if samp.get("clip_x0", True) and lpay.get("latent_range") is not None:
+        lo, hi = lpay["latent_range"]
+        margin = float(samp.get("clip_margin", 0.1)) * (hi - lo)
+        clip = (lo - margin, hi + margin)
+    sched = build_scheduler(kind, lpay["scheduler_kwargs"], clip)
+    T = int(lpay["scheduler_kwargs"]["num_train_timesteps"])
+    if kind == "ddpm":
+        if steps not in (None, T):
+            log.info("DDPM sampling runs all %d training timesteps (requested %s); use ddim for fewer", T, steps)
+        n_steps = T
+    else:
+        n_steps = int(steps or samp["inference_steps"])
+    sched.set_timesteps(n_steps, device=dev)
+    lat_c = int(lpay["unet_kwargs"]["in_channels"])
+    bshape = (1, lat_c) + (1,) * (len(lpay["latent_shape"]))
+    lat_scale = torch.tensor(lpay.get("latent_scale", [lpay["scale_factor"]] * lat_c)).view(bshape).to(dev)
+    lat_shift = torch.tensor(lpay.get("latent_shift", [0.0] * lat_c)).view(bshape).to(dev)
+    lpad = list(lpay["padded_latent_shape"])
+    lshape = list(lpay["latent_shape"])
+    out = []
+    n = cond.shape[0]
+    for b0 in range(0, n, bs):
+        b1 = min(n, b0 + bs)
+        noise = torch.stack([torch.randn([lat_c] + lpad, generator=C.generator(int(seed) * 1_000_003 + i))
+                             for i in range(b0, b1)]).to(dev)
+        g = C.generator(int(seed) * 7919 + b0 + 1, dev)
+        ctx = torch.from_numpy(cond[b0:b1]).unsqueeze(1).to(dev)
+        x = noise
+        for t in sched.timesteps:
+            tt = torch.full((b1 - b0,), int(t), device=dev, dtype=torch.long)
+            eps = unet(x=x, timesteps=tt, context=ctx)
+            if kind == "ddpm":
+                x, _ = sched.step(eps, int(t), x, generator=g)
+            else:
+                x, _ = sched.step(eps, int(t), x, eta=eta, generator=g)
+        z = C.crop_to(x, lshape) / lat_scale + lat_shift
+        logits = vae.decode_stage_2_outputs(z)
+        prob = torch.softmax(logits.float(), dim=1)
+        prob = C.crop_to(prob, vpay["shape"])
+        out.append(prob.cpu().numpy().astype(np.float32))
+        if progress:
+            log.info("sampled label maps %d/%d (%s, %d steps)", b1, n, kind, n_steps)
+    return np.concatenate(out)

@@ -1,0 +1,178 @@
+"""Synthetic subjects: label generator -> image generator -> NIfTI files + manifest + montage.
+
+:func:`sample_synthetic` writes, for ``N`` synthetic subjects ``{id}`` (``syn0001`` ...)::
+
+    {id}_label.nii.gz       hard labels (argmax of the map), uint8, values = schema class values
+    {id}_labelprob.nii.gz   probabilistic map (X, Y, Z, K) float32, channels sum to 1
+    {id}_{modality}.nii.gz  one image per modality of the image generator (t1, t2, flair), [0, 1]
+    manifest.tsv            subject, seed, conditioning_mode, dc_<type>..., style_<modality>...
+    montage.png             rows: samples; columns: label, then each modality (mid-axial slice)
+
+with the affine of a reference NIfTI on the working grid. The output depends
+only on the models, the style subjects, ``n``, the conditioning and ``seed``:
+conditioning values come from ``make_conditioning(seed)``, the label maps from
+``sample_labels(seed)``, the style source of sample ``i`` (one subject per
+modality) from ``numpy.random.default_rng([seed, i])`` and its images from
+``generate_images(seed*1000+i)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+from ..io import save_figure, save_nifti, save_table
+from . import common as C
+from .image_generator import generate_images, load_generator
+from .label_generator import make_conditioning, sample_labels, training_conditioning
+
+log = logging.getLogger("brainsynth.generators.sampling")
+
+
+def _style_table(style_subjects, modalities):
+    """list of dicts / DataFrame / dict subject -> {modality: path}  ->  list of (subject, {mod: path})."""
+    if isinstance(style_subjects, pd.DataFrame):
+        rows = style_subjects.to_dict("records")
+    elif isinstance(style_subjects, dict):
+        rows = [{"subject": s, **paths} for s, paths in style_subjects.items()]
+    else:
+        rows = list(style_subjects)
+    out = []
+    for r in rows:
+        if "subject" not in r:
+            raise InputError("style subject entries need a 'subject' key", field="style_subjects")
+        paths = {m: r[m] for m in modalities if m in r and r[m] is not None and not
+                 (isinstance(r[m], float) and np.isnan(r[m]))}
+        out.append((str(r["subject"]), paths))
+    for m in modalities:
+        if not any(m in p for _, p in out):
+            raise InputError(f"no style subject has a {m} image", field="style_subjects",
+                             fix=f"give at least one real subject with a {m} image")
+    return out
+
+
+def _label_colours(k):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
+    cols = np.array([cmap(i % cmap.N) for i in range(k)])
+    cols[0] = (0, 0, 0, 1)
+    return matplotlib.colors.ListedColormap(cols)
+
+
+def write_montage(rows, modalities, n_classes, path, max_rows=8):
+    """``rows``: list of (id, hard label (X,Y,Z), {modality: (X,Y,Z)}); mid-axial slices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rows[:max_rows]
+    ncol = 1 + len(modalities)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.9 * ncol, 1.9 * len(rows)), squeeze=False)
+    cmap = _label_colours(n_classes)
+    for r, (sid, lab, imgs) in enumerate(rows):
+        z = lab.shape[-1] // 2
+        axes[r, 0].imshow(np.rot90(lab[..., z]), cmap=cmap, vmin=0, vmax=n_classes - 1, interpolation="nearest")
+        axes[r, 0].set_ylabel(sid, fontsize=7)
+        for c, m in enumerate(modalities, start=1):
+            axes[r, c].imshow(np.rot90(imgs[m][..., z]), cmap="gray", vmin=0, vmax=1)
+            if r == 0:
+                axes[r, c].set_title(m, fontsize=8)
+        if r == 0:
+            axes[r, 0].set_title("label", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=100)
+
+
+def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n, out_dir, reference,
+                     conditioning="random", conditioning_values=None, seed=0, scheduler=None, steps=None,
+                     id_prefix="syn", device="auto", batch_size=None, montage=True):
+    """Generate ``n`` synthetic subjects into ``out_dir``; returns the manifest DataFrame.
+
+    Layout: ``out_dir/samples/<id>/{label,labelprob,<modality>}.nii.gz`` (ids
+    ``<id_prefix>0001``...), ``out_dir/manifest.tsv`` and ``out_dir/montage.png``.
+
+    ``style_subjects``: real subjects providing style slices (list of dicts
+    ``{subject, t1, t2, flair}``, a DataFrame with those columns, or a dict
+    subject -> {modality: path}); for every sample and modality one of them is
+    drawn and its volume styles the synthetic volume slice by slice.
+    ``conditioning``: ``random`` | ``unseen`` | ``healthy`` | ``explicit`` (with
+    ``conditioning_values``, see :func:`make_conditioning`). ``reference``: a
+    NIfTI on the working grid whose affine the outputs get.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = int(n)
+    if n < 1:
+        raise InputError("number of synthetic subjects must be >= 1", field="sampling.n")
+    dev = C.get_device(device)
+    ref = nib.load(str(reference))
+    affine = ref.affine
+    net, gpay = load_generator(image_generator, dev)
+    modalities = list(gpay["modalities"])
+    styles = _style_table(style_subjects, modalities)
+
+    types, train_vals = training_conditioning(label_ldm)
+    cond = make_conditioning(conditioning, n, types, train_vals, conditioning_values, seed)
+    log.info("sampling %d synthetic subjects (conditioning %s, seed %d) into %s", n, conditioning, seed, out_dir)
+    probs = sample_labels(label_vae, label_ldm, cond, scheduler=scheduler, steps=steps, seed=seed,
+                          batch_size=batch_size, device=device)
+    if probs.ndim == 4:  # 2-D label generator: one axial slice per subject
+        probs = probs[..., None]
+    spatial = probs.shape[2:]
+    if tuple(ref.shape[:2]) != tuple(spatial[:2]) or (spatial[2] != 1 and ref.shape[2] != spatial[2]):
+        raise InputError(f"reference grid {ref.shape[:3]} differs from the generated grid {spatial}",
+                         file=reference, fix="use a NIfTI of the working grid as reference")
+
+    cache = {}
+
+    def style_volume(path):
+        if path not in cache:
+            cache[path] = C.load_image(path)
+        return cache[path]
+
+    rows, montage_rows = [], []
+    for i in range(n):
+        sid = f"{id_prefix}{i + 1:04d}"
+        rng = np.random.default_rng([int(seed), i])
+        style_src, style_imgs = {}, {}
+        for m in modalities:
+            cands = [(s, p[m]) for s, p in styles if m in p]
+            s, p = cands[int(rng.integers(len(cands)))]
+            style_src[m] = s
+            vol = style_volume(p)
+            if vol.shape[:2] != spatial[:2]:
+                raise InputError(f"style image grid {vol.shape} differs from the generated grid {spatial}",
+                                 file=p, fix="use preprocessed images on the working grid")
+            style_imgs[m] = vol if spatial[2] == vol.shape[2] else vol[..., vol.shape[2] // 2]
+        prob = probs[i]
+        imgs = generate_images(image_generator, prob, style_imgs, seed=int(seed) * 1000 + i, device=device,
+                               net=net, payload=gpay)
+        hard = np.argmax(prob, axis=0).astype(np.uint8)
+        sdir = out_dir / "samples" / sid
+        save_nifti(hard, affine, sdir / "label.nii.gz", dtype=np.uint8)
+        save_nifti(np.moveaxis(prob, 0, -1).astype(np.float32), affine, sdir / "labelprob.nii.gz",
+                   dtype=np.float32)
+        for m in modalities:
+            save_nifti(imgs[m].astype(np.float32), affine, sdir / f"{m}.nii.gz", dtype=np.float32)
+        row = {"subject": sid, "seed": int(seed), "conditioning_mode": conditioning}
+        row.update({f"dc_{t}": float(cond[i, j]) for j, t in enumerate(types)})
+        row.update({f"style_{m}": style_src[m] for m in modalities})
+        rows.append(row)
+        montage_rows.append((sid, hard, imgs))
+        log.info("synthetic subject %d/%d: %s (dc %s, style %s)", i + 1, n, sid,
+                 np.round(cond[i], 3).tolist(), style_src)
+    manifest = pd.DataFrame(rows)
+    save_table(manifest, out_dir / "manifest.tsv")
+    if montage:
+        write_montage(montage_rows, modalities, probs.shape[1], out_dir / "montage.png")
+    return manifest

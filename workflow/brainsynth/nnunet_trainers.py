@@ -1,0 +1,185 @@
+"""nnU-Net v2 trainer variants used by the workflow.
+
+``nnUNetTrainerBrainsynth`` is nnU-Net's own ``nnUNetTrainer`` (same network,
+loss, augmentation, optimiser, schedule, checkpointing and final validation);
+the only difference is that the training *length* can be set without writing a
+new class per length:
+
+===========================================  ===================================  ========
+environment variable                         trainer attribute                    default
+===========================================  ===================================  ========
+``BRAINSYNTH_NNUNET_NUM_EPOCHS``             ``num_epochs``                       1000
+``BRAINSYNTH_NNUNET_ITERATIONS_PER_EPOCH``   ``num_iterations_per_epoch``         250
+``BRAINSYNTH_NNUNET_VAL_ITERATIONS``         ``num_val_iterations_per_epoch``     50
+``BRAINSYNTH_NNUNET_SAVE_EVERY``             ``save_every``                       50
+===========================================  ===================================  ========
+
+With none of them set it *is* the default nnU-Net trainer (the paper's
+setting). Environment variables are used because nnU-Net instantiates trainers
+itself, by class name, with a fixed constructor signature (``plans,
+configuration, fold, dataset_json, device``); the values actually used are
+written to the training log and to ``debug.json`` in the fold folder.
+
+Finding trainers. nnU-Net's ``nnUNetv2_train`` / ``nnUNetv2_predict`` find a
+trainer by class name: they import every module under
+``nnunetv2.training.nnUNetTrainer`` (then the folders in ``nnUNet_extTrainer``)
+until one defines it. That walk imports ``primus/primus_trainers.py``, which
+needs ``timm`` (a dependency of dynamic-network-architectures >= 0.4 that
+minimal installs lack), so *any* trainer other than the top-level
+``nnUNetTrainer`` fails to load there without ``timm``. :func:`train_entry`
+is therefore the ``nnUNetv2_train`` equivalent for this package: it resolves
+the class with :func:`resolve_trainer` and then runs nnU-Net's own
+``maybe_load_checkpoint`` -> ``trainer.run_training()`` ->
+``trainer.perform_actual_validation()``, exactly like
+``nnunetv2.run.run_training.run_training`` does on one device.
+:func:`ext_trainer_dir` writes an ``nnUNet_extTrainer`` folder for using the
+stock CLIs on our models where ``timm`` is installed.
+"""
+
+import argparse
+import multiprocessing
+import os
+from pathlib import Path
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from .segmentation import ENV_ITERATIONS, ENV_NUM_EPOCHS, ENV_SAVE_EVERY, ENV_VAL_ITERATIONS, TRAINER_NAMES
+
+_SHIM_MODULE = "brainsynth_nnunet_trainers_shim"
+
+
+def _positive_int_from_env(name, default):
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} must be a positive integer") from None
+    if value < 1:
+        raise ValueError(f"environment variable {name}={raw!r} must be a positive integer")
+    return value
+
+
+class nnUNetTrainerBrainsynth(nnUNetTrainer):
+    """``nnUNetTrainer`` whose training length comes from ``BRAINSYNTH_NNUNET_*`` variables."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = _positive_int_from_env(ENV_NUM_EPOCHS, self.num_epochs)
+        self.num_iterations_per_epoch = _positive_int_from_env(ENV_ITERATIONS, self.num_iterations_per_epoch)
+        self.num_val_iterations_per_epoch = _positive_int_from_env(ENV_VAL_ITERATIONS,
+                                                                   self.num_val_iterations_per_epoch)
+        self.save_every = _positive_int_from_env(ENV_SAVE_EVERY, self.save_every)
+        self.print_to_log_file(
+            f"brainsynth training length: num_epochs={self.num_epochs}, "
+            f"num_iterations_per_epoch={self.num_iterations_per_epoch}, "
+            f"num_val_iterations_per_epoch={self.num_val_iterations_per_epoch}, save_every={self.save_every}",
+            also_print_to_console=True)
+
+
+def ext_trainer_dir(folder):
+    """Write a folder usable as ``nnUNet_extTrainer`` that exposes :data:`TRAINER_NAMES`.
+
+    nnU-Net imports every module of an external trainer folder as a top-level
+    module, so the folder holds a single shim that re-exports the classes from
+    this (installed) module; the classes keep their identity and pickling path.
+    Returns the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = ("# Written by brainsynth.nnunet_trainers.ext_trainer_dir; point nnUNet_extTrainer here.\n"
+            f"from brainsynth.nnunet_trainers import {', '.join(TRAINER_NAMES)}  # noqa: F401\n")
+    shim = folder / f"{_SHIM_MODULE}.py"
+    if not shim.exists() or shim.read_text() != text:
+        tmp = folder / f".{_SHIM_MODULE}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, shim)
+    return folder
+
+
+def resolve_trainer(name):
+    """The trainer class called ``name``: ours, ``nnUNetTrainer``, or nnU-Net's by-name lookup."""
+    if name in TRAINER_NAMES:
+        return globals()[name]
+    if name == "nnUNetTrainer":
+        return nnUNetTrainer
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        return recursive_find_trainer_class_by_name(name)
+    except ModuleNotFoundError as e:
+        raise RuntimeError(f"nnU-Net could not search its trainers for {name!r}: module {e.name!r} is missing "
+                           f"(nnU-Net imports every trainer module while searching; install {e.name!r})") from e
+
+
+def run_training(dataset_name_or_id, configuration, fold, trainer_name="nnUNetTrainerBrainsynth",
+                 plans_identifier="nnUNetPlans", device="cpu", continue_training=False,
+                 only_run_validation=False, export_validation_probabilities=False, final_validation=True):
+    """Single-device ``nnunetv2.run.run_training.run_training`` with :func:`resolve_trainer`.
+
+    Needs ``nnUNet_preprocessed`` and ``nnUNet_results`` in the environment.
+    ``final_validation=False`` skips nnU-Net's closing prediction of the fold's
+    validation cases (pointless for fold 'all', whose validation cases are the
+    training cases). Returns the trainer's output folder (``.../fold_X``).
+    """
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if fold != "all":
+        fold = int(fold)
+    if isinstance(dataset_name_or_id, str) and not dataset_name_or_id.startswith("Dataset"):
+        dataset_name_or_id = int(dataset_name_or_id)
+    device = torch.device(device) if isinstance(device, str) else device
+    trainer_class = resolve_trainer(trainer_name)
+    # == nnunetv2.run.run_training.get_trainer_from_args, minus the by-name class search
+    folder = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(dataset_name_or_id))
+    plans = load_json(join(folder, plans_identifier + ".json"))
+    plans["continue_training"] = continue_training
+    dataset_json = load_json(join(folder, "dataset.json"))
+    trainer = trainer_class(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
+                            device=device)
+    # == the single-device branch of nnunetv2.run.run_training.run_training
+    assert not (continue_training and only_run_validation), "Cannot set --c and --val at the same time."
+    maybe_load_checkpoint(trainer, continue_training, only_run_validation, None)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    if not only_run_validation:
+        trainer.run_training()
+    if final_validation or only_run_validation:
+        trainer.perform_actual_validation(export_validation_probabilities)
+    else:
+        trainer.print_to_log_file("final validation skipped (brainsynth: final_validation=False)")
+    return Path(trainer.output_folder)
+
+
+def train_entry(argv=None):
+    """``nnUNetv2_train``-compatible command line for :func:`run_training`."""
+    p = argparse.ArgumentParser(description="nnUNetv2_train with brainsynth's trainer lookup")
+    p.add_argument("dataset_name_or_id")
+    p.add_argument("configuration")
+    p.add_argument("fold")
+    p.add_argument("-tr", default="nnUNetTrainerBrainsynth")
+    p.add_argument("-p", default="nnUNetPlans")
+    p.add_argument("-device", default="cuda", choices=["cpu", "cuda", "mps"])
+    p.add_argument("-threads", type=int, default=None,
+                   help="torch CPU threads (default: like nnUNetv2_train, all CPUs on cpu, 1 on cuda)")
+    p.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--val", action="store_true", help="only run the final validation")
+    p.add_argument("--npz", action="store_true", help="export validation probabilities")
+    p.add_argument("--skip_final_validation", action="store_true",
+                   help="do not predict the validation cases after training")
+    a = p.parse_args(argv)
+    if a.device == "cpu":
+        torch.set_num_threads(a.threads or multiprocessing.cpu_count())
+    elif a.device == "cuda":
+        torch.set_num_threads(a.threads or 1)
+        torch.set_num_interop_threads(1)
+    run_training(a.dataset_name_or_id, a.configuration, a.fold, a.tr, a.p, a.device, a.c, a.val, a.npz,
+                 final_validation=not a.skip_final_validation)
+    return 0

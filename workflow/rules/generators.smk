@@ -1,0 +1,159 @@
+# Generators: latent-diffusion label generator (VAE + LDM) and SPADE image generator,
+# trained on the preprocessed training subjects; then synthetic sampling and quality.
+# Training rules checkpoint under <out>/checkpoints and resume from there when rerun.
+
+GEN = f"{R}/generators"
+SYN = f"{R}/synthesis"
+LGCFG = config["label_generator"]
+IGCFG = config["image_generator"]
+SYNCFG = config["synthesis"]
+
+
+def generator_training_subjects():
+    """Training-split subjects with a label map: the generators learn from them."""
+    return [s for s in subjects_with("train") if has_column(s, "label")]
+
+
+def synthetic_ids():
+    return [f"synth{i + 1:04d}" for i in range(int(SYNCFG["n_samples"]))]
+
+
+def style_subjects():
+    """Real subjects whose images give the styles (by site role, or all training subjects)."""
+    roles = SYNCFG.get("style_roles")
+    if roles and "role" in SUBJECTS.columns:
+        return [s for s in SUBJECT_IDS if SUBJECTS.loc[s, "role"] in roles]
+    return generator_training_subjects()
+
+
+def tissue_maps(subjects):
+    return [f"{PP}/grid/{s}/tissue_prob.nii.gz" for s in subjects]
+
+
+rule train_label_vae:
+    """KL autoencoder over the probabilistic label maps (focal + LSGAN + KL [+ perceptual])."""
+    input:
+        tissue=tissue_maps(generator_training_subjects()),
+    output:
+        model=f"{GEN}/label_generator/label_vae.pt",
+        config=f"{GEN}/label_generator/label_vae_config.json",
+        losses=f"{GEN}/label_generator/label_vae_losses.tsv",
+        curve=report(f"{GEN}/label_generator/label_vae_losses.png", category="Generators"),
+    params:
+        cfg={k: v for k, v in LGCFG.items() if k not in ("ldm", "sampling")},
+        out=f"{GEN}/label_generator",
+    log:
+        f"{LOGS}/generators/train_label_vae.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    script:
+        "../scripts/train_label_vae.py"
+
+
+rule train_label_ldm:
+    """Latent diffusion on the VAE latents, cross-attention conditioned on dc_jl."""
+    input:
+        vae=rules.train_label_vae.output.model,
+        tissue=tissue_maps(generator_training_subjects()),
+        conditioning=f"{PP}/lesion_proportions.tsv",
+    output:
+        model=f"{GEN}/label_generator/label_ldm.pt",
+        config=f"{GEN}/label_generator/label_ldm_config.json",
+        losses=f"{GEN}/label_generator/label_ldm_losses.tsv",
+        curve=report(f"{GEN}/label_generator/label_ldm_losses.png", category="Generators"),
+    params:
+        cfg={k: v for k, v in LGCFG.items() if k != "sampling"},
+        subjects=generator_training_subjects(),
+        labels=config["labels"],
+        out=f"{GEN}/label_generator",
+    log:
+        f"{LOGS}/generators/train_label_ldm.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=480,
+    script:
+        "../scripts/train_label_ldm.py"
+
+
+rule train_image_generator:
+    """SPADE VAE-GAN: style encoder + SPADE decoder, one model for all modalities."""
+    input:
+        tissue=tissue_maps(generator_training_subjects()),
+        images=[f"{PP}/grid/{s}/{m}.nii.gz" for m in MODALITIES for s in generator_training_subjects()],
+    output:
+        model=f"{GEN}/image_generator/image_generator.pt",
+        config=f"{GEN}/image_generator/image_generator_config.json",
+        losses=f"{GEN}/image_generator/image_generator_losses.tsv",
+        curve=report(f"{GEN}/image_generator/image_generator_losses.png", category="Generators"),
+    params:
+        cfg=IGCFG,
+        modalities=MODALITIES,
+        n_subjects=len(generator_training_subjects()),
+        out=f"{GEN}/image_generator",
+    log:
+        f"{LOGS}/generators/train_image_generator.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=720,
+    script:
+        "../scripts/train_image_generator.py"
+
+
+rule sample_synthetic:
+    """N synthetic (label, T1/T2/FLAIR) subjects on the working grid + manifest + montage."""
+    input:
+        vae=rules.train_label_vae.output.model,
+        ldm=rules.train_label_ldm.output.model,
+        image_generator=rules.train_image_generator.output.model,
+        reference=template_file("t1"),
+        styles=[f"{PP}/grid/{s}/{m}.nii.gz" for s in style_subjects() for m in MODALITIES],
+    output:
+        samples=[f"{SYN}/samples/{sid}/{f}.nii.gz" for sid in synthetic_ids()
+                 for f in MODALITIES + ["label", "labelprob"]],
+        manifest=f"{SYN}/manifest.tsv",
+        montage=report(f"{SYN}/montage.png", category="Generators",
+                       caption="../report/synthetic_montage.rst"),
+    params:
+        synthesis=SYNCFG,
+        sampling=LGCFG.get("sampling", {}),
+        style_subjects=style_subjects(),
+        modalities=MODALITIES,
+        out=SYN,
+    log:
+        f"{LOGS}/synthesis/sample_synthetic.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    script:
+        "../scripts/sample_synthetic.py"
+
+
+rule synthesis_quality:
+    """MS-SSIM diversity, MMD, memorisation (nearest real subject) and class volume fractions."""
+    input:
+        samples=rules.sample_synthetic.output.samples,
+        real=[f"{PP}/grid/{s}/{f}.nii.gz" for s in generator_training_subjects()
+              for f in MODALITIES + ["tissue_prob"]],
+    output:
+        metrics=report(f"{SYN}/quality/quality_metrics.tsv", category="Generators"),
+        memorisation=f"{SYN}/quality/memorisation.tsv",
+        fractions=f"{SYN}/quality/volume_fractions.tsv",
+        summary=f"{SYN}/quality/volume_fractions_summary.tsv",
+    params:
+        synthetic=synthetic_ids(),
+        real=generator_training_subjects(),
+        modalities=MODALITIES,
+        labels=config["labels"],
+    log:
+        f"{LOGS}/synthesis/synthesis_quality.log",
+    threads: 1
+    resources:
+        mem_mb=6000,
+        runtime=60,
+    script:
+        "../scripts/synthesis_quality.py"

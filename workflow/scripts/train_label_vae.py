@@ -1,0 +1,13 @@
+"""Rule train_label_vae: train (or resume) the label autoencoder."""
+
+from brainsynth.generators.label_generator import train_label_vae
+from brainsynth.io import run_main
+
+
+def main(sm):
+    cfg = dict(sm.params.cfg)
+    cfg.setdefault("num_threads", sm.threads)
+    train_label_vae(list(sm.input.tissue), cfg, sm.params.out)
+
+
+run_main(main, snakemake)  # noqa: F821
