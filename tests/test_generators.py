@@ -176,7 +176,8 @@ def test_ldm_outputs_and_latent_padding(models):
     assert p["padded_latent_shape"] == [8, 12, 8]  # divisible by 2**(3-1)
     assert p["lesion_types"] == ["wmh", "tumour"]
     assert p["unet_kwargs"]["cross_attention_dim"] == 2 and p["unet_kwargs"]["with_conditioning"]
-    assert p["scale_factor"] > 0
+    assert p["scale_factor"] > 0 and len(p["latent_scale"]) == len(p["latent_shift"]) == 2
+    assert p["latent_range"][0] < 0 < p["latent_range"][1]  # x0 clipping range of the standardised latents
     assert p["train_conditioning"].shape == (4, 2)
 
 

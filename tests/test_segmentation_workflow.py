@@ -91,6 +91,12 @@ def test_task_label_maps_round_trip():
         design.apply_lut(np.array([12]), lut)
 
 
+def test_check_foreground_names_the_arm():
+    assert design.check_foreground({"a": {"csf": 3, "gm": 0}, "b": {"csf": 0, "gm": 0}}) == ["gm"]
+    with pytest.raises(InputError, match="arm 'Rhalf'.*no voxel"):
+        design.check_foreground({"a": {"wmh": 0}}, "wmh", "Rhalf")
+
+
 def test_remap_label_file_keeps_geometry(tmp_path):
     aff = np.diag([4.0, 4.0, 4.0, 1.0])
     src = tmp_path / "label.nii.gz"
@@ -121,7 +127,8 @@ TINY_SEG = {
     "experiment": "tinyseg",
     "demo": {
         "sites": {
-            "site_a": {"role": "in_distribution", "n": 3, "n_test": 1, "noise": 0.02,
+            # 3 training subjects (phenotypes tumour, wmh, both): any 2 of them hold both lesion types
+            "site_a": {"role": "in_distribution", "n": 4, "n_test": 1, "noise": 0.02,
                        "voxel_scale": 1.0, "contrast_jitter": 0.05},
             "site_b": {"role": "near_ood", "n": 1, "n_test": 1, "noise": 0.04,
                        "voxel_scale": 1.15, "contrast_jitter": 0.12},
@@ -199,8 +206,8 @@ def test_synthetic_arms_follow_synthesis_switch(tmp_path):
     inputs = {re.search(r"arm=(\w+)", b).group(1): re.search(r"input: (.*)", b).group(1) for b in assemble}
     assert "synthesis/samples/synth0004/label.nii.gz" in inputs["S"]
     assert "synth" not in inputs["R"] and "preprocessing/grid" not in inputs["S"]
-    # R50S50 (relative to the 2 real training subjects): 1 real + 1 synthetic case
-    assert inputs["R50S50"].count("synthesis/samples") == 4 and inputs["R50S50"].count("preprocessing/grid") == 4
+    # R50S50 (relative to the 3 real training subjects): 2 real + 2 synthetic cases (half up)
+    assert inputs["R50S50"].count("synthesis/samples") == 8 and inputs["R50S50"].count("preprocessing/grid") == 8
 
 
 @pytest.mark.parametrize("change,expect", [
@@ -226,7 +233,7 @@ def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path)
     seg_dir = res / "segmentation" / "wmh"
 
     ds = {a: json.loads((seg_dir / a / "dataset.json").read_text()) for a in ("R", "Rhalf")}
-    assert (ds["R"]["n_real"], ds["Rhalf"]["n_real"]) == (2, 1)
+    assert (ds["R"]["n_real"], ds["Rhalf"]["n_real"]) == (3, 2)
     assert {c["case_id"] for c in ds["Rhalf"]["cases"]} < {c["case_id"] for c in ds["R"]["cases"]}
     assert ds["R"]["labels"] == {"background": 0, "wmh": 1} and ds["R"]["dataset_id"] != ds["Rhalf"]["dataset_id"]
     raw = seg_dir / "R" / "nnunet" / "raw" / ds["R"]["dataset_name"]

@@ -204,6 +204,23 @@ def remap_label_file(src, dst, lut):
     return save_nifti(out.astype(np.uint8), img.affine, dst, dtype=np.uint8, header=header)
 
 
+def check_foreground(voxels_per_case, task="?", arm="?"):
+    """Class names without any voxel in an arm's training set; InputError if no class has one.
+
+    ``voxels_per_case``: ``{case_id: {class: voxel count}}``. nnU-Net cannot plan a
+    dataset without foreground (its fingerprint collects foreground intensities).
+    """
+    totals = {}
+    for counts in voxels_per_case.values():
+        for name, n in counts.items():
+            totals[name] = totals.get(name, 0) + int(n)
+    if not any(totals.values()):
+        raise InputError(f"the {len(voxels_per_case)} training case(s) of arm {arm!r} contain no voxel of the "
+                         f"{task!r} classes {sorted(totals)}", field=f"segmentation.recipes.{arm}",
+                         fix="give the arm more cases (a larger fraction) or check the labels")
+    return sorted(n for n, v in totals.items() if v == 0)
+
+
 def fp_tum_spec(task_cfg, groups, schema):
     """``{"wmh": [values], "tumour": [values]}`` for :func:`brainsynth.metrics.score_cohort` or None."""
     if not task_cfg.get("fp_tum"):

@@ -30,6 +30,11 @@ def main(sm):
         cases.append({"case_id": cid, "images": spec["images"], "label": dst})
         records.append({"case_id": cid, "source": spec["source"], "label_source": spec["label"],
                         "voxels": {name: int(counts[v]) for name, v in labels.items() if name != "background"}})
+    missing = design.check_foreground({r["case_id"]: r["voxels"] for r in records}, sm.wildcards.task,
+                                      sm.wildcards.arm)
+    if missing:
+        log.warning("%s/%s: no training voxel of %s; the model cannot learn them", sm.wildcards.task,
+                    sm.wildcards.arm, missing)
     n_real = sum(r["source"] == "real" for r in records)
     log.info("%s/%s: %d cases (%d real, %d synthetic), labels %s", sm.wildcards.task, sm.wildcards.arm,
              len(cases), n_real, len(cases) - n_real, labels)

@@ -13,7 +13,8 @@ Public API
     loss (only with a local weights file).
 ``train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, ...) -> dict``
     latents of the frozen VAE (posterior means by default, see ``ldm.latents``),
-    scaled by ``1/std`` (MONAI tutorials), padded so
+    standardised per channel (or scaled by one ``1/std`` as in the MONAI
+    tutorials, ``ldm.latent_norm: global``), padded so
     each spatial size is divisible by ``2**(len(ldm.channels)-1)``; monai
     ``DiffusionModelUNet(with_conditioning=True, cross_attention_dim=n_types)``
     conditioned (cross-attention) on the vector ``dc_jl`` of the lesion types as a
@@ -158,7 +159,7 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "ddim_eta": 0.0,
         "batch_size": 4,
         "clip_x0": True,
-        "clip_margin": 0.1,
+        "clip_margin": 0.05,
     },
 }
 

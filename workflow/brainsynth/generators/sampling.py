@@ -2,11 +2,11 @@
 
 :func:`sample_synthetic` writes, for ``N`` synthetic subjects ``{id}`` (``syn0001`` ...)::
 
-    {id}_label.nii.gz       hard labels (argmax of the map), uint8, values = schema class values
-    {id}_labelprob.nii.gz   probabilistic map (X, Y, Z, K) float32, channels sum to 1
-    {id}_{modality}.nii.gz  one image per modality of the image generator (t1, t2, flair), [0, 1]
-    manifest.tsv            subject, seed, conditioning_mode, dc_<type>..., style_<modality>...
-    montage.png             rows: samples; columns: label, then each modality (mid-axial slice)
+    samples/{id}/label.nii.gz       hard labels (argmax of the map), uint8, values = class values
+    samples/{id}/labelprob.nii.gz   probabilistic map (X, Y, Z, K) float32, channels sum to 1
+    samples/{id}/{modality}.nii.gz  one image per modality of the image generator, [0, 1]
+    manifest.tsv                    subject, seed, conditioning_mode, dc_<type>..., style_<modality>...
+    montage.png                     rows: samples; columns: label, then each modality (mid-axial slice)
 
 with the affine of a reference NIfTI on the working grid. The output depends
 only on the models, the style subjects, ``n``, the conditioning and ``seed``:
