@@ -40,12 +40,12 @@ TINY = {
 
 
 def run_snakemake(workdir, *args, config=None, check=False, timeout=1500):
-    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
+    # targets and flags first: --configfile takes several values and would swallow a target
+    cmd = [SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
     if config is not None:
         cfg = Path(workdir) / "test_config.yaml"
         cfg.write_text(yaml.safe_dump(config))
         cmd += ["--configfile", str(cfg)]
-    cmd += list(args)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     out = proc.stdout + proc.stderr
@@ -229,8 +229,8 @@ def test_ingest_rule_writes_a_sheet_from_brats_layout(tmp_path):
         for kind in ("t1", "t1ce", "t2", "flair", "seg"):
             arr = np.zeros((8, 8, 8), np.uint8 if kind == "seg" else np.float32)
             nib.save(nib.Nifti1Image(arr, aff), d / f"{case}_{kind}.nii.gz")
-    code, out = run_snakemake(tmp_path, "results/ingest/brats_subjects.tsv", "--config",
-                              f"ingest_root={root}", config=TINY)
+    code, out = run_snakemake(tmp_path, "results/ingest/brats_subjects.tsv",
+                              config=dict(TINY, ingest_root=str(root)))
     assert code == 0, out[-3000:]
     sheet = pd.read_csv(tmp_path / "results" / "ingest" / "brats_subjects.tsv", sep="\t")
     assert list(sheet["subject"]) == ["BraTS2021_00001", "BraTS2021_00002"]
