@@ -145,6 +145,7 @@ TINY_SEG = {
         "tasks": ["wmh"],
         "arms": ["R", "Rhalf"],
         "recipes": {"Rhalf": {"real": 0.5}},
+        "task_definitions": {"wmh": {"nnunet": {"epochs": 2}}},  # the demo gives wmh more epochs
         "nnunet": {"configuration": "2d", "epochs": 2, "iterations_per_epoch": 4, "val_iterations_per_epoch": 1,
                    "plans_overrides": {"base_features": 4, "max_features": 32, "max_stages": 3, "batch_size": 8}},
         "tables": {"metrics": ["dice", "hd95"]},
@@ -243,13 +244,14 @@ def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path)
         assert set(np.unique(np.asarray(nib.load(lab).dataobj))) <= {0, 1}
         assert (raw / "imagesTr" / f"{case['case_id']}_0002.nii.gz").resolve().name == "flair.nii.gz"
     model = json.loads((seg_dir / "R" / "model.json").read_text())
-    assert Path(model["checkpoint"]).is_file() and model["epochs"] == 2
+    assert (tmp_path / model["checkpoint"]).is_file() and model["epochs"] == 2
     assert "nnunet/results" in model["model_folder"]
 
     pred = seg_dir / "R" / "predictions"
-    test_sets = {p.name: sorted(q.name for q in p.iterdir()) for p in pred.iterdir()}
+    test_sets = {p.name: sorted(q.name for q in p.glob("*.nii.gz")) for p in pred.iterdir()}
     assert sorted(test_sets) == ["far_ood", "in_distribution", "near_ood"]
-    some = next((pred / "near_ood").iterdir())
+    assert [len(v) for v in test_sets.values()] == [1, 1, 1]
+    some = next((pred / "near_ood").glob("*.nii.gz"))
     truth = res / "preprocessing" / "grid" / some.name.replace(".nii.gz", "") / "label.nii.gz"
     assert nib.load(some).shape == nib.load(truth).shape
     assert np.allclose(nib.load(some).affine, nib.load(truth).affine, atol=1e-4)
@@ -288,8 +290,13 @@ def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path)
         assert jobs[rule] == ["task=wmh, arm=Rhalf"], jobs
 
     # a training setting: every arm retrains (and predicts, scores), no dataset or plan reruns
-    changed = _cfg(nnunet=dict(TINY_SEG["segmentation"]["nnunet"], epochs=3))
+    changed = _cfg(nnunet=dict(TINY_SEG["segmentation"]["nnunet"], iterations_per_epoch=5))
     code, out = run_snakemake(tmp_path, "-n", config=changed)
     assert code == 0, out[-3000:]
     assert planned_jobs(out) == {"train_segmentation": 2, "predict_segmentation": 2, "score_segmentation": 2,
                                  "segmentation_table": 3, "all": 1}
+    # the task's own training length overrides the shared one
+    changed = _cfg(task_definitions={"wmh": {"nnunet": {"epochs": 3}}})
+    code, out = run_snakemake(tmp_path, "-n", config=changed)
+    assert code == 0, out[-3000:]
+    assert planned_jobs(out)["train_segmentation"] == 2

@@ -28,6 +28,12 @@ wildcard_constraints:
     metric="|".join(sorted({m for t in SEG_TASKS for m in seg_metrics(t)})) or "no-metric",
 
 
+def _seg_train(task, key, default=None):
+    """Training length for ``task``: task_definitions.<task>.nnunet overrides segmentation.nnunet."""
+    per_task = SEGCFG["task_definitions"][task].get("nnunet") or {}
+    return per_task[key] if key in per_task else NNCFG.get(key, default)
+
+
 def _seg_plans_identifier():
     return NNCFG.get("plans_identifier") or ("nnUNetPlansDemo" if NNCFG.get("plans_overrides") else "nnUNetPlans")
 
@@ -92,9 +98,9 @@ rule train_segmentation:
         fold=NNCFG.get("fold", "all"),
         trainer=NNCFG.get("trainer", "nnUNetTrainerBrainsynth"),
         plans_identifier=_seg_plans_identifier(),
-        epochs=NNCFG.get("epochs"),
-        iterations_per_epoch=NNCFG.get("iterations_per_epoch"),
-        val_iterations_per_epoch=NNCFG.get("val_iterations_per_epoch"),
+        epochs=lambda wc: _seg_train(wc.task, "epochs"),
+        iterations_per_epoch=lambda wc: _seg_train(wc.task, "iterations_per_epoch"),
+        val_iterations_per_epoch=lambda wc: _seg_train(wc.task, "val_iterations_per_epoch"),
         final_validation=NNCFG.get("final_validation", False),
         device=NNCFG.get("device", "auto"),
     log:
