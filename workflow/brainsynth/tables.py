@@ -133,6 +133,16 @@ def _fmt(x, decimals):
     return f"{x:.{decimals}f}"
 
 
+def _metric_rows(long_df, metric):
+    """Rows of one metric from the long table; a clear error when there are none."""
+    _require(long_df, ["arm", "subject", "class", "metric", "value"])
+    df = long_df[long_df["metric"] == metric]
+    if df.empty:
+        raise InputError(f"no rows for metric {metric!r}",
+                         fix=f"choose one of {sorted(long_df['metric'].unique())}")
+    return df
+
+
 def summary_table(long_df, metric, arms_order=None, reference_arm=None, test="auto",
                   alpha=0.05, classes=None, decimals=3, scale=1.0, equal_var=True) -> Summary:
     """Mean (std) of ``metric`` per arm (rows) and class (columns), marked vs a reference.
@@ -145,11 +155,7 @@ def summary_table(long_df, metric, arms_order=None, reference_arm=None, test="au
     """
     if test not in TESTS:
         raise InputError(f"unknown test {test!r}", field="test", fix=f"use one of {TESTS}")
-    _require(long_df, ["arm", "subject", "class", "metric", "value"])
-    df = long_df[long_df["metric"] == metric]
-    if df.empty:
-        raise InputError(f"no rows for metric {metric!r}",
-                         fix=f"choose one of {sorted(long_df['metric'].unique())}")
+    df = _metric_rows(long_df, metric)
     arms = _ordered(df["arm"], arms_order)
     cols = _ordered(df["class"], classes)
     if reference_arm is not None and reference_arm not in set(df["arm"]):
@@ -324,11 +330,7 @@ def boxplot(long_df, metric, out_path, arms_order=None, classes=None, reference_
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    _require(long_df, ["arm", "subject", "class", "metric", "value"])
-    df = long_df[long_df["metric"] == metric]
-    if df.empty:
-        raise InputError(f"no rows for metric {metric!r}",
-                         fix=f"choose one of {sorted(long_df['metric'].unique())}")
+    df = _metric_rows(long_df, metric)
     arms = _ordered(df["arm"], arms_order)
     cols = _ordered(df["class"], classes)
     pv = None
