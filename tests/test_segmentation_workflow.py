@@ -10,21 +10,17 @@ and the task's tables, and that a training setting reruns training but not the d
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from brainsynth import experiment as design
 from brainsynth.errors import InputError
 from brainsynth.labels import LabelSchema
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_workflow import planned_jobs, run_snakemake  # noqa: E402
+from workflow_support import TINY_SEG, jobs_by_rule, planned_jobs, run_snakemake, seg_config
 
 SCHEMA = LabelSchema()
 
@@ -123,53 +119,6 @@ def test_test_sets_and_dataset_ids():
 
 
 # ----------------------------------------------------------------------------- DAG
-TINY_SEG = {
-    "experiment": "tinyseg",
-    "demo": {
-        "sites": {
-            # 3 training subjects (phenotypes tumour, wmh, both): any 2 of them hold both lesion types
-            "site_a": {"role": "in_distribution", "n": 4, "n_test": 1, "noise": 0.02,
-                       "voxel_scale": 1.0, "contrast_jitter": 0.05},
-            "site_b": {"role": "near_ood", "n": 1, "n_test": 1, "noise": 0.04,
-                       "voxel_scale": 1.15, "contrast_jitter": 0.12},
-            "site_c": {"role": "far_ood", "n": 1, "n_test": 1, "noise": 0.07,
-                       "voxel_scale": 1.3, "contrast_jitter": 0.25},
-        },
-    },
-    # fast preprocessing: affine registration, short N4
-    "preprocessing": {"n4": {"shrink_factor": 4, "iterations": [20, 10]},
-                      "registration": {"transform": "Affine", "syn_iterations": [10, 0],
-                                       "affine_iterations": [100, 50, 0]}},
-    "synthesis": {"enabled": False},
-    "segmentation": {
-        "tasks": ["wmh"],
-        "arms": ["R", "Rhalf"],
-        "recipes": {"Rhalf": {"real": 0.5}},
-        "task_definitions": {"wmh": {"nnunet": {"epochs": 2}}},  # the demo gives wmh more epochs
-        "nnunet": {"configuration": "2d", "epochs": 2, "iterations_per_epoch": 4, "val_iterations_per_epoch": 1,
-                   "plans_overrides": {"base_features": 4, "max_features": 32, "max_stages": 3, "batch_size": 8}},
-        "tables": {"metrics": ["dice", "hd95"]},
-    },
-}
-
-
-def _cfg(**seg):
-    cfg = yaml.safe_load(yaml.safe_dump(TINY_SEG))
-    cfg["segmentation"].update(seg)
-    return cfg
-
-
-def _jobs_by_rule(out):
-    """rule -> sorted list of 'task/arm' (or 'task_metric') of the jobs a dry run plans."""
-    found = {}
-    for block in re.split(r"\n(?=rule |localrule )", out):
-        m = re.match(r"(?:local)?rule (\w+):", block)
-        w = re.search(r"wildcards: (.*)", block)
-        if m:
-            found.setdefault(m.group(1), []).append(w.group(1) if w else "")
-    return {k: sorted(v) for k, v in found.items()}
-
-
 def test_dry_run_plans_every_segmentation_rule(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=TINY_SEG)
     assert code == 0, out[-3000:]
@@ -178,7 +127,7 @@ def test_dry_run_plans_every_segmentation_rule(tmp_path):
                  "score_segmentation"):
         assert jobs[rule] == 2, (rule, jobs)
     assert jobs["segmentation_table"] == 3  # dice, hd95, fp_tum
-    by_rule = _jobs_by_rule(out)
+    by_rule = jobs_by_rule(out)
     assert by_rule["segmentation_table"] == ["task=wmh, metric=dice", "task=wmh, metric=fp_tum",
                                              "task=wmh, metric=hd95"]
     assert by_rule["train_segmentation"] == ["task=wmh, arm=R", "task=wmh, arm=Rhalf"]
@@ -187,7 +136,7 @@ def test_dry_run_plans_every_segmentation_rule(tmp_path):
 
 
 def test_synthetic_arms_follow_synthesis_switch(tmp_path):
-    cfg = _cfg(arms=["R", "S", "H", "R50S50"])
+    cfg = seg_config(arms=["R", "S", "H", "R50S50"])
     code, out = run_snakemake(tmp_path, "-n", config=cfg)
     assert code == 0, out[-3000:]
     assert "arms ['S', 'H', 'R50S50'] (synthetic data) are left out" in out
@@ -218,7 +167,7 @@ def test_synthetic_arms_follow_synthesis_switch(tmp_path):
      "unknown schema class 'nonsense'"),
 ])
 def test_bad_segmentation_config_is_named(tmp_path, change, expect):
-    cfg = _cfg(**change)
+    cfg = seg_config(**change)
     cfg["synthesis"] = {"enabled": True, "n_samples": 2}
     code, out = run_snakemake(tmp_path, "-n", config=cfg)
     assert code != 0
@@ -279,24 +228,24 @@ def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path)
     assert code == 0 and "Nothing to be done" in out, out[-2000:]
 
     # one arm's recipe changes: that arm's chain and the task's tables rerun, nothing else
-    changed = _cfg(recipes={"Rhalf": {"real": 1.0}})
+    changed = seg_config(recipes={"Rhalf": {"real": 1.0}})
     code, out = run_snakemake(tmp_path, "-n", config=changed)
     assert code == 0, out[-3000:]
     per_arm = {"assemble_nnunet_dataset", "plan_nnunet", "train_segmentation", "predict_segmentation",
                "score_segmentation"}
     assert planned_jobs(out) == {**{r: 1 for r in per_arm}, "segmentation_table": 3, "all": 1}, out[-3000:]
-    jobs = _jobs_by_rule(out)
+    jobs = jobs_by_rule(out)
     for rule in per_arm:
         assert jobs[rule] == ["task=wmh, arm=Rhalf"], jobs
 
     # a training setting: every arm retrains (and predicts, scores), no dataset or plan reruns
-    changed = _cfg(nnunet=dict(TINY_SEG["segmentation"]["nnunet"], iterations_per_epoch=5))
+    changed = seg_config(nnunet=dict(TINY_SEG["segmentation"]["nnunet"], iterations_per_epoch=5))
     code, out = run_snakemake(tmp_path, "-n", config=changed)
     assert code == 0, out[-3000:]
     assert planned_jobs(out) == {"train_segmentation": 2, "predict_segmentation": 2, "score_segmentation": 2,
                                  "segmentation_table": 3, "all": 1}
     # the task's own training length overrides the shared one
-    changed = _cfg(task_definitions={"wmh": {"nnunet": {"epochs": 3}}})
+    changed = seg_config(task_definitions={"wmh": {"nnunet": {"epochs": 3}}})
     code, out = run_snakemake(tmp_path, "-n", config=changed)
     assert code == 0, out[-3000:]
     assert planned_jobs(out)["train_segmentation"] == 2

@@ -4,10 +4,7 @@ These run the real `snakemake` CLI of the environment on the repository's
 Snakefile in a temporary working directory.
 """
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,59 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-
-# A 4-subject demo (each site represented): the whole preprocessing DAG runs for
-# real in a few minutes on 2 cores. Generators and segmentation are switched off
-# here (they have their own tests), so the DAG is the preprocessing stage alone.
-TINY = {
-    "experiment": "tiny",
-    "synthesis": {"enabled": False},
-    "segmentation": {"tasks": []},
-    "demo": {
-        "sites": {
-            "site_a": {"role": "in_distribution", "n": 2, "n_test": 1, "noise": 0.02,
-                       "voxel_scale": 1.0, "contrast_jitter": 0.05},
-            "site_b": {"role": "near_ood", "n": 1, "n_test": 1, "noise": 0.04,
-                       "voxel_scale": 1.15, "contrast_jitter": 0.12},
-            "site_c": {"role": "far_ood", "n": 1, "n_test": 1, "noise": 0.07,
-                       "voxel_scale": 1.3, "contrast_jitter": 0.25},
-        },
-    },
-}
-
-
-def run_snakemake(workdir, *args, config=None, check=False, timeout=1500):
-    # targets and flags first: --configfile takes several values and would swallow a target
-    cmd = [SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
-    if config is not None:
-        cfg = Path(workdir) / "test_config.yaml"
-        cfg.write_text(yaml.safe_dump(config))
-        cmd += ["--configfile", str(cfg)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    out = proc.stdout + proc.stderr
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{out[-6000:]}")
-    return proc.returncode, out
-
-
-def planned_jobs(output):
-    """Rule -> count from the 'Job stats' table of a dry run."""
-    jobs = {}
-    lines = output.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.startswith("Job stats:"))
-    except StopIteration:
-        return jobs
-    for line in lines[start + 3:]:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        jobs[parts[0]] = int(parts[1])
-    return jobs
-
+from workflow_support import REPO, SNAKEMAKE, TINY, planned_jobs, run_snakemake  # noqa: F401
 
 def test_dry_run_lists_every_preprocessing_rule(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=TINY)

@@ -1,0 +1,113 @@
+"""Shared helpers of the workflow tests: tiny demo configs and a real `snakemake` runner.
+
+The configs are small enough for the real tools (ANTs, nnU-Net) to run in minutes on 2 cores.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+# A 4-subject demo (each site represented): the whole preprocessing DAG runs for
+# real in a few minutes on 2 cores. Generators and segmentation are switched off
+# here (they have their own tests), so the DAG is the preprocessing stage alone.
+TINY = {
+    "experiment": "tiny",
+    "synthesis": {"enabled": False},
+    "segmentation": {"tasks": []},
+    "demo": {
+        "sites": {
+            "site_a": {"role": "in_distribution", "n": 2, "n_test": 1, "noise": 0.02,
+                       "voxel_scale": 1.0, "contrast_jitter": 0.05},
+            "site_b": {"role": "near_ood", "n": 1, "n_test": 1, "noise": 0.04,
+                       "voxel_scale": 1.15, "contrast_jitter": 0.12},
+            "site_c": {"role": "far_ood", "n": 1, "n_test": 1, "noise": 0.07,
+                       "voxel_scale": 1.3, "contrast_jitter": 0.25},
+        },
+    },
+}
+
+
+def run_snakemake(workdir, *args, config=None, check=False, timeout=1500):
+    # targets and flags first: --configfile takes several values and would swallow a target
+    cmd = [SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
+    if config is not None:
+        cfg = Path(workdir) / "test_config.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        cmd += ["--configfile", str(cfg)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    out = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{out[-6000:]}")
+    return proc.returncode, out
+
+
+def planned_jobs(output):
+    """Rule -> count from the 'Job stats' table of a dry run."""
+    jobs = {}
+    lines = output.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith("Job stats:"))
+    except StopIteration:
+        return jobs
+    for line in lines[start + 3:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+
+TINY_SEG = {
+    "experiment": "tinyseg",
+    "demo": {
+        "sites": {
+            # 3 training subjects (phenotypes tumour, wmh, both): any 2 of them hold both lesion types
+            "site_a": {"role": "in_distribution", "n": 4, "n_test": 1, "noise": 0.02,
+                       "voxel_scale": 1.0, "contrast_jitter": 0.05},
+            "site_b": {"role": "near_ood", "n": 1, "n_test": 1, "noise": 0.04,
+                       "voxel_scale": 1.15, "contrast_jitter": 0.12},
+            "site_c": {"role": "far_ood", "n": 1, "n_test": 1, "noise": 0.07,
+                       "voxel_scale": 1.3, "contrast_jitter": 0.25},
+        },
+    },
+    # fast preprocessing: affine registration, short N4
+    "preprocessing": {"n4": {"shrink_factor": 4, "iterations": [20, 10]},
+                      "registration": {"transform": "Affine", "syn_iterations": [10, 0],
+                                       "affine_iterations": [100, 50, 0]}},
+    "synthesis": {"enabled": False},
+    "segmentation": {
+        "tasks": ["wmh"],
+        "arms": ["R", "Rhalf"],
+        "recipes": {"Rhalf": {"real": 0.5}},
+        "task_definitions": {"wmh": {"nnunet": {"epochs": 2}}},  # the demo gives wmh more epochs
+        "nnunet": {"configuration": "2d", "epochs": 2, "iterations_per_epoch": 4, "val_iterations_per_epoch": 1,
+                   "plans_overrides": {"base_features": 4, "max_features": 32, "max_stages": 3, "batch_size": 8}},
+        "tables": {"metrics": ["dice", "hd95"]},
+    },
+}
+
+
+def seg_config(**seg):
+    cfg = yaml.safe_load(yaml.safe_dump(TINY_SEG))
+    cfg["segmentation"].update(seg)
+    return cfg
+
+
+def jobs_by_rule(out):
+    """rule -> sorted list of 'task/arm' (or 'task_metric') of the jobs a dry run plans."""
+    found = {}
+    for block in re.split(r"\n(?=rule |localrule )", out):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        w = re.search(r"wildcards: (.*)", block)
+        if m:
+            found.setdefault(m.group(1), []).append(w.group(1) if w else "")
+    return {k: sorted(v) for k, v in found.items()}
