@@ -196,3 +196,34 @@ def test_boxplot_png(tmp_path):
     _check_png(out2)
     with pytest.raises(InputError):
         boxplot(df, "hd95", tmp_path / "none.png")
+
+
+def test_boxplot_shared_axis_shows_every_panel_and_marks(tmp_path, monkeypatch):
+    """Panels on one shared y axis with very different ranges: nothing is clipped."""
+    import brainsynth.tables as T
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for s in range(12):
+        for arm, shift in (("R", 0.0), ("S", 0.5)):
+            rows.append({"subject": f"s{s}", "arm": arm, "class": "small", "metric": "dice",
+                         "value": 0.05 + 0.02 * rng.random() + 0.01 * shift})
+            rows.append({"subject": f"s{s}", "arm": arm, "class": "large", "metric": "dice",
+                         "value": 0.4 + shift + 0.02 * rng.random()})
+    df = pd.DataFrame(rows)
+    seen = {}
+
+    def spy(fig, path, **kw):
+        seen["axes"] = [ax for ax in fig.axes if ax.get_visible()]
+        seen["texts"] = [t.get_text() for ax in seen["axes"] for t in ax.texts]
+        return save_figure(fig, path, **kw)
+
+    save_figure = T.save_figure
+    monkeypatch.setattr(T, "save_figure", spy)
+    T.boxplot(df, "dice", tmp_path / "b.png", arms_order=["R", "S"], classes=["large", "small"],
+              reference_arm="R", dpi=60)
+    assert len(seen["axes"]) == 2
+    for ax in seen["axes"]:
+        lo, hi = ax.get_ylim()
+        assert lo <= df["value"].min() and hi >= df["value"].max() + 0.03 * (df["value"].max() - df["value"].min())
+    assert seen["texts"].count(T.MARK) == 2  # S differs from R in both classes (paired, n=12)

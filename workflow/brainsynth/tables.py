@@ -344,8 +344,8 @@ def boxplot(long_df, metric, out_path, arms_order=None, classes=None, reference_
                              squeeze=False, sharey=True)
     rng = np.random.default_rng(0)
     colours = plt.get_cmap("tab10")
-    for i, c in enumerate(cols):
-        ax = axes[i // ncols][i % ncols]
+    panels = []
+    for c in cols:
         data, pos = [], []
         for j, a in enumerate(arms):
             v = df.loc[(df["arm"] == a) & (df["class"] == c), "value"].astype(float).dropna()
@@ -353,6 +353,13 @@ def boxplot(long_df, metric, out_path, arms_order=None, classes=None, reference_
             if len(v):
                 data.append(v)
                 pos.append(j)
+        panels.append((c, data, pos))
+    values = [v for _, data, _ in panels for v in data]
+    # the y axis is shared: marks and head room come from the range of every panel
+    top = max((float(np.max(v)) for v in values), default=1.0)
+    span = (top - min((float(np.min(v)) for v in values), default=0.0)) or 1.0
+    for i, (c, data, pos) in enumerate(panels):
+        ax = axes[i // ncols][i % ncols]
         if data:
             bp = ax.boxplot(data, positions=pos, widths=0.6, patch_artist=True,
                             showfliers=False, medianprops={"color": "black"})
@@ -363,20 +370,18 @@ def boxplot(long_df, metric, out_path, arms_order=None, classes=None, reference_
                 ax.plot(j + rng.uniform(-0.15, 0.15, len(v)), v, "o", ms=2.5, color="0.2",
                         alpha=0.7)
             if pv is not None:
-                top = max(float(np.max(v)) for v in data)
-                span = top - min(float(np.min(v)) for v in data) or 1.0
                 for v, j in zip(data, pos):
-                    p = pv.loc[arms[j], c]
-                    if p < alpha:
+                    if pv.loc[arms[j], c] < alpha:
                         ax.text(j, float(np.max(v)) + 0.03 * span, MARK, ha="center",
                                 va="bottom", fontsize=12)
-                ax.set_ylim(top=top + 0.15 * span)
         ax.set_title(str(c))
         ax.set_xticks(range(len(arms)))
         ax.set_xticklabels([str(a) for a in arms], rotation=35, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         if i % ncols == 0:
             ax.set_ylabel(ylabel or METRIC_LABELS.get(metric, metric))
+    if pv is not None:
+        axes[0][0].set_ylim(top=top + 0.15 * span)
     for k in range(len(cols), nrows * ncols):
         axes[k // ncols][k % ncols].set_visible(False)
     if title:

@@ -25,14 +25,10 @@ def main(sm):
         if Path(paths[key]).resolve() != Path(sm.output[key]).resolve():
             raise RuntimeError(f"table written to {paths[key]}, expected {sm.output[key]}")
     title = f"{task}: {metric} by arm (test set in brackets)"
-    # Figures without significance marks (the tables carry them): with a reference arm,
-    # tables.boxplot sets each panel's ylim on shared y axes, so the last panel's range
-    # clips the others. Pass reference_arm again once that is fixed.
-    fig_kw = dict(kw, reference_arm=None)
     if metric == FP_TUM_METRIC:
-        fp_tum_plot(df, sm.output.figure, title=title, **fig_kw)
+        fp_tum_plot(df, sm.output.figure, title=title, **kw)
     else:
-        boxplot(df, metric, sm.output.figure, classes=order, title=title, **fig_kw)
+        boxplot(df, metric, sm.output.figure, classes=order, title=title, **kw)
 
 
 run_main(main, snakemake)  # noqa: F821
