@@ -2,13 +2,19 @@
 
 Outputs are written to a temporary file in the destination directory and moved
 into place with :func:`os.replace`, so a killed job never leaves a file that
-looks complete.
+looks complete (at worst a hidden ``.<name>.<random><suffix>`` temporary, which
+no rule reads; the next write of that output removes it).
+Before a script runs, :func:`run_main` checks the job's input files that the
+workflow made (see :mod:`brainsynth.integrity`): a damaged one is moved aside and
+named, never silently used.
 """
 
 import contextlib
+import glob
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -21,16 +27,60 @@ from .errors import InputError
 log = logging.getLogger("brainsynth")
 
 
+def current_umask():
+    """The process umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, scripts are single-threaded here)
+    os.umask(mask)
+    return mask
+
+
+def _temporary_pattern(path, suffix):
+    # tempfile.mkstemp names: prefix + 8 characters of [a-z0-9_] + suffix
+    return re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}" + re.escape(suffix) + "$")
+
+
+def remove_stale_temporaries(path, suffix=None):
+    """Delete temporaries of ``path`` left by a killed :func:`atomic_path` writer.
+
+    Snakemake never runs two jobs writing the same output at once, so any such
+    file is a leftover of an earlier, interrupted job. Returns the removed paths.
+    """
+    path = Path(path)
+    suffix = suffix if suffix is not None else ("".join(path.suffixes) or ".tmp")
+    pattern = _temporary_pattern(path, suffix)
+    removed = []
+    if path.parent.is_dir():
+        for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
+            if pattern.match(p.name):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to ``path``; move it onto ``path`` on success."""
+    """Yield a temporary path next to ``path``; move it onto ``path`` on success.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give
+    (``0o666`` minus the umask), not :func:`tempfile.mkstemp`'s private ``0o600``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
+    remove_stale_temporaries(path, suffix)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -100,17 +150,25 @@ def setup_logging(log_file=None, level=logging.INFO):
     )
 
 
-def run_main(func, snakemake_obj=None):
+def run_main(func, snakemake_obj=None, check_inputs=True):
     """Run a rule script's ``func(snakemake)``; user errors end with a clear message.
 
-    An :class:`InputError` is printed as one line (no traceback) and the
-    process exits 1, so Snakemake marks the job failed and removes its outputs.
+    First (``check_inputs``) every input file of the job that the workflow made
+    (under ``results/``) is checked with :func:`brainsynth.integrity.verify_inputs`:
+    a damaged one is moved aside to ``<file>.corrupt`` and reported, so the next
+    run rebuilds it. An :class:`InputError` is printed as one line (no
+    traceback) and the process exits 1, so Snakemake marks the job failed and
+    removes its outputs.
     """
     log_file = None
     if snakemake_obj is not None and len(snakemake_obj.log):
         log_file = str(snakemake_obj.log[0])
     setup_logging(log_file)
     try:
+        if check_inputs and snakemake_obj is not None:
+            from .integrity import verify_inputs
+
+            verify_inputs([str(f) for f in snakemake_obj.input])
         func(snakemake_obj)
     except InputError as exc:
         log.error("%s", exc)

@@ -14,6 +14,13 @@ environment variable                         trainer attribute                  
 ``BRAINSYNTH_NNUNET_SAVE_EVERY``             ``save_every``                       50
 ===========================================  ===================================  ========
 
+and ``BRAINSYNTH_NNUNET_SEED`` (default 0; ``none``: unseeded like nnU-Net) seeds
+python's, numpy's and torch's generators when the trainer is created, before
+nnU-Net builds the network and its data loaders, and on CPU switches torch to
+deterministic algorithms. nnU-Net itself seeds only its data splits, so two
+unseeded trainings differ; seeded ones on CPU with in-process augmentation
+(``nnUNet_n_proc_DA=0``) and a fixed thread count are bit-identical.
+
 With none of them set it *is* the default nnU-Net trainer (the paper's
 setting). Environment variables are used because nnU-Net instantiates trainers
 itself, by class name, with a fixed constructor signature (``plans,
@@ -39,12 +46,15 @@ stock CLIs on our models where ``timm`` is installed.
 import argparse
 import multiprocessing
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from .segmentation import ENV_ITERATIONS, ENV_NUM_EPOCHS, ENV_SAVE_EVERY, ENV_VAL_ITERATIONS, TRAINER_NAMES
+from .segmentation import (ENV_ITERATIONS, ENV_NUM_EPOCHS, ENV_SAVE_EVERY, ENV_SEED, ENV_VAL_ITERATIONS,
+                           TRAINER_NAMES)
 
 _SHIM_MODULE = "brainsynth_nnunet_trainers_shim"
 
@@ -62,6 +72,27 @@ def _positive_int_from_env(name, default):
     return value
 
 
+def _seed_from_env(default=0):
+    raw = os.environ.get(ENV_SEED)
+    if raw is None or raw.strip() == "":
+        return default
+    if raw.strip().lower() == "none":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {ENV_SEED}={raw!r} must be an integer or 'none'") from None
+
+
+def seed_everything(seed, device):
+    """Seed python, numpy and torch; deterministic torch algorithms on CPU."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.device(device).type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 class nnUNetTrainerBrainsynth(nnUNetTrainer):
     """``nnUNetTrainer`` whose training length comes from ``BRAINSYNTH_NNUNET_*`` variables."""
 
@@ -73,10 +104,14 @@ class nnUNetTrainerBrainsynth(nnUNetTrainer):
         self.num_val_iterations_per_epoch = _positive_int_from_env(ENV_VAL_ITERATIONS,
                                                                    self.num_val_iterations_per_epoch)
         self.save_every = _positive_int_from_env(ENV_SAVE_EVERY, self.save_every)
+        self.brainsynth_seed = _seed_from_env()
+        if self.brainsynth_seed is not None:
+            seed_everything(self.brainsynth_seed, self.device)
         self.print_to_log_file(
             f"brainsynth training length: num_epochs={self.num_epochs}, "
             f"num_iterations_per_epoch={self.num_iterations_per_epoch}, "
-            f"num_val_iterations_per_epoch={self.num_val_iterations_per_epoch}, save_every={self.save_every}",
+            f"num_val_iterations_per_epoch={self.num_val_iterations_per_epoch}, save_every={self.save_every}, "
+            f"seed={self.brainsynth_seed}",
             also_print_to_console=True)
 
 

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 _AFFINE_SHRINK = (6, 4, 2, 1)
 _AFFINE_SMOOTH = (3, 2, 1, 0)
+_REG_TMP_PREFIX = ".reg_tmp_"
 
 
 def set_threads(n):
@@ -74,7 +75,11 @@ def register(moving_path, fixed_path, out_affine, out_warp, out_inverse_warp, ou
     n_aff = len(affine_iterations)
     if not 1 <= n_aff <= 4:
         raise ValueError("affine_iterations must have 1 to 4 levels")
-    with tempfile.TemporaryDirectory(prefix="reg_", dir=Path(out_affine).parent) as tmp:
+    out_dir = Path(out_affine).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{_REG_TMP_PREFIX}*"):  # left by a killed registration of this subject
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=_REG_TMP_PREFIX, dir=out_dir) as tmp:
         reg = ants.registration(
             fixed=fixed,
             moving=moving,

@@ -69,6 +69,8 @@ ENV_NUM_EPOCHS = "BRAINSYNTH_NNUNET_NUM_EPOCHS"
 ENV_ITERATIONS = "BRAINSYNTH_NNUNET_ITERATIONS_PER_EPOCH"
 ENV_VAL_ITERATIONS = "BRAINSYNTH_NNUNET_VAL_ITERATIONS"
 ENV_SAVE_EVERY = "BRAINSYNTH_NNUNET_SAVE_EVERY"
+# seed of python/numpy/torch in the training process ("none": unseeded, nnU-Net's default)
+ENV_SEED = "BRAINSYNTH_NNUNET_SEED"
 TRAINER_NAMES = (TRAINER,)
 
 # console script -> (module, function); the same mapping as nnunetv2's entry_points.txt
@@ -557,7 +559,7 @@ def model_folder(dataset_id, roots, configuration="3d_fullres", trainer=TRAINER,
 def train(dataset_id, roots, configuration="3d_fullres", fold="all", trainer=TRAINER, plans=DEFAULT_PLANS,
           epochs=None, iterations_per_epoch=None, val_iterations_per_epoch=None, device="auto",
           num_processes=1, n_proc_da=None, threads=None, continue_training=False, final_validation=True,
-          log=None):
+          seed=0, log=None):
     """Train one nnU-Net model; return the model folder.
 
     Runs :func:`brainsynth.nnunet_trainers.train_entry` (``nnUNetv2_train`` with a
@@ -575,6 +577,13 @@ def train(dataset_id, roots, configuration="3d_fullres", fold="all", trainer=TRA
     shared machine give Snakemake's ``threads`` — oversubscription makes CPU
     training many times slower). ``final_validation=False`` skips nnU-Net's
     closing prediction of the fold's validation cases.
+
+    ``seed`` (``None``: unseeded) seeds python, numpy and torch in the training
+    process (:class:`~brainsynth.nnunet_trainers.nnUNetTrainerBrainsynth`). On CPU
+    with ``n_proc_da=0`` and fixed ``threads`` two trainings with the same seed
+    give bit-identical weights; augmentation workers (``n_proc_da > 0``, nnU-Net's
+    ``NonDetMultiThreadedAugmenter``) and CUDA (cudnn benchmark) are not
+    reproducible.
     """
     roots = as_roots(roots)
     dataset_id = _check_dataset_id(dataset_id)
@@ -600,6 +609,7 @@ def train(dataset_id, roots, configuration="3d_fullres", fold="all", trainer=TRA
         env[k] = str(int(given[k])) if k in given else ""  # "" = trainer default, also hides caller's env
     if n_proc_da is not None:
         env["nnUNet_n_proc_DA"] = str(int(n_proc_da))
+    env[ENV_SEED] = "none" if seed is None else str(int(seed))
     args = [dataset_id, configuration, fold, "-tr", trainer, "-p", plans, "-device", device]
     if threads is not None:
         args += ["-threads", threads]

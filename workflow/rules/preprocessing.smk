@@ -64,7 +64,10 @@ rule register_to_template:
         seed=config["seed"],
     log:
         f"{LOGS}/preprocessing/register_to_template/{{subject}}.log",
-    threads: 2
+    # one ITK thread: ANTs' multi-threaded metric sums differ from run to run (affine
+    # parameters by up to ~0.03), single-threaded registration with a fixed seed is
+    # bit-identical; subjects run in parallel instead
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=30,

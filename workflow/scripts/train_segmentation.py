@@ -16,14 +16,15 @@ def main(sm):
     roots = seg.as_roots(ds["nnunet_roots"])
     p = sm.params
     device = seg.resolve_device(p.device)
-    # CPU: augmentation in the training process (workers would compete for the same cores)
+    # CPU: augmentation in the training process (workers would compete for the same cores; it also
+    # keeps training reproducible: nnU-Net's multi-process augmenter is not)
     n_proc_da = 0 if device == "cpu" else max(sm.threads - 1, 1)
     start = time.monotonic()
     folder = seg.train(ds["dataset_id"], roots, configuration=p.configuration, fold=p.fold, trainer=p.trainer,
                        plans=p.plans_identifier, epochs=p.epochs, iterations_per_epoch=p.iterations_per_epoch,
                        val_iterations_per_epoch=p.val_iterations_per_epoch, device=device,
                        num_processes=sm.threads, n_proc_da=n_proc_da, threads=sm.threads,
-                       final_validation=p.final_validation, log=sm.log.nnunet)
+                       final_validation=p.final_validation, seed=p.get("seed", 0), log=sm.log.nnunet)
     seconds = time.monotonic() - start
     fold_dir = folder / f"fold_{p.fold}"
     log.info("trained %s in %.0f s on %s (%d threads)", folder, seconds, device, sm.threads)
