@@ -142,14 +142,18 @@ def test_verify_inputs_moves_damaged_intermediates_aside(tmp_path, monkeypatch):
     _truncate(user, 3)  # the user's own (damaged) file: never moved, validate_inputs reports such files
     _truncate(good["nii"], 3000)
     rel = os.path.relpath(good["nii"])
-    checked = integrity.verify_inputs([good["json"], str(user), "results/exp/missing.nii.gz"])
+    checked = integrity.verify_inputs([good["json"], str(user), str(outside / "gone.nii.gz")])
     assert checked == [str(good["json"])]
+    with pytest.raises(InputError, match="missing: removed while"):  # snakemake saw it when starting the job
+        integrity.verify_inputs(["results/exp/missing.nii.gz"])
     with pytest.raises(InputError) as err:
         integrity.verify_inputs([rel, good["tsv"], str(user)])
     msg = str(err.value)
     assert rel in msg and "damaged" in msg and f"{rel}.corrupt" in msg and "run snakemake again" in msg
     assert not good["nii"].exists() and (res / "img.nii.gz.corrupt").is_file()
     assert user.is_file()
+    with pytest.raises(InputError, match="moved aside to .*img.nii.gz.corrupt"):  # a parallel job's view
+        integrity.verify_inputs([rel])
 
     _truncate(good["json"], 5)
     _truncate(good["tsv"], -1)

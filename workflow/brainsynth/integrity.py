@@ -215,20 +215,32 @@ def verify_inputs(paths, root=RESULTS_ROOT, move=True):
     """Check every existing intermediate file in ``paths``; raise :class:`CorruptFile` naming the damaged ones.
 
     Damaged files are moved aside to ``<file>.corrupt`` first (``move``), so the
-    next Snakemake run rebuilds them. Directories, missing files and files
-    outside ``root`` are skipped (the user's data is checked by the
-    ``validate_inputs`` rule and never moved). Returns the files checked.
+    next Snakemake run rebuilds them. Directories and files outside ``root`` are
+    skipped (the user's data is checked by the ``validate_inputs`` rule and never
+    moved). An intermediate that is missing (Snakemake saw it when it started the
+    job, so a parallel job found it damaged and moved it aside) is reported too.
+    Returns the files checked.
     """
     errors, checked = [], []
     for p in dict.fromkeys(str(p) for p in paths):
-        if not os.path.isfile(p) or not is_intermediate(p, root):
+        if os.path.isdir(p) or not is_intermediate(p, root):
             continue
         real = os.path.realpath(p)
+        if not os.path.exists(real):
+            aside = f"{real}{CORRUPT_SUFFIX}"
+            why = (f"found damaged by another job and moved aside to {aside}" if os.path.exists(aside)
+                   else "removed while the job was starting")
+            errors.append(CorruptFile(f"input file is missing: {why}", file=p,
+                                      fix="run snakemake again: the rule that makes it rebuilds it"))
+            continue
         checked.append(p)
         problem = check_file(real)
         if problem is None:
             continue
-        moved = move_aside(real) if move else None
+        try:
+            moved = move_aside(real) if move else None
+        except FileNotFoundError:  # a parallel job moved it first
+            moved = f"{real}{CORRUPT_SUFFIX}"
         errors.append(CorruptFile(f"damaged intermediate file: {problem}", file=p,
                                   fix=_fix(moved) if moved else "delete it and run snakemake again"))
     if len(errors) == 1:
