@@ -426,3 +426,39 @@ def test_common_helpers(cohort, tmp_path):
     assert not C.amp_enabled(torch.device("cpu"), True)
     assert LG.subject_of_path("/x/sub-10_labelprob.nii.gz", ["sub-1", "sub-10"]) == "sub-10"
     assert LG.subject_of_path("/x/sub-1_labelprob.nii.gz", ["sub-1", "sub-10"]) == "sub-1"
+
+
+@pytest.mark.slow
+def test_demo_networks_sample_plausible_tissue_fractions(tmp_path):
+    """The demo-scale networks (DEFAULTS), trained briefly, give samples whose class volume
+    fractions match the training set: the test the demo config is tuned against."""
+    shape = (24, 28, 24)
+    g = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(float)
+    rng = np.random.default_rng(4)
+    paths, rows, labs = [], [], []
+    for i in range(8):
+        c = np.array(shape) / 2 + rng.normal(0, 0.8, 3)
+        radii = np.array([9.0, 11.0, 9.0]) * rng.uniform(0.9, 1.1)
+        r = np.linalg.norm((g - c) / radii, axis=-1)
+        lab = np.zeros(shape, np.uint8)
+        lab[r < 1.0] = 1                     # csf rim
+        lab[r < 0.85] = 2                    # gm
+        lab[r < 0.6] = 3                     # wm
+        lab[(r < 0.25)] = 4                  # deep gm
+        labs.append(lab)
+        p = tmp_path / f"sub{i}_tissue_prob.nii.gz"
+        nib.save(nib.Nifti1Image(np.eye(K, dtype=np.float32)[lab], AFFINE), p)
+        paths.append(str(p))
+        rows.append({"subject": f"sub{i}", "dc_wmh": 0.0, "dc_tumour": 0.0})
+    pd.DataFrame(rows).to_csv(tmp_path / "cond.tsv", sep="\t", index=False)
+    cfg = {"device": "cpu", "seed": 0, "num_threads": 1, "checkpoint_every": 1000, "log_every": 1000,
+           "vae": {"patch_size": None, "steps": 150, "batch_size": 2},
+           "ldm": {"steps": 300}}
+    vae = LG.train_label_vae(paths, cfg, tmp_path / "label")
+    ldm = LG.train_label_ldm(vae["model"], paths, tmp_path / "cond.tsv", cfg, tmp_path / "label")
+    prob = LG.sample_labels(vae["model"], ldm["model"], np.zeros((6, 2), np.float32), seed=1, progress=False)
+    vf = Q.volume_fractions_vs_training(prob, np.stack(labs), LG.LabelSchema().names)
+    s = vf.summary.set_index("class")
+    assert abs(s.loc["brain_fraction", "difference"]) < 0.05, s
+    for c in ("csf", "gm", "wm"):
+        assert abs(s.loc[c, "difference"]) < 0.1, s

@@ -111,3 +111,22 @@ def jobs_by_rule(out):
         if m:
             found.setdefault(m.group(1), []).append(w.group(1) if w else "")
     return {k: sorted(v) for k, v in found.items()}
+
+
+# Preprocessing + both generators + sampling, at the smallest settings that still run
+# every generator rule for real (networks train for a few dozen steps; samples are not
+# meant to look good at this budget).
+TINY_GEN = {
+    "experiment": "tinygen",
+    "demo": TINY_SEG["demo"],  # 3 training subjects with labels
+    "preprocessing": TINY_SEG["preprocessing"],
+    "segmentation": {"tasks": []},
+    "label_generator": {
+        "checkpoint_every": 5,
+        "vae": {"steps": 40, "batch_size": 2, "patch_size": [32, 32, 32], "adv_warmup_steps": 10},
+        "ldm": {"steps": 30, "batch_size": 2},
+        "sampling": {"scheduler": "ddim", "inference_steps": 5},
+    },
+    "image_generator": {"checkpoint_every": 10, "steps": 20, "batch_size": 2},
+    "synthesis": {"enabled": True, "n_samples": 3, "conditioning": "unseen", "seed": 3},
+}

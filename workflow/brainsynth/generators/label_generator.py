@@ -18,7 +18,8 @@ Public API
     each spatial size is divisible by ``2**(len(ldm.channels)-1)``; monai
     ``DiffusionModelUNet(with_conditioning=True, cross_attention_dim=n_types)``
     conditioned (cross-attention) on the vector ``dc_jl`` of the lesion types as a
-    sequence of length 1 ``(B, 1, n_types)``; epsilon prediction, L2 loss,
+    sequence of length 1 ``(B, 1, n_types)``; L2 loss on epsilon (the study), v or x0
+    (``ldm.prediction_type``),
     ``DDPMScheduler`` training.
 ``sample_labels(vae_path, ldm_path, conditioning, scheduler="ddim", steps=None, seed=0, ...)``
     ``(N, n_types)`` conditioning -> ``(N, K, *spatial)`` float32 probabilistic maps
@@ -73,6 +74,9 @@ ldm.norm_num_groups             GroupNorm groups
 ldm.transformer_num_layers      transformer layers per attention block
 ldm.num_train_timesteps         diffusion steps T
 ldm.schedule / beta_start / beta_end   noise schedule (monai scheduler names)
+ldm.prediction_type             epsilon (the study; needs long training: its x0 estimate at high noise
+                                divides by sqrt(alpha_bar)) | v_prediction (demo default: usable
+                                samples after a few hundred steps) | sample; L2 loss on that target
 ldm.latents                     mean: the VAE posterior means (robust when the VAE is briefly
                                 trained and its posterior sigma is still ~1) | sample: mu + sigma*eps
                                 (MONAI tutorials' encode_stage_2_inputs)
@@ -145,6 +149,7 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "transformer_num_layers": 1,
         "num_train_timesteps": 1000,
         "schedule": "scaled_linear_beta",
+        "prediction_type": "v_prediction",
         "beta_start": 0.0015,
         "beta_end": 0.0205,
         "latents": "mean",
@@ -173,10 +178,14 @@ PAPER = {
             "disc_channels": 32, "disc_layers": 3, "perceptual_weight": 0.001},
     "ldm": {"channels": [64, 128, 256], "num_res_blocks": 2, "attention_levels": [False, True, True],
             "num_head_channels": [0, 64, 64], "norm_num_groups": 32, "latents": "sample", "steps": 100000,
+            "prediction_type": "epsilon",
             "batch_size": 8,
             "lr": 2.5e-5},
     "sampling": {"scheduler": "ddim", "inference_steps": 100, "batch_size": 4},
 }
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def resolve_config(cfg):
@@ -227,8 +236,12 @@ def _unet_kwargs(cfg, latent_channels, n_types):
 
 def _scheduler_kwargs(cfg):
     m = cfg["ldm"]
+    if m["prediction_type"] not in PREDICTION_TYPES:
+        raise InputError(f"ldm.prediction_type must be one of {PREDICTION_TYPES}, got {m['prediction_type']!r}",
+                         field="label_generator.ldm.prediction_type", fix="use epsilon, v_prediction or sample")
     return dict(num_train_timesteps=int(m["num_train_timesteps"]), schedule=m["schedule"],
-                beta_start=float(m["beta_start"]), beta_end=float(m["beta_end"]))
+                beta_start=float(m["beta_start"]), beta_end=float(m["beta_end"]),
+                prediction_type=m["prediction_type"])
 
 
 def build_vae(kwargs):
@@ -592,6 +605,11 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     bs = int(m["batch_size"])
     T = int(m["num_train_timesteps"])
 
+    def target(z, noise, t):
+        if skw["prediction_type"] == "v_prediction":
+            return sched.get_velocity(z, noise, t)
+        return z if skw["prediction_type"] == "sample" else noise
+
     def step_fn(step):
         unet.train()
         idx = torch.randint(mu.shape[0], (bs,))
@@ -605,7 +623,7 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
         with C.autocast(device, amp):
             noisy = sched.add_noise(original_samples=z, noise=noise, timesteps=t)
             pred = unet(x=noisy, timesteps=t, context=ctx)
-            loss = F.mse_loss(pred.float(), noise.float())
+            loss = F.mse_loss(pred.float(), target(z, noise, t).float())
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -760,11 +778,11 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
         x = noise
         for t in sched.timesteps:
             tt = torch.full((b1 - b0,), int(t), device=dev, dtype=torch.long)
-            eps = unet(x=x, timesteps=tt, context=ctx)
+            pred = unet(x=x, timesteps=tt, context=ctx)
             if kind == "ddpm":
-                x, _ = sched.step(eps, int(t), x, generator=g)
+                x, _ = sched.step(pred, int(t), x, generator=g)
             else:
-                x, _ = sched.step(eps, int(t), x, eta=eta, generator=g)
+                x, _ = sched.step(pred, int(t), x, eta=eta, generator=g)
         z = C.crop_to(x, lshape) / lat_scale + lat_shift
         logits = vae.decode_stage_2_outputs(z)
         prob = torch.softmax(logits.float(), dim=1)
