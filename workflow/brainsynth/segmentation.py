@@ -688,6 +688,8 @@ def predict(model, input_cases, out_dir, folds=None, checkpoint="checkpoint_fina
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed prediction
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=use_gaussian,
@@ -708,6 +710,9 @@ def predict(model, input_cases, out_dir, folds=None, checkpoint="checkpoint_fina
                 raise RuntimeError(f"nnU-Net wrote no prediction for case {cid!r}")
             os.replace(produced, out_dir / produced.name)
             result[cid] = out_dir / produced.name
+        args_json = tmp / "predict_from_raw_data_args.json"
+        if args_json.is_file():  # nnU-Net's record of the call names the (random) temporary folder
+            args_json.write_text(args_json.read_text().replace(str(tmp), str(out_dir)))
         for extra in ("predict_from_raw_data_args.json", "dataset.json", "plans.json"):
             if (tmp / extra).is_file():
                 os.replace(tmp / extra, out_dir / extra)
