@@ -1,0 +1,253 @@
+"""Fault tolerance and determinism of the whole workflow (real snakemake, ANTs, nnU-Net).
+
+One uninterrupted run of the tiny segmentation demo (``TINY_SEG``: preprocessing,
+nnU-Net for one task and two arms, scores, tables) is the reference for both tests:
+
+* a run killed with SIGKILL (the whole process group: snakemake and its jobs) twice,
+  once inside a registration and once inside nnU-Net training, resumed with
+  ``--rerun-incomplete``, ends with the same files as the reference. That run trains
+  its models from scratch in another folder, so it is also the determinism test:
+  two runs with the same seeds give bit-identical metric tables, scores and
+  predictions (the files that are *not* bit-identical are listed in
+  :data:`NOT_REPRODUCIBLE` with the reason);
+* damaged intermediate files are detected, named, moved aside and rebuilt.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from brainsynth import integrity
+
+from workflow_support import REPO, SNAKEMAKE, TINY_SEG, planned_jobs, run_snakemake
+
+EXP = TINY_SEG["experiment"]
+
+# Outputs that differ between two runs by design (glob patterns under results/<exp>/).
+NOT_REPRODUCIBLE = {
+    "cohort/subjects.tsv": "absolute paths of the working directory",
+    "segmentation/*/*/model.json": "training wall time (train_seconds)",
+    # nnU-Net's own training folder: logs with timestamps and timings, progress.png of the
+    # epoch times, checkpoints holding the same (pickled) log; the network weights in the
+    # checkpoint are compared separately and are bit-identical
+    "segmentation/*/*/nnunet/results/**": "nnU-Net training logs and timings",
+}
+
+
+def _glob_re(pattern):
+    return re.escape(pattern).replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+
+
+def _excluded(rel):
+    return any(re.fullmatch(_glob_re(p), rel) for p in NOT_REPRODUCIBLE)
+
+
+def _files(root):
+    root = Path(root)
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def _differences(ref, other):
+    """Relative paths under results/<exp> whose bytes differ (or that exist on one side only)."""
+    a, b = Path(ref) / "results" / EXP, Path(other) / "results" / EXP
+    fa, fb = _files(a), _files(b)
+    diff = sorted((fa ^ fb))
+    for rel in sorted(fa & fb):
+        if _excluded(rel):
+            continue
+        pa, pb = a / rel, b / rel
+        if pa.is_symlink() or pb.is_symlink():
+            if os.readlink(pa) != os.readlink(pb):
+                diff.append(rel)
+        elif pa.read_bytes() != pb.read_bytes():
+            diff.append(rel)
+    return diff
+
+
+def _network_weights_equal(ref, other):
+    a, b = Path(ref) / "results" / EXP, Path(other) / "results" / EXP
+    ckpts = sorted(a.glob("segmentation/*/*/nnunet/results/*/*/fold_*/checkpoint_final.pth"))
+    assert ckpts
+    for ca in ckpts:
+        wa = torch.load(ca, map_location="cpu", weights_only=False)["network_weights"]
+        wb = torch.load(b / ca.relative_to(a), map_location="cpu", weights_only=False)["network_weights"]
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (ca, k)
+    return len(ckpts)
+
+
+def _hidden_leftovers(workdir):
+    """Temporaries of interrupted writers: hidden files/folders under results/ (not the
+    ``.snakemake_timestamp`` snakemake keeps in directory outputs)."""
+    return sorted(str(p.relative_to(workdir)) for p in (Path(workdir) / "results").rglob(".*")
+                  if p.name != ".snakemake_timestamp")
+
+
+def _start(workdir, *args):
+    cfg = Path(workdir) / "test_config.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_SEG))
+    cmd = [SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
+           "--configfile", str(cfg)]
+    out = open(Path(workdir) / f"snakemake.{time.monotonic_ns()}.out", "w")
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1")), out
+
+
+def _kill_when(proc, ready, timeout=900):
+    """SIGKILL snakemake's whole process group (it and its jobs) as soon as ``ready()`` is true."""
+    end = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, "snakemake ended before the kill point"
+        assert time.monotonic() < end, "kill point not reached"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _processes_in(workdir):
+    """Processes whose working directory is ``workdir`` (snakemake and its jobs run there)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") == str(workdir):
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def _assert_nothing_damaged(workdir):
+    """Every file a killed run left under results/ is complete (atomic writes)."""
+    damaged = integrity.scan(Path(workdir) / "results", move=False)
+    assert damaged == [], damaged
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    run_snakemake(workdir, config=TINY_SEG, check=True)
+    return workdir
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_rerun_incomplete_and_matches_uninterrupted_run(reference, tmp_path):
+    workdir = tmp_path.resolve()
+    res = workdir / "results" / EXP
+    # 1) kill inside a registration (its temporary folder exists while ANTs runs)
+    proc, _ = _start(workdir)
+    _kill_when(proc, lambda: any(res.glob("preprocessing/registration/*/.reg_tmp_*")))
+    time.sleep(0.5)
+    assert _processes_in(workdir) == [], "a job survived the kill of its process group"
+    assert any(res.glob("preprocessing/registration/*/.reg_tmp_*"))  # the killed job's leftover
+    assert any((workdir / ".snakemake" / "incomplete").iterdir())
+    _assert_nothing_damaged(workdir)
+
+    # the killed registration wrote no output (atomic writes), so snakemake plans it again
+    # even without --rerun-incomplete (which is needed when a killed job's outputs all exist)
+    code, out = run_snakemake(workdir, "-n", config=TINY_SEG)
+    assert code == 0 and planned_jobs(out).get("register_to_template", 0) >= 1, out[-3000:]
+
+    # 2) resume, then kill inside nnU-Net training (after its first epoch started)
+    proc, _ = _start(workdir, "--rerun-incomplete")
+    logs = workdir / "logs" / EXP / "segmentation"
+    _kill_when(proc, lambda: any("Epoch 0" in p.read_text(errors="replace")
+                                 for p in logs.glob("*/*/train_segmentation.nnunet.log")))
+    time.sleep(0.5)
+    assert _processes_in(workdir) == []
+    # an arm with nnU-Net's half-done training folder but no model.json
+    assert any(not (d.parent.parent / "model.json").exists() for d in res.glob("segmentation/*/*/nnunet/results"))
+    _assert_nothing_damaged(workdir)
+
+    # 3) resume to the end
+    code, out = run_snakemake(workdir, "--rerun-incomplete", config=TINY_SEG)
+    assert code == 0, out[-4000:]
+    assert _hidden_leftovers(workdir) == []
+    assert not any((workdir / ".snakemake" / "incomplete").iterdir())
+    code, out = run_snakemake(workdir, "-n", config=TINY_SEG)
+    assert code == 0 and "Nothing to be done" in out, out[-2000:]
+
+    # same files as the uninterrupted reference run, bit for bit (training restarted from
+    # scratch in this folder: this is also the same-seed determinism test)
+    assert _differences(reference, workdir) == []
+    assert _network_weights_equal(reference, workdir) == 2
+    assert (res / "tables" / "wmh_dice.csv").read_bytes() == \
+        (reference / "results" / EXP / "tables" / "wmh_dice.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_damaged_intermediate_is_named_moved_aside_and_rebuilt(reference, tmp_path):
+    # the reference run's files are all intact (no false alarm)
+    assert integrity.scan(reference / "results", move=False) == []
+    workdir = tmp_path / "wd"
+    shutil.copytree(reference, workdir, symlinks=True)  # keeps mtimes and snakemake's metadata
+    res = workdir / "results" / EXP
+    subject = sorted(p.name for p in res.glob("segmentation/wmh/R/predictions/near_ood/*.nii.gz"))[0][:-7]
+    grid = res / "preprocessing" / "grid" / subject
+    code, out = run_snakemake(workdir, "-n", config=TINY_SEG)
+    assert code == 0 and "Nothing to be done" in out, out[-2000:]
+
+    # a newer modification time alone (same bytes): snakemake compares the checksum it
+    # recorded for inputs under 1 MB and reruns nothing
+    label = grid / "label.nii.gz"
+    assert label.stat().st_size < 1_000_000
+    os.utime(label)
+    code, out = run_snakemake(workdir, "-n", config=TINY_SEG)
+    assert code == 0 and "Nothing to be done" in out, out[-2000:]
+
+    # damage with the old modification time kept: snakemake cannot notice it (nothing to
+    # rerun); `python -m brainsynth.integrity` finds it and moves it aside
+    warped = res / "preprocessing" / "registration" / subject / "1Warp.nii.gz"
+    st = warped.stat()
+    _garble(warped)
+    os.utime(warped, ns=(st.st_atime_ns, st.st_mtime_ns))
+    code, out = run_snakemake(workdir, "-n", config=TINY_SEG)
+    assert code == 0 and "Nothing to be done" in out, out[-2000:]
+
+    # damage with a new modification time (a truncated gzip stream): the consumers rerun,
+    # the first to start names the file, moves it aside and fails without a traceback
+    flair = grid / "flair.nii.gz"
+    data = flair.read_bytes()
+    flair.write_bytes(data[: len(data) // 2])
+    code, out = run_snakemake(workdir, config=TINY_SEG)
+    assert code != 0
+    rel = f"results/{EXP}/preprocessing/grid/{subject}/flair.nii.gz"
+    assert f"file '{rel}': damaged intermediate file: damaged gzip stream" in out, out[-4000:]
+    assert "moved aside to" in out and "run snakemake again" in out
+    assert "Traceback" not in out, out[-4000:]
+    assert not flair.exists() and (grid / "flair.nii.gz.corrupt").read_bytes() == data[: len(data) // 2]
+
+    proc = subprocess.run([str(Path(SNAKEMAKE).parent / "python"), "-m", "brainsynth.integrity", str(res)],
+                          capture_output=True, text=True, cwd=workdir)
+    assert proc.returncode == 1 and "1Warp.nii.gz" in proc.stdout, proc.stdout + proc.stderr
+    assert not warped.exists()
+
+    # the next run rebuilds both (registration and resampling of that test subject) and
+    # what depends on them; no model is retrained (the subject is a test subject)
+    code, out = run_snakemake(workdir, "-n", config=TINY_SEG)
+    assert code == 0, out[-3000:]
+    jobs = planned_jobs(out)
+    assert jobs["register_to_template"] == 1 and jobs["resample_to_grid"] == 1, jobs
+    assert "train_segmentation" not in jobs, jobs
+    code, out = run_snakemake(workdir, config=TINY_SEG)
+    assert code == 0, out[-4000:]
+    assert flair.is_file() and warped.is_file()
+    assert integrity.scan(res, move=False) == []
+    assert (grid / "flair.nii.gz.corrupt").is_file()  # the evidence stays
+    diff = [d for d in _differences(reference, workdir) if not d.endswith(".corrupt")]
+    assert diff == [], diff
+
+
+def _garble(path):
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2
+    data[i:i + 256] = bytes(b ^ 0xFF for b in data[i:i + 256])
+    path.write_bytes(bytes(data))
