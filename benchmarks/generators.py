@@ -124,6 +124,7 @@ def run_case(case, grid, device, steps, work, ddpm_measured):
     elif case == "sample_labels":
         vae, ldm = work / "label" / "label_vae.pt", work / "label" / "label_ldm.pt"
         cond = np.array([[0.5, 0.5]], dtype=np.float32)
+        LG.sample_labels(vae, ldm, cond, scheduler="ddim", steps=2, device=device, progress=False)  # warm-up
         for kind, n_steps in (("ddim", 10), ("ddim", 50)):
             t0 = time.perf_counter()
             LG.sample_labels(vae, ldm, cond, scheduler=kind, steps=n_steps, device=device, progress=False)
