@@ -462,3 +462,16 @@ def test_demo_networks_sample_plausible_tissue_fractions(tmp_path):
     assert abs(s.loc["brain_fraction", "difference"]) < 0.05, s
     for c in ("csf", "gm", "wm"):
         assert abs(s.loc[c, "difference"]) < 0.1, s
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample"])
+def test_ldm_prediction_types_train_and_sample(models, cohort, tmp_path, kind):
+    cfg = _cfg(LABEL_CFG, ldm={"prediction_type": kind, "steps": 4})
+    ldm = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"], cfg, tmp_path)
+    payload = torch.load(ldm["model"], map_location="cpu", weights_only=False)
+    assert payload["scheduler_kwargs"]["prediction_type"] == kind
+    out = LG.sample_labels(models["vae"]["model"], ldm["model"], np.zeros((1, 2), np.float32), "ddim", 3)
+    assert np.allclose(out.sum(1), 1.0, atol=1e-4)
+    with pytest.raises(InputError, match="ldm.prediction_type"):
+        LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"],
+                           _cfg(LABEL_CFG, ldm={"prediction_type": "x0"}), tmp_path / "bad")
