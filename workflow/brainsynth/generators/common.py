@@ -352,6 +352,19 @@ def train_loop(*, name, total_steps, step_fn, modules, optimizers, scalers, out_
     return history, True, extra
 
 
+def finish_training(name, out_dir, payload, config_record, history, title):
+    """Write a finished model's outputs: ``<name>.pt`` (``payload``), ``<name>_config.json``
+    (``config_record``) and the loss curves ``<name>_losses.{tsv,png}``; returns their paths."""
+    out_dir = Path(out_dir)
+    paths = {"model": torch_save(payload, out_dir / f"{name}.pt"),
+             "config": save_config(config_record, out_dir / f"{name}_config.json")}
+    paths["losses_tsv"], paths["losses_png"] = write_loss_curves(
+        history, out_dir / f"{name}_losses.tsv", out_dir / f"{name}_losses.png", title)
+    paths["completed"] = True
+    paths["history"] = history
+    return paths
+
+
 # --------------------------------------------------------------------------- loss curves
 
 

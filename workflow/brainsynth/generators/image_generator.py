@@ -416,18 +416,10 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
                "modalities": mods, "n_classes": n_classes, "slice_shape": list(slice_shape),
                "padded_shape": list(padded), "patch_size": patch, "config": cfg,
                "classifier_state_dict": C.state_dict_cpu(clf) if use_cls else None}
-    paths = {
-        "model": C.torch_save(payload, out_dir / "image_generator.pt"),
-        "config": C.save_config({"image_generator": cfg, "net_kwargs": nkw, "modalities": mods,
-                                 "slice_shape": list(slice_shape), "padded_shape": list(padded),
-                                 "n_training": n_sub}, out_dir / "image_generator_config.json"),
-    }
-    paths["losses_tsv"], paths["losses_png"] = C.write_loss_curves(
-        history, out_dir / "image_generator_losses.tsv", out_dir / "image_generator_losses.png",
-        "image generator (SPADE VAE-GAN)")
-    paths["completed"] = True
-    paths["history"] = history
-    return paths
+    record = {"image_generator": cfg, "net_kwargs": nkw, "modalities": mods, "slice_shape": list(slice_shape),
+              "padded_shape": list(padded), "n_training": n_sub}
+    return C.finish_training("image_generator", out_dir, payload, record, history,
+                             "image generator (SPADE VAE-GAN)")
 
 
 # --------------------------------------------------------------------------- inference

@@ -502,17 +502,9 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     payload = {"kind": "label_vae", "vae_kwargs": vkw, "state_dict": C.state_dict_cpu(vae),
                "spatial_dims": sd, "n_classes": n_classes, "shape": list(shape), "padded_shape": list(padded),
                "config": cfg, "steps": int(v["steps"]), "patch_size": patch}
-    paths = {
-        "model": C.torch_save(payload, out_dir / "label_vae.pt"),
-        "config": C.save_config({"label_generator": cfg, "vae_kwargs": vkw, "shape": list(shape),
-                                 "padded_shape": list(padded), "n_training": len(label_paths)},
-                                out_dir / "label_vae_config.json"),
-    }
-    paths["losses_tsv"], paths["losses_png"] = C.write_loss_curves(
-        history, out_dir / "label_vae_losses.tsv", out_dir / "label_vae_losses.png", "label VAE")
-    paths["completed"] = True
-    paths["history"] = history
-    return paths
+    record = {"label_generator": cfg, "vae_kwargs": vkw, "shape": list(shape), "padded_shape": list(padded),
+              "n_training": len(label_paths)}
+    return C.finish_training("label_vae", out_dir, payload, record, history, "label VAE")
 
 
 # --------------------------------------------------------------------------- LDM training
@@ -646,19 +638,10 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
                "latent_range": latent_range,
                "train_conditioning": np.asarray(cond, dtype=np.float32), "slice_count_norm": norm,
                "sampling": cfg["sampling"], "config": cfg, "subjects": subjects}
-    paths = {
-        "model": C.torch_save(payload, out_dir / "label_ldm.pt"),
-        "config": C.save_config({"label_generator": cfg, "unet_kwargs": ukw, "scheduler_kwargs": skw,
-                                 "scale_factor": scale_factor, "latent_shape": latent_shape,
-                                 "padded_latent_shape": lpad, "lesion_types": types,
-                                 "slice_count_norm": norm, "n_training": len(label_paths)},
-                                out_dir / "label_ldm_config.json"),
-    }
-    paths["losses_tsv"], paths["losses_png"] = C.write_loss_curves(
-        history, out_dir / "label_ldm_losses.tsv", out_dir / "label_ldm_losses.png", "label LDM")
-    paths["completed"] = True
-    paths["history"] = history
-    return paths
+    record = {"label_generator": cfg, "unet_kwargs": ukw, "scheduler_kwargs": skw, "scale_factor": scale_factor,
+              "latent_shape": latent_shape, "padded_latent_shape": lpad, "lesion_types": types,
+              "slice_count_norm": norm, "n_training": len(label_paths)}
+    return C.finish_training("label_ldm", out_dir, payload, record, history, "label LDM")
 
 
 # --------------------------------------------------------------------------- sampling
