@@ -24,8 +24,10 @@ LABEL_COLOURS = [
 ]
 
 
-def label_cmap(n):
+def label_cmap(n, background=(0, 0, 0, 0)):
+    """One fixed colour per schema class (QC overlays and sample montages agree)."""
     cols = (LABEL_COLOURS * (n // len(LABEL_COLOURS) + 1))[:n]
+    cols[0] = background
     return ListedColormap(cols)
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..io import save_figure, save_nifti, save_table
+from ..qc import label_cmap
 from . import common as C
 from .image_generator import generate_images, load_generator
 from .label_generator import make_conditioning, sample_labels, training_conditioning
@@ -56,15 +57,6 @@ def _style_table(style_subjects, modalities):
     return out
 
 
-def _label_colours(k):
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
-    cols = np.array([cmap(i % cmap.N) for i in range(k)])
-    cols[0] = (0, 0, 0, 1)
-    return matplotlib.colors.ListedColormap(cols)
-
-
 def write_montage(rows, modalities, n_classes, path, max_rows=8):
     """``rows``: list of (id, hard label (X,Y,Z), {modality: (X,Y,Z)}); mid-axial slices."""
     import matplotlib
@@ -75,7 +67,7 @@ def write_montage(rows, modalities, n_classes, path, max_rows=8):
     rows = rows[:max_rows]
     ncol = 1 + len(modalities)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(1.9 * ncol, 1.9 * len(rows)), squeeze=False)
-    cmap = _label_colours(n_classes)
+    cmap = label_cmap(n_classes, background=(0, 0, 0, 1))
     for r, (sid, lab, imgs) in enumerate(rows):
         z = lab.shape[-1] // 2
         axes[r, 0].imshow(np.rot90(lab[..., z]), cmap=cmap, vmin=0, vmax=n_classes - 1, interpolation="nearest")
