@@ -395,14 +395,16 @@ def check_files_exist(df, modalities):
     and column before any job is scheduled); the full per-file checks run in
     the ``validate_inputs`` rule.
     """
-    columns = list(modalities) + [c for c in ("label", "brain_mask") if c in df.columns]
+    columns = [c for c in list(modalities) + ["label", "brain_mask"] if c in df.columns]
+    subjects = df["subject"].tolist() if "subject" in df.columns else list(df.index)
+    values = {c: df[c].tolist() for c in columns}  # column lists: iterrows costs ~50 us a row
     errors = []
-    for subject, row in df.iterrows():
+    for i, subject in enumerate(subjects):
         for col in columns:
-            path = _get(row, col)
-            if path is not None and not os.path.exists(str(path)):
+            path = values[col][i]
+            if not _is_empty(path) and not os.path.exists(str(path)):
                 errors.append(InputError(
-                    f"{col} file does not exist", subject=row.get("subject", subject), file=path,
+                    f"{col} file does not exist", subject=subject, file=path,
                     field=col, fix=f"correct the {col!r} path in the sample sheet "
                                    "(relative paths are relative to the sheet's directory)"))
     if errors:
