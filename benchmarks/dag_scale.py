@@ -9,12 +9,14 @@ Columns: ``jobs`` planned; ``parse s`` = `snakemake --list-rules` (Python and Sn
 start-up plus this workflow's parse-time code: sample sheet validation, file existence
 checks, experiment design); ``dag s`` = the rest of the dry run (Snakemake building the
 DAG, calling the workflow's input functions and params, checking files, printing the
-job summary); ``total s`` = `snakemake -n --quiet rules`.
+job summary); ``total s`` = `snakemake -n --quiet rules`; ``cpu s`` its user + system CPU
+time (less sensitive than wall time to other load on a shared machine).
 
     .venv/bin/python benchmarks/dag_scale.py 100 1000 10000
 """
 
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -58,9 +60,13 @@ def make_sheet(root, n):
 
 
 def timed(cmd):
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    return time.perf_counter() - t0, proc
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc.cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return wall, proc
 
 
 def main(sizes):
@@ -77,12 +83,12 @@ def main(sizes):
             jobs = next((line.split()[-1] for line in proc.stdout.splitlines()
                          if line.startswith("total")), "?")
             rows.append((n, jobs, f"{parse_s:.1f}", f"{total_s - parse_s:.1f}", f"{total_s:.1f}",
-                         "ok" if proc.returncode == 0 else "FAILED"))
+                         f"{proc.cpu:.1f}", "ok" if proc.returncode == 0 else "FAILED"))
             if proc.returncode:
                 sys.stderr.write(proc.stderr[-3000:])
-    print(f"{'subjects':>9} {'jobs':>8} {'parse s':>8} {'dag s':>8} {'total s':>8} status")
+    print(f"{'subjects':>9} {'jobs':>8} {'parse s':>8} {'dag s':>8} {'total s':>8} {'cpu s':>8} status")
     for r in rows:
-        print(f"{r[0]:>9} {r[1]:>8} {r[2]:>8} {r[3]:>8} {r[4]:>8} {r[5]}")
+        print(f"{r[0]:>9} {r[1]:>8} {r[2]:>8} {r[3]:>8} {r[4]:>8} {r[5]:>8} {r[6]}")
 
 
 if __name__ == "__main__":

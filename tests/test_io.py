@@ -9,7 +9,6 @@ import sys
 import tempfile
 import zipfile
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
