@@ -24,11 +24,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from brainsynth import integrity
 
-from workflow_support import REPO, SNAKEMAKE, TINY_SEG, planned_jobs, run_snakemake
+from workflow_support import SNAKEMAKE, TINY_SEG, planned_jobs, run_snakemake, snakemake_command
 
 EXP = TINY_SEG["experiment"]
 
@@ -94,13 +93,9 @@ def _hidden_leftovers(workdir):
 
 
 def _start(workdir, *args):
-    cfg = Path(workdir) / "test_config.yaml"
-    cfg.write_text(yaml.safe_dump(TINY_SEG))
-    cmd = [SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
-           "--configfile", str(cfg)]
+    cmd, env = snakemake_command(workdir, *args, config=TINY_SEG)
     out = open(Path(workdir) / f"snakemake.{time.monotonic_ns()}.out", "w")
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1")), out
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env), out
 
 
 def _kill_when(proc, ready, timeout=900):

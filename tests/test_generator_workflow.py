@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow_support import REPO, SNAKEMAKE, TINY_GEN, planned_jobs, run_snakemake
+from workflow_support import TINY_GEN, planned_jobs, run_snakemake, snakemake_command
 
 EXP = TINY_GEN["experiment"]
 
@@ -31,13 +31,7 @@ def test_dry_run_plans_every_generator_rule(tmp_path):
 
 @pytest.mark.slow
 def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
-    import yaml
-
-    cfg = tmp_path / "test_config.yaml"
-    cfg.write_text(yaml.safe_dump(TINY_GEN))
-    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2",
-           "--configfile", str(cfg)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd, env = snakemake_command(tmp_path, config=TINY_GEN)
     gen = tmp_path / "results" / EXP / "generators" / "label_generator"
     ckpt = gen / "checkpoints" / "label_vae_last.pt"
     with open(tmp_path / "first_run.log", "w") as first_log:

@@ -14,6 +14,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 
+
+def demo_sites(n_site_a):
+    """The demo's three sites with one subject each at the OOD sites (test only) and
+    ``n_site_a`` in-distribution subjects, one of them a test subject."""
+    return {
+        "site_a": {"role": "in_distribution", "n": n_site_a, "n_test": 1, "noise": 0.02,
+                   "voxel_scale": 1.0, "contrast_jitter": 0.05},
+        "site_b": {"role": "near_ood", "n": 1, "n_test": 1, "noise": 0.04,
+                   "voxel_scale": 1.15, "contrast_jitter": 0.12},
+        "site_c": {"role": "far_ood", "n": 1, "n_test": 1, "noise": 0.07,
+                   "voxel_scale": 1.3, "contrast_jitter": 0.25},
+    }
+
+
 # A 4-subject demo (each site represented): the whole preprocessing DAG runs for
 # real in a few minutes on 2 cores. Generators and segmentation are switched off
 # here (they have their own tests), so the DAG is the preprocessing stage alone.
@@ -21,27 +35,23 @@ TINY = {
     "experiment": "tiny",
     "synthesis": {"enabled": False},
     "segmentation": {"tasks": []},
-    "demo": {
-        "sites": {
-            "site_a": {"role": "in_distribution", "n": 2, "n_test": 1, "noise": 0.02,
-                       "voxel_scale": 1.0, "contrast_jitter": 0.05},
-            "site_b": {"role": "near_ood", "n": 1, "n_test": 1, "noise": 0.04,
-                       "voxel_scale": 1.15, "contrast_jitter": 0.12},
-            "site_c": {"role": "far_ood", "n": 1, "n_test": 1, "noise": 0.07,
-                       "voxel_scale": 1.3, "contrast_jitter": 0.25},
-        },
-    },
+    "demo": {"sites": demo_sites(n_site_a=2)},
 }
 
 
-def run_snakemake(workdir, *args, config=None, check=False, timeout=1500):
+def snakemake_command(workdir, *args, config=None):
+    """(argv, env) of a real `snakemake` run on the repository's Snakefile in ``workdir``."""
     # targets and flags first: --configfile takes several values and would swallow a target
     cmd = [SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
     if config is not None:
         cfg = Path(workdir) / "test_config.yaml"
         cfg.write_text(yaml.safe_dump(config))
         cmd += ["--configfile", str(cfg)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return cmd, dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run_snakemake(workdir, *args, config=None, check=False, timeout=1500):
+    cmd, env = snakemake_command(workdir, *args, config=config)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     out = proc.stdout + proc.stderr
     if check and proc.returncode != 0:
@@ -68,17 +78,8 @@ def planned_jobs(output):
 
 TINY_SEG = {
     "experiment": "tinyseg",
-    "demo": {
-        "sites": {
-            # 3 training subjects (phenotypes tumour, wmh, both): any 2 of them hold both lesion types
-            "site_a": {"role": "in_distribution", "n": 4, "n_test": 1, "noise": 0.02,
-                       "voxel_scale": 1.0, "contrast_jitter": 0.05},
-            "site_b": {"role": "near_ood", "n": 1, "n_test": 1, "noise": 0.04,
-                       "voxel_scale": 1.15, "contrast_jitter": 0.12},
-            "site_c": {"role": "far_ood", "n": 1, "n_test": 1, "noise": 0.07,
-                       "voxel_scale": 1.3, "contrast_jitter": 0.25},
-        },
-    },
+    # 3 training subjects (phenotypes tumour, wmh, both): any 2 of them hold both lesion types
+    "demo": {"sites": demo_sites(n_site_a=4)},
     # fast preprocessing: affine registration, short N4
     "preprocessing": {"n4": {"shrink_factor": 4, "iterations": [20, 10]},
                       "registration": {"transform": "Affine", "syn_iterations": [10, 0],
