@@ -84,7 +84,7 @@ def _peak():
     return out
 
 
-def _timed_training(train, steps, *args, **kwargs):
+def _timed_training(train, *args, **kwargs):
     stamps = []
     t0 = time.perf_counter()
     train(*args, callback=lambda step: stamps.append(time.perf_counter()), **kwargs)
@@ -96,14 +96,11 @@ def _timed_training(train, steps, *args, **kwargs):
 
 def run_case(case, grid, device, steps, work, ddpm_measured):
     """One measurement in this process; returns a dict (printed as JSON by the child)."""
-    import torch
-
     from brainsynth.generators import image_generator as IG
     from brainsynth.generators import label_generator as LG
 
     work = Path(work)
     inputs = json.loads((work / "inputs.json").read_text())
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     lcfg = _config(grid, LG)
     lcfg.update(device=device, checkpoint_every=10**9, log_every=10**9)
     lcfg["vae"].update(steps=steps, adv_warmup_steps=0, perceptual_weight=0.0)  # full loss from step 1
@@ -114,12 +111,12 @@ def run_case(case, grid, device, steps, work, ddpm_measured):
     icfg["weights"] = dict(icfg["weights"], perceptual=0.0, modality=icfg["weights"].get("modality", 0.0))
     out = {}
     if case == "label_vae":
-        out = _timed_training(LG.train_label_vae, steps, inputs["labels"], lcfg, work / "label")
+        out = _timed_training(LG.train_label_vae, inputs["labels"], lcfg, work / "label")
     elif case == "label_ldm":
-        out = _timed_training(LG.train_label_ldm, steps, work / "label" / "label_vae.pt", inputs["labels"],
+        out = _timed_training(LG.train_label_ldm, work / "label" / "label_vae.pt", inputs["labels"],
                               inputs["conditioning"], lcfg, work / "label")
     elif case == "image_generator":
-        out = _timed_training(IG.train_image_generator, steps, inputs["labels"], inputs["images"], icfg,
+        out = _timed_training(IG.train_image_generator, inputs["labels"], inputs["images"], icfg,
                               work / "image")
     elif case == "sample_labels":
         vae, ldm = work / "label" / "label_vae.pt", work / "label" / "label_ldm.pt"
@@ -149,7 +146,7 @@ def run_case(case, grid, device, steps, work, ddpm_measured):
         IG.generate_images(work / "image" / "image_generator.pt", prob, styles, device=device)  # warm-up
         t0 = time.perf_counter()
         IG.generate_images(work / "image" / "image_generator.pt", prob, styles, device=device)
-        out["per_volume_s"] = (time.perf_counter() - t0)  # all modalities of one subject
+        out["per_volume_s"] = time.perf_counter() - t0  # all modalities of one subject
         out["modalities"] = len(styles)
     out.update(_peak())
     return out
