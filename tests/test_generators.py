@@ -475,3 +475,29 @@ def test_ldm_prediction_types_train_and_sample(models, cohort, tmp_path, kind):
     with pytest.raises(InputError, match="ldm.prediction_type"):
         LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"],
                            _cfg(LABEL_CFG, ldm={"prediction_type": "x0"}), tmp_path / "bad")
+
+
+def test_rare_class_patches_and_weights():
+    # 2 subjects, 3 classes: background, a common class, a rare one only in subject 1
+    data = torch.zeros(2, 3, 16, 16, 16)
+    data[:, 0] = 1
+    data[:, 0, :4], data[:, 1, :4] = 0, 1
+    data[1, :, 12, 12, 12] = torch.tensor([0.0, 0.0, 1.0])
+    frequency = data.mean(dim=(0, 2, 3, 4))
+    assert float(frequency[2]) < LG.RARE_CLASS_FREQUENCY
+    centres = LG.rare_class_voxels(data, [2])
+    assert list(centres) == [1] and centres[1][0].tolist() == [[12, 12, 12]]
+    torch.manual_seed(0)
+    # fraction 1: every patch of subject 1 holds the rare voxel, clipped to the grid
+    for _ in range(20):
+        o = LG.patch_origin([16, 16, 16], [8, 8, 8], centres[1], 1.0)
+        assert all(0 <= a <= 8 and a <= 12 < a + 8 for a in o), o
+    # fraction 0 or no rare voxel: uniform patches, some of which miss it
+    origins = [LG.patch_origin([16, 16, 16], [8, 8, 8], centres.get(0), 1.0) for _ in range(50)]
+    assert any(not all(a <= 12 < a + 8 for a in o) for o in origins)
+    # inverse sqrt frequency: the rare class weighs most, mean 1 over present classes
+    w = LG.class_weights(frequency, "inverse_sqrt_frequency")
+    assert float(w[2]) > float(w[1]) > float(w[0]) and float(w.mean()) == pytest.approx(1.0)
+    assert LG.class_weights(frequency, "none") is None
+    with pytest.raises(InputError, match="class_weighting"):
+        LG.class_weights(frequency, "inverse")

@@ -160,11 +160,28 @@ def test_synthetic_arms_follow_synthesis_switch(tmp_path):
     assert inputs["R50S50"].count("synthesis/samples") == 8 and inputs["R50S50"].count("preprocessing/grid") == 8
 
 
+def test_task_leaves_out_the_arms_it_excludes(tmp_path):
+    # the demo leaves S out of the WMH task: its label generator makes no WMH at 4 mm
+    cfg = seg_config(tasks=["tumour", "wmh"], task_definitions={"wmh": {"exclude_arms": ["Rhalf", "S"]}})
+    code, out = run_snakemake(tmp_path, "-n", config=cfg)
+    assert code == 0, out[-3000:]
+    by_rule = jobs_by_rule(out)
+    for rule in ("assemble_nnunet_dataset", "plan_nnunet", "train_segmentation", "predict_segmentation",
+                 "score_segmentation"):
+        assert by_rule[rule] == ["task=tumour, arm=R", "task=tumour, arm=Rhalf", "task=wmh, arm=R"], rule
+    tables = [b for b in re.split(r"\n(?=rule )", out) if b.startswith("rule segmentation_table")]
+    wmh = [b for b in tables if "task=wmh" in b]
+    assert wmh and all("wmh/R/scores.tsv" in b and "Rhalf" not in b for b in wmh)
+    assert all("tumour/Rhalf/scores.tsv" in b for b in tables if "task=tumour" in b)
+
+
 @pytest.mark.parametrize("change,expect", [
     ({"arms": ["R", "nope"]}, "['nope'] not defined"),
     ({"recipes": {"Rhalf": {"real": 0.5, "synthetic": 3.0}}, "arms": ["Rhalf"]}, "synthesis.n_samples"),
     ({"tasks": ["wmh", "bad"], "task_definitions": {"bad": {"classes": {"x": ["nonsense"]}}}},
      "unknown schema class 'nonsense'"),
+    ({"task_definitions": {"wmh": {"exclude_arms": ["R", "nope"]}}},
+     "task 'wmh' excludes arms ['nope'] that are not defined"),
 ])
 def test_bad_segmentation_config_is_named(tmp_path, change, expect):
     cfg = seg_config(**change)

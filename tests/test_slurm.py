@@ -27,15 +27,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from workflow_support import REPO, TINY, planned_jobs, run_snakemake
+from workflow_support import REPO, TINY, local_rules, planned_jobs, run_snakemake
 
 sys.path.insert(0, str(Path(__file__).parent / "hpc"))
 import slurm_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-# rules without an action run on the submit host, never through sbatch
-LOCAL_RULES = {"all"}
 # the subject compared with a local run: site_c (far OOD, coarsest voxels, most noise)
 SUBJECT = "demo004"
 
@@ -121,7 +119,7 @@ def test_tiny_dag_through_slurm_matches_local_run(cluster, tmp_path, monkeypatch
     code, out = run_snakemake(work, "-n", "--profile", str(profile), config=TINY)
     assert code == 0, out[-4000:]
     planned = planned_jobs(out)
-    remote = {r: n for r, n in planned.items() if r not in LOCAL_RULES}
+    remote = {r: n for r, n in planned.items() if r not in local_rules()}
 
     # The local run of one subject's chain (template, cohort, input check, N4, registration,
     # skull strip, working grid) runs alongside: it fills the CPU while the executor waits

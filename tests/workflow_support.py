@@ -59,6 +59,26 @@ def run_snakemake(workdir, *args, config=None, check=False, timeout=1500):
     return proc.returncode, out
 
 
+def local_rules():
+    """Rules Snakemake runs on the submit host, never through a cluster executor: those marked
+    `localrule: True` or named in `localrules:`, and those without an action (`all`)."""
+    sources = [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
+    text = "\n".join(p.read_text() for p in sources)
+    local = set()
+    for m in re.finditer(r"^localrules:\s*(.+)$", text, re.M):
+        local |= {name.strip() for name in m.group(1).split(",") if name.strip()}
+    blocks = re.split(r"^(?=rule \w+:)", text, flags=re.M)
+    for block in blocks:
+        m = re.match(r"rule (\w+):", block)
+        if not m:
+            continue
+        body = block.split("\n\n\n")[0]  # a rule ends at the next blank-line-separated block
+        actions = re.search(r"^\s+(script|shell|run|notebook|wrapper):", body, re.M)
+        if re.search(r"^\s+localrule:\s*True", body, re.M) or not actions:
+            local.add(m.group(1))
+    return local
+
+
 def planned_jobs(output):
     """Rule -> count from the 'Job stats' table of a dry run."""
     jobs = {}

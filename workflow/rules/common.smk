@@ -165,22 +165,33 @@ def _seg_design():
     if dropped:
         sys.stderr.write(f"synthesis.enabled is false: arms {dropped} (synthetic data) are left out\n")
     tasks = list(SEGCFG.get("tasks", []))
+    task_arms = {}
+    for t in tasks:
+        excluded = task_defs[t].get("exclude_arms") or []
+        stray = [a for a in excluded if a not in recipes]
+        if stray:
+            raise InputError(f"task {t!r} excludes arms {stray} that are not defined",
+                             field=f"segmentation.task_definitions.{t}.exclude_arms",
+                             fix="name arms defined under segmentation.recipes")
+        task_arms[t] = [a for a in arms if a not in excluded]
     design = {
         "tasks": tasks,
         "arms": arms,
+        "task_arms": task_arms,
         "cases": {a: seg_design.arm_cases(recipes[a], real_ids, synth_ids, config["seed"], a) for a in arms},
         "groups": {t: seg_design.task_classes(task_defs[t], SCHEMA, t) for t in tasks},
         "test_sets": seg_design.test_sets(SUBJECTS, SEGCFG.get("test_sets_by", "role")) if tasks else {},
         # positions in the run lists (lists are replaced, never merged, by --configfile)
         "ids": {(t, a): seg_design.dataset_id(t, a, tasks, SEGCFG.get("arms", []),
                                               (SEGCFG.get("nnunet") or {}).get("dataset_id_base", 100))
-                for t in tasks for a in arms},
+                for t in tasks for a in task_arms[t]},
     }
     if tasks and arms and not design["test_sets"]:
         raise InputError("no test subjects (split == test)", field="segmentation",
                          fix="mark test subjects in the sample sheet or set segmentation.tasks: []")
     ref = SEGCFG.get("reference_arm")
-    design["reference_arm"] = ref if ref in arms else (arms[0] if arms else None)
+    design["reference_arm"] = {t: ref if ref in task_arms[t] else (task_arms[t][0] if task_arms[t] else None)
+                               for t in tasks}
     return design
 
 
@@ -207,6 +218,11 @@ def seg_case_files(arm):
     return cases
 
 
+def seg_task_arms(task):
+    """The arms ``task`` runs: segmentation.arms less its task_definitions entry's exclude_arms."""
+    return SEG_DESIGN["task_arms"][task]
+
+
 def seg_metrics(task):
     """Metrics with a table and a figure for ``task`` (fp_tum for tasks that define it)."""
     metrics = list((SEGCFG.get("tables") or {}).get("metrics", ["dice"]))
@@ -220,6 +236,6 @@ def seg_metrics(task):
 def segmentation_targets():
     if not SEG_TASKS or not SEG_ARMS:
         return []
-    return [f"{R}/{kind}/{t}_{m}.{ext}" for t in SEG_TASKS for m in seg_metrics(t)
+    return [f"{R}/{kind}/{t}_{m}.{ext}" for t in SEG_TASKS if seg_task_arms(t) for m in seg_metrics(t)
             for kind, ext in (("tables", "csv"), ("figures", "png"))]
 # ============================================================ end segmentation stage helpers

@@ -22,8 +22,20 @@ def style_subjects():
     """Real subjects whose images give the styles (by site role, or all training subjects)."""
     roles = SYNCFG.get("style_roles")
     if roles and "role" in SUBJECTS.columns:
-        return [s for s in SUBJECT_IDS if SUBJECTS.loc[s, "role"] in roles]
+        return [s for s in SUBJECT_IDS if subject_value(s, "role") in roles]
     return generator_training_subjects()
+
+
+# Plain paths of the trained models and samples: consumers list them next to long file
+# lists, and a `rules.<name>.output` reference there costs Snakemake a scan of those lists
+# per file when the DAG is built (quadratic in the number of subjects).
+LABEL_VAE = f"{GEN}/label_generator/label_vae.pt"
+LABEL_LDM = f"{GEN}/label_generator/label_ldm.pt"
+IMAGE_GENERATOR = f"{GEN}/image_generator/image_generator.pt"
+
+
+def synthetic_files():
+    return [f"{SYN}/samples/{sid}/{f}.nii.gz" for sid in synthetic_ids() for f in MODALITIES + ["label", "labelprob"]]
 
 
 def tissue_maps(subjects):
@@ -35,7 +47,7 @@ rule train_label_vae:
     input:
         tissue=tissue_maps(generator_training_subjects()),
     output:
-        model=f"{GEN}/label_generator/label_vae.pt",
+        model=LABEL_VAE,
         config=f"{GEN}/label_generator/label_vae_config.json",
         losses=f"{GEN}/label_generator/label_vae_losses.tsv",
         curve=report(f"{GEN}/label_generator/label_vae_losses.png", category="Generators"),
@@ -55,11 +67,11 @@ rule train_label_vae:
 rule train_label_ldm:
     """Latent diffusion on the VAE latents, cross-attention conditioned on dc_jl."""
     input:
-        vae=rules.train_label_vae.output.model,
+        vae=LABEL_VAE,
         tissue=tissue_maps(generator_training_subjects()),
         conditioning=f"{PP}/lesion_proportions.tsv",
     output:
-        model=f"{GEN}/label_generator/label_ldm.pt",
+        model=LABEL_LDM,
         config=f"{GEN}/label_generator/label_ldm_config.json",
         losses=f"{GEN}/label_generator/label_ldm_losses.tsv",
         curve=report(f"{GEN}/label_generator/label_ldm_losses.png", category="Generators"),
@@ -84,7 +96,7 @@ rule train_image_generator:
         tissue=tissue_maps(generator_training_subjects()),
         images=[f"{PP}/grid/{s}/{m}.nii.gz" for m in MODALITIES for s in generator_training_subjects()],
     output:
-        model=f"{GEN}/image_generator/image_generator.pt",
+        model=IMAGE_GENERATOR,
         config=f"{GEN}/image_generator/image_generator_config.json",
         losses=f"{GEN}/image_generator/image_generator_losses.tsv",
         curve=report(f"{GEN}/image_generator/image_generator_losses.png", category="Generators"),
@@ -106,14 +118,13 @@ rule train_image_generator:
 rule sample_synthetic:
     """N synthetic (label, T1/T2/FLAIR) subjects on the working grid + manifest + montage."""
     input:
-        vae=rules.train_label_vae.output.model,
-        ldm=rules.train_label_ldm.output.model,
-        image_generator=rules.train_image_generator.output.model,
+        vae=LABEL_VAE,
+        ldm=LABEL_LDM,
+        image_generator=IMAGE_GENERATOR,
         reference=template_file("t1"),
         styles=[f"{PP}/grid/{s}/{m}.nii.gz" for s in style_subjects() for m in MODALITIES],
     output:
-        samples=[f"{SYN}/samples/{sid}/{f}.nii.gz" for sid in synthetic_ids()
-                 for f in MODALITIES + ["label", "labelprob"]],
+        samples=synthetic_files(),
         manifest=f"{SYN}/manifest.tsv",
         montage=report(f"{SYN}/montage.png", category="Generators",
                        caption="../report/synthetic_montage.rst"),
@@ -136,7 +147,7 @@ rule sample_synthetic:
 rule synthesis_quality:
     """MS-SSIM diversity, MMD, memorisation (nearest real subject) and class volume fractions."""
     input:
-        samples=rules.sample_synthetic.output.samples,
+        samples=synthetic_files(),
         real=[f"{PP}/grid/{s}/{f}.nii.gz" for s in generator_training_subjects()
               for f in MODALITIES + ["tissue_prob"]],
     output:

@@ -41,6 +41,8 @@ rule inputs_validated:
         rules.validate_inputs.output[0],
     output:
         f"{PP}/input_check.tsv",
+    log:
+        f"{LOGS}/preprocessing/inputs_validated.log",
     localrule: True
     run:
         import shutil
@@ -49,6 +51,8 @@ rule inputs_validated:
 
         with atomic_path(output[0]) as tmp:
             shutil.copyfile(input[0], tmp)
+        with open(log[0], "w") as f:
+            f.write(f"{input[0]} -> {output[0]}\n")
 
 
 rule n4_bias_correct:

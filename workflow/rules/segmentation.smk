@@ -9,6 +9,7 @@
 #       plans.json            the nnU-Net plans used (copy)
 #       model.json            trained model: folder, checkpoint, training length, time
 #       predictions/<test_set>/<subject>.nii.gz   task labels
+#       predictions.tsv       subject, test set, prediction path (written after all of them)
 #       scores.tsv            long score table (brainsynth.metrics)
 #   results/<exp>/tables/<task>_<metric>.{csv,md,tex}, <task>_<metric>_pvalues.csv
 #   results/<exp>/figures/<task>_<metric>.png
@@ -34,6 +35,16 @@ def _seg_train(task, key, default=None):
     return per_task[key] if key in per_task else NNCFG.get(key, default)
 
 
+# Plain paths of one (task, arm)'s files, not `rules.<name>.output` references: next to the
+# long per-subject input lists those cost Snakemake a scan of the lists per file (quadratic
+# in the number of subjects when the DAG is built).
+ARM_DIR = f"{SEG}/{{task}}/{{arm}}"
+ARM_DATASET = f"{ARM_DIR}/dataset.json"
+ARM_PLANS = f"{ARM_DIR}/plans.json"
+ARM_MODEL = f"{ARM_DIR}/model.json"
+ARM_PREDICTIONS = f"{ARM_DIR}/predictions.tsv"
+
+
 def _seg_plans_identifier():
     return NNCFG.get("plans_identifier") or ("nnUNetPlansDemo" if NNCFG.get("plans_overrides") else "nnUNetPlans")
 
@@ -44,7 +55,7 @@ rule assemble_nnunet_dataset:
         lambda wc: [f for spec in seg_case_files(wc.arm).values()
                     for f in [spec["label"], *spec["images"].values()]],
     output:
-        dataset=f"{SEG}/{{task}}/{{arm}}/dataset.json",
+        dataset=ARM_DATASET,
         labels=directory(f"{SEG}/{{task}}/{{arm}}/labels"),
         raw=directory(f"{SEG}/{{task}}/{{arm}}/nnunet/raw"),
     params:
@@ -67,9 +78,9 @@ rule assemble_nnunet_dataset:
 rule plan_nnunet:
     """nnU-Net fingerprint, integrity check, planning (small derived plans) and preprocessing."""
     input:
-        dataset=rules.assemble_nnunet_dataset.output.dataset,
+        dataset=ARM_DATASET,
     output:
-        plans=f"{SEG}/{{task}}/{{arm}}/plans.json",
+        plans=ARM_PLANS,
     params:
         configuration=NNCFG.get("configuration", "3d_fullres"),
         plans_overrides=NNCFG.get("plans_overrides"),
@@ -88,10 +99,10 @@ rule plan_nnunet:
 rule train_segmentation:
     """nnU-Net training of one (task, arm) (nnUNetTrainerBrainsynth: configurable length)."""
     input:
-        dataset=rules.assemble_nnunet_dataset.output.dataset,
-        plans=rules.plan_nnunet.output.plans,
+        dataset=ARM_DATASET,
+        plans=ARM_PLANS,
     output:
-        model=f"{SEG}/{{task}}/{{arm}}/model.json",
+        model=ARM_MODEL,
         results=directory(f"{SEG}/{{task}}/{{arm}}/nnunet/results"),
     params:
         configuration=NNCFG.get("configuration", "3d_fullres"),
@@ -103,6 +114,7 @@ rule train_segmentation:
         val_iterations_per_epoch=lambda wc: _seg_train(wc.task, "val_iterations_per_epoch"),
         final_validation=NNCFG.get("final_validation", False),
         device=NNCFG.get("device", "auto"),
+        seed=config["seed"],
     log:
         f"{LOGS}/segmentation/{{task}}/{{arm}}/train_segmentation.log",
         nnunet=f"{LOGS}/segmentation/{{task}}/{{arm}}/train_segmentation.nnunet.log",
@@ -117,10 +129,12 @@ rule train_segmentation:
 rule predict_segmentation:
     """The arm's model on every test subject (all test sets, one model load)."""
     input:
-        model=rules.train_segmentation.output.model,
+        model=ARM_MODEL,
         images=[f"{R}/preprocessing/grid/{s}/{m}.nii.gz" for _, s in SEG_TEST_CASES for m in MODALITIES],
     output:
-        [f"{SEG}/{{task}}/{{arm}}/predictions/{ts}/{s}.nii.gz" for ts, s in SEG_TEST_CASES],
+        predictions=[f"{ARM_DIR}/predictions/{ts}/{s}.nii.gz" for ts, s in SEG_TEST_CASES],
+        # written last: the scoring job depends on this one file, not on every prediction
+        manifest=ARM_PREDICTIONS,
     params:
         cases=[{"case_id": s, "test_set": ts,
                 "images": {m: f"{R}/preprocessing/grid/{s}/{m}.nii.gz" for m in MODALITIES}}
@@ -141,7 +155,7 @@ rule predict_segmentation:
 rule score_segmentation:
     """Long score table of one (task, arm): per test subject, class and metric."""
     input:
-        predictions=rules.predict_segmentation.output,
+        predictions=ARM_PREDICTIONS,
         truth=[f"{R}/preprocessing/grid/{s}/label.nii.gz" for _, s in SEG_TEST_CASES],
     output:
         f"{SEG}/{{task}}/{{arm}}/scores.tsv",
@@ -168,7 +182,7 @@ rule score_segmentation:
 rule segmentation_table:
     """One metric of one task across arms: mean (std) table vs the reference arm + box plots."""
     input:
-        expand(f"{SEG}/{{{{task}}}}/{{arm}}/scores.tsv", arm=SEG_ARMS),
+        lambda wc: [f"{SEG}/{wc.task}/{a}/scores.tsv" for a in seg_task_arms(wc.task)],
     output:
         csv=report(f"{R}/tables/{{task}}_{{metric}}.csv", caption="../report/segmentation_table.rst",
                    category="Segmentation", subcategory="{task}", labels={"task": "{task}", "metric": "{metric}",
@@ -180,8 +194,8 @@ rule segmentation_table:
                       category="Segmentation", subcategory="{task}", labels={"task": "{task}", "metric": "{metric}",
                                                                               "kind": "figure"}),
     params:
-        arms=SEG_ARMS,
-        reference_arm=SEG_DESIGN["reference_arm"],
+        arms=lambda wc: seg_task_arms(wc.task),
+        reference_arm=lambda wc: SEG_DESIGN["reference_arm"][wc.task],
         test_sets=list(SEG_TEST_SETS),
         test=TABCFG.get("test", "auto"),
         alpha=TABCFG.get("alpha", 0.05),

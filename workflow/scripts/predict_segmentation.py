@@ -6,15 +6,17 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
+import pandas as pd
+
 from brainsynth import segmentation as seg
-from brainsynth.io import run_main
+from brainsynth.io import run_main, save_table
 
 log = logging.getLogger("brainsynth")
 
 
 def main(sm):
     model = json.loads(Path(sm.input.model).read_text())
-    outputs = {Path(o).name[: -len(".nii.gz")]: Path(o) for o in sm.output}
+    outputs = {Path(o).name[: -len(".nii.gz")]: Path(o) for o in sm.output.predictions}
     by_set = defaultdict(list)
     for case in sm.params.cases:
         by_set[case["test_set"]].append({"case_id": case["case_id"], "images": case["images"]})
@@ -28,6 +30,9 @@ def main(sm):
                 if Path(path).resolve() != outputs[cid].resolve():
                     raise RuntimeError(f"prediction of {cid} written to {path}, expected {outputs[cid]}")
             log.info("%s: %d cases predicted into %s", test_set, len(written), out_dir)
+    save_table(pd.DataFrame([{"subject": c["case_id"], "test_set": c["test_set"],
+                              "prediction": str(outputs[c["case_id"]])} for c in sm.params.cases]),
+               sm.output.manifest)
 
 
 run_main(main, snakemake)  # noqa: F821

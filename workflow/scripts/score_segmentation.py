@@ -4,6 +4,7 @@ import logging
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 
 from brainsynth import experiment as design
 from brainsynth.io import run_main, save_table
@@ -15,8 +16,11 @@ log = logging.getLogger("brainsynth")
 def main(sm):
     groups = sm.params.classes
     inverse = design.inverse_lut(groups)  # task label -> schema value
+    manifest = pd.read_csv(sm.input.predictions, sep="\t", dtype=str)
+    predictions = dict(zip(zip(manifest["test_set"], manifest["subject"]), manifest["prediction"]))
     pairs = []
-    for rec, pred, truth in zip(sm.params.subjects, sm.input.predictions, sm.input.truth):
+    for rec, truth in zip(sm.params.subjects, sm.input.truth):
+        pred = predictions[(rec["test_set"], rec["subject"])]
         arr = design.apply_lut(np.asarray(nib.load(pred).dataobj), inverse, what=pred)
         pairs.append({**rec, "pred": arr, "truth": truth})
     df = score_cohort(pairs, groups, with_hd95=sm.params.hd95, fp_tum=sm.params.fp_tum,

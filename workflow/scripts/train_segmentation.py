@@ -24,7 +24,7 @@ def main(sm):
                        plans=p.plans_identifier, epochs=p.epochs, iterations_per_epoch=p.iterations_per_epoch,
                        val_iterations_per_epoch=p.val_iterations_per_epoch, device=device,
                        num_processes=sm.threads, n_proc_da=n_proc_da, threads=sm.threads,
-                       final_validation=p.final_validation, seed=p.get("seed", 0), log=sm.log.nnunet)
+                       final_validation=p.final_validation, seed=p.seed, log=sm.log.nnunet)
     seconds = time.monotonic() - start
     fold_dir = folder / f"fold_{p.fold}"
     log.info("trained %s in %.0f s on %s (%d threads)", folder, seconds, device, sm.threads)

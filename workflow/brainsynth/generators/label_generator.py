@@ -60,6 +60,10 @@ vae.patch_size                  null (whole maps) or random crops of this size (
 vae.steps / vae.batch_size      optimisation steps / volumes (or slices) per step
 vae.lr / vae.disc_lr            Adam learning rates of autoencoder / discriminator
 vae.focal_gamma                 focal loss gamma
+vae.class_weighting             focal-loss class weights: inverse_sqrt_frequency (rare classes such as
+                                lesions count more) or none
+vae.rare_class_oversample       share of patches centred on a voxel of a rare class (< 1% of the
+                                training voxels; nnU-Net's foreground oversampling); 0: uniform
 vae.kl_weight                   weight of the KL term
 vae.adv_weight                  weight of the adversarial term (0 disables the GAN)
 vae.adv_warmup_steps            steps before the discriminator is switched on
@@ -132,6 +136,8 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "lr": 1e-3,
         "disc_lr": 1e-3,
         "focal_gamma": 2.0,
+        "class_weighting": "none",
+        "rare_class_oversample": 0.5,
         "kl_weight": 1e-6,
         "adv_weight": 0.01,
         "adv_warmup_steps": 100,
@@ -397,6 +403,46 @@ def _slice_conditioning(maps2d, types, schema):
 # --------------------------------------------------------------------------- VAE training
 
 
+# A class below this share of the training voxels (lesions, small structures) is "rare":
+# random patches seldom hold it, so the focal loss alone lets the VAE drop it.
+RARE_CLASS_FREQUENCY = 0.01
+
+
+def class_weights(frequency, mode):
+    """Per-class focal-loss weights from the training class frequencies (mean 1 over present
+    classes); ``none``: unweighted. Absent classes get weight 0 (nothing to learn)."""
+    if mode in (None, "none"):
+        return None
+    if mode != "inverse_sqrt_frequency":
+        raise InputError(f"unknown class_weighting {mode!r}", field="label_generator.vae.class_weighting",
+                         fix="use none or inverse_sqrt_frequency")
+    f = frequency.double()
+    w = torch.where(f > 0, 1.0 / f.clamp_min(1e-12).sqrt(), torch.zeros_like(f))
+    return (w / w[f > 0].mean()).float()
+
+
+def rare_class_voxels(data, rare):
+    """subject index -> list of (V, D) voxel positions, one per rare class the subject has."""
+    out = {}
+    for i in range(data.shape[0]):
+        per_class = [torch.nonzero(data[i, c].float() > 0.5) for c in rare]
+        per_class = [pos for pos in per_class if len(pos)]
+        if per_class:
+            out[i] = per_class
+    return out
+
+
+def patch_origin(shape, patch, centres, fraction):
+    """Corner of a random patch; with probability ``fraction`` (and when the subject has
+    rare-class voxels) the patch is centred on a voxel of one of its rare classes, the class
+    drawn first so the rarest count as much as the others (nnU-Net's foreground oversampling)."""
+    if centres is not None and float(torch.rand(())) < fraction:
+        voxels = centres[int(torch.randint(len(centres), (1,)))]
+        c = voxels[int(torch.randint(len(voxels), (1,)))]
+        return [int(min(max(int(ci) - p // 2, 0), s - p)) for ci, s, p in zip(c, shape, patch)]
+    return [int(torch.randint(0, s - p + 1, (1,))) for s, p in zip(shape, patch)]
+
+
 def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callback=None):
     """Train the label autoencoder. Returns a dict of output paths (``model``, ``config``,
     ``losses_tsv``, ``losses_png``) or, when stopped by ``max_steps_this_run``, ``{"completed": False}``.
@@ -435,7 +481,14 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     use_adv = float(v["adv_weight"]) > 0
     disc = PatchDiscriminator(spatial_dims=sd, channels=int(v["disc_channels"]), in_channels=n_classes,
                               num_layers_d=int(v["disc_layers"]), out_channels=1).to(device)
-    focal = FocalLoss(use_softmax=True, gamma=float(v["focal_gamma"]))
+    frequency = data.float().mean(dim=tuple(d for d in range(data.ndim) if d != 1))
+    weight = class_weights(frequency, v["class_weighting"])
+    rare = [c for c in range(n_classes) if 0 < float(frequency[c]) < RARE_CLASS_FREQUENCY]
+    centres = rare_class_voxels(data, rare) if patch is not None and float(v["rare_class_oversample"]) > 0 else {}
+    log.info("class frequencies %s; focal weights %s; rare classes %s (patches centred on them: %.0f%%)",
+             np.round(frequency.numpy(), 5).tolist(), None if weight is None else np.round(weight.numpy(), 2).tolist(),
+             rare, 100 * float(v["rare_class_oversample"]) if centres else 0)
+    focal = FocalLoss(use_softmax=True, gamma=float(v["focal_gamma"]), weight=weight)
     adv_loss = PatchAdversarialLoss(criterion="least_squares")
     perc = C.build_perceptual(sd, v["perceptual_weight"], v["perceptual_weights_path"], "label_generator.vae")
     if perc is not None:
@@ -453,7 +506,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
         if patch is not None:
             crops = []
             for b in range(bs):
-                pos = [int(torch.randint(0, s - p + 1, (1,))) for s, p in zip(padded, patch)]
+                pos = patch_origin(padded, patch, centres.get(int(idx[b])), float(v["rare_class_oversample"]))
                 crops.append(x[(b, slice(None)) + tuple(slice(o, o + p) for o, p in zip(pos, patch))])
             x = torch.stack(crops)
         x = x.to(device).float()
