@@ -329,6 +329,43 @@ def test_sample_synthetic_writes_subjects(models, cohort, tmp_path):
     pd.testing.assert_frame_equal(man, pd.read_csv(tmp_path / "b" / "manifest.tsv", sep="\t"))
 
 
+def test_restyle_synthetic_keeps_labels_and_changes_styles(models, cohort, tmp_path):
+    styles = [{"subject": f"sub{i}", "t1": cohort["image_paths"]["t1"][i], "t2": cohort["image_paths"]["t2"][i]}
+              for i in range(4)]
+    S.sample_synthetic(label_vae=models["vae"]["model"], label_ldm=models["ldm"]["model"],
+                       image_generator=models["img"]["model"], style_subjects=styles[:2], n=2,
+                       reference=cohort["label_paths"][0], seed=4, steps=3, out_dir=tmp_path / "base")
+    # other styles: brighter versions of subjects 2 and 3 (a "site" with another contrast)
+    shifted = []
+    for i in (2, 3):
+        row = {"subject": f"far{i}"}
+        for m in ("t1", "t2"):
+            img = nib.load(cohort["image_paths"][m][i])
+            p = tmp_path / f"far{i}_{m}.nii.gz"
+            nib.save(nib.Nifti1Image(np.clip(img.get_fdata(dtype=np.float32) * 1.8, 0, 1), img.affine), p)
+            row[m] = str(p)
+        shifted.append(row)
+    kw = dict(image_generator=models["img"]["model"], samples_dir=tmp_path / "base" / "samples",
+              subjects=["syn0001", "syn0002"], style_subjects=shifted, reference=cohort["label_paths"][0], seed=4)
+    man = S.restyle_synthetic(out_dir=tmp_path / "far", **kw)
+    assert list(man["subject"]) == ["syn0001", "syn0002"]
+    assert set(man["style_t1"]) <= {"far2", "far3"} and set(man["style_t2"]) <= {"far2", "far3"}
+    assert (tmp_path / "far" / "montage.png").stat().st_size > 0
+    assert not (tmp_path / "far" / "samples" / "syn0001" / "label.nii.gz").exists()  # labels stay in the base set
+    for sid in ("syn0001", "syn0002"):
+        base = nib.load(tmp_path / "base" / "samples" / sid / "t1.nii.gz")
+        far = nib.load(tmp_path / "far" / "samples" / sid / "t1.nii.gz")
+        assert far.shape == base.shape and np.allclose(far.affine, base.affine)
+        assert not np.array_equal(far.get_fdata(), base.get_fdata())
+    # deterministic per seed
+    S.restyle_synthetic(out_dir=tmp_path / "again", **kw)
+    np.testing.assert_array_equal(nib.load(tmp_path / "far" / "samples" / "syn0002" / "t2.nii.gz").get_fdata(),
+                                  nib.load(tmp_path / "again" / "samples" / "syn0002" / "t2.nii.gz").get_fdata())
+    # a missing label map is named
+    with pytest.raises(InputError, match="syn0009"):
+        S.restyle_synthetic(out_dir=tmp_path / "bad", **{**kw, "subjects": ["syn0009"]})
+
+
 # --------------------------------------------------------------------------- quality
 
 

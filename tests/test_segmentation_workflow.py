@@ -160,6 +160,44 @@ def test_synthetic_arms_follow_synthesis_switch(tmp_path):
     assert inputs["R50S50"].count("synthesis/samples") == 8 and inputs["R50S50"].count("preprocessing/grid") == 8
 
 
+def test_style_set_arm_reads_restyled_images_and_shared_labels(tmp_path):
+    # domain shift: Hfar trains on the same synthetic labels as H, imaged in far-OOD styles
+    # the default config's far-OOD set (far-ood: [far_ood]) and one more by site name
+    cfg = seg_config(arms=["H", "Hfar"])
+    cfg["synthesis"] = {"enabled": True, "n_samples": 2, "style_sets": {"b": ["site_b"]}}
+    code, out = run_snakemake(tmp_path, "-n", config=cfg)
+    assert code == 0, out[-3000:]
+    by_rule = jobs_by_rule(out)
+    assert by_rule["restyle_synthetic"] == ["style_set=b", "style_set=far-ood"]  # every set is made
+    blocks = [b for b in re.split(r"\n(?=rule )", out) if b.startswith("rule ")]
+    assemble = {re.search(r"arm=(\w+)", b).group(1): re.search(r"input: (.*)", b).group(1)
+                for b in blocks if b.startswith("rule assemble_nnunet_dataset")}
+    assert "synthesis/samples/synth0002/label.nii.gz" in assemble["Hfar"]
+    assert "synthesis/style_sets/far-ood/samples/synth0002/t1.nii.gz" in assemble["Hfar"]
+    assert "synthesis/samples/synth0002/t1.nii.gz" not in assemble["Hfar"]
+    assert "style_sets" not in assemble["H"]
+    # the far-OOD set is styled by the far-OOD site's subject (site_c), the other by site_b's
+    restyle = {re.search(r"style_set=([\w-]+)", b).group(1): re.search(r"input: (.*)", b).group(1)
+               for b in blocks if b.startswith("rule restyle_synthetic")}
+    assert "grid/demo006/t1.nii.gz" in restyle["far-ood"] and "grid/demo005/" not in restyle["far-ood"]
+    assert "grid/demo005/flair.nii.gz" in restyle["b"] and "grid/demo006/" not in restyle["b"]
+    assert "synthesis/samples/synth0001/labelprob.nii.gz" in restyle["far-ood"]
+
+
+@pytest.mark.parametrize("style_sets,recipe,expect", [
+    ({"far": ["far_ood"]}, {"real": 1.0, "synthetic": 1.0, "style_set": "nope"}, "style_set 'nope' is not defined"),
+    ({"far": ["far_ood"]}, {"real": 1.0, "style_set": "far"}, "the arm uses no synthetic case"),
+    ({"far": ["mars"]}, {"real": 1.0, "synthetic": 1.0, "style_set": "far"}, "no subject has a site or site role"),
+])
+def test_bad_style_set_is_named(tmp_path, style_sets, recipe, expect):
+    cfg = seg_config(arms=["Hx"], recipes={"Hx": recipe})
+    cfg["synthesis"] = {"enabled": True, "n_samples": 2, "style_sets": style_sets}
+    code, out = run_snakemake(tmp_path, "-n", config=cfg)
+    assert code != 0
+    assert expect in out, out[-2000:]
+    assert "Traceback" not in out
+
+
 def test_task_leaves_out_the_arms_it_excludes(tmp_path):
     # the demo leaves S out of the WMH task: its label generator makes no WMH at 4 mm
     cfg = seg_config(tasks=["tumour", "wmh"], task_definitions={"wmh": {"exclude_arms": ["Rhalf", "S"]}})

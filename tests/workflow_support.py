@@ -109,7 +109,8 @@ TINY_SEG = {
         "tasks": ["wmh"],
         "arms": ["R", "Rhalf"],
         "recipes": {"Rhalf": {"real": 0.5}},
-        "task_definitions": {"wmh": {"nnunet": {"epochs": 2}}},  # the demo gives wmh more epochs
+        # the demo gives wmh more epochs and leaves arms out of it; the tiny config does neither
+        "task_definitions": {"wmh": {"nnunet": {"epochs": 2}, "exclude_arms": []}},
         "nnunet": {"configuration": "2d", "epochs": 2, "iterations_per_epoch": 4, "val_iterations_per_epoch": 1,
                    "plans_overrides": {"base_features": 4, "max_features": 32, "max_stages": 3, "batch_size": 8}},
         "tables": {"metrics": ["dice", "hd95"]},

@@ -10,6 +10,7 @@ real training subjects (``split == train``) and the synthetic samples
     S:      {real: 0.0, synthetic: 1.0}                    # synthetic only
     H:      {real: 1.0, synthetic: 1.0}                    # real + synthetic
     R50S50: {real: 0.5, synthetic: 0.5, relative_to: real} # N_real cases, half of each
+    Hfar:   {real: 1.0, synthetic: 1.0, style_set: far-ood} # H, synthetic images in far-OOD styles
 
 ``relative_to: pool`` (default): ``n_x = round(fraction_x * pool size_x)``;
 ``relative_to: real``: both counts are fractions of the number of real
@@ -17,7 +18,9 @@ training subjects, so ``R50S50`` has as many cases as ``R`` (the paper's
 mixtures). Rounding is half-up. Which cases are used is deterministic from
 the seed and does not depend on the arm: every pool is shuffled once
 (:func:`pool_order`) and an arm takes the first ``n`` of it, so subsets are
-nested (R25 within R50 within R100) and the same for every task.
+nested (R25 within R50 within R100) and the same for every task. ``style_set``
+names a ``synthesis.style_sets`` entry: the arm's synthetic cases keep their
+labels and take their images from that set (domain-shift arms).
 
 Tasks
 -----
@@ -64,10 +67,10 @@ def _round_half_up(x):
 def arm_counts(recipe, n_real, n_synthetic, arm="?"):
     """``(n_real_cases, n_synthetic_cases)`` of one recipe; raises InputError when impossible."""
     field = f"segmentation.recipes.{arm}"
-    unknown = set(recipe) - set(POOLS) - {"relative_to"}
+    unknown = set(recipe) - set(POOLS) - {"relative_to", "style_set"}
     if unknown:
         raise InputError(f"unknown recipe keys {sorted(unknown)}", field=field,
-                         fix="use real, synthetic (fractions) and relative_to (pool|real)")
+                         fix="use real, synthetic (fractions), relative_to (pool|real) and style_set")
     rel = recipe.get("relative_to", "pool")
     if rel not in RELATIVE_TO:
         raise InputError(f"relative_to must be one of {RELATIVE_TO}, got {rel!r}", field=field,
@@ -113,6 +116,21 @@ def arm_cases(recipe, real_ids, synthetic_ids_, seed, arm="?"):
 
 def uses_synthetic(recipe):
     return float(recipe.get("synthetic", 0.0) or 0.0) > 0.0
+
+
+def style_set(recipe, style_sets, arm="?"):
+    """The synthetic image set an arm trains on: None for the sampled images, else the name of
+    a ``synthesis.style_sets`` entry (the same synthetic labels in other sites' styles)."""
+    name = recipe.get("style_set")
+    if name is None:
+        return None
+    if name not in (style_sets or {}):
+        raise InputError(f"style_set {name!r} is not defined", field=f"segmentation.recipes.{arm}.style_set",
+                         fix=f"name one of synthesis.style_sets ({sorted(style_sets or {})}) or drop the key")
+    if not uses_synthetic(recipe):
+        raise InputError(f"style_set {name!r} given but the arm uses no synthetic case",
+                         field=f"segmentation.recipes.{arm}", fix="give a synthetic fraction > 0 or drop style_set")
+    return name
 
 
 def dataset_id(task, arm, tasks, arms, base=100, stride=100):

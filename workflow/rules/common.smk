@@ -122,7 +122,8 @@ def generator_targets():
         f"{R}/synthesis/manifest.tsv",
         f"{R}/synthesis/montage.png",
         f"{R}/synthesis/quality/quality_metrics.tsv",
-    ]
+    ] + [f"{R}/synthesis/style_sets/{name}/{f}" for name in STYLE_SET_SUBJECTS
+         for f in ("manifest.tsv", "montage.png")]
 
 
 def all_targets():
@@ -140,6 +141,7 @@ from brainsynth import experiment as seg_design
 SEG = f"{R}/segmentation"
 SEGCFG = config.get("segmentation") or {}
 SYNTH_SAMPLES = f"{R}/synthesis/samples"
+STYLE_SETS = f"{R}/synthesis/style_sets"
 
 
 def _seg_design():
@@ -179,6 +181,7 @@ def _seg_design():
         "arms": arms,
         "task_arms": task_arms,
         "cases": {a: seg_design.arm_cases(recipes[a], real_ids, synth_ids, config["seed"], a) for a in arms},
+        "style_sets": {a: seg_design.style_set(recipes[a], synth_cfg.get("style_sets"), a) for a in arms},
         "groups": {t: seg_design.task_classes(task_defs[t], SCHEMA, t) for t in tasks},
         "test_sets": seg_design.test_sets(SUBJECTS, SEGCFG.get("test_sets_by", "role")) if tasks else {},
         # positions in the run lists (lists are replaced, never merged, by --configfile)
@@ -207,14 +210,18 @@ SEG_TEST_CASES = [(ts, s) for ts, subs in SEG_TEST_SETS.items() for s in subs]
 
 
 def seg_case_files(arm):
-    """``{case_id: {"source", "images": {modality: path}, "label": path}}`` of an arm's training set."""
+    """``{case_id: {"source", "images": {modality: path}, "label": path[, "style_set"]}}`` of an arm's
+    training set; an arm with a style set takes its synthetic images from that set."""
     cases = {}
     for s in SEG_DESIGN["cases"][arm]["real"]:
         cases[s] = {"source": "real", "label": f"{R}/preprocessing/grid/{s}/label.nii.gz",
                     "images": {m: f"{R}/preprocessing/grid/{s}/{m}.nii.gz" for m in MODALITIES}}
+    style_set = SEG_DESIGN["style_sets"][arm]
+    images = f"{STYLE_SETS}/{style_set}/samples" if style_set else SYNTH_SAMPLES
     for s in SEG_DESIGN["cases"][arm]["synthetic"]:
         cases[s] = {"source": "synthetic", "label": f"{SYNTH_SAMPLES}/{s}/label.nii.gz",
-                    "images": {m: f"{SYNTH_SAMPLES}/{s}/{m}.nii.gz" for m in MODALITIES}}
+                    "images": {m: f"{images}/{s}/{m}.nii.gz" for m in MODALITIES},
+                    **({"style_set": style_set} if style_set else {})}
     return cases
 
 

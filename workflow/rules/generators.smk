@@ -26,6 +26,29 @@ def style_subjects():
     return generator_training_subjects()
 
 
+def _style_set_subjects():
+    """Subjects whose images style each synthesis.style_sets entry: those whose site role or
+    site is listed. A set no subject matches is left out (an arm using it is an error)."""
+    found = {}
+    for name, keys in (SYNCFG.get("style_sets") or {}).items():
+        subjects = [s for s in SUBJECT_IDS
+                    if subject_value(s, "role") in keys or str(subject_value(s, "site")) in keys]
+        if subjects:
+            found[name] = subjects
+            continue
+        users = [a for a in SEG_ARMS if SEG_DESIGN["style_sets"][a] == name]
+        if users:
+            raise WorkflowError(f"Invalid input: synthesis.style_sets.{name}: no subject has a site or site role "
+                                f"in {keys}, but arms {users} use it (fix: list sites or roles of the subject "
+                                "table, or drop the arms)")
+        sys.stderr.write(f"synthesis.style_sets.{name}: no subject has a site or site role in {keys}; "
+                         "the set is left out\n")
+    return found
+
+
+STYLE_SET_SUBJECTS = _style_set_subjects() if synthesis_enabled() else {}
+
+
 # Plain paths of the trained models and samples: consumers list them next to long file
 # lists, and a `rules.<name>.output` reference there costs Snakemake a scan of those lists
 # per file when the DAG is built (quadratic in the number of subjects).
@@ -142,6 +165,39 @@ rule sample_synthetic:
         runtime=240,
     script:
         "../scripts/sample_synthetic.py"
+
+
+rule restyle_synthetic:
+    """The synthetic label maps imaged again in the styles of other sites (domain-shift arms)."""
+    input:
+        image_generator=IMAGE_GENERATOR,
+        reference=template_file("t1"),
+        labels=[f"{SYN}/samples/{sid}/labelprob.nii.gz" for sid in synthetic_ids()],
+        styles=lambda wc: [f"{PP}/grid/{s}/{m}.nii.gz" for s in STYLE_SET_SUBJECTS[wc.style_set]
+                           for m in MODALITIES],
+    output:
+        samples=[f"{SYN}/style_sets/{{style_set}}/samples/{sid}/{m}.nii.gz" for sid in synthetic_ids()
+                 for m in MODALITIES],
+        manifest=f"{SYN}/style_sets/{{style_set}}/manifest.tsv",
+        montage=report(f"{SYN}/style_sets/{{style_set}}/montage.png", category="Generators",
+                       caption="../report/synthetic_montage.rst"),
+    params:
+        subjects=synthetic_ids(),
+        style_subjects=lambda wc: STYLE_SET_SUBJECTS[wc.style_set],
+        modalities=MODALITIES,
+        seed=SYNCFG["seed"],
+        samples=f"{SYN}/samples",
+        out=lambda wc: f"{SYN}/style_sets/{wc.style_set}",
+    wildcard_constraints:
+        style_set="|".join(STYLE_SET_SUBJECTS) or "no-style-set",
+    log:
+        f"{LOGS}/synthesis/restyle_synthetic_{{style_set}}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    script:
+        "../scripts/restyle_synthetic.py"
 
 
 rule synthesis_quality:

@@ -29,6 +29,7 @@ def main(sm):
         counts = np.bincount(np.asarray(nib.load(dst).dataobj).ravel(), minlength=len(labels))
         cases.append({"case_id": cid, "images": spec["images"], "label": dst})
         records.append({"case_id": cid, "source": spec["source"], "label_source": spec["label"],
+                        **({"style_set": spec["style_set"]} if spec.get("style_set") else {}),
                         "voxels": {name: int(counts[v]) for name, v in labels.items() if name != "background"}})
     missing = design.check_foreground({r["case_id"]: r["voxels"] for r in records}, sm.wildcards.task,
                                       sm.wildcards.arm)

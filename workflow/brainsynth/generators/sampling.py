@@ -57,6 +57,36 @@ def _style_table(style_subjects, modalities):
     return out
 
 
+def _style_drawer(styles, modalities, spatial):
+    """``draw(seed, i)`` -> (style source per modality, style volume per modality) of sample ``i``.
+
+    One real subject per modality, drawn with ``numpy.random.default_rng([seed, i])``
+    (so a sample's style does not depend on how many samples are drawn).
+    """
+    cache = {}
+
+    def style_volume(path):
+        if path not in cache:
+            cache[path] = C.load_image(path)
+        return cache[path]
+
+    def draw(seed, i):
+        rng = np.random.default_rng([int(seed), i])
+        style_src, style_imgs = {}, {}
+        for m in modalities:
+            cands = [(s, p[m]) for s, p in styles if m in p]
+            s, p = cands[int(rng.integers(len(cands)))]
+            style_src[m] = s
+            vol = style_volume(p)
+            if vol.shape[:2] != tuple(spatial[:2]):
+                raise InputError(f"style image grid {vol.shape} differs from the generated grid {tuple(spatial)}",
+                                 file=p, fix="use preprocessed images on the working grid")
+            style_imgs[m] = vol if spatial[2] == vol.shape[2] else vol[..., vol.shape[2] // 2]
+        return style_src, style_imgs
+
+    return draw
+
+
 def write_montage(rows, modalities, n_classes, path, max_rows=8):
     """``rows``: list of (id, hard label (X,Y,Z), {modality: (X,Y,Z)}); mid-axial slices."""
     import matplotlib
@@ -125,27 +155,11 @@ def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n
         raise InputError(f"reference grid {ref.shape[:3]} differs from the generated grid {spatial}",
                          file=reference, fix="use a NIfTI of the working grid as reference")
 
-    cache = {}
-
-    def style_volume(path):
-        if path not in cache:
-            cache[path] = C.load_image(path)
-        return cache[path]
-
+    draw_styles = _style_drawer(styles, modalities, spatial)
     rows, montage_rows = [], []
     for i in range(n):
         sid = f"{id_prefix}{i + 1:04d}"
-        rng = np.random.default_rng([int(seed), i])
-        style_src, style_imgs = {}, {}
-        for m in modalities:
-            cands = [(s, p[m]) for s, p in styles if m in p]
-            s, p = cands[int(rng.integers(len(cands)))]
-            style_src[m] = s
-            vol = style_volume(p)
-            if vol.shape[:2] != spatial[:2]:
-                raise InputError(f"style image grid {vol.shape} differs from the generated grid {spatial}",
-                                 file=p, fix="use preprocessed images on the working grid")
-            style_imgs[m] = vol if spatial[2] == vol.shape[2] else vol[..., vol.shape[2] // 2]
+        style_src, style_imgs = draw_styles(seed, i)
         prob = probs[i]
         imgs = generate_images(image_generator, prob, style_imgs, seed=int(seed) * 1000 + i, device=device,
                                net=net, payload=gpay)
@@ -167,4 +181,51 @@ def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n
     save_table(manifest, out_dir / "manifest.tsv")
     if montage:
         write_montage(montage_rows, modalities, probs.shape[1], out_dir / "montage.png")
+    return manifest
+
+
+def restyle_synthetic(*, image_generator, samples_dir, subjects, style_subjects, out_dir, reference, seed=0,
+                      device="auto", montage=True):
+    """Images in other styles for synthetic label maps already drawn; returns the manifest.
+
+    The domain-shift experiment: the same synthetic labels (``samples_dir/<id>/labelprob.nii.gz``
+    of :func:`sample_synthetic`), imaged with styles from other real subjects (e.g. an
+    out-of-distribution site), so arms that differ only in style share their labels.
+    Writes ``out_dir/samples/<id>/<modality>.nii.gz``, ``out_dir/manifest.tsv``
+    (subject, seed, style_<modality>) and ``out_dir/montage.png``; style draws and
+    images are seeded as in :func:`sample_synthetic`.
+    """
+    out_dir, samples_dir = Path(out_dir), Path(samples_dir)
+    subjects = [str(s) for s in subjects]
+    if not subjects:
+        raise InputError("no synthetic subjects to restyle", field="synthesis.n_samples")
+    dev = C.get_device(device)
+    affine = nib.load(str(reference)).affine
+    net, gpay = load_generator(image_generator, dev)
+    modalities = list(gpay["modalities"])
+    styles = _style_table(style_subjects, modalities)
+    rows, montage_rows, draw_styles = [], [], None
+    log.info("restyling %d synthetic subjects with %d style subjects into %s", len(subjects), len(styles), out_dir)
+    for i, sid in enumerate(subjects):
+        path = samples_dir / sid / "labelprob.nii.gz"
+        if not path.exists():
+            raise InputError("synthetic label map is missing", file=path,
+                             fix="run sample_synthetic first (it writes samples/<id>/labelprob.nii.gz)")
+        img = nib.load(str(path))
+        prob = np.moveaxis(np.asarray(img.dataobj, dtype=np.float32), -1, 0)
+        if draw_styles is None:
+            draw_styles = _style_drawer(styles, modalities, prob.shape[1:])
+        style_src, style_imgs = draw_styles(seed, i)
+        imgs = generate_images(image_generator, prob, style_imgs, seed=int(seed) * 1000 + i, device=device,
+                               net=net, payload=gpay)
+        for m in modalities:
+            save_nifti(imgs[m].astype(np.float32), affine, out_dir / "samples" / sid / f"{m}.nii.gz",
+                       dtype=np.float32)
+        rows.append({"subject": sid, "seed": int(seed), **{f"style_{m}": style_src[m] for m in modalities}})
+        montage_rows.append((sid, np.argmax(prob, axis=0).astype(np.uint8), imgs))
+        log.info("restyled synthetic subject %d/%d: %s (style %s)", i + 1, len(subjects), sid, style_src)
+    manifest = pd.DataFrame(rows)
+    save_table(manifest, out_dir / "manifest.tsv")
+    if montage:
+        write_montage(montage_rows, modalities, prob.shape[0], out_dir / "montage.png")
     return manifest
