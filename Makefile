@@ -27,7 +27,8 @@ install: $(VENV)/.installed
 
 demo: install
 	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete
-	@echo "demo finished: see results/demo/"
+	$(SNAKEMAKE) --report results/demo/report.html
+	@echo "demo finished: tables in results/demo/tables/, figures in results/demo/figures/, report results/demo/report.html"
 
 test: install
 	$(BIN)/python -m pytest -ra
