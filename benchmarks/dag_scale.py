@@ -41,7 +41,7 @@ def make_sheet(root, n):
             arr = np.zeros((8, 8, 8), np.uint8 if kind == "label" else np.float32)
             nib.save(nib.Nifti1Image(arr, aff), p)
         sources[kind] = p
-    roles = ["train"] * 8 + ["test"] * 2
+    splits = ["train"] * 8 + ["test"] * 2
     rows = []
     for i in range(n):
         subject = f"sub-{i:05d}"
@@ -53,7 +53,9 @@ def make_sheet(root, n):
             if not dst.exists():
                 os.link(src, dst)
             files[kind] = str(dst)
-        rows.append({"subject": subject, "site": ["a", "b", "c"][i % 3], "split": roles[i % 10], **files})
+        site = i % 3
+        rows.append({"subject": subject, "site": "abc"[site], "role": ("in_distribution", "near_ood", "far_ood")[site],
+                     "split": splits[i % 10], **files})
     sheet = root / f"subjects_{n}.tsv"
     pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
     return sheet

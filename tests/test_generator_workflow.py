@@ -1,7 +1,7 @@
 """The generator stage through Snakemake: train both generators, sample, score; survive a kill.
 
 One slow test runs the real DAG on a tiny demo cohort (preprocessing, label VAE, label LDM,
-SPADE image generator, sampling, quality tables), SIGKILLs the whole Snakemake process group
+SPADE image generator, sampling, quality tables, far-OOD restyling), SIGKILLs the whole Snakemake process group
 while train_label_vae is running (after its first checkpoint), and reruns with
 --rerun-incomplete: the VAE must resume from its checkpoint, not restart.
 """
@@ -11,6 +11,8 @@ import signal
 import subprocess
 import time
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -25,7 +27,7 @@ def test_dry_run_plans_every_generator_rule(tmp_path):
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
     for rule in ("train_label_vae", "train_label_ldm", "train_image_generator", "sample_synthetic",
-                 "synthesis_quality"):
+                 "synthesis_quality", "restyle_synthetic"):  # the default config's far-OOD style set
         assert jobs.get(rule) == 1, (rule, jobs)
 
 
@@ -74,6 +76,16 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert len(quality) > 0
     memo = pd.read_csv(syn / "quality" / "memorisation.tsv", sep="\t")
     assert len(memo) == n
+
+    # the default config's far-OOD style set: the same labels, imaged with the far-OOD site's styles
+    far = syn / "style_sets" / "far-ood"
+    styled = pd.read_csv(far / "manifest.tsv", sep="\t")
+    assert list(styled["subject"]) == list(manifest["subject"])
+    assert set(styled["style_t1"]) == {"demo006"}  # the tiny cohort's one far-OOD subject
+    for sid in manifest["subject"]:
+        a = nib.load(syn / "samples" / sid / "flair.nii.gz").get_fdata()
+        b = nib.load(far / "samples" / sid / "flair.nii.gz").get_fdata()
+        assert a.shape == b.shape and not np.array_equal(a, b)
 
     code, out = run_snakemake(tmp_path, "-n", config=TINY_GEN)
     assert code == 0 and "Nothing to be done" in out, out[-2000:]
