@@ -1,9 +1,9 @@
 """The generator stage through Snakemake: train both generators, sample, score; survive a kill.
 
 One slow test runs the real DAG on a tiny demo cohort (preprocessing, label VAE, label LDM,
-SPADE image generator, sampling, quality tables, far-OOD restyling), SIGKILLs the whole Snakemake process group
-while train_label_vae is running (after its first checkpoint), and reruns with
---rerun-incomplete: the VAE must resume from its checkpoint, not restart.
+SPADE image generator, sampling, quality tables, far-OOD restyling), SIGKILLs the whole
+Snakemake process group while train_label_vae is running (after its first checkpoint), and
+reruns with --rerun-incomplete: the VAE must resume from its checkpoint, not restart.
 """
 
 import os

@@ -204,17 +204,16 @@ def restyle_synthetic(*, image_generator, samples_dir, subjects, style_subjects,
     net, gpay = load_generator(image_generator, dev)
     modalities = list(gpay["modalities"])
     styles = _style_table(style_subjects, modalities)
-    rows, montage_rows, draw_styles = [], [], None
+    paths = [samples_dir / sid / "labelprob.nii.gz" for sid in subjects]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise InputError(f"{len(missing)} synthetic label map(s) missing", file=missing[0],
+                         fix="run sample_synthetic first (it writes samples/<id>/labelprob.nii.gz)")
+    draw_styles = _style_drawer(styles, modalities, nib.load(str(paths[0])).shape[:3])
+    rows, montage_rows = [], []
     log.info("restyling %d synthetic subjects with %d style subjects into %s", len(subjects), len(styles), out_dir)
-    for i, sid in enumerate(subjects):
-        path = samples_dir / sid / "labelprob.nii.gz"
-        if not path.exists():
-            raise InputError("synthetic label map is missing", file=path,
-                             fix="run sample_synthetic first (it writes samples/<id>/labelprob.nii.gz)")
-        img = nib.load(str(path))
-        prob = np.moveaxis(np.asarray(img.dataobj, dtype=np.float32), -1, 0)
-        if draw_styles is None:
-            draw_styles = _style_drawer(styles, modalities, prob.shape[1:])
+    for i, (sid, path) in enumerate(zip(subjects, paths)):
+        prob = np.moveaxis(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32), -1, 0)
         style_src, style_imgs = draw_styles(seed, i)
         imgs = generate_images(image_generator, prob, style_imgs, seed=int(seed) * 1000 + i, device=device,
                                net=net, payload=gpay)
