@@ -10,7 +10,8 @@ nnU-Net for one task and two arms, scores, tables) is the reference for both tes
   two runs with the same seeds give bit-identical metric tables, scores and
   predictions (the files that are *not* bit-identical are listed in
   :data:`NOT_REPRODUCIBLE` with the reason);
-* damaged intermediate files are detected, named, moved aside and rebuilt.
+* damaged intermediate files are detected, named, moved aside and rebuilt (a file in a
+  preprocessed subject's folder: the whole folder, the unit Snakemake tracks).
 """
 
 import os
@@ -143,21 +144,24 @@ def reference(tmp_path_factory):
 def test_killed_run_resumes_with_rerun_incomplete_and_matches_uninterrupted_run(reference, tmp_path):
     workdir = tmp_path.resolve()
     res = workdir / "results" / EXP
-    # 1) kill inside a registration (its temporary folder exists while ANTs runs)
+    # 1) kill inside a registration (its temporary folder exists while ANTs runs, inside the
+    # subject job's hidden temporary folder)
+    reg_tmp = "preprocessing/subjects/.*.tmpdir/registration/.reg_tmp_*"
     proc, _ = _start(workdir)
-    _kill_when(proc, lambda: any(res.glob("preprocessing/registration/*/.reg_tmp_*")))
+    _kill_when(proc, lambda: any(res.glob(reg_tmp)))
     time.sleep(0.5)
     assert _processes_in(workdir) == [], "a job survived the kill of its process group"
-    assert any(res.glob("preprocessing/registration/*/.reg_tmp_*"))  # the killed job's leftover
+    assert any(res.glob(reg_tmp))  # the killed job's leftover
     assert any((workdir / ".snakemake" / "incomplete").iterdir())
     _assert_nothing_damaged(workdir)
 
-    # without --rerun-incomplete: a killed job that had not written all its outputs (atomic
-    # writes: the killed registration) is simply planned again; one killed after writing
-    # them all (e.g. an N4 job) is caught by its incomplete marker and snakemake stops
+    # without --rerun-incomplete: a killed job that had not written its output (atomic
+    # writes: the subject folder appears only when the whole chain is done) is simply
+    # planned again; one killed after writing it is caught by its incomplete marker and
+    # snakemake stops
     code, out = run_snakemake(workdir, "-n", config=TINY_SEG)
     if code == 0:
-        assert planned_jobs(out).get("register_to_template", 0) >= 1, out[-3000:]
+        assert planned_jobs(out).get("preprocess_subject", 0) >= 1, out[-3000:]
     else:
         assert "IncompleteFilesException" in out and "--rerun-incomplete" in out, out[-3000:]
 
@@ -209,58 +213,60 @@ def test_damaged_intermediate_is_named_moved_aside_and_rebuilt(reference, tmp_pa
     shutil.copytree(reference, workdir, symlinks=True)  # keeps mtimes and snakemake's metadata
     res = workdir / "results" / EXP
     subject = sorted(p.name for p in res.glob("segmentation/wmh/R/predictions/near_ood/*.nii.gz"))[0][:-7]
-    grid = res / "preprocessing" / "grid" / subject
+    folder = res / "preprocessing" / "subjects" / subject
+    grid = folder / "grid"
     code, out = run_snakemake(workdir, "-n", config=TINY_SEG)
     assert code == 0 and "Nothing to be done" in out, out[-2000:]
 
-    # a newer modification time alone (same bytes): snakemake compares the checksum it
-    # recorded for inputs under 1 MB and reruns nothing
+    # Snakemake tracks a preprocessed subject as one folder (its .snakemake_timestamp):
+    # neither a newer modification time nor damage inside it reruns anything
     label = grid / "label.nii.gz"
-    assert label.stat().st_size < 1_000_000
     os.utime(label)
     code, out = run_snakemake(workdir, "-n", config=TINY_SEG)
     assert code == 0 and "Nothing to be done" in out, out[-2000:]
 
-    # damage with the old modification time kept: snakemake cannot notice it (nothing to
-    # rerun); `python -m brainsynth.integrity` finds it and moves it aside
-    warped = res / "preprocessing" / "registration" / subject / "1Warp.nii.gz"
-    st = warped.stat()
+    # damage that snakemake cannot notice: `python -m brainsynth.integrity` finds it and
+    # moves the whole subject folder aside (the unit snakemake rebuilds)
+    warped = folder / "registration" / "1Warp.nii.gz"
     _garble(warped)
-    os.utime(warped, ns=(st.st_atime_ns, st.st_mtime_ns))
     code, out = run_snakemake(workdir, "-n", config=TINY_SEG)
     assert code == 0 and "Nothing to be done" in out, out[-2000:]
-
-    # damage with a new modification time (a truncated gzip stream): the consumers rerun,
-    # the first to start names the file, moves it aside and fails without a traceback
-    flair = grid / "flair.nii.gz"
-    data = flair.read_bytes()
-    flair.write_bytes(data[: len(data) // 2])
-    code, out = run_snakemake(workdir, config=TINY_SEG)
-    assert code != 0
-    rel = f"results/{EXP}/preprocessing/grid/{subject}/flair.nii.gz"
-    assert f"file '{rel}': damaged intermediate file: damaged gzip stream" in out, out[-4000:]
-    assert "moved aside to" in out and "run snakemake again" in out
-    assert "Traceback" not in out, out[-4000:]
-    assert not flair.exists() and (grid / "flair.nii.gz.corrupt").read_bytes() == data[: len(data) // 2]
-
     proc = subprocess.run([str(Path(SNAKEMAKE).parent / "python"), "-m", "brainsynth.integrity", str(res)],
                           capture_output=True, text=True, cwd=workdir)
     assert proc.returncode == 1 and "1Warp.nii.gz" in proc.stdout, proc.stdout + proc.stderr
-    assert not warped.exists()
+    aside = folder.parent / f"{subject}.corrupt"
+    assert not folder.exists() and (aside / "registration" / "1Warp.nii.gz").is_file()
 
-    # the next run rebuilds both (registration and resampling of that test subject) and
-    # what depends on them; no model is retrained (the subject is a test subject)
+    # the next run rebuilds that test subject and what depends on it; no model is retrained
     code, out = run_snakemake(workdir, "-n", config=TINY_SEG)
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
-    assert jobs["register_to_template"] == 1 and jobs["resample_to_grid"] == 1, jobs
-    assert "train_segmentation" not in jobs, jobs
+    assert jobs["preprocess_subject"] == 1 and "train_segmentation" not in jobs, jobs
     code, out = run_snakemake(workdir, config=TINY_SEG)
     assert code == 0, out[-4000:]
-    assert flair.is_file() and warped.is_file()
-    assert integrity.scan(res, move=False) == []
-    assert (grid / "flair.nii.gz.corrupt").is_file()  # the evidence stays
-    diff = [d for d in _differences(reference, workdir) if not d.endswith(".corrupt")]
+    assert warped.is_file() and integrity.scan(res, move=False) == []
+    # only the evidence (the folder moved aside) differs from the uninterrupted run
+    assert [d for d in _differences(reference, workdir) if ".corrupt/" not in d] == []
+
+    # damage found when a job reads the file (a rerun of the predictions): the job names it,
+    # moves the subject folder aside and fails without a traceback; the next run rebuilds it
+    flair = grid / "flair.nii.gz"
+    data = flair.read_bytes()
+    flair.write_bytes(data[: len(data) // 2])
+    code, out = run_snakemake(workdir, "--forcerun", "predict_segmentation", config=TINY_SEG)
+    assert code != 0
+    rel = f"results/{EXP}/preprocessing/subjects/{subject}/grid/flair.nii.gz"
+    assert f"file '{rel}': damaged intermediate file: damaged gzip stream" in out, out[-4000:]
+    assert f"moved aside to {aside.resolve()}" in out and "run snakemake again" in out, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    assert not folder.exists() and (aside / "grid" / "flair.nii.gz").read_bytes() == data[: len(data) // 2]
+    code, out = run_snakemake(workdir, "-n", config=TINY_SEG)
+    assert code == 0 and planned_jobs(out)["preprocess_subject"] == 1, out[-3000:]
+    code, out = run_snakemake(workdir, config=TINY_SEG)
+    assert code == 0, out[-4000:]
+    assert flair.is_file() and integrity.scan(res, move=False) == []
+    assert (aside / "grid" / "flair.nii.gz").is_file()  # the evidence stays
+    diff = [d for d in _differences(reference, workdir) if ".corrupt/" not in d]
     assert diff == [], diff
 
 

@@ -176,3 +176,58 @@ def test_integrity_command_line_scans_a_folder(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "no damaged files" in proc.stdout
     assert json.loads(files["json"].read_text())["subject"] == "s1"
+
+
+# ----------------------------------------------------------------------------- folder outputs
+def test_atomic_dir_appears_whole_or_not_at_all(tmp_path, umask):
+    from brainsynth.io import atomic_dir
+
+    umask(0o022)
+    target = tmp_path / "subjects" / "s1"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "half.txt").write_text("x")
+            raise RuntimeError("killed")
+    assert list((tmp_path / "subjects").iterdir()) == []
+    # a SIGKILLed writer's leftover is removed by the next writer of the same folder
+    stale = tempfile.mkdtemp(prefix=".s1.", suffix=".tmpdir", dir=tmp_path / "subjects")
+    with atomic_dir(target) as tmp:
+        (tmp / "a").mkdir()
+        (tmp / "a" / "f.txt").write_text("done")
+    assert sorted(p.name for p in (tmp_path / "subjects").iterdir()) == ["s1"] and not os.path.exists(stale)
+    assert (target / "a" / "f.txt").read_text() == "done"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755  # not mkdtemp's private 0o700
+    with atomic_dir(target) as tmp:  # rewriting replaces the whole folder
+        (tmp / "g.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["g.txt"]
+
+
+def test_damaged_file_in_a_folder_output_moves_the_folder_aside(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "results" / "exp" / "preprocessing" / "subjects" / "s1"
+    (folder / "grid").mkdir(parents=True)
+    files = _good_files(folder / "grid")
+    (folder / integrity.SNAKEMAKE_TIMESTAMP).touch()  # what snakemake leaves in a directory output
+    _truncate(files["nii"], 3000)
+    rel = os.path.relpath(files["nii"])
+    with pytest.raises(InputError) as err:
+        integrity.verify_inputs([rel, str(files["json"])])
+    assert rel in str(err.value) and f"{folder}.corrupt" in str(err.value)
+    assert not folder.exists() and (tmp_path / "results" / "exp" / "preprocessing" / "subjects" / "s1.corrupt"
+                                     / "grid" / "img.nii.gz").is_file()
+    # a file gone from such a folder is reported and the folder moved aside too (snakemake
+    # tracks the folder as a whole and would never notice)
+    folder.mkdir()
+    (folder / integrity.SNAKEMAKE_TIMESTAMP).touch()
+    with pytest.raises(InputError, match="missing from its folder"):
+        integrity.verify_inputs([str(folder / "grid" / "t1.nii.gz")])
+    assert not folder.exists()
+    # the command line does the same, once per folder
+    (folder / "grid").mkdir(parents=True)
+    files = _good_files(folder / "grid")
+    (folder / integrity.SNAKEMAKE_TIMESTAMP).touch()
+    _garble(files["nii"], 0.6)
+    _truncate(files["json"], 4)
+    found = integrity.scan(tmp_path / "results")
+    assert len(found) == 1 and found[0][2] == f"{folder}.corrupt", found
+    assert not folder.exists() and integrity.scan(tmp_path / "results") == []

@@ -4,9 +4,11 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from brainsynth import preprocess as pp
+from brainsynth.errors import InputError
 from brainsynth.labels import LabelSchema
 from brainsynth.io import save_nifti
 
@@ -151,3 +153,46 @@ def test_atropos_tissue_maps_use_template_priors(tmp_path):
     seg = np.argmax(prob, -1)
     agree = (seg == lab)[lab > 0].mean()
     assert agree > 0.9
+
+
+CFG = {"n4": {"shrink_factor": 2, "iterations": [10, 5]},
+       "registration": {"transform": "Affine", "syn_iterations": [10, 0], "affine_iterations": [100, 50, 0]},
+       "skull_strip": {"threshold": 0.5, "closing_voxels": 1},
+       "normalisation": {"lower_percentile": 1.0, "upper_percentile": 99.0},
+       "tissue_maps": {"smoothing_mm": 2.0, "atropos_iterations": 3}}
+
+
+def test_preprocess_subject_fills_one_folder_atomically(pair):
+    tmp, p = pair
+    pp.set_threads(1)
+    template = {"t1": p["fixed"], "brain_mask": p["fixed_mask"], "labels": p["fixed_mask"]}
+    out = tmp / "subjects" / "s1"
+    qc = pp.preprocess_subject("s1", {"t1": p["moving"]}, out, template, CFG, LabelSchema(),
+                               label=p["moving_mask"], truth_mask=p["moving_mask"], seed=1)
+    assert qc["skull_strip_dice"] > 0.9
+    files = pp.subject_files(out, ["t1"])
+    assert len(files) == 13 and all(f.is_file() for f in files)
+    assert sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()) == \
+        sorted(str(f.relative_to(out)) for f in files)  # nothing else (no temporaries)
+    assert list((tmp / "subjects").iterdir()) == [out]
+    grid_t1 = nib.load(str(pp.subject_file(out, "image", "t1")))
+    assert np.allclose(grid_t1.affine, nib.load(str(p["fixed"])).affine)
+    prob = nib.load(str(pp.subject_file(out, "tissue_prob"))).get_fdata()
+    np.testing.assert_allclose(prob.sum(-1), 1.0, atol=1e-4)
+    assert json.loads(pp.subject_file(out, "lesions").read_text())["subject"] == "s1"
+
+    # the table of preprocessed subjects lists the working-grid files; a gap is named
+    table = pp.preprocessed_manifest([{"subject": "s1", "folder": str(out), "split": "train"}], ["t1"],
+                                     tmp / "train.tsv")
+    row = pd.read_csv(table, sep="\t").iloc[0]
+    assert row["t1"] == str(out / "grid" / "t1.nii.gz") and row["split"] == "train"
+    pp.subject_file(out, "montage").unlink()
+    with pytest.raises(InputError, match="s1 lacks 1 file.*qc.png") as err:
+        pp.preprocessed_manifest([{"subject": "s1", "folder": str(out)}], ["t1"], tmp / "x.tsv")
+    assert "delete the folder" in str(err.value) and not (tmp / "x.tsv").exists()
+
+    # a failure half-way (no template mask) leaves no folder under the subject's name
+    with pytest.raises(Exception):
+        pp.preprocess_subject("s2", {"t1": p["moving"]}, tmp / "subjects" / "s2",
+                              dict(template, brain_mask=tmp / "missing.nii.gz"), CFG, LabelSchema(), seed=1)
+    assert sorted(q.name for q in (tmp / "subjects").iterdir()) == ["s1"]

@@ -155,9 +155,12 @@ def test_synthetic_arms_follow_synthesis_switch(tmp_path):
     assemble = [b for b in re.split(r"\n(?=rule )", out) if b.startswith("rule assemble_nnunet_dataset")]
     inputs = {re.search(r"arm=(\w+)", b).group(1): re.search(r"input: (.*)", b).group(1) for b in assemble}
     assert "synthesis/samples/synth0004/label.nii.gz" in inputs["S"]
-    assert "synth" not in inputs["R"] and "preprocessing/grid" not in inputs["S"]
+    # real cases come through the training split's table of preprocessed subjects (their files
+    # are the job's params: brainsynth.experiment.arm_cases, tested above)
+    assert "synth" not in inputs["R"] and "preprocessing/splits/train.tsv" in inputs["R"]
+    assert "preprocessing/splits" not in inputs["S"]
     # R50S50 (relative to the 3 real training subjects): 2 real + 2 synthetic cases (half up)
-    assert inputs["R50S50"].count("synthesis/samples") == 8 and inputs["R50S50"].count("preprocessing/grid") == 8
+    assert inputs["R50S50"].count("synthesis/samples") == 8 and "preprocessing/splits/train.tsv" in inputs["R50S50"]
 
 
 def test_style_set_arm_reads_restyled_images_and_shared_labels(tmp_path):
@@ -179,9 +182,19 @@ def test_style_set_arm_reads_restyled_images_and_shared_labels(tmp_path):
     # the far-OOD set is styled by the far-OOD site's subject (site_c), the other by site_b's
     restyle = {re.search(r"style_set=([\w-]+)", b).group(1): re.search(r"input: (.*)", b).group(1)
                for b in blocks if b.startswith("rule restyle_synthetic")}
-    assert "grid/demo006/t1.nii.gz" in restyle["far-ood"] and "grid/demo005/" not in restyle["far-ood"]
-    assert "grid/demo005/flair.nii.gz" in restyle["b"] and "grid/demo006/" not in restyle["b"]
+    # (which subjects: brainsynth.experiment.style_set_subjects, tested below; the job reads
+    # their files through their split's table)
+    assert "preprocessing/splits/test.tsv" in restyle["far-ood"] and "preprocessing/splits/test.tsv" in restyle["b"]
     assert "synthesis/samples/synth0001/labelprob.nii.gz" in restyle["far-ood"]
+
+
+def test_style_set_subjects_match_site_roles_or_site_names():
+    rows = {"s1": {"site": "site_a", "role": "in_distribution"}, "s2": {"site": "site_b", "role": "near_ood"},
+            "s3": {"site": "site_c", "role": "far_ood"}, "s4": {"site": "site_c", "role": "far_ood"}}
+    found = design.style_set_subjects(rows, {"far-ood": ["far_ood"], "b": ["site_b"], "both": ["site_a", "near_ood"],
+                                             "none": ["mars"]})
+    assert found == {"far-ood": ["s3", "s4"], "b": ["s2"], "both": ["s1", "s2"]}
+    assert design.style_set_subjects({"s1": {"site": 3}}, {"x": [3]}) == {"x": ["s1"]}  # sites read as text
 
 
 @pytest.mark.parametrize("style_sets,recipe,expect", [
@@ -256,7 +269,7 @@ def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path)
     assert sorted(test_sets) == ["far_ood", "in_distribution", "near_ood"]
     assert [len(v) for v in test_sets.values()] == [1, 1, 1]
     some = next((pred / "near_ood").glob("*.nii.gz"))
-    truth = res / "preprocessing" / "grid" / some.name.replace(".nii.gz", "") / "label.nii.gz"
+    truth = res / "preprocessing" / "subjects" / some.name.replace(".nii.gz", "") / "grid" / "label.nii.gz"
     assert nib.load(some).shape == nib.load(truth).shape
     assert np.allclose(nib.load(some).affine, nib.load(truth).affine, atol=1e-4)
 

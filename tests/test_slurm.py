@@ -94,10 +94,8 @@ def _sacct(c, run_id):
 
 
 def _images(root, subject):
-    pre = root / "results" / "tiny" / "preprocessing"
     return sorted([*(root / "results" / "tiny" / "cohort" / subject).glob("*.nii.gz"),
-                   *(pre / "n4" / subject).glob("*.nii.gz"), *(pre / "registration" / subject).glob("*.nii.gz"),
-                   *(pre / "skull_strip" / subject).glob("*.nii.gz"), *(pre / "grid" / subject).glob("*.nii.gz")])
+                   *(root / "results" / "tiny" / "preprocessing" / "subjects" / subject).rglob("*.nii.gz")])
 
 
 def _timed(fn, *args, **kwargs):
@@ -121,15 +119,15 @@ def test_tiny_dag_through_slurm_matches_local_run(cluster, tmp_path, monkeypatch
     planned = planned_jobs(out)
     remote = {r: n for r, n in planned.items() if r not in local_rules()}
 
-    # The local run of one subject's chain (template, cohort, input check, N4, registration,
-    # skull strip, working grid) runs alongside: it fills the CPU while the executor waits
+    # The local run of one subject's chain (template, cohort, input check, then N4,
+    # registration, skull strip, working grid in the subject's job) runs alongside: it fills the CPU while the executor waits
     # between its sacct polls.
     local = tmp_path / "local_run"
     local.mkdir()
     pre = "results/tiny/preprocessing"
     pool = ThreadPoolExecutor(1)
     local_job = pool.submit(_timed, run_snakemake, local, "results/tiny/cohort/subjects.tsv",
-                            f"{pre}/grid/{SUBJECT}/lesions.json", config=TINY, timeout=1200)
+                            f"{pre}/subjects/{SUBJECT}", config=TINY, timeout=1200)
     try:
         slurm_seconds, (code, out) = _timed(run_snakemake, work, "--profile", str(profile), config=TINY,
                                             timeout=1200)
@@ -147,7 +145,7 @@ def test_tiny_dag_through_slurm_matches_local_run(cluster, tmp_path, monkeypatch
     assert jobs["rule"].value_counts().to_dict() == remote, jobs.to_string()
     assert (jobs["state"] == "COMPLETED").all(), jobs.to_string()
     assert set(jobs["account"]) == {info["account"]} and set(jobs["partition"]) == {info["partition"]}
-    assert jobs.loc[jobs["rule"] == "register_to_template", "cpus"].astype(int).eq(1).all()
+    assert jobs.loc[jobs["rule"] == "preprocess_subject", "cpus"].astype(int).eq(1).all()
     # one SLURM log per job, written by the job on the node
     logs = list((tmp_path / "slurm_logs").rglob("*.log"))
     assert len(logs) == len(jobs), logs
@@ -161,11 +159,11 @@ def test_tiny_dag_through_slurm_matches_local_run(cluster, tmp_path, monkeypatch
     # the local run of the same config: the same files, the same numbers
     assert local_code == 0, local_out[-4000:]
     for rel in ("results/tiny/cohort/subjects.tsv", f"{pre}/input_check.tsv",
-                f"{pre}/grid/{SUBJECT}/lesions.json"):  # the sheet holds absolute paths
+                f"{pre}/subjects/{SUBJECT}/grid/lesions.json"):  # the sheet holds absolute paths
         assert (work / rel).read_text().replace(str(work), "ROOT") == \
             (local / rel).read_text().replace(str(local), "ROOT"), rel
-    q_local = json.loads((local / pre / "skull_strip" / SUBJECT / "qc.json").read_text())
-    q_slurm = json.loads((work / pre / "skull_strip" / SUBJECT / "qc.json").read_text())
+    q_local = json.loads((local / pre / "subjects" / SUBJECT / "skull_strip" / "qc.json").read_text())
+    q_slurm = json.loads((work / pre / "subjects" / SUBJECT / "skull_strip" / "qc.json").read_text())
     assert q_slurm == q_local
     row = qc.set_index("subject").loc[SUBJECT]
     assert row["skull_strip_dice"] == pytest.approx(q_local["skull_strip_dice"], abs=1e-6)
@@ -180,7 +178,7 @@ def test_tiny_dag_through_slurm_matches_local_run(cluster, tmp_path, monkeypatch
         assert x.shape == y.shape and x.dtype == y.dtype, p
         # single-threaded seeded registration: bit-identical, whichever host runs it
         np.testing.assert_array_equal(x, y, err_msg=str(p))
-    mat = f"{pre}/registration/{SUBJECT}/0GenericAffine.mat"
+    mat = f"{pre}/subjects/{SUBJECT}/registration/0GenericAffine.mat"
     assert (work / mat).read_bytes() == (local / mat).read_bytes()
 
     print(f"\nSLURM: apt install {start_times['apt_install_s']} s, cluster start "

@@ -19,12 +19,11 @@ def test_dry_run_lists_every_preprocessing_rule(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=TINY)
     assert code == 0, out
     jobs = planned_jobs(out)
-    for rule in ("build_template", "synthesize_subject", "validate_inputs", "n4_bias_correct",
-                 "register_to_template", "skull_strip", "resample_to_grid", "qc_montage",
-                 "qc_table", "lesion_proportions", "cohort_sheet"):
+    for rule in ("build_template", "synthesize_subject", "validate_inputs", "preprocess_subject",
+                 "preprocessed_subjects", "qc_table", "lesion_proportions", "cohort_sheet"):
         assert rule in jobs, (rule, jobs)
     assert jobs["synthesize_subject"] == 4
-    assert jobs["register_to_template"] == 4
+    assert jobs["preprocess_subject"] == 4
     assert not (tmp_path / "results").exists()
 
 
@@ -92,7 +91,7 @@ def test_bad_input_stops_before_any_work(tmp_path, case, expect):
         assert word in out, (word, out[-3000:])
     pre = tmp_path / "results" / "tiny" / "preprocessing"
     assert not (pre / "input_check.tsv").exists()
-    assert not (pre / "n4").exists(), "work started despite invalid input"
+    assert not (pre / "subjects").exists(), "work started despite invalid input"
 
 
 def test_missing_file_and_duplicate_subject_reported_at_start(tmp_path):
@@ -126,7 +125,7 @@ def test_non_nifti_and_2d_inputs_are_named(tmp_path):
     assert code != 0
     assert "sub-02" in out and "not a NIfTI" in out
     assert "sub-03" in out and "flair" in out
-    assert not (tmp_path / "results" / "tiny" / "preprocessing" / "n4").exists()
+    assert not (tmp_path / "results" / "tiny" / "preprocessing" / "subjects").exists()
 
 
 @pytest.mark.slow
@@ -143,26 +142,37 @@ def test_tiny_demo_runs_and_param_change_reruns_only_downstream(tmp_path):
         assert lp[f"dc_{lt}"].max() == pytest.approx(expected)
         assert lp[f"dc_{lt}"].between(0, 1).all()
     for s in qc["subject"]:
-        prob = nib.load(res / "preprocessing" / "grid" / s / "tissue_prob.nii.gz").get_fdata()
+        folder = res / "preprocessing" / "subjects" / s
+        prob = nib.load(folder / "grid" / "tissue_prob.nii.gz").get_fdata()
         np.testing.assert_allclose(prob.sum(-1), 1.0, atol=1e-4)
-        assert (res / "preprocessing" / "qc" / f"{s}.png").stat().st_size > 1000
+        assert (folder / "qc.png").stat().st_size > 1000
+    assert not list((res / "preprocessing" / "subjects").glob(".*")), "temporary folders left behind"
+    # per split: the preprocessed subjects and their working-grid files
+    splits = {p.stem: pd.read_csv(p, sep="\t") for p in (res / "preprocessing" / "splits").glob("*.tsv")}
+    assert sorted(s for t in splits.values() for s in t["subject"]) == sorted(qc["subject"])
+    for name, table in splits.items():
+        assert (table["split"] == name).all()
+        assert all((tmp_path / p).is_file() for p in table[["t1", "t2", "flair", "label", "tissue_prob"]].values.ravel())
 
     code, out = run_snakemake(tmp_path, "-n", config=TINY)
     assert code == 0 and "Nothing to be done" in out, out[-2000:]
 
+    # a preprocessing setting reruns every subject's preprocessing job (one job per subject)
+    # and the tables built from them
     changed = yaml.safe_load(yaml.safe_dump(TINY))
     changed["preprocessing"] = {"skull_strip": {"threshold": 0.4, "closing_voxels": 1, "min_dice": 0.9}}
     code, out = run_snakemake(tmp_path, "-n", config=changed)
     assert code == 0, out
     jobs = planned_jobs(out)
-    assert set(jobs) == {"skull_strip", "resample_to_grid", "qc_montage", "qc_table",
-                         "lesion_proportions", "all"}, jobs
-    assert jobs["skull_strip"] == 4
+    assert set(jobs) == {"preprocess_subject", "preprocessed_subjects", "qc_table", "lesion_proportions",
+                         "all"}, jobs
+    assert jobs["preprocess_subject"] == 4
 
-    changed["preprocessing"] = {"normalisation": {"lower_percentile": 2.0, "upper_percentile": 99.0}}
+    # the QC threshold only flags masks in the QC table: nothing else reruns
+    changed["preprocessing"] = {"skull_strip": {"threshold": 0.5, "closing_voxels": 1, "min_dice": 0.95}}
     code, out = run_snakemake(tmp_path, "-n", config=changed)
     assert code == 0, out
-    assert set(planned_jobs(out)) == {"resample_to_grid", "qc_montage", "lesion_proportions", "all"}
+    assert set(planned_jobs(out)) == {"qc_table", "all"}, out[-2000:]
 
 
 def test_ingest_rule_writes_a_sheet_from_brats_layout(tmp_path):

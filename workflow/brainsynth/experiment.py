@@ -133,6 +133,20 @@ def style_set(recipe, style_sets, arm="?"):
     return name
 
 
+def style_set_subjects(rows, style_sets):
+    """Subjects whose images style each ``synthesis.style_sets`` entry: those whose site role
+    or site is listed. ``rows``: ``{subject: {"site", "role"?}}``. Sets no subject matches
+    are left out of the result (the caller decides whether that is an error)."""
+    found = {}
+    for name, keys in (style_sets or {}).items():
+        keys = {str(k) for k in keys}
+        subjects = [s for s, row in rows.items()
+                    if str(row.get("role")) in keys or str(row.get("site")) in keys]
+        if subjects:
+            found[name] = subjects
+    return found
+
+
 def dataset_id(task, arm, tasks, arms, base=100, stride=100):
     """nnU-Net dataset id ``base + stride * task_index + arm_index`` (positions in the run lists).
 

@@ -22,7 +22,8 @@ the job's input files that the workflow itself made (under ``results/``) with
 ``.png``     PNG signature and final IEND chunk;
 
 and any other file: not empty. A damaged file is moved aside to
-``<file>.corrupt`` (kept as evidence) and the job stops with an
+``<file>.corrupt`` (kept as evidence; a file inside a rule's folder output, such
+as one preprocessed subject, moves the whole folder aside) and the job stops with an
 :class:`~brainsynth.errors.InputError` naming it. The next ``snakemake`` run finds
 the file missing and rebuilds it with the rule that makes it, then reruns what
 depends on it.
@@ -39,6 +40,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import struct
 import sys
 import zipfile
@@ -48,6 +50,7 @@ from pathlib import Path
 from .errors import InputError, InputErrors
 
 CORRUPT_SUFFIX = ".corrupt"
+SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"
 #: Folder (relative to the working directory) holding everything the workflow makes.
 RESULTS_ROOT = "results"
 _CHUNK = 1 << 20
@@ -200,10 +203,31 @@ def is_intermediate(path, root=RESULTS_ROOT):
 
 
 def move_aside(path):
-    """Rename a damaged file to ``<file>.corrupt`` (replacing an older one); return the new path."""
+    """Rename a damaged file or folder to ``<path>.corrupt`` (replacing an older one); return the new path."""
     dst = f"{path}{CORRUPT_SUFFIX}"
+    if os.path.isdir(path) and os.path.lexists(dst):
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            shutil.rmtree(dst)
+        else:
+            os.remove(dst)
     os.replace(path, dst)
     return dst
+
+
+def output_folder(path, root=RESULTS_ROOT):
+    """The folder output of a rule that holds ``path`` (Snakemake marks those with a
+    ``.snakemake_timestamp`` file), or None.
+
+    Snakemake tracks such a folder as a whole, so a damaged file in it is dealt
+    with by moving the whole folder aside: the next run then rebuilds it.
+    """
+    base = os.path.realpath(root)
+    d = os.path.dirname(os.path.realpath(path))
+    while d.startswith(base + os.sep):
+        if os.path.exists(os.path.join(d, SNAKEMAKE_TIMESTAMP)):
+            return d
+        d = os.path.dirname(d)
+    return None
 
 
 def _fix(moved):
@@ -226,21 +250,28 @@ def verify_inputs(paths, root=RESULTS_ROOT, move=True):
         if os.path.isdir(p) or not is_intermediate(p, root):
             continue
         real = os.path.realpath(p)
+        folder = output_folder(real, root)
         if not os.path.exists(real):
-            aside = f"{real}{CORRUPT_SUFFIX}"
-            why = (f"found damaged by another job and moved aside to {aside}" if os.path.exists(aside)
-                   else "removed while the job was starting")
-            errors.append(CorruptFile(f"input file is missing: {why}", file=p,
-                                      fix="run snakemake again: the rule that makes it rebuilds it"))
-            continue
-        checked.append(p)
-        problem = check_file(real)
+            if folder is not None:
+                # a file gone from a folder output: Snakemake would not notice, so rebuild the folder
+                problem = "missing from its folder"
+            else:
+                aside = f"{real}{CORRUPT_SUFFIX}"
+                why = (f"found damaged by another job and moved aside to {aside}" if os.path.exists(aside)
+                       else "removed while the job was starting")
+                errors.append(CorruptFile(f"input file is missing: {why}", file=p,
+                                          fix="run snakemake again: the rule that makes it rebuilds it"))
+                continue
+        else:
+            checked.append(p)
+            problem = check_file(real)
         if problem is None:
             continue
+        target = folder or real
         try:
-            moved = move_aside(real) if move else None
+            moved = move_aside(target) if move else None
         except FileNotFoundError:  # a parallel job moved it first
-            moved = f"{real}{CORRUPT_SUFFIX}"
+            moved = f"{target}{CORRUPT_SUFFIX}"
         errors.append(CorruptFile(f"damaged intermediate file: {problem}", file=p,
                                   fix=_fix(moved) if moved else "delete it and run snakemake again"))
     if len(errors) == 1:
@@ -252,16 +283,23 @@ def verify_inputs(paths, root=RESULTS_ROOT, move=True):
 
 def scan(folder, move=True):
     """Check every file under ``folder``; return ``[(path, problem, moved_to)]`` of damaged ones."""
-    found = []
+    found, moved_folders = [], set()
+    root = os.path.dirname(os.path.realpath(folder))
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and not d.endswith(CORRUPT_SUFFIX)]
         for name in sorted(filenames):
             p = os.path.join(dirpath, name)
-            if name.endswith(CORRUPT_SUFFIX) or name.startswith(".") or os.path.islink(p):
+            if (name.endswith(CORRUPT_SUFFIX) or name.startswith(".") or os.path.islink(p)
+                    or not os.path.exists(p)):  # (inside a folder just moved aside)
+                continue
+            unit = output_folder(p, root)
+            if unit in moved_folders:
                 continue
             problem = check_file(p)
             if problem:
-                found.append((p, problem, move_aside(p) if move else None))
+                found.append((p, problem, move_aside(unit or p) if move else None))
+                if move and unit:
+                    moved_folders.add(unit)
     return found
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -88,6 +89,35 @@ def atomic_path(path):
         raise
 
 
+_DIR_SUFFIX = ".tmpdir"
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a temporary folder next to ``path``; move it onto ``path`` on success.
+
+    For rules whose output is a whole folder (one preprocessed subject): a killed
+    job leaves only a hidden ``.<name>.<random>.tmpdir`` (removed by the next
+    writer), never a half-filled folder under the real name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pattern = _temporary_pattern(path, _DIR_SUFFIX)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if pattern.match(stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_DIR_SUFFIX, dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_nifti(array, affine, path, dtype=None, header=None):
     """Write ``array`` as NIfTI atomically; ``dtype`` defaults to the array's."""
     arr = np.asarray(array)
@@ -154,7 +184,9 @@ def run_main(func, snakemake_obj=None, check_inputs=True):
     """Run a rule script's ``func(snakemake)``; user errors end with a clear message.
 
     First (``check_inputs``) every input file of the job that the workflow made
-    (under ``results/``) is checked with :func:`brainsynth.integrity.verify_inputs`:
+    (under ``results/``), and every preprocessed subject file it reads
+    (``params.preprocessed``: files inside the per-subject folders, which
+    Snakemake tracks as whole folders), is checked with :func:`brainsynth.integrity.verify_inputs`:
     a damaged one is moved aside to ``<file>.corrupt`` and reported, so the next
     run rebuilds it. An :class:`InputError` is printed as one line (no
     traceback) and the process exits 1, so Snakemake marks the job failed and
@@ -168,7 +200,8 @@ def run_main(func, snakemake_obj=None, check_inputs=True):
         if check_inputs and snakemake_obj is not None:
             from .integrity import verify_inputs
 
-            verify_inputs([str(f) for f in snakemake_obj.input])
+            verify_inputs([str(f) for f in snakemake_obj.input]
+                          + [str(f) for f in getattr(snakemake_obj.params, "preprocessed", [])])
         func(snakemake_obj)
     except InputError as exc:
         log.error("%s", exc)

@@ -320,3 +320,129 @@ def tissue_priors_from_template(template_label_path, schema, sigma_mm=2.0):
 
 def load_schema(config):
     return LabelSchema.from_config(config)
+
+
+# ------------------------------------------------------------------ one subject, one job
+#: Files of one preprocessed subject folder, relative to it ({m}: each modality).
+SUBJECT_LAYOUT = {
+    "n4": "n4/{m}.nii.gz",
+    "affine": "registration/0GenericAffine.mat",
+    "warp": "registration/1Warp.nii.gz",
+    "inverse_warp": "registration/1InverseWarp.nii.gz",
+    "warped": "registration/t1_in_template.nii.gz",
+    "native_mask": "skull_strip/brain_mask.nii.gz",
+    "skull_strip_qc": "skull_strip/qc.json",
+    "image": "grid/{m}.nii.gz",
+    "brain_mask": "grid/brain_mask.nii.gz",
+    "label": "grid/label.nii.gz",
+    "tissue_prob": "grid/tissue_prob.nii.gz",
+    "lesions": "grid/lesions.json",
+    "montage": "qc.png",
+}
+
+
+def subject_file(folder, kind, modality=None):
+    """Path of one file of a preprocessed subject folder (``kind`` from :data:`SUBJECT_LAYOUT`)."""
+    return Path(folder) / SUBJECT_LAYOUT[kind].format(m=modality)
+
+
+def subject_files(folder, modalities):
+    """Every file a complete preprocessed subject folder holds."""
+    per_mod = [k for k, v in SUBJECT_LAYOUT.items() if "{m}" in v]
+    return ([subject_file(folder, k, m) for k in per_mod for m in modalities]
+            + [subject_file(folder, k) for k, v in SUBJECT_LAYOUT.items() if "{m}" not in v])
+
+
+def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=None, truth_mask=None,
+                       label_map=None, seed=0):
+    """N4 -> registration to the template -> skull stripping -> working grid -> QC montage,
+    for one subject, into the folder ``out_dir`` (see :data:`SUBJECT_LAYOUT`).
+
+    One job per subject rather than one per step: at cohort scale (10,000 subjects)
+    Snakemake's own cost per job and per declared file dominates planning, so the
+    chain runs as one job with one folder output. The folder appears only when every
+    step has finished (:func:`brainsynth.io.atomic_dir`).
+
+    ``images``: modality -> native path (must include ``t1``); ``template``: dict with
+    ``t1``, ``brain_mask`` and ``labels`` paths; ``cfg``: the ``preprocessing`` config
+    section (n4, registration, skull_strip, normalisation, tissue_maps).
+    Returns the skull-strip QC record.
+    """
+    from .io import atomic_dir
+    from .qc import subject_montage
+
+    mods = list(images)
+    with atomic_dir(out_dir) as tmp:
+        def f(kind, m=None):
+            return subject_file(tmp, kind, m)
+
+        n4 = cfg["n4"]
+        for m, src in images.items():
+            log.info("[%s] N4 %s", subject, m)
+            n4_correct(src, f("n4", m), shrink_factor=n4["shrink_factor"], iterations=n4["iterations"])
+        reg = cfg["registration"]
+        log.info("[%s] registration to the template (%s)", subject, reg["transform"])
+        register(f("n4", "t1"), template["t1"], f("affine"), f("warp"), f("inverse_warp"), f("warped"),
+                 transform=reg["transform"], syn_iterations=reg["syn_iterations"],
+                 affine_iterations=reg["affine_iterations"], seed=seed)
+        ss = cfg["skull_strip"]
+        log.info("[%s] skull stripping", subject)
+        skull_strip(f("n4", "t1"), template["brain_mask"], f("affine"), f("inverse_warp"), f("native_mask"),
+                    threshold=ss["threshold"], closing_voxels=ss["closing_voxels"])
+        qc = skull_strip_qc(f("native_mask"), truth_mask, f("skull_strip_qc"), subject)
+        log.info("[%s] skull strip QC: %s", subject, qc)
+        log.info("[%s] working grid", subject)
+        norm, tcfg = cfg["normalisation"], cfg["tissue_maps"]
+        mask, lab = to_working_grid(
+            {m: f("n4", m) for m in mods}, f("native_mask"), f("affine"), f("warp"), template["t1"],
+            {m: f("image", m) for m in mods}, f("brain_mask"), label=label, out_label=f("label"),
+            label_map=label_map, schema=schema, lower=norm["lower_percentile"], upper=norm["upper_percentile"],
+        )
+        ref = nib.load(str(template["t1"]))
+        if label is not None:
+            prob = probabilistic_from_labels(lab, schema, ref.header.get_zooms()[:3], tcfg["smoothing_mm"])
+        else:
+            log.info("[%s] no label map: tissue maps from Atropos with template priors", subject)
+            priors = tissue_priors_from_template(template["labels"], schema, tcfg["smoothing_mm"])
+            prob = probabilistic_from_atropos(f("image", "t1"), mask, priors, schema,
+                                              iterations=tcfg["atropos_iterations"])
+            save_nifti(np.argmax(prob, axis=-1).astype(np.uint8), ref.affine, f("label"))
+        save_nifti(prob, ref.affine, f("tissue_prob"), dtype=np.float32)
+        save_json(lesion_record(f("label"), schema, subject, label is not None), f("lesions"))
+        subject_montage(f("montage"), subject, f("n4", "t1"), f("native_mask"),
+                        {m: f("image", m) for m in mods}, f("label"), n_classes=schema.n_classes,
+                        dice=qc.get("skull_strip_dice"))
+    return qc
+
+
+def preprocessed_manifest(rows, modalities, out_tsv):
+    """Table of preprocessed subjects (one split): id columns and the working-grid files.
+
+    ``rows``: dicts with ``subject``, ``folder`` and id columns (site, split, role...).
+    Every folder must be complete (:func:`subject_files`); a gap is named, so a
+    consumer never reads a half-made subject.
+    """
+    import pandas as pd
+
+    from .errors import InputError, InputErrors
+
+    errors, records = [], []
+    for row in rows:
+        folder = row["folder"]
+        missing = [str(p) for p in subject_files(folder, modalities) if not p.exists()]
+        if missing:
+            errors.append(InputError(f"preprocessed subject {row['subject']} lacks {len(missing)} file(s), "
+                                     f"e.g. {missing[0]}", file=folder,
+                                     fix="delete the folder and run snakemake again to rebuild it"))
+            continue
+        rec = dict(row)
+        rec.update({m: str(subject_file(folder, "image", m)) for m in modalities})
+        rec.update({k: str(subject_file(folder, k)) for k in ("brain_mask", "label", "tissue_prob")})
+        records.append(rec)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise InputErrors(errors)
+    from .io import save_table
+
+    return save_table(pd.DataFrame.from_records(records), out_tsv)

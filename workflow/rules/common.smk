@@ -11,6 +11,7 @@ from snakemake.exceptions import WorkflowError
 from brainsynth.errors import InputError
 from brainsynth.labels import LabelSchema
 from brainsynth import demo as demo_cohort
+from brainsynth.preprocess import SUBJECT_LAYOUT
 from brainsynth.sheet import load_sheet
 from brainsynth.validate import check_files_exist
 
@@ -99,6 +100,29 @@ def subjects_with(split=None):
     return list(SUBJECT_IDS if split is None else _BY_SPLIT.get(split, []))
 
 
+def subject_folder(subject):
+    """The folder of everything one subject's preprocessing makes (one job, one output)."""
+    return f"{R}/preprocessing/subjects/{subject}"
+
+
+def preprocessed(subject, kind, modality=None):
+    """A file inside a preprocessed subject folder (kinds: brainsynth.preprocess.SUBJECT_LAYOUT).
+    Plain string formatting: this runs hundreds of thousands of times at cohort scale."""
+    return f"{R}/preprocessing/subjects/{subject}/{SUBJECT_LAYOUT[kind].format(m=modality)}"
+
+
+def grid_file(subject, name):
+    """Working-grid file of a preprocessed subject: a modality, brain_mask, label or tissue_prob."""
+    return preprocessed(subject, "image", name) if name in MODALITIES else preprocessed(subject, name)
+
+
+def split_tables(subjects):
+    """The per-split tables of preprocessed subjects covering ``subjects``: what a rule that reads
+    preprocessed files of those subjects depends on (it lists the files in ``params.preprocessed``)."""
+    splits = {SUBJECT_ROWS[s]["split"] for s in subjects}
+    return [f"{R}/preprocessing/splits/{split}.tsv" for split in sorted(splits)]
+
+
 def label_map(subject):
     """The label_maps entry for the subject's site (None: values are already schema values)."""
     return (config.get("label_maps") or {}).get(str(SUBJECT_ROWS[subject]["site"]))
@@ -108,7 +132,7 @@ def preprocessing_targets():
     return [
         f"{R}/preprocessing/qc.tsv",
         f"{R}/preprocessing/lesion_proportions.tsv",
-    ] + expand(f"{R}/preprocessing/qc/{{subject}}.png", subject=SUBJECT_IDS)
+    ] + split_tables(SUBJECT_IDS)
 
 
 def synthesis_enabled():
@@ -209,13 +233,23 @@ SEG_TEST_SETS = SEG_DESIGN["test_sets"]
 SEG_TEST_CASES = [(ts, s) for ts, subs in SEG_TEST_SETS.items() for s in subs]
 
 
+_SEG_CASE_FILES = {}
+
+
 def seg_case_files(arm):
     """``{case_id: {"source", "images": {modality: path}, "label": path[, "style_set"]}}`` of an arm's
-    training set; an arm with a style set takes its synthetic images from that set."""
+    training set; an arm with a style set takes its synthetic images from that set (built once
+    per arm: input functions and params ask for it repeatedly; do not modify)."""
+    if arm not in _SEG_CASE_FILES:
+        _SEG_CASE_FILES[arm] = _seg_case_files(arm)
+    return _SEG_CASE_FILES[arm]
+
+
+def _seg_case_files(arm):
     cases = {}
     for s in SEG_DESIGN["cases"][arm]["real"]:
-        cases[s] = {"source": "real", "label": f"{R}/preprocessing/grid/{s}/label.nii.gz",
-                    "images": {m: f"{R}/preprocessing/grid/{s}/{m}.nii.gz" for m in MODALITIES}}
+        cases[s] = {"source": "real", "label": grid_file(s, "label"),
+                    "images": {m: grid_file(s, m) for m in MODALITIES}}
     style_set = SEG_DESIGN["style_sets"][arm]
     images = f"{STYLE_SETS}/{style_set}/samples" if style_set else SYNTH_SAMPLES
     for s in SEG_DESIGN["cases"][arm]["synthetic"]:

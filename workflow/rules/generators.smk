@@ -27,15 +27,12 @@ def style_subjects():
 
 
 def _style_set_subjects():
-    """Subjects whose images style each synthesis.style_sets entry: those whose site role or
-    site is listed. A set no subject matches is left out (an arm using it is an error)."""
-    found = {}
-    for name, keys in (SYNCFG.get("style_sets") or {}).items():
-        subjects = [s for s in SUBJECT_IDS
-                    if subject_value(s, "role") in keys or str(subject_value(s, "site")) in keys]
-        if subjects:
-            found[name] = subjects
-            continue
+    """brainsynth.experiment.style_set_subjects; a set no subject matches is left out, an
+    error when arms use it."""
+    style_sets = SYNCFG.get("style_sets") or {}
+    found = seg_design.style_set_subjects(SUBJECT_ROWS, style_sets)
+    for name in (n for n in style_sets if n not in found):
+        keys = style_sets[name]
         users = [a for a in SEG_ARMS if SEG_DESIGN["style_sets"][a] == name]
         if users:
             raise WorkflowError(f"Invalid input: synthesis.style_sets.{name}: no subject has a site or site role "
@@ -62,13 +59,22 @@ def synthetic_files():
 
 
 def tissue_maps(subjects):
-    return [f"{PP}/grid/{s}/tissue_prob.nii.gz" for s in subjects]
+    return [grid_file(s, "tissue_prob") for s in subjects]
+
+
+def style_table(subjects):
+    """Style subjects for the image generator: ``[{subject, <modality>: working-grid image}]``."""
+    return [{"subject": s, **{m: grid_file(s, m) for m in MODALITIES}} for s in subjects]
+
+
+def style_files(subjects):
+    return [grid_file(s, m) for s in subjects for m in MODALITIES]
 
 
 rule train_label_vae:
     """KL autoencoder over the probabilistic label maps (focal + LSGAN + KL [+ perceptual])."""
     input:
-        tissue=tissue_maps(generator_training_subjects()),
+        splits=split_tables(generator_training_subjects()),
     output:
         model=LABEL_VAE,
         config=f"{GEN}/label_generator/label_vae_config.json",
@@ -76,6 +82,7 @@ rule train_label_vae:
         curve=report(f"{GEN}/label_generator/label_vae_losses.png", category="Generators"),
     params:
         cfg={k: v for k, v in LGCFG.items() if k not in ("ldm", "sampling")},
+        preprocessed=tissue_maps(generator_training_subjects()),
         out=f"{GEN}/label_generator",
     log:
         f"{LOGS}/generators/train_label_vae.log",
@@ -90,8 +97,8 @@ rule train_label_vae:
 rule train_label_ldm:
     """Latent diffusion on the VAE latents, cross-attention conditioned on dc_jl."""
     input:
+        splits=split_tables(generator_training_subjects()),
         vae=LABEL_VAE,
-        tissue=tissue_maps(generator_training_subjects()),
         conditioning=f"{PP}/lesion_proportions.tsv",
     output:
         model=LABEL_LDM,
@@ -100,6 +107,7 @@ rule train_label_ldm:
         curve=report(f"{GEN}/label_generator/label_ldm_losses.png", category="Generators"),
     params:
         cfg={k: v for k, v in LGCFG.items() if k != "sampling"},
+        preprocessed=tissue_maps(generator_training_subjects()),
         subjects=generator_training_subjects(),
         labels=config["labels"],
         out=f"{GEN}/label_generator",
@@ -116,8 +124,7 @@ rule train_label_ldm:
 rule train_image_generator:
     """SPADE VAE-GAN: style encoder + SPADE decoder, one model for all modalities."""
     input:
-        tissue=tissue_maps(generator_training_subjects()),
-        images=[f"{PP}/grid/{s}/{m}.nii.gz" for m in MODALITIES for s in generator_training_subjects()],
+        splits=split_tables(generator_training_subjects()),
     output:
         model=IMAGE_GENERATOR,
         config=f"{GEN}/image_generator/image_generator_config.json",
@@ -125,8 +132,9 @@ rule train_image_generator:
         curve=report(f"{GEN}/image_generator/image_generator_losses.png", category="Generators"),
     params:
         cfg=IGCFG,
-        modalities=MODALITIES,
-        n_subjects=len(generator_training_subjects()),
+        tissue=tissue_maps(generator_training_subjects()),
+        images={m: [grid_file(s, m) for s in generator_training_subjects()] for m in MODALITIES},
+        preprocessed=tissue_maps(generator_training_subjects()) + style_files(generator_training_subjects()),
         out=f"{GEN}/image_generator",
     log:
         f"{LOGS}/generators/train_image_generator.log",
@@ -144,8 +152,8 @@ rule sample_synthetic:
         vae=LABEL_VAE,
         ldm=LABEL_LDM,
         image_generator=IMAGE_GENERATOR,
+        splits=split_tables(style_subjects()),
         reference=template_file("t1"),
-        styles=[f"{PP}/grid/{s}/{m}.nii.gz" for s in style_subjects() for m in MODALITIES],
     output:
         samples=synthetic_files(),
         manifest=f"{SYN}/manifest.tsv",
@@ -154,8 +162,8 @@ rule sample_synthetic:
     params:
         synthesis=SYNCFG,
         sampling=LGCFG.get("sampling", {}),
-        style_subjects=style_subjects(),
-        modalities=MODALITIES,
+        styles=style_table(style_subjects()),
+        preprocessed=style_files(style_subjects()),
         out=SYN,
     log:
         f"{LOGS}/synthesis/sample_synthetic.log",
@@ -173,8 +181,7 @@ rule restyle_synthetic:
         image_generator=IMAGE_GENERATOR,
         reference=template_file("t1"),
         labels=[f"{SYN}/samples/{sid}/labelprob.nii.gz" for sid in synthetic_ids()],
-        styles=lambda wc: [f"{PP}/grid/{s}/{m}.nii.gz" for s in STYLE_SET_SUBJECTS[wc.style_set]
-                           for m in MODALITIES],
+        splits=lambda wc: split_tables(STYLE_SET_SUBJECTS[wc.style_set]),
     output:
         samples=[f"{SYN}/style_sets/{{style_set}}/samples/{sid}/{m}.nii.gz" for sid in synthetic_ids()
                  for m in MODALITIES],
@@ -183,8 +190,8 @@ rule restyle_synthetic:
                        caption="../report/synthetic_montage.rst"),
     params:
         subjects=synthetic_ids(),
-        style_subjects=lambda wc: STYLE_SET_SUBJECTS[wc.style_set],
-        modalities=MODALITIES,
+        styles=lambda wc: style_table(STYLE_SET_SUBJECTS[wc.style_set]),
+        preprocessed=lambda wc: style_files(STYLE_SET_SUBJECTS[wc.style_set]),
         seed=SYNCFG["seed"],
         samples=f"{SYN}/samples",
         out=lambda wc: f"{SYN}/style_sets/{wc.style_set}",
@@ -203,9 +210,8 @@ rule restyle_synthetic:
 rule synthesis_quality:
     """MS-SSIM diversity, MMD, memorisation (nearest real subject) and class volume fractions."""
     input:
+        splits=split_tables(generator_training_subjects()),
         samples=synthetic_files(),
-        real=[f"{PP}/grid/{s}/{f}.nii.gz" for s in generator_training_subjects()
-              for f in MODALITIES + ["tissue_prob"]],
     output:
         metrics=report(f"{SYN}/quality/quality_metrics.tsv", category="Generators"),
         memorisation=f"{SYN}/quality/memorisation.tsv",
@@ -213,7 +219,9 @@ rule synthesis_quality:
         summary=f"{SYN}/quality/volume_fractions_summary.tsv",
     params:
         synthetic=synthetic_ids(),
-        real=generator_training_subjects(),
+        real=[{**row, "labelprob": grid_file(row["subject"], "tissue_prob")}
+              for row in style_table(generator_training_subjects())],
+        preprocessed=tissue_maps(generator_training_subjects()) + style_files(generator_training_subjects()),
         modalities=MODALITIES,
         labels=config["labels"],
     log:

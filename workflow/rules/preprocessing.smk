@@ -1,6 +1,7 @@
-# Preprocessing per subject: input check -> N4 -> registration to the template ->
-# skull stripping by template-mask propagation -> working grid (normalised images,
-# labels, probabilistic tissue maps) -> QC; then cohort tables.
+# Preprocessing: input check of the whole cohort; then per subject, in one job, N4 ->
+# registration to the template -> skull stripping by template-mask propagation ->
+# working grid (normalised images, labels, probabilistic tissue maps) -> QC montage;
+# then per-split tables of the preprocessed subjects and the cohort tables.
 
 PP = f"{R}/preprocessing"
 PPCFG = config["preprocessing"]
@@ -55,135 +56,74 @@ rule inputs_validated:
             f.write(f"{input[0]} -> {output[0]}\n")
 
 
-rule n4_bias_correct:
+# Everything a subject's preprocessing makes lives in one folder, written by one job:
+#   {PP}/subjects/<subject>/n4/, registration/, skull_strip/, grid/, qc.png
+# (layout: brainsynth.preprocess.SUBJECT_LAYOUT). One job and one declared output per
+# subject keep planning fast at cohort scale (benchmarks/dag_scale.py); any change of a
+# preprocessing setting reruns the subject's whole chain.
+rule preprocess_subject:
+    """N4 -> registration to the template -> skull stripping -> working grid -> QC montage."""
     input:
+        unpack(lambda wc: {k: raw_path(wc.subject, c) for k, c in (("label", "label"), ("truth", "brain_mask"))
+                           if has_column(wc.subject, c)}),
         # ancient: validation orders the work but a re-check never forces a rerun
         checked=ancient(f"{PP}/input_check.tsv"),
         images=lambda wc: [raw_path(wc.subject, m) for m in MODALITIES],
-    output:
-        [f"{PP}/n4/{{subject}}/{m}.nii.gz" for m in MODALITIES],
-    params:
-        n4=PPCFG["n4"],
-    log:
-        f"{LOGS}/preprocessing/n4_bias_correct/{{subject}}.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=15,
-    script:
-        "../scripts/n4_bias_correct.py"
-
-
-rule register_to_template:
-    input:
-        t1=f"{PP}/n4/{{subject}}/t1.nii.gz",
         template=template_file("t1"),
+        template_mask=template_file("brain_mask"),
+        template_labels=template_file("labels"),
     output:
-        affine=f"{PP}/registration/{{subject}}/0GenericAffine.mat",
-        warp=f"{PP}/registration/{{subject}}/1Warp.nii.gz",
-        inverse_warp=f"{PP}/registration/{{subject}}/1InverseWarp.nii.gz",
-        warped=f"{PP}/registration/{{subject}}/t1_in_template.nii.gz",
+        directory(f"{PP}/subjects/{{subject}}"),
     params:
-        registration=PPCFG["registration"],
+        # all of the section but the QC threshold, which only the QC table uses
+        preprocessing={**PPCFG, "skull_strip": {k: v for k, v in PPCFG["skull_strip"].items() if k != "min_dice"}},
+        modalities=MODALITIES,
+        labels=config["labels"],
+        label_map=lambda wc: label_map(wc.subject),
         seed=config["seed"],
     log:
-        f"{LOGS}/preprocessing/register_to_template/{{subject}}.log",
+        f"{LOGS}/preprocessing/preprocess_subject/{{subject}}.log",
     # one ITK thread: ANTs' multi-threaded metric sums differ from run to run (affine
     # parameters by up to ~0.03), single-threaded registration with a fixed seed is
     # bit-identical; subjects run in parallel instead
     threads: 1
     resources:
         mem_mb=4000,
-        runtime=30,
+        runtime=60,
     script:
-        "../scripts/register_to_template.py"
+        "../scripts/preprocess_subject.py"
 
 
-rule skull_strip:
+rule preprocessed_subjects:
+    """<split>.tsv: the split's preprocessed subjects and their working-grid files. Later
+    stages depend on these tables, not on every subject's files (one input instead of
+    thousands), and a split they do not use never reruns them."""
     input:
-        unpack(
-            lambda wc: {"truth": raw_path(wc.subject, "brain_mask")}
-            if has_column(wc.subject, "brain_mask")
-            else {}
-        ),
-        t1=f"{PP}/n4/{{subject}}/t1.nii.gz",
-        template_mask=template_file("brain_mask"),
-        affine=rules.register_to_template.output.affine,
-        inverse_warp=rules.register_to_template.output.inverse_warp,
+        lambda wc: [subject_folder(s) for s in subjects_with(wc.split)],
     output:
-        mask=f"{PP}/skull_strip/{{subject}}/brain_mask.nii.gz",
-        qc=f"{PP}/skull_strip/{{subject}}/qc.json",
+        f"{PP}/splits/{{split}}.tsv",
     params:
-        skull_strip=PPCFG["skull_strip"],
-    log:
-        f"{LOGS}/preprocessing/skull_strip/{{subject}}.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    script:
-        "../scripts/skull_strip.py"
-
-
-rule resample_to_grid:
-    input:
-        unpack(
-            lambda wc: {"label": raw_path(wc.subject, "label")}
-            if has_column(wc.subject, "label")
-            else {}
-        ),
-        images=lambda wc: [f"{PP}/n4/{wc.subject}/{m}.nii.gz" for m in MODALITIES],
-        mask=rules.skull_strip.output.mask,
-        affine=rules.register_to_template.output.affine,
-        warp=rules.register_to_template.output.warp,
-        template=template_file("t1"),
-        template_labels=template_file("labels"),
-    output:
-        images=[f"{PP}/grid/{{subject}}/{m}.nii.gz" for m in MODALITIES],
-        mask=f"{PP}/grid/{{subject}}/brain_mask.nii.gz",
-        label=f"{PP}/grid/{{subject}}/label.nii.gz",
-        tissue=f"{PP}/grid/{{subject}}/tissue_prob.nii.gz",
-        lesions=f"{PP}/grid/{{subject}}/lesions.json",
-    params:
+        rows=lambda wc: [{"subject": s, "folder": subject_folder(s),
+                          **{c: str(SUBJECT_ROWS[s][c]) for c in ("site", "split", "role")
+                             if SUBJECT_ROWS[s].get(c) is not None}}
+                         for s in subjects_with(wc.split)],
         modalities=MODALITIES,
-        labels=config["labels"],
-        label_map=lambda wc: label_map(wc.subject),
-        normalisation=PPCFG["normalisation"],
-        tissue_maps=PPCFG["tissue_maps"],
+    wildcard_constraints:
+        split="|".join(sorted(_BY_SPLIT)),
     log:
-        f"{LOGS}/preprocessing/resample_to_grid/{{subject}}.log",
-    threads: 1
-    resources:
-        mem_mb=3000,
-        runtime=15,
+        f"{LOGS}/preprocessing/preprocessed_subjects/{{split}}.log",
+    localrule: True
     script:
-        "../scripts/resample_to_grid.py"
-
-
-rule qc_montage:
-    input:
-        t1=f"{PP}/n4/{{subject}}/t1.nii.gz",
-        mask=rules.skull_strip.output.mask,
-        qc=rules.skull_strip.output.qc,
-        images=rules.resample_to_grid.output.images,
-        label=rules.resample_to_grid.output.label,
-    output:
-        f"{PP}/qc/{{subject}}.png",
-    params:
-        modalities=MODALITIES,
-        n_classes=len(config["labels"]["classes"]),
-    log:
-        f"{LOGS}/preprocessing/qc_montage/{{subject}}.log",
-    script:
-        "../scripts/qc_montage.py"
+        "../scripts/preprocessed_manifest.py"
 
 
 rule qc_table:
     input:
-        expand(f"{PP}/skull_strip/{{subject}}/qc.json", subject=SUBJECT_IDS),
+        splits=split_tables(SUBJECT_IDS),
     output:
         f"{PP}/qc.tsv",
     params:
+        preprocessed=[preprocessed(s, "skull_strip_qc") for s in SUBJECT_IDS],
         min_dice=PPCFG["skull_strip"]["min_dice"],
     log:
         f"{LOGS}/preprocessing/qc_table.log",
@@ -194,10 +134,11 @@ rule qc_table:
 rule lesion_proportions:
     """dc_jl per subject: lesion voxel count over the cohort maximum, per lesion type."""
     input:
-        expand(f"{PP}/grid/{{subject}}/lesions.json", subject=SUBJECT_IDS),
+        splits=split_tables(SUBJECT_IDS),
     output:
         f"{PP}/lesion_proportions.tsv",
     params:
+        preprocessed=[preprocessed(s, "lesions") for s in SUBJECT_IDS],
         labels=config["labels"],
     log:
         f"{LOGS}/preprocessing/lesion_proportions.log",

@@ -52,8 +52,9 @@ def _seg_plans_identifier():
 rule assemble_nnunet_dataset:
     """nnU-Net raw dataset of one (task, arm): labels remapped to the task, images linked."""
     input:
-        lambda wc: [f for spec in seg_case_files(wc.arm).values()
-                    for f in [spec["label"], *spec["images"].values()]],
+        splits=lambda wc: split_tables(SEG_DESIGN["cases"][wc.arm]["real"]),
+        synthetic=lambda wc: [f for spec in seg_case_files(wc.arm).values() if spec["source"] == "synthetic"
+                              for f in [spec["label"], *spec["images"].values()]],
     output:
         dataset=ARM_DATASET,
         labels=directory(f"{SEG}/{{task}}/{{arm}}/labels"),
@@ -62,6 +63,8 @@ rule assemble_nnunet_dataset:
         dataset_id=lambda wc: SEG_DESIGN["ids"][(wc.task, wc.arm)],
         dataset_name=lambda wc: seg_design.dataset_name(wc.task, wc.arm),
         cases=lambda wc: seg_case_files(wc.arm),
+        preprocessed=lambda wc: [f for spec in seg_case_files(wc.arm).values() if spec["source"] == "real"
+                                 for f in [spec["label"], *spec["images"].values()]],
         classes=lambda wc: SEG_DESIGN["groups"][wc.task],
         n_schema_classes=SCHEMA.n_classes,
         modalities=MODALITIES,
@@ -130,15 +133,16 @@ rule predict_segmentation:
     """The arm's model on every test subject (all test sets, one model load)."""
     input:
         model=ARM_MODEL,
-        images=[f"{R}/preprocessing/grid/{s}/{m}.nii.gz" for _, s in SEG_TEST_CASES for m in MODALITIES],
+        splits=split_tables([s for _, s in SEG_TEST_CASES]),
     output:
         predictions=[f"{ARM_DIR}/predictions/{ts}/{s}.nii.gz" for ts, s in SEG_TEST_CASES],
         # written last: the scoring job depends on this one file, not on every prediction
         manifest=ARM_PREDICTIONS,
     params:
         cases=[{"case_id": s, "test_set": ts,
-                "images": {m: f"{R}/preprocessing/grid/{s}/{m}.nii.gz" for m in MODALITIES}}
+                "images": {m: grid_file(s, m) for m in MODALITIES}}
                for ts, s in SEG_TEST_CASES],
+        preprocessed=[grid_file(s, m) for _, s in SEG_TEST_CASES for m in MODALITIES],
         tile_step_size=NNCFG.get("tile_step_size", 0.5),
         use_mirroring=NNCFG.get("use_mirroring", False),
         device=NNCFG.get("device", "auto"),
@@ -156,11 +160,12 @@ rule score_segmentation:
     """Long score table of one (task, arm): per test subject, class and metric."""
     input:
         predictions=ARM_PREDICTIONS,
-        truth=[f"{R}/preprocessing/grid/{s}/label.nii.gz" for _, s in SEG_TEST_CASES],
+        splits=split_tables([s for _, s in SEG_TEST_CASES]),
     output:
         f"{SEG}/{{task}}/{{arm}}/scores.tsv",
     params:
         experiment=EXP,
+        preprocessed=[grid_file(s, "label") for _, s in SEG_TEST_CASES],
         subjects=[{"subject": s, "test_set": ts, "site": str(SUBJECTS.loc[s, "site"]),
                    **({"phenotype": str(SUBJECTS.loc[s, "phenotype"])} if "phenotype" in SUBJECTS.columns
                       else {})}

@@ -9,7 +9,7 @@ from brainsynth.labels import LabelSchema
 
 def main(sm):
     schema = LabelSchema.from_config({"labels": sm.params.labels})
-    records = [json.loads(open(p).read()) for p in sm.input]
+    records = [json.loads(open(p).read()) for p in sm.params.preprocessed]
     save_table(pp.lesion_proportions(records, schema), sm.output[0])
 
 

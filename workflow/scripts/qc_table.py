@@ -5,7 +5,7 @@ from brainsynth.qc import qc_table
 
 
 def main(sm):
-    df = qc_table(list(sm.input), sm.output[0], min_dice=sm.params.min_dice)
+    df = qc_table(list(sm.params.preprocessed), sm.output[0], min_dice=sm.params.min_dice)
     if "skull_strip_dice" in df:
         d = df["skull_strip_dice"].dropna()
         if len(d):

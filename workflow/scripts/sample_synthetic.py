@@ -1,7 +1,5 @@
 """Rule sample_synthetic: draw synthetic (label, multi-modal image) subjects."""
 
-from pathlib import Path
-
 from brainsynth.generators.sampling import sample_synthetic
 from brainsynth.io import run_main
 
@@ -9,12 +7,9 @@ from brainsynth.io import run_main
 def main(sm):
     syn = sm.params.synthesis
     samp = sm.params.sampling
-    grid = Path(sm.input.reference).parents[1] / "preprocessing" / "grid"
-    styles = [{"subject": s, **{m: str(grid / s / f"{m}.nii.gz") for m in sm.params.modalities}}
-              for s in sm.params.style_subjects]
     sample_synthetic(
         label_vae=sm.input.vae, label_ldm=sm.input.ldm, image_generator=sm.input.image_generator,
-        style_subjects=styles, n=syn["n_samples"], out_dir=sm.params.out, reference=sm.input.reference,
+        style_subjects=list(sm.params.styles), n=syn["n_samples"], out_dir=sm.params.out, reference=sm.input.reference,
         conditioning=syn["conditioning"], conditioning_values=syn.get("conditioning_values"),
         seed=syn["seed"], scheduler=samp.get("scheduler"), steps=samp.get("inference_steps"),
         id_prefix="synth",

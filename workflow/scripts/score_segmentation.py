@@ -19,7 +19,7 @@ def main(sm):
     manifest = pd.read_csv(sm.input.predictions, sep="\t", dtype=str)
     predictions = dict(zip(zip(manifest["test_set"], manifest["subject"]), manifest["prediction"]))
     pairs = []
-    for rec, truth in zip(sm.params.subjects, sm.input.truth):
+    for rec, truth in zip(sm.params.subjects, sm.params.preprocessed):
         pred = predictions[(rec["test_set"], rec["subject"])]
         arr = design.apply_lut(np.asarray(nib.load(pred).dataobj), inverse, what=pred)
         pairs.append({**rec, "pred": arr, "truth": truth})

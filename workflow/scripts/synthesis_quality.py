@@ -10,11 +10,9 @@ from brainsynth.labels import LabelSchema
 def main(sm):
     mods = sm.params.modalities
     syn_dir = Path(sm.input.samples[0]).parents[1]
-    grid = Path(sm.input.real[0]).parents[1]
     synthetic = [{"subject": s, "labelprob": str(syn_dir / s / "labelprob.nii.gz"),
                   **{m: str(syn_dir / s / f"{m}.nii.gz") for m in mods}} for s in sm.params.synthetic]
-    real = [{"subject": s, "labelprob": str(grid / s / "tissue_prob.nii.gz"),
-             **{m: str(grid / s / f"{m}.nii.gz") for m in mods}} for s in sm.params.real]
+    real = list(sm.params.real)
     evaluate_quality(synthetic, real, mods, Path(sm.output.metrics).parent,
                      schema=LabelSchema.from_config({"labels": sm.params.labels}))
 

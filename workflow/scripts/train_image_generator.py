@@ -7,10 +7,8 @@ from brainsynth.io import run_main
 def main(sm):
     cfg = dict(sm.params.cfg)
     cfg.setdefault("num_threads", sm.threads)
-    n = sm.params.n_subjects
-    images = list(sm.input.images)
-    by_modality = {m: images[i * n:(i + 1) * n] for i, m in enumerate(sm.params.modalities)}
-    train_image_generator(list(sm.input.tissue), by_modality, cfg, sm.params.out)
+    by_modality = {m: list(paths) for m, paths in sm.params.images.items()}
+    train_image_generator(list(sm.params.tissue), by_modality, cfg, sm.params.out)
 
 
 run_main(main, snakemake)  # noqa: F821

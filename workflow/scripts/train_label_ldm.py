@@ -8,7 +8,7 @@ from brainsynth.labels import LabelSchema
 def main(sm):
     cfg = dict(sm.params.cfg)
     cfg.setdefault("num_threads", sm.threads)
-    train_label_ldm(sm.input.vae, list(sm.input.tissue), sm.input.conditioning, cfg, sm.params.out,
+    train_label_ldm(sm.input.vae, list(sm.params.preprocessed), sm.input.conditioning, cfg, sm.params.out,
                     subjects=list(sm.params.subjects),
                     schema=LabelSchema.from_config({"labels": sm.params.labels}))
 

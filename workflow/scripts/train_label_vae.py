@@ -7,7 +7,7 @@ from brainsynth.io import run_main
 def main(sm):
     cfg = dict(sm.params.cfg)
     cfg.setdefault("num_threads", sm.threads)
-    train_label_vae(list(sm.input.tissue), cfg, sm.params.out)
+    train_label_vae(list(sm.params.preprocessed), cfg, sm.params.out)
 
 
 run_main(main, snakemake)  # noqa: F821

@@ -1,0 +1,20 @@
+"""Rule preprocess_subject: N4, registration, skull stripping, working grid and QC of one subject."""
+
+from brainsynth import preprocess as pp
+from brainsynth.io import run_main
+from brainsynth.labels import LabelSchema
+
+
+def main(sm):
+    pp.set_threads(sm.threads)
+    pp.preprocess_subject(
+        sm.wildcards.subject, dict(zip(sm.params.modalities, sm.input.images)), sm.output[0],
+        template={"t1": sm.input.template, "brain_mask": sm.input.template_mask,
+                  "labels": sm.input.template_labels},
+        cfg=sm.params.preprocessing, schema=LabelSchema.from_config({"labels": sm.params.labels}),
+        label=sm.input.get("label"), truth_mask=sm.input.get("truth"), label_map=sm.params.label_map,
+        seed=sm.params.seed,
+    )
+
+
+run_main(main, snakemake)  # noqa: F821
