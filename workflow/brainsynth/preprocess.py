@@ -3,7 +3,8 @@
 The study's generators and nnU-Net all see subjects registered to one template,
 skull-stripped, on one working grid, with intensities on a common scale and
 tissue maps that are probabilistic (channels summing to 1). Each step here is a
-function of files to files so a Snakemake rule can call it and rerun it alone.
+function of files to files (unit-tested alone); :func:`preprocess_subject` chains
+them into one subject folder for the workflow's one-job-per-subject rule.
 """
 
 import logging

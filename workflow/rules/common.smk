@@ -100,6 +100,20 @@ def subjects_with(split=None):
     return list(SUBJECT_IDS if split is None else _BY_SPLIT.get(split, []))
 
 
+def canonical(section):
+    """A config section with its keys sorted (recursively), for params.
+
+    Snakemake compares params by their repr, so key order counts, and merging a partial
+    --configfile puts the overridden keys first: the same values in another order would
+    rerun the rule. Only for sections whose keys are names (not where order means
+    something, like labels.lesion_types)."""
+    if isinstance(section, dict):
+        return {k: canonical(section[k]) for k in sorted(section)}
+    if isinstance(section, list):
+        return [canonical(v) for v in section]
+    return section
+
+
 def subject_folder(subject):
     """The folder of everything one subject's preprocessing makes (one job, one output)."""
     return f"{R}/preprocessing/subjects/{subject}"
@@ -129,10 +143,12 @@ def label_map(subject):
 
 
 def preprocessing_targets():
+    # every subject folder too: Snakemake rebuilds a missing intermediate only for a job that
+    # has to run, so a folder moved aside (brainsynth.integrity) is rebuilt because `all` asks for it
     return [
         f"{R}/preprocessing/qc.tsv",
         f"{R}/preprocessing/lesion_proportions.tsv",
-    ] + split_tables(SUBJECT_IDS)
+    ] + split_tables(SUBJECT_IDS) + [subject_folder(s) for s in SUBJECT_IDS]
 
 
 def synthesis_enabled():

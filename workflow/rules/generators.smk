@@ -81,7 +81,7 @@ rule train_label_vae:
         losses=f"{GEN}/label_generator/label_vae_losses.tsv",
         curve=report(f"{GEN}/label_generator/label_vae_losses.png", category="Generators"),
     params:
-        cfg={k: v for k, v in LGCFG.items() if k not in ("ldm", "sampling")},
+        cfg=canonical({k: v for k, v in LGCFG.items() if k not in ("ldm", "sampling")}),
         preprocessed=tissue_maps(generator_training_subjects()),
         out=f"{GEN}/label_generator",
     log:
@@ -106,7 +106,7 @@ rule train_label_ldm:
         losses=f"{GEN}/label_generator/label_ldm_losses.tsv",
         curve=report(f"{GEN}/label_generator/label_ldm_losses.png", category="Generators"),
     params:
-        cfg={k: v for k, v in LGCFG.items() if k != "sampling"},
+        cfg=canonical({k: v for k, v in LGCFG.items() if k != "sampling"}),
         preprocessed=tissue_maps(generator_training_subjects()),
         subjects=generator_training_subjects(),
         labels=config["labels"],
@@ -131,7 +131,7 @@ rule train_image_generator:
         losses=f"{GEN}/image_generator/image_generator_losses.tsv",
         curve=report(f"{GEN}/image_generator/image_generator_losses.png", category="Generators"),
     params:
-        cfg=IGCFG,
+        cfg=canonical(IGCFG),
         tissue=tissue_maps(generator_training_subjects()),
         images={m: [grid_file(s, m) for s in generator_training_subjects()] for m in MODALITIES},
         preprocessed=tissue_maps(generator_training_subjects()) + style_files(generator_training_subjects()),
@@ -160,8 +160,10 @@ rule sample_synthetic:
         montage=report(f"{SYN}/montage.png", category="Generators",
                        caption="../report/synthetic_montage.rst"),
     params:
-        synthesis=SYNCFG,
-        sampling=LGCFG.get("sampling", {}),
+        # what sampling uses (not style_roles, given through styles; not style_sets, whose
+        # restyling is its own rule): adding a style set reruns no sampling
+        synthesis={k: SYNCFG.get(k) for k in ("n_samples", "conditioning", "conditioning_values", "seed")},
+        sampling=canonical(LGCFG.get("sampling", {})),
         styles=style_table(style_subjects()),
         preprocessed=style_files(style_subjects()),
         out=SYN,

@@ -76,7 +76,8 @@ rule preprocess_subject:
         directory(f"{PP}/subjects/{{subject}}"),
     params:
         # all of the section but the QC threshold, which only the QC table uses
-        preprocessing={**PPCFG, "skull_strip": {k: v for k, v in PPCFG["skull_strip"].items() if k != "min_dice"}},
+        preprocessing=canonical({**PPCFG, "skull_strip": {k: v for k, v in PPCFG["skull_strip"].items()
+                                                          if k != "min_dice"}}),
         modalities=MODALITIES,
         labels=config["labels"],
         label_map=lambda wc: label_map(wc.subject),
@@ -114,7 +115,7 @@ rule preprocessed_subjects:
         f"{LOGS}/preprocessing/preprocessed_subjects/{{split}}.log",
     localrule: True
     script:
-        "../scripts/preprocessed_manifest.py"
+        "../scripts/preprocessed_subjects.py"
 
 
 rule qc_table:
