@@ -61,14 +61,21 @@ rule inputs_validated:
 # (layout: brainsynth.preprocess.SUBJECT_LAYOUT). One job and one declared output per
 # subject keep planning fast at cohort scale (benchmarks/dag_scale.py); any change of a
 # preprocessing setting reruns the subject's whole chain.
+SUBJECT_INPUTS = {
+    s: {"images": [raw_path(s, m) for m in MODALITIES],
+        **{k: raw_path(s, c) for k, c in (("label", "label"), ("truth", "brain_mask")) if has_column(s, c)}}
+    for s in SUBJECT_IDS
+}
+
+
 rule preprocess_subject:
     """N4 -> registration to the template -> skull stripping -> working grid -> QC montage."""
     input:
-        unpack(lambda wc: {k: raw_path(wc.subject, c) for k, c in (("label", "label"), ("truth", "brain_mask"))
-                           if has_column(wc.subject, c)}),
+        # images, and label / truth (brain mask) where the sheet has them: one input
+        # function call per job (10,000 jobs at cohort scale)
+        unpack(lambda wc: SUBJECT_INPUTS[wc.subject]),
         # ancient: validation orders the work but a re-check never forces a rerun
         checked=ancient(f"{PP}/input_check.tsv"),
-        images=lambda wc: [raw_path(wc.subject, m) for m in MODALITIES],
         template=template_file("t1"),
         template_mask=template_file("brain_mask"),
         template_labels=template_file("labels"),
