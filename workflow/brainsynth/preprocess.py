@@ -369,10 +369,20 @@ def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=No
     section (n4, registration, skull_strip, normalisation, tissue_maps).
     Returns the skull-strip QC record.
     """
+    import time
+
     from .io import atomic_dir
     from .qc import subject_montage
 
     mods = list(images)
+    seconds, t0 = {}, time.monotonic()
+
+    def lap(step):
+        nonlocal t0
+        now = time.monotonic()
+        seconds[step] = now - t0
+        t0 = now
+
     with atomic_dir(out_dir) as tmp:
         def f(kind, m=None):
             return subject_file(tmp, kind, m)
@@ -381,17 +391,20 @@ def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=No
         for m, src in images.items():
             log.info("[%s] N4 %s", subject, m)
             n4_correct(src, f("n4", m), shrink_factor=n4["shrink_factor"], iterations=n4["iterations"])
+        lap("N4")
         reg = cfg["registration"]
         log.info("[%s] registration to the template (%s)", subject, reg["transform"])
         register(f("n4", "t1"), template["t1"], f("affine"), f("warp"), f("inverse_warp"), f("warped"),
                  transform=reg["transform"], syn_iterations=reg["syn_iterations"],
                  affine_iterations=reg["affine_iterations"], seed=seed)
+        lap("registration")
         ss = cfg["skull_strip"]
         log.info("[%s] skull stripping", subject)
         skull_strip(f("n4", "t1"), template["brain_mask"], f("affine"), f("inverse_warp"), f("native_mask"),
                     threshold=ss["threshold"], closing_voxels=ss["closing_voxels"])
         qc = skull_strip_qc(f("native_mask"), truth_mask, f("skull_strip_qc"), subject)
         log.info("[%s] skull strip QC: %s", subject, qc)
+        lap("skull strip")
         log.info("[%s] working grid", subject)
         norm, tcfg = cfg["normalisation"], cfg["tissue_maps"]
         mask, lab = to_working_grid(
@@ -410,9 +423,13 @@ def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=No
             save_nifti(np.argmax(prob, axis=-1).astype(np.uint8), ref.affine, f("label"))
         save_nifti(prob, ref.affine, f("tissue_prob"), dtype=np.float32)
         save_json(lesion_record(f("label"), schema, subject, label is not None), f("lesions"))
+        lap("working grid")
         subject_montage(f("montage"), subject, f("n4", "t1"), f("native_mask"),
                         {m: f("image", m) for m in mods}, f("label"), n_classes=schema.n_classes,
                         dice=qc.get("skull_strip_dice"))
+        lap("QC montage")
+    log.info("[%s] done in %.1f s (%s)", subject, sum(seconds.values()),
+             ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return qc
 
 
