@@ -538,3 +538,14 @@ def test_rare_class_patches_and_weights():
     assert LG.class_weights(frequency, "none") is None
     with pytest.raises(InputError, match="class_weighting"):
         LG.class_weights(frequency, "inverse")
+
+
+def test_checkpoint_bytes_do_not_depend_on_the_temporary_file_name(tmp_path):
+    # torch.save(path) names the archive after the file: the atomic writer's random
+    # temporary name made identical weights differ byte for byte between runs
+    from brainsynth.generators.common import torch_save, torch_load
+
+    state = {"weights": torch.arange(6, dtype=torch.float32), "step": 3}
+    a, b = torch_save(state, tmp_path / "a.pt"), torch_save(state, tmp_path / "run2" / "a.pt")
+    assert a.read_bytes() == b.read_bytes()
+    assert torch.equal(torch_load(a)["weights"], state["weights"])

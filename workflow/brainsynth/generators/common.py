@@ -181,9 +181,13 @@ def generator(seed, device="cpu"):
 
 
 def torch_save(obj, path):
-    """``torch.save`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    """``torch.save`` through a temporary file and ``os.replace`` (never a half-written file).
+
+    Written through a file object: given a path, torch names the archive's root folder
+    after the (random) temporary file name, so the same weights gave different bytes."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
     return Path(path)
 
 
