@@ -9,7 +9,7 @@ plus test-only settings (fast status polling, keep SLURM logs, no retries). sacc
 every non-local job of the DAG under the run's SLURM job name, with the rule in its comment,
 and the outputs must equal a local run of the same config for one subject.
 
-Run alone: `pytest -m slurm` (root; 7 min on 2 cores shared with other jobs).
+Run alone: `pytest -m slurm` (root; about 2 min on 2 cores, more when the packages are installed).
 """
 
 import json
