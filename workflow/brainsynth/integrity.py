@@ -250,24 +250,22 @@ def verify_inputs(paths, root=RESULTS_ROOT, move=True):
         if os.path.isdir(p) or not is_intermediate(p, root):
             continue
         real = os.path.realpath(p)
-        folder = output_folder(real, root)
-        if not os.path.exists(real):
-            if folder is not None:
-                # a file gone from a folder output: Snakemake would not notice, so rebuild the folder
-                problem = "missing from its folder"
-            else:
-                aside = f"{real}{CORRUPT_SUFFIX}"
-                why = (f"found damaged by another job and moved aside to {aside}" if os.path.exists(aside)
-                       else "removed while the job was starting")
-                errors.append(CorruptFile(f"input file is missing: {why}", file=p,
-                                          fix="run snakemake again: the rule that makes it rebuilds it"))
-                continue
-        else:
+        if os.path.exists(real):
             checked.append(p)
             problem = check_file(real)
+        elif output_folder(real, root) is not None:
+            # a file gone from a folder output: Snakemake would not notice, so rebuild the folder
+            problem = "missing from its folder"
+        else:
+            aside = f"{real}{CORRUPT_SUFFIX}"
+            why = (f"found damaged by another job and moved aside to {aside}" if os.path.exists(aside)
+                   else "removed while the job was starting")
+            errors.append(CorruptFile(f"input file is missing: {why}", file=p,
+                                      fix="run snakemake again: the rule that makes it rebuilds it"))
+            continue
         if problem is None:
             continue
-        target = folder or real
+        target = output_folder(real, root) or real
         try:
             moved = move_aside(target) if move else None
         except FileNotFoundError:  # a parallel job moved it first
@@ -283,7 +281,7 @@ def verify_inputs(paths, root=RESULTS_ROOT, move=True):
 
 def scan(folder, move=True):
     """Check every file under ``folder``; return ``[(path, problem, moved_to)]`` of damaged ones."""
-    found, moved_folders = [], set()
+    found = []
     root = os.path.dirname(os.path.realpath(folder))
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and not d.endswith(CORRUPT_SUFFIX)]
@@ -292,14 +290,9 @@ def scan(folder, move=True):
             if (name.endswith(CORRUPT_SUFFIX) or name.startswith(".") or os.path.islink(p)
                     or not os.path.exists(p)):  # (inside a folder just moved aside)
                 continue
-            unit = output_folder(p, root)
-            if unit in moved_folders:
-                continue
             problem = check_file(p)
             if problem:
-                found.append((p, problem, move_aside(unit or p) if move else None))
-                if move and unit:
-                    moved_folders.add(unit)
+                found.append((p, problem, move_aside(output_folder(p, root) or p) if move else None))
     return found
 
 

@@ -48,7 +48,8 @@ def _temporary_pattern(path, suffix):
 
 
 def remove_stale_temporaries(path, suffix=None):
-    """Delete temporaries of ``path`` left by a killed :func:`atomic_path` writer.
+    """Delete temporaries of ``path`` (files, or folders of :func:`atomic_dir`) left by a killed
+    :func:`atomic_path` / :func:`atomic_dir` writer.
 
     Snakemake never runs two jobs writing the same output at once, so any such
     file is a leftover of an earlier, interrupted job. Returns the removed paths.
@@ -60,6 +61,10 @@ def remove_stale_temporaries(path, suffix=None):
     if path.parent.is_dir():
         for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
             if pattern.match(p.name):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
                     removed.append(p)
@@ -102,10 +107,7 @@ def atomic_dir(path):
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pattern = _temporary_pattern(path, _DIR_SUFFIX)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        if pattern.match(stale.name):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(path, _DIR_SUFFIX)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_DIR_SUFFIX, dir=path.parent))
     try:
         yield tmp

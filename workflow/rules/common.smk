@@ -75,13 +75,6 @@ def subject_value(subject, column, default=None):
     return default if value is None else value
 
 
-def raw_path(subject, kind):
-    """Native-space input file of a subject: modality, label or brain_mask."""
-    if DEMO:
-        return f"{R}/cohort/{subject}/{kind}.nii.gz"
-    return SUBJECT_ROWS[subject][kind]
-
-
 def raw_inputs(s):
     """All input files of one subject: modalities, and label / brain_mask when given (do not modify)."""
     return RAW_INPUTS[s]
@@ -122,7 +115,7 @@ def subject_folder(subject):
 def preprocessed(subject, kind, modality=None):
     """A file inside a preprocessed subject folder (kinds: brainsynth.preprocess.SUBJECT_LAYOUT).
     Plain string formatting: this runs hundreds of thousands of times at cohort scale."""
-    return f"{R}/preprocessing/subjects/{subject}/{SUBJECT_LAYOUT[kind].format(m=modality)}"
+    return f"{subject_folder(subject)}/{SUBJECT_LAYOUT[kind].format(m=modality)}"
 
 
 def grid_file(subject, name):

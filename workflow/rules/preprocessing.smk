@@ -62,9 +62,9 @@ rule inputs_validated:
 # subject keep planning fast at cohort scale (benchmarks/dag_scale.py); any change of a
 # preprocessing setting reruns the subject's whole chain.
 SUBJECT_INPUTS = {
-    s: {"images": [raw_path(s, m) for m in MODALITIES],
-        **{k: raw_path(s, c) for k, c in (("label", "label"), ("truth", "brain_mask")) if has_column(s, c)}}
-    for s in SUBJECT_IDS
+    s: {"images": [files[m] for m in MODALITIES],
+        **{k: files[c] for k, c in (("label", "label"), ("truth", "brain_mask")) if c in files}}
+    for s, files in RAW_INPUTS.items()
 }
 
 
@@ -80,7 +80,7 @@ rule preprocess_subject:
         template_mask=template_file("brain_mask"),
         template_labels=template_file("labels"),
     output:
-        directory(f"{PP}/subjects/{{subject}}"),
+        directory(subject_folder("{subject}")),
     params:
         # all of the section but the QC threshold, which only the QC table uses
         preprocessing=canonical({**PPCFG, "skull_strip": {k: v for k, v in PPCFG["skull_strip"].items()
