@@ -86,7 +86,7 @@ def test_2d_image(tmp_path):
 
 def test_4d_single_volume_ok_true_4d_error(tmp_path):
     row = make_subject(tmp_path)
-    row["t2"] = save(tmp_path / "s01" / "one_t2.nii.gz", np.ones(SHAPE + (1,), np.float32))
+    row["t2"] = save(tmp_path / "s01" / "one_t2.nii.gz", np.random.default_rng(1).random(SHAPE + (1,), np.float32))
     assert check_subject(row, MODS, SCHEMA) == []
     row["t2"] = save(tmp_path / "s01" / "many_t2.nii.gz", np.ones(SHAPE + (3,), np.float32))
     msg = only_error(row)
@@ -153,26 +153,86 @@ def test_non_integer_label(tmp_path):
 
 def test_geometry_mismatch_shape(tmp_path):
     row = make_subject(tmp_path)
-    row["label"] = save(tmp_path / "s01" / "big_seg.nii.gz", np.zeros((8, 8, 9), np.uint8))
+    row["label"] = save(tmp_path / "s01" / "big_seg.nii.gz", np.ones((8, 8, 9), np.uint8))
     msg = only_error(row)
     assert "'s01'" in msg and "big_seg.nii.gz" in msg and "s01_t1.nii.gz" in msg
     assert "geometry mismatch" in msg and "8x8x9" in msg and "8x8x8" in msg and "2x2x2 mm" in msg
 
 
-def test_geometry_mismatch_affine(tmp_path):
+def test_modality_on_its_own_grid_is_accepted_label_must_match_its_image(tmp_path):
     row = make_subject(tmp_path)
-    aff = AFFINE.copy()
-    aff[0, 3] += 0.01
-    row["flair"] = save(tmp_path / "s01" / "moved_flair.nii.gz", np.ones(SHAPE, np.float32), aff)
+    rng = np.random.default_rng(1)
+    aff = np.diag([4.5, 4.5, 4.5, 1.0])
+    aff[:3, 3] = [1.0, -2.0, 0.5]
+    row["flair"] = save(tmp_path / "s01" / "coarse_flair.nii.gz", rng.random((5, 5, 4), np.float32), aff)
+    assert check_subject(row, MODS, SCHEMA) == []  # co-registered during preprocessing
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 0.01
+    row["label"] = save(tmp_path / "s01" / "moved_seg.nii.gz", np.resize(np.uint8([0, 1, 2]), SHAPE), shifted)
     msg = only_error(row)
-    assert "'s01'" in msg and "moved_flair.nii.gz" in msg and "s01_t1.nii.gz" in msg and "affine" in msg
-    aff[0, 3] = AFFINE[0, 3] + 1e-4  # within tolerance
-    row["flair"] = save(tmp_path / "s01" / "ok_flair.nii.gz", np.ones(SHAPE, np.float32), aff)
+    assert "'s01'" in msg and "moved_seg.nii.gz" in msg and "s01_t1.nii.gz" in msg and "affine" in msg
+    assert "label_space" in msg
+    shifted[0, 3] = AFFINE[0, 3] + 1e-4  # within tolerance
+    row["label"] = save(tmp_path / "s01" / "ok_seg.nii.gz", np.resize(np.uint8([0, 1, 2]), SHAPE), shifted)
     assert check_subject(row, MODS, SCHEMA) == []
     zoomed = np.diag([1.0, 1.0, 1.0, 1.0])
     row["brain_mask"] = save(tmp_path / "s01" / "fine_mask.nii.gz", np.ones(SHAPE, np.uint8), zoomed)
     msg = only_error(row)
     assert "fine_mask.nii.gz" in msg and "voxel 1x1x1 mm" in msg and "voxel 2x2x2 mm" in msg
+
+
+def test_label_space_names_the_grid_of_the_label_map(tmp_path):
+    row = make_subject(tmp_path)
+    aff = np.diag([4.0, 4.0, 4.0, 1.0])
+    row["flair"] = save(tmp_path / "s01" / "coarse_flair.nii.gz", np.random.default_rng(2).random((4, 4, 4),
+                                                                                                  np.float32), aff)
+    row["label"] = save(tmp_path / "s01" / "flair_seg.nii.gz", np.resize(np.uint8([0, 1, 2]), (4, 4, 4)), aff)
+    row["brain_mask"] = save(tmp_path / "s01" / "flair_mask.nii.gz", np.ones((4, 4, 4), np.uint8), aff)
+    errs = check_subject(row, MODS, SCHEMA)
+    assert {e.field for e in errs} == {"label", "brain_mask"}, messages(errs)
+    row["label_space"] = "flair"
+    assert check_subject(row, MODS, SCHEMA) == []
+    row["label_space"] = "pd"
+    msg = messages(check_subject(row, MODS, SCHEMA))
+    assert "label_space 'pd'" in msg and "'s01'" in msg
+
+
+@pytest.mark.parametrize("content,words", [
+    (np.zeros(SHAPE, np.float32), ["all-zero"]),
+    (np.full(SHAPE, 3.0, np.float32), ["constant", "3"]),
+    (np.zeros((20, 20, 20), np.float32), ["non-zero on only", "almost empty"]),
+])
+def test_image_without_content_is_named(tmp_path, content, words):
+    row = make_subject(tmp_path)
+    if content.shape == (20, 20, 20):
+        content[10, 10, 10] = 5.0  # one voxel of 8000: 0.0125%
+        row["t1"] = save(tmp_path / "s01" / "empty_t1.nii.gz", content)
+        row["t2"] = save(tmp_path / "s01" / "t2_20.nii.gz", np.random.default_rng(3).random(content.shape,
+                                                                                             np.float32))
+        row["flair"] = row["t2"]
+        row.pop("label")
+        row.pop("brain_mask")
+    else:
+        row["t1"] = save(tmp_path / "s01" / "empty_t1.nii.gz", content)
+    msg = only_error(row)
+    assert "'s01'" in msg and "empty_t1.nii.gz" in msg and "field 't1'" in msg and "fix:" in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_integer_images_are_content_checked_too(tmp_path):
+    row = make_subject(tmp_path)
+    row["t2"] = save(tmp_path / "s01" / "zero_t2.nii.gz", np.zeros(SHAPE, np.int16))
+    msg = only_error(row)
+    assert "zero_t2.nii.gz" in msg and "all-zero" in msg
+
+
+def test_label_map_without_tissue_is_rejected(tmp_path):
+    row = make_subject(tmp_path, label_values=(0, SCHEMA.value("oedema")))
+    msg = only_error(row)
+    assert "'s01'" in msg and "s01_seg.nii.gz" in msg and "no tissue" in msg and "oedema" in msg
+    row = make_subject(tmp_path, "s02", label_values=(0,))
+    assert "no tissue" in only_error(row)
 
 
 def test_empty_brain_mask(tmp_path):

@@ -4,15 +4,18 @@ For every subject of the sample sheet (see :mod:`brainsynth.sheet`):
 
 * every file named in the sheet exists, is readable and is a NIfTI image;
 * every image is one 3D volume (4D with a single volume is accepted);
-* geometry (shape and affine, within :data:`AFFINE_ATOL_MM`) of every modality,
-  the label map and the brain mask equals the t1's;
+* geometry (shape and affine, within :data:`AFFINE_ATOL_MM`) of the label map and
+  the brain mask equals that of the image they were drawn on (column
+  ``label_space``, default t1); modalities may lie on grids of their own
+  (preprocessing co-registers them to the T1);
 * voxel values are finite (no NaN/Inf);
+* images have content: not constant (all-zero included), and a non-zero
+  support of at least :data:`MIN_SUPPORT_FRACTION` of the field of view;
 * label values are integers and, after the site's optional ``label_map``
-  (``{source_value: class_name}``), classes of the :class:`LabelSchema`;
+  (``{source_value: class_name}``), classes of the :class:`LabelSchema`, with
+  at least one tissue voxel;
 * a brain mask is not empty.
 
-Geometry comes from the NIfTI header only; voxel data is read only where a
-value check needs it (floating-point images, label maps, brain masks).
 All problems are collected and raised together as :class:`InputErrors`.
 """
 
@@ -26,6 +29,9 @@ from .errors import InputError, InputErrors
 from .labels import LabelSchema
 
 AFFINE_ATOL_MM = 1e-3
+#: A head fills 30-60% of a typical field of view, a skull-stripped brain 10-20%; an
+#: image non-zero on under 1% of its voxels is a failed export or the wrong file.
+MIN_SUPPORT_FRACTION = 0.01
 NIFTI_CLASSES = (nib.Nifti1Image, nib.Nifti2Image)
 
 
@@ -274,27 +280,35 @@ def _check_subject(row, modalities, schema, label_map=None):
         else:
             images[role] = im
 
-    ref = images.get("t1")
+    label_space = _get(row, "label_space") or "t1"
+    if label_space not in roles:
+        errors.append(InputError(
+            f"label_space {label_space!r} is not one of the modalities {roles}", subject=subject,
+            field="label_space", fix="name the modality whose grid the label map and brain mask were drawn on "
+                                     "(default t1), or leave the cell empty"))
+    ref = images.get(label_space)
     if ref is not None:
-        for role, im in images.items():
-            if im is ref:
+        for role in ("label", "brain_mask"):
+            im = images.get(role)
+            if im is None:
                 continue
             same_shape = im.shape == ref.shape
             diff = float(np.max(np.abs(im.affine - ref.affine)))
             if not same_shape or diff > AFFINE_ATOL_MM:
                 what = "shape" if not same_shape else f"affine (max difference {diff:.4g} mm)"
-                how = ("nearest-neighbour interpolation" if role in ("label", "brain_mask")
-                       else "e.g. rigid registration")
                 errors.append(InputError(
-                    f"geometry mismatch: {im.describe()} differs from t1 {ref.name!r} "
+                    f"geometry mismatch: {im.describe()} differs from {label_space} {ref.name!r} "
                     f"(shape {_fmt_shape(ref.shape)}, voxel {_fmt_zooms(ref.zooms)}) in {what}",
                     subject=subject, file=im.path, field=role,
-                    fix=f"resample {im.name} onto the t1 grid ({how}), or point the sheet at the matching files"))
+                    fix=f"{role} must lie on the grid of the image it was drawn on: set the sheet's label_space "
+                        f"column to that modality, or resample {im.name} onto the {label_space} grid "
+                        "(nearest-neighbour interpolation)"))
+    ref = images.get("t1")
 
     info = {"subject": subject, "site": site, "split": _get(row, "split"),
             "shape": _fmt_shape(ref.shape) if ref is not None else None,
             "voxel_mm": _fmt_zooms(ref.zooms)[:-3] if ref is not None else None,
-            "label_values": None}
+            "label_values": None, "label_classes": None}
 
     lookup = None
     if "label" in images and label_map is not None:
@@ -306,9 +320,6 @@ def _check_subject(row, modalities, schema, label_map=None):
             images.pop("label")
 
     for role, im in images.items():
-        is_float = np.dtype(im.img.get_data_dtype()).kind in "fc"
-        if role not in ("label", "brain_mask") and not is_float:
-            continue  # integer images (with finite scaling) cannot hold NaN/Inf
         arr, err = _read(im, subject)
         if err is not None:
             errors.append(err)
@@ -319,7 +330,11 @@ def _check_subject(row, modalities, schema, label_map=None):
                 f"{role} has {n_bad} NaN/Inf voxel(s) of {arr.size}", subject=subject, file=im.path, field=role,
                 fix="replace NaN/Inf with 0 (e.g. 'fslmaths in -nan out') or re-export the image"))
             continue
-        if role == "brain_mask":
+        if role not in ("label", "brain_mask"):
+            err = _content_problem(arr, im, subject)
+            if err is not None:
+                errors.append(err)
+        elif role == "brain_mask":
             if not np.any(arr):
                 errors.append(InputError("brain_mask is empty (all voxels are 0)", subject=subject,
                                          file=im.path, field=role, fix="provide a non-empty brain mask or leave "
@@ -349,8 +364,38 @@ def _check_subject(row, modalities, schema, label_map=None):
                     problem, subject=subject, file=im.path, field=role,
                     fix=f"add a label_map for site {site!r} in config ({{source_value: class_name}}, "
                         f"{example}) or fix the label file"))
+                continue
+            present = {int(v) if lookup is None else lookup[int(v)] for v, c in zip(vals, counts) if c}
+            names = [n for v, n in zip(schema.values, schema.names) if v in present]
+            info["label_classes"] = " ".join(names)
+            tissue_values = {schema.value(t) for t in schema.tissues}
+            lesion_only_site = lookup is not None and not set(lookup.values()) & tissue_values
+            if not lesion_only_site and not set(names) & set(schema.tissues):
+                errors.append(InputError(
+                    f"label map has no tissue at all (classes present: {', '.join(names) or 'none'}; "
+                    f"tissue classes are {', '.join(schema.tissues)})", subject=subject, file=im.path, field=role,
+                    fix="point the sheet at the full label map (tissue + lesions); for a dataset whose label maps "
+                        "hold lesions only (BraTS), declare the site's label_maps entry (e.g. brats): tissue then "
+                        "comes from Atropos; or leave the label cell empty"))
     info["n_problems"] = len(errors)
     return errors, info
+
+
+def _content_problem(arr, im, subject):
+    """An image without usable content (constant, all-zero, or almost empty), as an InputError."""
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    if lo == hi:
+        what = "all-zero" if hi == 0 else f"constant (every voxel is {hi:g})"
+        return InputError(f"{im.role} is {what}: no image content", subject=subject, file=im.path, field=im.role,
+                          fix="re-export the image from the scanner data or point the sheet at the right file")
+    support = float(np.count_nonzero(arr)) / arr.size
+    if support < MIN_SUPPORT_FRACTION:
+        return InputError(
+            f"{im.role} is non-zero on only {100 * support:.2g}% of its voxels (a brain fills > 10% of a field of "
+            f"view): the image is almost empty", subject=subject, file=im.path, field=im.role,
+            fix="check the export (a mask or a single slab saved instead of the volume?) and point the sheet at "
+                "the full image")
+    return None
 
 
 def check_subject(row, modalities, schema, label_map=None):
@@ -384,7 +429,7 @@ def validate_cohort(df, modalities, schema, label_maps=None):
     if errors:
         raise InputErrors(errors)
     return pd.DataFrame(infos, columns=["subject", "site", "split", "shape", "voxel_mm", "label_values",
-                                        "n_problems"])
+                                        "label_classes", "n_problems"])
 
 
 
