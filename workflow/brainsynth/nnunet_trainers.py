@@ -114,6 +114,15 @@ class nnUNetTrainerBrainsynth(nnUNetTrainer):
             f"seed={self.brainsynth_seed}",
             also_print_to_console=True)
 
+    def load_checkpoint(self, filename_or_checkpoint):
+        """nnU-Net's resume, with the checkpoint read as data (``weights_only=True``): nnU-Net's
+        own ``load_checkpoint`` unpickles the file with ``weights_only=False``."""
+        if isinstance(filename_or_checkpoint, (str, os.PathLike)):
+            from .segmentation import load_nnunet_checkpoint
+
+            filename_or_checkpoint = load_nnunet_checkpoint(filename_or_checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)
+
 
 def ext_trainer_dir(folder):
     """Write a folder usable as ``nnUNet_extTrainer`` that exposes :data:`TRAINER_NAMES`.

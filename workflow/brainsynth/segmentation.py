@@ -18,7 +18,8 @@ nnU-Net:
   ``nnUNetTrainer`` with a configurable training length.
 * :func:`predict` uses ``nnUNetPredictor`` (``manual_initialization`` from the
   model folder's plans/dataset/checkpoints, then ``predict_from_files_sequential``,
-  no worker processes) in this process.
+  no worker processes) in this process. Checkpoints are loaded with
+  ``weights_only=True`` (:func:`load_nnunet_checkpoint`): a model file is data.
 
 Paths. nnU-Net reads ``nnUNet_raw`` / ``nnUNet_preprocessed`` /
 ``nnUNet_results`` from the environment. Each arm of the study gets its own
@@ -722,15 +723,61 @@ def predict(model, input_cases, out_dir, folds=None, checkpoint="checkpoint_fina
     return result
 
 
+def _numpy_scalar_globals():
+    """numpy float scalars (``np.float32`` ...) as pickled by numpy 2 and by numpy 1.x.
+
+    nnU-Net stores its logged metrics and ``_best_ema`` as numpy float scalars; rebuilding
+    one only calls ``numpy.dtype(str)``, sets the dtype's state and calls
+    ``scalar(dtype, raw bytes)``, never other code. Arrays and other dtypes stay refused.
+    """
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import scalar
+    return [np.dtype, (scalar, "numpy._core.multiarray.scalar"), (scalar, "numpy.core.multiarray.scalar"),
+            *(type(np.dtype(t)) for t in (np.float16, np.float32, np.float64))]
+
+
+#: keys of nnU-Net's ``save_checkpoint`` dict that inference reads
+NNUNET_CHECKPOINT_KEYS = ("network_weights", "trainer_name", "init_args")
+
+
+def load_nnunet_checkpoint(path):
+    """An nnU-Net v2 checkpoint (``checkpoint_final.pth`` ...) loaded with ``weights_only=True``.
+
+    Besides tensors and plain data nnU-Net's checkpoints hold numpy float scalars
+    (logged metrics, ``_best_ema``: the only allow-listed types, see
+    :func:`_numpy_scalar_globals`) and a ``torch.device`` in ``init_args`` (allowed by
+    torch). Anything else is refused with an :class:`InputError`.
+    """
+    import torch
+
+    from .model_files import torch_load
+
+    path = Path(path)
+    ckpt = torch_load(path, map_location=torch.device("cpu"), safe_globals=_numpy_scalar_globals(),
+                      what="nnU-Net checkpoint", missing_fix="train the model first (or retrain it)",
+                      fix="use a checkpoint written by nnU-Net v2's trainer from a source you trust, or retrain "
+                          "the model; never load it with torch.load(weights_only=False)")
+    missing = [k for k in NNUNET_CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise InputError(f"not an nnU-Net v2 checkpoint (missing {missing})", file=path,
+                         fix="point the model to an nnU-Net v2 results folder")
+    return ckpt
+
+
 def _initialize_predictor(predictor, folder, folds, checkpoint):
     """``nnUNetPredictor.initialize_from_trained_model_folder`` with brainsynth's trainer lookup.
 
-    nnU-Net's own version looks the trainer class up by name, which imports all
-    nnU-Net trainer modules and fails without ``timm`` for any trainer other than
-    ``nnUNetTrainer``; this builds the network with the checkpoint's trainer class
-    and hands it over with the public ``manual_initialization``.
+    nnU-Net's own version loads the checkpoints with ``weights_only=False`` (a shared
+    model file could run code) and looks the trainer class up by name, which imports
+    all nnU-Net trainer modules and fails without ``timm`` for any trainer other than
+    ``nnUNetTrainer``; this loads them with :func:`load_nnunet_checkpoint`, builds the
+    network with the checkpoint's trainer class and hands it over with the public
+    ``manual_initialization``.
     """
-    import torch
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -742,17 +789,17 @@ def _initialize_predictor(predictor, folder, folds, checkpoint):
     if not folds:
         raise InputError(f"no fold_*/{checkpoint} in the model folder", file=folder, field="model",
                          fix="train the model first")
-    dataset_json = json.loads((folder / "dataset.json").read_text())
-    plans_manager = PlansManager(json.loads((folder / "plans.json").read_text()))
     parameters = []
     for i, f in enumerate(folds):
         f = f if str(f) == "all" else int(f)
-        ckpt = torch.load(folder / f"fold_{f}" / checkpoint, map_location=torch.device("cpu"), weights_only=False)
+        ckpt = load_nnunet_checkpoint(folder / f"fold_{f}" / checkpoint)
         if i == 0:
             trainer_name = ckpt["trainer_name"]
             configuration_name = ckpt["init_args"]["configuration"]
             mirror_axes = ckpt.get("inference_allowed_mirroring_axes")
         parameters.append(ckpt["network_weights"])
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    plans_manager = PlansManager(json.loads((folder / "plans.json").read_text()))
     configuration_manager = plans_manager.get_configuration(configuration_name)
     trainer_class = resolve_trainer(trainer_name)
     network = trainer_class.build_network_architecture(

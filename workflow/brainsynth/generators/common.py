@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..io import atomic_path, save_figure, save_json, save_table
+from ..model_files import torch_load, torch_save
+from ..io import save_figure, save_json, save_table
 
 log = logging.getLogger("brainsynth.generators")
 
@@ -165,7 +166,8 @@ def rng_state():
 
 def set_rng_state(st):
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    name, key, *rest = st["numpy"]  # the key array is saved as a tensor (see plain_data)
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     random.setstate(st["random"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -178,24 +180,6 @@ def generator(seed, device="cpu"):
 
 
 # --------------------------------------------------------------------------- saving models
-
-
-def torch_save(obj, path):
-    """``torch.save`` through a temporary file and ``os.replace`` (never a half-written file).
-
-    Written through a file object: given a path, torch names the archive's root folder
-    after the (random) temporary file name, so the same weights gave different bytes."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-    return Path(path)
-
-
-def torch_load(path, map_location="cpu"):
-    path = Path(path)
-    if not path.exists():
-        raise InputError("model file does not exist", file=path, fix="run the training rule first")
-    return torch.load(path, map_location=map_location, weights_only=False)
 
 
 def state_dict_cpu(module):
@@ -239,7 +223,7 @@ class Checkpointer:
     """Atomic ``last`` checkpoint of a training run.
 
     ``modules``/``optimizers``/``scalers`` are dicts name -> object; ``extra`` a
-    dict of picklable values restored verbatim (e.g. a latent scale factor).
+    dict of plain values (:func:`plain_data`) restored verbatim (e.g. a latent scale factor).
     """
 
     def __init__(self, directory, name, every, fingerprint):
@@ -271,9 +255,9 @@ class Checkpointer:
         if not self.path.exists():
             return 0, [], {}
         try:
-            payload = torch.load(self.path, map_location=device, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint must not block a rerun
-            log.warning("checkpoint %s unreadable (%s); starting from step 0", self.path, exc)
+            payload = torch_load(self.path, map_location=device, what="checkpoint")
+        except InputError as exc:  # a corrupt or refused checkpoint must not block a rerun
+            log.warning("%s; starting from step 0", exc)
             return 0, [], {}
         if payload.get("fingerprint") != self.fingerprint:
             log.warning("checkpoint %s was written with another configuration/inputs; starting from step 0",
