@@ -15,6 +15,8 @@ rule build_template:
     params:
         grid=config["grid"],
         labels=config["labels"],
+    conda:
+        "../../envs/preprocessing.yaml"
     log:
         f"{LOGS}/cohort/build_template.log",
     resources:
@@ -35,6 +37,8 @@ rule synthesize_subject:
         demo=config["demo"],
         labels=config["labels"],
         seed=config["seed"],
+    conda:
+        "../../envs/preprocessing.yaml"
     log:
         f"{LOGS}/cohort/synthesize_subject/{{subject}}.log",
     resources:
@@ -53,6 +57,8 @@ rule cohort_sheet:
     params:
         subjects=SUBJECTS,
         modalities=MODALITIES,
+    conda:
+        "../../envs/preprocessing.yaml"
     log:
         f"{LOGS}/cohort/cohort_sheet.log",
     script:
@@ -68,6 +74,8 @@ rule ingest_dataset:
         root=lambda wc: config.get("ingest_root") or "",
     wildcard_constraints:
         layout="brats|bids",
+    conda:
+        "../../envs/preprocessing.yaml"
     log:
         "logs/ingest/{layout}.log",
     script:

@@ -138,10 +138,14 @@ def label_map(subject):
 def preprocessing_targets():
     # every subject folder too: Snakemake rebuilds a missing intermediate only for a job that
     # has to run, so a folder moved aside (brainsynth.integrity) is rebuilt because `all` asks for it
-    return [
-        f"{R}/preprocessing/qc.tsv",
-        f"{R}/preprocessing/lesion_proportions.tsv",
-    ] + split_tables(SUBJECT_IDS) + [subject_folder(s) for s in SUBJECT_IDS]
+    return (
+        [
+            f"{R}/preprocessing/qc.tsv",
+            f"{R}/preprocessing/lesion_proportions.tsv",
+        ]
+        + split_tables(SUBJECT_IDS)
+        + [subject_folder(s) for s in SUBJECT_IDS]
+    )
 
 
 def synthesis_enabled():
@@ -155,8 +159,11 @@ def generator_targets():
         f"{R}/synthesis/manifest.tsv",
         f"{R}/synthesis/montage.png",
         f"{R}/synthesis/quality/quality_metrics.tsv",
-    ] + [f"{R}/synthesis/style_sets/{name}/{f}" for name in STYLE_SET_SUBJECTS
-         for f in ("manifest.tsv", "montage.png")]
+    ] + [
+        f"{R}/synthesis/style_sets/{name}/{f}"
+        for name in STYLE_SET_SUBJECTS
+        for f in ("manifest.tsv", "montage.png")
+    ]
 
 
 def all_targets():
@@ -173,6 +180,7 @@ from brainsynth import experiment as seg_design
 
 SEG = f"{R}/segmentation"
 SEGCFG = config.get("segmentation") or {}
+NNCFG = SEGCFG.get("nnunet") or {}
 SYNTH_SAMPLES = f"{R}/synthesis/samples"
 STYLE_SETS = f"{R}/synthesis/style_sets"
 
@@ -187,15 +195,20 @@ def _seg_design():
     task_defs = SEGCFG.get("task_definitions") or {}
     for name in list(recipes) + list(task_defs):
         if not seg_design.NAME_RE.match(str(name)):
-            raise InputError(f"name {name!r} is not letters, digits and '-'", field="segmentation",
-                             fix="rename it (names become nnU-Net dataset names and folders)")
+            raise InputError(
+                f"name {name!r} is not letters, digits and '-'",
+                field="segmentation",
+                fix="rename it (names become nnU-Net dataset names and folders)",
+            )
     unknown = [a for a in SEGCFG.get("arms", []) if a not in recipes]
     unknown += [t for t in SEGCFG.get("tasks", []) if t not in task_defs]
     if unknown:
-        raise InputError(f"{unknown} not defined", field="segmentation.arms/tasks",
-                         fix="define arms under segmentation.recipes, tasks under segmentation.task_definitions")
-    arms = [a for a in SEGCFG.get("arms", [])
-            if synth_enabled or not seg_design.uses_synthetic(recipes[a])]
+        raise InputError(
+            f"{unknown} not defined",
+            field="segmentation.arms/tasks",
+            fix="define arms under segmentation.recipes, tasks under segmentation.task_definitions",
+        )
+    arms = [a for a in SEGCFG.get("arms", []) if synth_enabled or not seg_design.uses_synthetic(recipes[a])]
     dropped = [a for a in SEGCFG.get("arms", []) if a not in arms]
     if dropped:
         sys.stderr.write(f"synthesis.enabled is false: arms {dropped} (synthetic data) are left out\n")
@@ -205,9 +218,11 @@ def _seg_design():
         excluded = task_defs[t].get("exclude_arms") or []
         stray = [a for a in excluded if a not in recipes]
         if stray:
-            raise InputError(f"task {t!r} excludes arms {stray} that are not defined",
-                             field=f"segmentation.task_definitions.{t}.exclude_arms",
-                             fix="name arms defined under segmentation.recipes")
+            raise InputError(
+                f"task {t!r} excludes arms {stray} that are not defined",
+                field=f"segmentation.task_definitions.{t}.exclude_arms",
+                fix="name arms defined under segmentation.recipes",
+            )
         task_arms[t] = [a for a in arms if a not in excluded]
     design = {
         "tasks": tasks,
@@ -218,16 +233,24 @@ def _seg_design():
         "groups": {t: seg_design.task_classes(task_defs[t], SCHEMA, t) for t in tasks},
         "test_sets": seg_design.test_sets(SUBJECTS, SEGCFG.get("test_sets_by", "role")) if tasks else {},
         # positions in the run lists (lists are replaced, never merged, by --configfile)
-        "ids": {(t, a): seg_design.dataset_id(t, a, tasks, SEGCFG.get("arms", []),
-                                              (SEGCFG.get("nnunet") or {}).get("dataset_id_base", 100))
-                for t in tasks for a in task_arms[t]},
+        "ids": {
+            (t, a): seg_design.dataset_id(
+                t, a, tasks, SEGCFG.get("arms", []), (SEGCFG.get("nnunet") or {}).get("dataset_id_base", 100)
+            )
+            for t in tasks
+            for a in task_arms[t]
+        },
     }
     if tasks and arms and not design["test_sets"]:
-        raise InputError("no test subjects (split == test)", field="segmentation",
-                         fix="mark test subjects in the sample sheet or set segmentation.tasks: []")
+        raise InputError(
+            "no test subjects (split == test)",
+            field="segmentation",
+            fix="mark test subjects in the sample sheet or set segmentation.tasks: []",
+        )
     ref = SEGCFG.get("reference_arm")
-    design["reference_arm"] = {t: ref if ref in task_arms[t] else (task_arms[t][0] if task_arms[t] else None)
-                               for t in tasks}
+    design["reference_arm"] = {
+        t: ref if ref in task_arms[t] else (task_arms[t][0] if task_arms[t] else None) for t in tasks
+    }
     return design
 
 
@@ -257,14 +280,20 @@ def seg_case_files(arm):
 def _seg_case_files(arm):
     cases = {}
     for s in SEG_DESIGN["cases"][arm]["real"]:
-        cases[s] = {"source": "real", "label": grid_file(s, "label"),
-                    "images": {m: grid_file(s, m) for m in MODALITIES}}
+        cases[s] = {
+            "source": "real",
+            "label": grid_file(s, "label"),
+            "images": {m: grid_file(s, m) for m in MODALITIES},
+        }
     style_set = SEG_DESIGN["style_sets"][arm]
     images = f"{STYLE_SETS}/{style_set}/samples" if style_set else SYNTH_SAMPLES
     for s in SEG_DESIGN["cases"][arm]["synthetic"]:
-        cases[s] = {"source": "synthetic", "label": f"{SYNTH_SAMPLES}/{s}/label.nii.gz",
-                    "images": {m: f"{images}/{s}/{m}.nii.gz" for m in MODALITIES},
-                    **({"style_set": style_set} if style_set else {})}
+        cases[s] = {
+            "source": "synthetic",
+            "label": f"{SYNTH_SAMPLES}/{s}/label.nii.gz",
+            "images": {m: f"{images}/{s}/{m}.nii.gz" for m in MODALITIES},
+            **({"style_set": style_set} if style_set else {}),
+        }
     return cases
 
 
@@ -286,6 +315,95 @@ def seg_metrics(task):
 def segmentation_targets():
     if not SEG_TASKS or not SEG_ARMS:
         return []
-    return [f"{R}/{kind}/{t}_{m}.{ext}" for t in SEG_TASKS if seg_task_arms(t) for m in seg_metrics(t)
-            for kind, ext in (("tables", "csv"), ("figures", "png"))]
+    return [
+        f"{R}/{kind}/{t}_{m}.{ext}"
+        for t in SEG_TASKS
+        if seg_task_arms(t)
+        for m in seg_metrics(t)
+        for kind, ext in (("tables", "csv"), ("figures", "png"))
+    ]
+
+
+def seg_train_setting(task, key, default=None):
+    """Training length for ``task``: task_definitions.<task>.nnunet overrides segmentation.nnunet."""
+    per_task = SEGCFG["task_definitions"][task].get("nnunet") or {}
+    return per_task[key] if key in per_task else NNCFG.get(key, default)
+
+
+def seg_plans_identifier():
+    return NNCFG.get("plans_identifier") or (
+        "nnUNetPlansDemo" if NNCFG.get("plans_overrides") else "nnUNetPlans"
+    )
+
+
 # ============================================================ end segmentation stage helpers
+
+
+# ============================================================ generator stage helpers
+# (training subjects, synthetic sample ids and style subjects of workflow/rules/generators.smk)
+SYN = f"{R}/synthesis"
+SYNCFG = config["synthesis"]
+
+
+def generator_training_subjects():
+    """Training-split subjects with a label map: the generators learn from them."""
+    return [s for s in subjects_with("train") if has_column(s, "label")]
+
+
+def synthetic_ids():
+    return [f"synth{i + 1:04d}" for i in range(int(SYNCFG["n_samples"]))]
+
+
+def style_subjects():
+    """Real subjects whose images give the styles (by site role, or all training subjects)."""
+    roles = SYNCFG.get("style_roles")
+    if roles and "role" in SUBJECTS.columns:
+        return [s for s in SUBJECT_IDS if subject_value(s, "role") in roles]
+    return generator_training_subjects()
+
+
+def style_set_subjects():
+    """brainsynth.experiment.style_set_subjects; a set no subject matches is left out, an
+    error when arms use it."""
+    style_sets = SYNCFG.get("style_sets") or {}
+    found = seg_design.style_set_subjects(SUBJECT_ROWS, style_sets)
+    for name in (n for n in style_sets if n not in found):
+        keys = style_sets[name]
+        users = [a for a in SEG_ARMS if SEG_DESIGN["style_sets"][a] == name]
+        if users:
+            raise WorkflowError(
+                f"Invalid input: synthesis.style_sets.{name}: no subject has a site or site role "
+                f"in {keys}, but arms {users} use it (fix: list sites or roles of the subject "
+                "table, or drop the arms)"
+            )
+        sys.stderr.write(
+            f"synthesis.style_sets.{name}: no subject has a site or site role in {keys}; "
+            "the set is left out\n"
+        )
+    return found
+
+
+STYLE_SET_SUBJECTS = style_set_subjects() if synthesis_enabled() else {}
+
+
+def synthetic_files():
+    return [
+        f"{SYN}/samples/{sid}/{f}.nii.gz"
+        for sid in synthetic_ids()
+        for f in MODALITIES + ["label", "labelprob"]
+    ]
+
+
+def tissue_maps(subjects):
+    return [grid_file(s, "tissue_prob") for s in subjects]
+
+
+def style_table(subjects):
+    """Style subjects for the image generator: ``[{subject, <modality>: working-grid image}]``."""
+    return [{"subject": s, **{m: grid_file(s, m) for m in MODALITIES}} for s in subjects]
+
+
+def style_files(subjects):
+    return [grid_file(s, m) for s in subjects for m in MODALITIES]
+
+# ============================================================ end generator stage helpers

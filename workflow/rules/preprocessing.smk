@@ -16,13 +16,19 @@ rule validate_inputs:
         f"{PP}/validation/input_check.tsv",
     params:
         subjects=[
-            {"subject": s, "site": str(SUBJECT_ROWS[s]["site"]), "split": SUBJECT_ROWS[s]["split"],
-             **raw_inputs(s)}
+            {
+                "subject": s,
+                "site": str(SUBJECT_ROWS[s]["site"]),
+                "split": SUBJECT_ROWS[s]["split"],
+                **raw_inputs(s),
+            }
             for s in SUBJECT_IDS
         ],
         modalities=MODALITIES,
         labels=config["labels"],
         label_maps=config.get("label_maps"),
+    conda:
+        "../../envs/preprocessing.yaml"
     log:
         f"{LOGS}/preprocessing/validate_inputs.log",
     resources:
@@ -42,18 +48,13 @@ rule inputs_validated:
         rules.validate_inputs.output[0],
     output:
         f"{PP}/input_check.tsv",
+    conda:
+        "../../envs/preprocessing.yaml"
     log:
         f"{LOGS}/preprocessing/inputs_validated.log",
     localrule: True
-    run:
-        import shutil
-
-        from brainsynth.io import atomic_path
-
-        with atomic_path(output[0]) as tmp:
-            shutil.copyfile(input[0], tmp)
-        with open(log[0], "w") as f:
-            f.write(f"{input[0]} -> {output[0]}\n")
+    script:
+        "../scripts/inputs_validated.py"
 
 
 # Everything a subject's preprocessing makes lives in one folder, written by one job:
@@ -62,8 +63,10 @@ rule inputs_validated:
 # subject keep planning fast at cohort scale (benchmarks/dag_scale.py); any change of a
 # preprocessing setting reruns the subject's whole chain.
 SUBJECT_INPUTS = {
-    s: {"images": [files[m] for m in MODALITIES],
-        **{k: files[c] for k, c in (("label", "label"), ("truth", "brain_mask")) if c in files}}
+    s: {
+        "images": [files[m] for m in MODALITIES],
+        **{k: files[c] for k, c in (("label", "label"), ("truth", "brain_mask")) if c in files},
+    }
     for s, files in RAW_INPUTS.items()
 }
 
@@ -83,12 +86,15 @@ rule preprocess_subject:
         directory(subject_folder("{subject}")),
     params:
         # all of the section but the QC threshold, which only the QC table uses
-        preprocessing=canonical({**PPCFG, "skull_strip": {k: v for k, v in PPCFG["skull_strip"].items()
-                                                          if k != "min_dice"}}),
+        preprocessing=canonical(
+            {**PPCFG, "skull_strip": {k: v for k, v in PPCFG["skull_strip"].items() if k != "min_dice"}}
+        ),
         modalities=MODALITIES,
         labels=config["labels"],
         label_map=lambda wc: label_map(wc.subject),
         seed=config["seed"],
+    conda:
+        "../../envs/preprocessing.yaml"
     log:
         f"{LOGS}/preprocessing/preprocess_subject/{{subject}}.log",
     # one ITK thread: ANTs' multi-threaded metric sums differ from run to run (affine
@@ -111,13 +117,23 @@ rule preprocessed_subjects:
     output:
         f"{PP}/splits/{{split}}.tsv",
     params:
-        rows=lambda wc: [{"subject": s, "folder": subject_folder(s),
-                          **{c: str(SUBJECT_ROWS[s][c]) for c in ("site", "split", "role")
-                             if SUBJECT_ROWS[s].get(c) is not None}}
-                         for s in subjects_with(wc.split)],
+        rows=lambda wc: [
+            {
+                "subject": s,
+                "folder": subject_folder(s),
+                **{
+                    c: str(SUBJECT_ROWS[s][c])
+                    for c in ("site", "split", "role")
+                    if SUBJECT_ROWS[s].get(c) is not None
+                },
+            }
+            for s in subjects_with(wc.split)
+        ],
         modalities=MODALITIES,
     wildcard_constraints:
         split="|".join(sorted(_BY_SPLIT)),
+    conda:
+        "../../envs/preprocessing.yaml"
     log:
         f"{LOGS}/preprocessing/preprocessed_subjects/{{split}}.log",
     localrule: True
@@ -133,6 +149,8 @@ rule qc_table:
     params:
         preprocessed=[preprocessed(s, "skull_strip_qc") for s in SUBJECT_IDS],
         min_dice=PPCFG["skull_strip"]["min_dice"],
+    conda:
+        "../../envs/preprocessing.yaml"
     log:
         f"{LOGS}/preprocessing/qc_table.log",
     script:
@@ -148,6 +166,8 @@ rule lesion_proportions:
     params:
         preprocessed=[preprocessed(s, "lesions") for s in SUBJECT_IDS],
         labels=config["labels"],
+    conda:
+        "../../envs/preprocessing.yaml"
     log:
         f"{LOGS}/preprocessing/lesion_proportions.log",
     script:

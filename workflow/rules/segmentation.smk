@@ -18,7 +18,7 @@
 # list and the task's class mapping, planning/training/prediction the nnU-Net settings.
 # Changing one arm's recipe therefore reruns that arm and the task's tables only.
 
-NNCFG = SEGCFG.get("nnunet") or {}
+# NNCFG (segmentation.nnunet), seg_train_setting and seg_plans_identifier: common.smk.
 SCORECFG = SEGCFG.get("scoring") or {}
 TABCFG = SEGCFG.get("tables") or {}
 
@@ -27,12 +27,6 @@ wildcard_constraints:
     task="|".join(SEG_TASKS) or "no-task",
     arm="|".join(SEG_ARMS) or "no-arm",
     metric="|".join(sorted({m for t in SEG_TASKS for m in seg_metrics(t)})) or "no-metric",
-
-
-def _seg_train(task, key, default=None):
-    """Training length for ``task``: task_definitions.<task>.nnunet overrides segmentation.nnunet."""
-    per_task = SEGCFG["task_definitions"][task].get("nnunet") or {}
-    return per_task[key] if key in per_task else NNCFG.get(key, default)
 
 
 # Plain paths of one (task, arm)'s files, not `rules.<name>.output` references: next to the
@@ -45,16 +39,16 @@ ARM_MODEL = f"{ARM_DIR}/model.json"
 ARM_PREDICTIONS = f"{ARM_DIR}/predictions.tsv"
 
 
-def _seg_plans_identifier():
-    return NNCFG.get("plans_identifier") or ("nnUNetPlansDemo" if NNCFG.get("plans_overrides") else "nnUNetPlans")
-
-
 rule assemble_nnunet_dataset:
     """nnU-Net raw dataset of one (task, arm): labels remapped to the task, images linked."""
     input:
         splits=lambda wc: split_tables(SEG_DESIGN["cases"][wc.arm]["real"]),
-        synthetic=lambda wc: [f for spec in seg_case_files(wc.arm).values() if spec["source"] == "synthetic"
-                              for f in [spec["label"], *spec["images"].values()]],
+        synthetic=lambda wc: [
+            f
+            for spec in seg_case_files(wc.arm).values()
+            if spec["source"] == "synthetic"
+            for f in [spec["label"], *spec["images"].values()]
+        ],
     output:
         dataset=ARM_DATASET,
         labels=directory(f"{SEG}/{{task}}/{{arm}}/labels"),
@@ -63,11 +57,17 @@ rule assemble_nnunet_dataset:
         dataset_id=lambda wc: SEG_DESIGN["ids"][(wc.task, wc.arm)],
         dataset_name=lambda wc: seg_design.dataset_name(wc.task, wc.arm),
         cases=lambda wc: seg_case_files(wc.arm),
-        preprocessed=lambda wc: [f for spec in seg_case_files(wc.arm).values() if spec["source"] == "real"
-                                 for f in [spec["label"], *spec["images"].values()]],
+        preprocessed=lambda wc: [
+            f
+            for spec in seg_case_files(wc.arm).values()
+            if spec["source"] == "real"
+            for f in [spec["label"], *spec["images"].values()]
+        ],
         classes=lambda wc: SEG_DESIGN["groups"][wc.task],
         n_schema_classes=SCHEMA.n_classes,
         modalities=MODALITIES,
+    conda:
+        "../../envs/segmentation.yaml"
     log:
         f"{LOGS}/segmentation/{{task}}/{{arm}}/assemble_nnunet_dataset.log",
     threads: 1
@@ -87,7 +87,9 @@ rule plan_nnunet:
     params:
         configuration=NNCFG.get("configuration", "3d_fullres"),
         plans_overrides=NNCFG.get("plans_overrides"),
-        plans_identifier=_seg_plans_identifier(),
+        plans_identifier=seg_plans_identifier(),
+    conda:
+        "../../envs/segmentation.yaml"
     log:
         f"{LOGS}/segmentation/{{task}}/{{arm}}/plan_nnunet.log",
         nnunet=f"{LOGS}/segmentation/{{task}}/{{arm}}/plan_nnunet.nnunet.log",
@@ -111,13 +113,15 @@ rule train_segmentation:
         configuration=NNCFG.get("configuration", "3d_fullres"),
         fold=NNCFG.get("fold", "all"),
         trainer=NNCFG.get("trainer", "nnUNetTrainerBrainsynth"),
-        plans_identifier=_seg_plans_identifier(),
-        epochs=lambda wc: _seg_train(wc.task, "epochs"),
-        iterations_per_epoch=lambda wc: _seg_train(wc.task, "iterations_per_epoch"),
-        val_iterations_per_epoch=lambda wc: _seg_train(wc.task, "val_iterations_per_epoch"),
+        plans_identifier=seg_plans_identifier(),
+        epochs=lambda wc: seg_train_setting(wc.task, "epochs"),
+        iterations_per_epoch=lambda wc: seg_train_setting(wc.task, "iterations_per_epoch"),
+        val_iterations_per_epoch=lambda wc: seg_train_setting(wc.task, "val_iterations_per_epoch"),
         final_validation=NNCFG.get("final_validation", False),
         device=NNCFG.get("device", "auto"),
         seed=config["seed"],
+    conda:
+        "../../envs/segmentation.yaml"
     log:
         f"{LOGS}/segmentation/{{task}}/{{arm}}/train_segmentation.log",
         nnunet=f"{LOGS}/segmentation/{{task}}/{{arm}}/train_segmentation.nnunet.log",
@@ -139,13 +143,16 @@ rule predict_segmentation:
         # written last: the scoring job depends on this one file, not on every prediction
         manifest=ARM_PREDICTIONS,
     params:
-        cases=[{"case_id": s, "test_set": ts,
-                "images": {m: grid_file(s, m) for m in MODALITIES}}
-               for ts, s in SEG_TEST_CASES],
+        cases=[
+            {"case_id": s, "test_set": ts, "images": {m: grid_file(s, m) for m in MODALITIES}}
+            for ts, s in SEG_TEST_CASES
+        ],
         preprocessed=[grid_file(s, m) for _, s in SEG_TEST_CASES for m in MODALITIES],
         tile_step_size=NNCFG.get("tile_step_size", 0.5),
         use_mirroring=NNCFG.get("use_mirroring", False),
         device=NNCFG.get("device", "auto"),
+    conda:
+        "../../envs/segmentation.yaml"
     log:
         f"{LOGS}/segmentation/{{task}}/{{arm}}/predict_segmentation.log",
     threads: NNCFG.get("threads", 2)
@@ -166,14 +173,26 @@ rule score_segmentation:
     params:
         experiment=EXP,
         preprocessed=[grid_file(s, "label") for _, s in SEG_TEST_CASES],
-        subjects=[{"subject": s, "test_set": ts, "site": str(SUBJECTS.loc[s, "site"]),
-                   **({"phenotype": str(SUBJECTS.loc[s, "phenotype"])} if "phenotype" in SUBJECTS.columns
-                      else {})}
-                  for ts, s in SEG_TEST_CASES],
+        subjects=[
+            {
+                "subject": s,
+                "test_set": ts,
+                "site": str(SUBJECTS.loc[s, "site"]),
+                **(
+                    {"phenotype": str(SUBJECTS.loc[s, "phenotype"])}
+                    if "phenotype" in SUBJECTS.columns
+                    else {}
+                ),
+            }
+            for ts, s in SEG_TEST_CASES
+        ],
         classes=lambda wc: SEG_DESIGN["groups"][wc.task],
-        fp_tum=lambda wc: seg_design.fp_tum_spec(SEGCFG["task_definitions"][wc.task],
-                                                 SEG_DESIGN["groups"][wc.task], SCHEMA),
+        fp_tum=lambda wc: seg_design.fp_tum_spec(
+            SEGCFG["task_definitions"][wc.task], SEG_DESIGN["groups"][wc.task], SCHEMA
+        ),
         hd95=SCORECFG.get("hd95", False),
+    conda:
+        "../../envs/segmentation.yaml"
     log:
         f"{LOGS}/segmentation/{{task}}/{{arm}}/score_segmentation.log",
     threads: 1
@@ -189,21 +208,31 @@ rule segmentation_table:
     input:
         lambda wc: [f"{SEG}/{wc.task}/{a}/scores.tsv" for a in seg_task_arms(wc.task)],
     output:
-        csv=report(f"{R}/tables/{{task}}_{{metric}}.csv", caption="../report/segmentation_table.rst",
-                   category="Segmentation", subcategory="{task}", labels={"task": "{task}", "metric": "{metric}",
-                                                                           "kind": "table"}),
+        csv=report(
+            f"{R}/tables/{{task}}_{{metric}}.csv",
+            caption="../report/segmentation_table.rst",
+            category="Segmentation",
+            subcategory="{task}",
+            labels={"task": "{task}", "metric": "{metric}", "kind": "table"},
+        ),
         md=f"{R}/tables/{{task}}_{{metric}}.md",
         tex=f"{R}/tables/{{task}}_{{metric}}.tex",
         pvalues=f"{R}/tables/{{task}}_{{metric}}_pvalues.csv",
-        figure=report(f"{R}/figures/{{task}}_{{metric}}.png", caption="../report/segmentation_figure.rst",
-                      category="Segmentation", subcategory="{task}", labels={"task": "{task}", "metric": "{metric}",
-                                                                              "kind": "figure"}),
+        figure=report(
+            f"{R}/figures/{{task}}_{{metric}}.png",
+            caption="../report/segmentation_figure.rst",
+            category="Segmentation",
+            subcategory="{task}",
+            labels={"task": "{task}", "metric": "{metric}", "kind": "figure"},
+        ),
     params:
         arms=lambda wc: seg_task_arms(wc.task),
         reference_arm=lambda wc: SEG_DESIGN["reference_arm"][wc.task],
         test_sets=list(SEG_TEST_SETS),
         test=TABCFG.get("test", "auto"),
         alpha=TABCFG.get("alpha", 0.05),
+    conda:
+        "../../envs/segmentation.yaml"
     log:
         f"{LOGS}/segmentation/tables/{{task}}_{{metric}}.log",
     threads: 1
