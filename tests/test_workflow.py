@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from workflow_support import REPO, SNAKEMAKE, TINY, planned_jobs, run_snakemake  # noqa: F401
+from workflow_support import REPO, SNAKEMAKE, TINY, jobs_by_rule, planned_jobs, run_snakemake  # noqa: F401
 
 def test_dry_run_lists_every_preprocessing_rule(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=TINY)
@@ -168,11 +168,20 @@ def test_tiny_demo_runs_and_param_change_reruns_only_downstream(tmp_path):
                          "all"}, jobs
     assert jobs["preprocess_subject"] == 4
 
-    # the QC threshold only flags masks in the QC table: nothing else reruns
-    changed["preprocessing"] = {"skull_strip": {"threshold": 0.5, "closing_voxels": 1, "min_dice": 0.95}}
+    # the QC thresholds only flag subjects in the QC table: nothing else reruns
+    changed["preprocessing"] = {"skull_strip": {"threshold": 0.7, "closing_voxels": 1, "min_dice": 0.95},
+                                "coregistration": {"min_mask_dice": 0.5}}
     code, out = run_snakemake(tmp_path, "-n", config=changed)
     assert code == 0, out
     assert set(planned_jobs(out)) == {"qc_table", "all"}, out[-2000:]
+
+    # listing a site as delivered skull-stripped reruns that site's subjects only
+    changed["preprocessing"] = {"skull_stripped": ["site_b"]}
+    code, out = run_snakemake(tmp_path, "-n", config=changed)
+    assert code == 0, out
+    sheet = pd.read_csv(res / "cohort" / "subjects.tsv", sep="\t")
+    site_b = sheet.loc[sheet["site"] == "site_b", "subject"].tolist()
+    assert jobs_by_rule(out)["preprocess_subject"] == [f"subject={s}" for s in site_b], out[-2000:]
 
 
 def test_ingest_rule_writes_a_sheet_from_brats_layout(tmp_path):

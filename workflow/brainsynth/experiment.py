@@ -47,7 +47,7 @@ import zlib
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, InputErrors
 
 POOLS = ("real", "synthetic")
 RELATIVE_TO = ("pool", "real")
@@ -291,3 +291,46 @@ def test_sets(subjects, by="role"):
     rank = {r: i for i, r in enumerate(ROLE_ORDER)}
     keys = sorted(out, key=lambda k: (rank.get(k, len(rank)), list(out).index(k)))
     return {k: out[k] for k in keys}
+
+
+def subject_classes(label_classes, tissue_from_atropos, tissues):
+    """Schema classes a preprocessed subject will hold: those of its label map
+    (space-separated names, as the input check lists them), plus the tissue classes when
+    Atropos makes its tissue (no label map, or one with lesions only, as BraTS)."""
+    names = set(str(label_classes or "").split())
+    if tissue_from_atropos:
+        names |= set(tissues)
+    return names - {"background"}
+
+
+def check_task_pools(pools, subject_classes_):
+    """Stop a design whose arms cannot see any foreground of their task, before any work.
+
+    ``pools``: ``{task: {"classes": [schema classes of the task's foreground], "arms": {arm:
+    {"real": [subjects], "generator": [subjects the generator learns from, [] when the arm
+    has no synthetic cases]}}}}``; ``subject_classes_``: subject -> set of schema classes
+    (from the input check). nnU-Net cannot plan a dataset without foreground, and a
+    generator cannot make a lesion it never saw. Returns one row per (task, arm) with the
+    number of subjects holding the task's classes; raises InputErrors naming task and arms.
+    """
+    rows, errors = [], []
+    for task, spec in pools.items():
+        wanted = set(spec["classes"])
+        empty = []
+        for arm, pool in spec["arms"].items():
+            n_real = sum(bool(subject_classes_.get(s, set()) & wanted) for s in pool["real"])
+            n_gen = sum(bool(subject_classes_.get(s, set()) & wanted) for s in pool["generator"])
+            rows.append({"task": task, "arm": arm, "real_with_foreground": n_real,
+                         "generator_subjects_with_foreground": n_gen})
+            if n_real == 0 and n_gen == 0:
+                empty.append(arm)
+        if empty:
+            errors.append(InputError(
+                f"task {task!r}: arms {empty} get no training case with any of {sorted(wanted)} (no real training "
+                "subject of theirs has it, and no subject the generator learns from has it)",
+                field=f"segmentation.tasks / task_definitions.{task}.exclude_arms",
+                fix=f"drop {task!r} from segmentation.tasks, leave the arms out for it (exclude_arms), or add "
+                    "training subjects whose label maps hold those classes"))
+    if errors:
+        raise InputErrors(errors)
+    return rows

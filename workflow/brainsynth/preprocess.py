@@ -32,6 +32,12 @@ def set_threads(n):
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(n)))
 
 
+def _ants_seed(seed):
+    """antsRegistration reads --random-seed 0 as "seed from the clock": 0 is sent as 1."""
+    seed = int(seed)
+    return seed if seed > 0 else 1 - seed
+
+
 def _ants():
     import ants
 
@@ -90,7 +96,7 @@ def register(moving_path, fixed_path, out_affine, out_warp, out_inverse_warp, ou
             aff_iterations=tuple(int(i) for i in affine_iterations),
             aff_shrink_factors=_AFFINE_SHRINK[-n_aff:],
             aff_smoothing_sigmas=_AFFINE_SMOOTH[-n_aff:],
-            random_seed=int(seed),
+            random_seed=_ants_seed(seed),
         )
         fwd, inv = reg["fwdtransforms"], reg["invtransforms"]
         affine = [t for t in fwd if t.endswith(".mat")]
@@ -133,6 +139,116 @@ def forward_transforms(affine, warp):
 def inverse_transforms(affine, inverse_warp):
     """Transform list taking a template image back into the subject's space."""
     return [str(affine), str(inverse_warp)], [True, False]
+
+
+def same_grid(a_path, b_path, atol_mm=1e-3):
+    """True when two images share shape and affine (header only): nothing to co-register."""
+    a, b = nib.load(str(a_path)), nib.load(str(b_path))
+    return tuple(a.shape[:3]) == tuple(b.shape[:3]) and bool(np.allclose(a.affine, b.affine, atol=atol_mm))
+
+
+def _write_identity(path):
+    ants = _ants()
+    with atomic_path(path) as tmp:
+        ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3), str(tmp))
+
+
+def coregistration_qc(fixed, moving):
+    """Agreement of a modality with the T1 on the T1 grid: Dice of ANTs' head masks and
+    ANTs' Mattes mutual information (more negative is better). Head masks rather than brain
+    masks because both images still hold the skull at this point."""
+    ants = _ants()
+    a = ants.get_mask(fixed).numpy() > 0
+    b = ants.get_mask(moving).numpy() > 0
+    return {"mask_dice": round(dice(a, b), 4),
+            "mutual_information": round(float(ants.image_mutual_information(fixed, moving)), 4)}
+
+
+def coregister(moving_path, fixed_path, out_transform, iterations=(200, 100, 50), seed=0):
+    """Rigid (6 dof) registration of one modality to the subject's T1 by Mattes mutual
+    information, from a centre-of-mass start (ANTs' default for linear transforms).
+
+    Sequences of one session differ by head motion and are often on their own grids
+    (a 4.5 mm FLAIR beside a 1 mm T1); the transform is kept and composed with the
+    template transform later, so each image is resampled once. Returns QC before
+    (header geometry alone) and after registration.
+    """
+    ants = _ants()
+    fixed = ants.image_read(str(fixed_path))
+    moving = ants.image_read(str(moving_path))
+    n = len(iterations)
+    if not 1 <= n <= 4:
+        raise ValueError("coregistration iterations must have 1 to 4 levels")
+    out_dir = Path(out_transform).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    before = coregistration_qc(fixed, ants.resample_image_to_target(moving, fixed, interp_type="linear"))
+    with tempfile.TemporaryDirectory(prefix=_REG_TMP_PREFIX, dir=out_dir) as tmp:
+        reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="Rigid", aff_metric="mattes",
+                                outprefix=str(Path(tmp) / "coreg_"),
+                                aff_iterations=tuple(int(i) for i in iterations),
+                                aff_shrink_factors=_AFFINE_SHRINK[-n:], aff_smoothing_sigmas=_AFFINE_SMOOTH[-n:],
+                                random_seed=_ants_seed(seed))
+        mats = [t for t in reg["fwdtransforms"] if t.endswith(".mat")]
+        if len(mats) != 1:
+            raise RuntimeError(f"ANTs returned unexpected transforms: {reg['fwdtransforms']}")
+        with atomic_path(out_transform) as t:
+            shutil.copyfile(mats[0], t)
+        after = coregistration_qc(fixed, reg["warpedmovout"])
+    return {"before": before, "after": after}
+
+
+#: Rule for data delivered skull-stripped (BraTS, many derivatives): the T1 is zero outside
+#: one connected component (26-neighbourhood, holding >= PRE_STRIPPED_COMPONENT of the
+#: non-zero voxels), at least PRE_STRIPPED_ZERO_FRACTION of the field of view is exactly zero,
+#: and the non-zero support is no larger than a brain (a head with a zeroed background is
+#: larger: 3.5-5 L in the demo and in adults).
+PRE_STRIPPED_ZERO_FRACTION = 0.3
+PRE_STRIPPED_COMPONENT = 0.99
+
+
+def detect_skull_stripped(t1_path, max_volume_ml=3000.0):
+    """(is_stripped, evidence) for one T1 by the rule above (see ``PRE_STRIPPED_*``)."""
+    img = nib.load(str(t1_path))
+    data = np.asanyarray(img.dataobj)
+    support = data != 0
+    n = int(support.sum())
+    vox_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+    evidence = {"zero_fraction": round(1.0 - n / support.size, 4), "support_ml": round(n * vox_ml, 1),
+                "largest_component": 0.0}
+    if n == 0 or evidence["zero_fraction"] < PRE_STRIPPED_ZERO_FRACTION or evidence["support_ml"] > max_volume_ml:
+        return False, evidence
+    lab, k = ndimage.label(support, structure=ndimage.generate_binary_structure(3, 3))
+    largest = int(np.bincount(lab.ravel())[1:].max()) if k else 0
+    evidence["largest_component"] = round(largest / n, 4)
+    return evidence["largest_component"] >= PRE_STRIPPED_COMPONENT, evidence
+
+
+def mask_from_support(native_t1_path, out_mask, closing_voxels=1):
+    """Brain mask of a pre-stripped image: its non-zero support (largest component, closed,
+    hole-filled). Propagating a template mask would erode a brain someone already cut out."""
+    img = nib.load(str(native_t1_path))
+    mask = refine_mask(np.asanyarray(img.dataobj) != 0, int(closing_voxels))
+    save_nifti(mask.astype(np.uint8), img.affine, out_mask)
+    return mask
+
+
+def brain_template(template_t1, template_mask, out_path):
+    """The template T1 with everything outside its brain mask set to 0: the fixed image for
+    registering pre-stripped subjects (a head template would pull the brain onto the skull)."""
+    t1 = nib.load(str(template_t1))
+    mask = np.asanyarray(nib.load(str(template_mask)).dataobj) > 0
+    return save_nifti(np.where(mask, np.asanyarray(t1.dataobj), 0).astype(np.float32), t1.affine, out_path,
+                      dtype=np.float32)
+
+
+def resample_to_t1(path, t1_path, transform, out_path, interpolator="genericLabel"):
+    """A label map or mask drawn on another modality's grid, brought to the native T1 grid."""
+    ants = _ants()
+    fixed = ants.image_read(str(t1_path))
+    moving = ants.image_read(str(path))
+    out = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=[str(transform)],
+                                whichtoinvert=[False], interpolator=interpolator)
+    return _save_ants(out, out_path)
 
 
 def skull_strip(native_t1_path, template_mask_path, affine, inverse_warp, out_mask,
@@ -180,13 +296,16 @@ def dice(a, b):
     return 1.0 if denom == 0 else float(2.0 * np.logical_and(a, b).sum() / denom)
 
 
-def skull_strip_qc(mask_path, truth_path, out_json, subject):
-    """QC record for the mask: volume and, when a reference mask exists, Dice."""
+def skull_strip_qc(mask_path, truth_path, out_json, subject, method="template mask propagation",
+                   detection=None):
+    """QC record for the mask: how it was made, its volume and, when a reference mask exists, Dice."""
     mask_img = nib.load(str(mask_path))
     mask = np.asanyarray(mask_img.dataobj) > 0
     vox_ml = float(np.prod(mask_img.header.get_zooms()[:3])) / 1000.0
-    rec = {"subject": subject, "brain_volume_ml": round(float(mask.sum()) * vox_ml, 2),
-           "skull_strip_dice": None}
+    rec = {"subject": subject, "skull_strip_method": method,
+           "brain_volume_ml": round(float(mask.sum()) * vox_ml, 2), "skull_strip_dice": None}
+    if detection is not None:
+        rec.update({f"pre_stripped_{k}": v for k, v in detection.items()})
     if truth_path:
         truth = np.asanyarray(nib.load(str(truth_path)).dataobj) > 0
         rec["skull_strip_dice"] = round(dice(mask, truth), 4)
@@ -249,33 +368,41 @@ def probabilistic_from_atropos(t1_path, mask, prior_maps, schema, iterations=5, 
 
 
 def to_working_grid(images, native_mask, affine, warp, template_t1, out_images, out_mask,
-                    label=None, out_label=None, label_map=None, schema=None, lower=1.0, upper=99.0):
+                    label=None, out_label=None, label_map=None, schema=None, lower=1.0, upper=99.0,
+                    coregistration=None, label_coregistration=None):
     """Warp images, brain mask and (optionally) labels onto the template grid.
 
     ``images``/``out_images`` are dicts modality -> path. Images are masked and
     normalised; labels use ANTs' genericLabel interpolation (which keeps the
-    source values), then ``label_map`` translates them to the schema. Returns
-    the working-grid brain mask and label arrays.
+    source values), then ``label_map`` translates them to the schema. A modality
+    co-registered to the T1 (``coregistration``: modality -> rigid ``.mat``) and a
+    label map drawn on such a modality (``label_coregistration``) go through that
+    transform and the template transform in one resampling. Returns the
+    working-grid brain mask and label arrays.
     """
     ants = _ants()
     fixed = ants.image_read(str(template_t1))
     tlist, invert = forward_transforms(affine, warp)
     ref = nib.load(str(template_t1))
 
-    def warp_to_grid(path, interpolator):
+    coregistration = coregistration or {}
+
+    def warp_to_grid(path, interpolator, coreg=None):
         moving = ants.image_read(str(path))
-        return ants.apply_transforms(fixed=fixed, moving=moving, transformlist=tlist,
-                                     whichtoinvert=invert, interpolator=interpolator).numpy()
+        extra = [str(coreg)] if coreg else []
+        return ants.apply_transforms(fixed=fixed, moving=moving, transformlist=tlist + extra,
+                                     whichtoinvert=invert + [False] * len(extra),
+                                     interpolator=interpolator).numpy()
 
     mask = warp_to_grid(native_mask, "linear") >= 0.5
     save_nifti(mask.astype(np.uint8), ref.affine, out_mask)
     for mod, path in images.items():
-        data = warp_to_grid(path, "linear")
+        data = warp_to_grid(path, "linear", coregistration.get(mod))
         save_nifti(normalise_intensity(data, mask, lower, upper), ref.affine, out_images[mod],
                    dtype=np.float32)
     lab = None
     if label is not None:
-        lab = np.rint(warp_to_grid(label, "genericLabel")).astype(np.int32)
+        lab = np.rint(warp_to_grid(label, "genericLabel", label_coregistration)).astype(np.int32)
         if label_map:
             from .validate import apply_label_map
 
@@ -327,6 +454,8 @@ def load_schema(config):
 #: Files of one preprocessed subject folder, relative to it ({m}: each modality).
 SUBJECT_LAYOUT = {
     "n4": "n4/{m}.nii.gz",
+    "coregistration": "coregistration/{m}_to_t1.mat",
+    "coregistration_qc": "coregistration/qc.json",
     "affine": "registration/0GenericAffine.mat",
     "warp": "registration/1Warp.nii.gz",
     "inverse_warp": "registration/1InverseWarp.nii.gz",
@@ -347,27 +476,36 @@ def subject_file(folder, kind, modality=None):
     return Path(folder) / SUBJECT_LAYOUT[kind].format(m=modality)
 
 
+#: Per-modality files the T1 itself has none of (it is the reference of co-registration).
+NOT_FOR_T1 = {"coregistration"}
+
+
 def subject_files(folder, modalities):
     """Every file a complete preprocessed subject folder holds."""
     per_mod = [k for k, v in SUBJECT_LAYOUT.items() if "{m}" in v]
-    return ([subject_file(folder, k, m) for k in per_mod for m in modalities]
+    return ([subject_file(folder, k, m) for k in per_mod for m in modalities
+             if not (m == "t1" and k in NOT_FOR_T1)]
             + [subject_file(folder, k) for k, v in SUBJECT_LAYOUT.items() if "{m}" not in v])
 
 
 def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=None, truth_mask=None,
-                       label_map=None, seed=0):
-    """N4 -> registration to the template -> skull stripping -> working grid -> QC montage,
-    for one subject, into the folder ``out_dir`` (see :data:`SUBJECT_LAYOUT`).
+                       label_map=None, seed=0, pre_stripped=False, label_space="t1"):
+    """N4 -> co-registration to the T1 -> registration to the template -> skull stripping ->
+    working grid -> QC montage, for one subject, into the folder ``out_dir`` (see
+    :data:`SUBJECT_LAYOUT`).
 
     One job per subject rather than one per step: at cohort scale (10,000 subjects)
     Snakemake's own cost per job and per declared file dominates planning, so the
     chain runs as one job with one folder output. The folder appears only when every
     step has finished (:func:`brainsynth.io.atomic_dir`).
 
-    ``images``: modality -> native path (must include ``t1``); ``template``: dict with
-    ``t1``, ``brain_mask`` and ``labels`` paths; ``cfg``: the ``preprocessing`` config
-    section (n4, registration, skull_strip, normalisation, tissue_maps).
-    Returns the skull-strip QC record.
+    ``images``: modality -> native path (must include ``t1``; others may lie on their own
+    grids); ``template``: dict with ``t1``, ``brain_mask`` and ``labels`` paths; ``cfg``:
+    the ``preprocessing`` config section (n4, coregistration, registration, skull_strip,
+    normalisation, tissue_maps). ``pre_stripped``: the subject's site is listed as
+    delivered skull-stripped (otherwise :func:`detect_skull_stripped` decides when
+    ``skull_strip.detect_pre_stripped`` is on). ``label_space``: the modality whose grid
+    ``label`` and ``truth_mask`` were drawn on. Returns the skull-strip QC record.
     """
     import time
 
@@ -392,17 +530,42 @@ def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=No
             log.info("[%s] N4 %s", subject, m)
             n4_correct(src, f("n4", m), shrink_factor=n4["shrink_factor"], iterations=n4["iterations"])
         lap("N4")
+        coreg = _coregister_modalities(subject, images, f, cfg.get("coregistration") or {}, seed)
+        lap("co-registration")
+        ss = cfg["skull_strip"]
+        stripped, evidence = bool(pre_stripped), None
+        if not stripped and ss.get("detect_pre_stripped", True):
+            stripped, evidence = detect_skull_stripped(images["t1"], ss.get("max_pre_stripped_ml", 3000.0))
         reg = cfg["registration"]
-        log.info("[%s] registration to the template (%s)", subject, reg["transform"])
-        register(f("n4", "t1"), template["t1"], f("affine"), f("warp"), f("inverse_warp"), f("warped"),
+        log.info("[%s] registration to the %s template (%s)", subject, "brain" if stripped else "head",
+                 reg["transform"])
+        fixed = template["t1"]
+        if stripped:
+            fixed = brain_template(template["t1"], template["brain_mask"], Path(tmp) / "registration" / ".brain.nii.gz")
+        register(f("n4", "t1"), fixed, f("affine"), f("warp"), f("inverse_warp"), f("warped"),
                  transform=reg["transform"], syn_iterations=reg["syn_iterations"],
                  affine_iterations=reg["affine_iterations"], seed=seed)
+        if stripped:
+            Path(fixed).unlink()
         lap("registration")
-        ss = cfg["skull_strip"]
-        log.info("[%s] skull stripping", subject)
-        skull_strip(f("n4", "t1"), template["brain_mask"], f("affine"), f("inverse_warp"), f("native_mask"),
-                    threshold=ss["threshold"], closing_voxels=ss["closing_voxels"])
-        qc = skull_strip_qc(f("native_mask"), truth_mask, f("skull_strip_qc"), subject)
+        if stripped:
+            log.info("[%s] delivered skull-stripped (%s): brain mask = non-zero support", subject,
+                     "site listed" if pre_stripped else f"detected, {evidence}")
+            mask_from_support(images["t1"], f("native_mask"), closing_voxels=ss["closing_voxels"])
+        else:
+            log.info("[%s] skull stripping", subject)
+            skull_strip(f("n4", "t1"), template["brain_mask"], f("affine"), f("inverse_warp"), f("native_mask"),
+                        threshold=ss["threshold"], closing_voxels=ss["closing_voxels"])
+        label_coreg = coreg.get(label_space)
+        truth = truth_mask
+        if truth_mask and label_coreg:
+            truth = resample_to_t1(truth_mask, images["t1"], label_coreg, Path(tmp) / "skull_strip" / ".truth.nii.gz")
+        qc = skull_strip_qc(f("native_mask"), truth, f("skull_strip_qc"), subject,
+                            method=("pre-stripped, site listed" if pre_stripped else
+                                    "pre-stripped, detected" if stripped else "template mask propagation"),
+                            detection=evidence)
+        if truth is not truth_mask:
+            Path(truth).unlink()
         log.info("[%s] skull strip QC: %s", subject, qc)
         lap("skull strip")
         log.info("[%s] working grid", subject)
@@ -411,15 +574,25 @@ def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=No
             {m: f("n4", m) for m in mods}, f("native_mask"), f("affine"), f("warp"), template["t1"],
             {m: f("image", m) for m in mods}, f("brain_mask"), label=label, out_label=f("label"),
             label_map=label_map, schema=schema, lower=norm["lower_percentile"], upper=norm["upper_percentile"],
+            coregistration=coreg, label_coregistration=label_coreg,
         )
         ref = nib.load(str(template["t1"]))
+
+        def atropos():
+            priors = tissue_priors_from_template(template["labels"], schema, tcfg["smoothing_mm"])
+            return probabilistic_from_atropos(f("image", "t1"), mask, priors, schema,
+                                              iterations=tcfg["atropos_iterations"])
+
+        tissue_values = [schema.value(t) for t in schema.tissues]
+        if label is not None and not np.isin(lab, tissue_values).any():
+            log.info("[%s] label map holds lesions only (e.g. BraTS): tissue from Atropos, lesions kept", subject)
+            lab = np.where(lab > 0, lab, np.argmax(atropos(), axis=-1)).astype(np.uint8)
+            save_nifti(lab, ref.affine, f("label"))
         if label is not None:
             prob = probabilistic_from_labels(lab, schema, ref.header.get_zooms()[:3], tcfg["smoothing_mm"])
         else:
             log.info("[%s] no label map: tissue maps from Atropos with template priors", subject)
-            priors = tissue_priors_from_template(template["labels"], schema, tcfg["smoothing_mm"])
-            prob = probabilistic_from_atropos(f("image", "t1"), mask, priors, schema,
-                                              iterations=tcfg["atropos_iterations"])
+            prob = atropos()
             save_nifti(np.argmax(prob, axis=-1).astype(np.uint8), ref.affine, f("label"))
         save_nifti(prob, ref.affine, f("tissue_prob"), dtype=np.float32)
         save_json(lesion_record(f("label"), schema, subject, label is not None), f("lesions"))
@@ -431,6 +604,29 @@ def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=No
     log.info("[%s] done in %.1f s (%s)", subject, sum(seconds.values()),
              ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return qc
+
+
+def _coregister_modalities(subject, images, f, cfg, seed):
+    """Rigid co-registration of every non-T1 modality to the T1 (``cfg["mode"]``: ``auto``, only
+    modalities whose grid differs from the T1's; ``always``). Writes one transform per modality
+    (identity when not registered) and ``coregistration/qc.json``; returns modality -> transform
+    for the registered ones."""
+    mode = cfg.get("mode", "auto")
+    records, used = {}, {}
+    for m in (m for m in images if m != "t1"):
+        if mode == "always" or not same_grid(images[m], images["t1"]):
+            log.info("[%s] co-registration %s -> t1 (rigid)", subject, m)
+            rec = coregister(f("n4", m), f("n4", "t1"), f("coregistration", m),
+                             iterations=cfg.get("iterations", (200, 100, 50)), seed=seed)
+            used[m] = f("coregistration", m)
+            records[m] = {"coregistered": True, **rec}
+        else:
+            _write_identity(f("coregistration", m))
+            records[m] = {"coregistered": False}
+    registered = [r["after"]["mask_dice"] for r in records.values() if r["coregistered"]]
+    save_json({"subject": subject, "modalities": records,
+               "coregistration_mask_dice": min(registered) if registered else None}, f("coregistration_qc"))
+    return used
 
 
 def preprocessed_manifest(rows, modalities, out_tsv):

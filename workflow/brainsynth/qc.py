@@ -75,13 +75,42 @@ def subject_montage(out_png, subject, native_t1, native_mask, grid_images, grid_
     save_figure(fig, out_png, dpi=80)
 
 
-def qc_table(json_paths, out_tsv, min_dice=None):
-    """Gather per-subject QC records into one TSV, flagging masks below ``min_dice``."""
-    recs = [json.loads(open(p).read()) for p in json_paths]
-    df = pd.DataFrame.from_records(recs).sort_values("subject")
+def qc_table(json_paths, out_tsv, min_dice=None, coregistration_paths=(), min_coregistration_dice=None):
+    """Gather per-subject QC records into one TSV with a pass flag per check and overall.
+
+    ``json_paths``: skull-strip records (method, brain volume, Dice against a reference
+    mask where one exists), flagged below ``min_dice``; ``coregistration_paths``: the
+    co-registration records, whose worst head-mask Dice over the co-registered modalities
+    is flagged below ``min_coregistration_dice``. A check without a value (no reference
+    mask, nothing co-registered) passes. ``qc_pass`` is "no" when any check failed, and
+    ``qc_failures`` says which.
+    """
+    recs = {}
+    for p in json_paths:
+        rec = json.loads(open(p).read())
+        recs[rec["subject"]] = rec
+    for p in coregistration_paths:
+        rec = json.loads(open(p).read())
+        recs.setdefault(rec["subject"], {"subject": rec["subject"]})["coregistration_mask_dice"] = \
+            rec.get("coregistration_mask_dice")
+    df = pd.DataFrame.from_records(list(recs.values())).sort_values("subject").reset_index(drop=True)
     df = df[["subject"] + [c for c in df.columns if c != "subject"]]
-    if min_dice is not None and "skull_strip_dice" in df:
-        d = pd.to_numeric(df["skull_strip_dice"], errors="coerce")
-        df["skull_strip_pass"] = np.where(d.isna(), "", np.where(d >= min_dice, "yes", "no"))
+    failures = [[] for _ in range(len(df))]
+    for column, threshold, flag in (("skull_strip_dice", min_dice, "skull_strip_pass"),
+                                    ("coregistration_mask_dice", min_coregistration_dice, "coregistration_pass")):
+        if threshold is None or column not in df:
+            continue
+        d = pd.to_numeric(df[column], errors="coerce")
+        df[flag] = np.where(d.isna(), "", np.where(d >= threshold, "yes", "no"))
+        for i in np.flatnonzero((d < threshold).to_numpy()):
+            failures[i].append(f"{column} {d.iloc[i]:.3f} < {threshold:g}")
+    df["qc_pass"] = ["no" if f else "yes" for f in failures]
+    df["qc_failures"] = ["; ".join(f) for f in failures]
     save_table(df, out_tsv)
     return df
+
+
+def failed_subjects(qc_tsv):
+    """Subjects whose ``qc_pass`` is "no" in a QC table written by :func:`qc_table`."""
+    df = pd.read_csv(qc_tsv, sep="\t", dtype=str, keep_default_na=False)
+    return sorted(df.loc[df["qc_pass"] == "no", "subject"]) if "qc_pass" in df else []

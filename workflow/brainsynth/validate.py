@@ -308,7 +308,7 @@ def _check_subject(row, modalities, schema, label_map=None):
     info = {"subject": subject, "site": site, "split": _get(row, "split"),
             "shape": _fmt_shape(ref.shape) if ref is not None else None,
             "voxel_mm": _fmt_zooms(ref.zooms)[:-3] if ref is not None else None,
-            "label_values": None, "label_classes": None}
+            "label_values": None, "label_classes": None, "tissue_from": "atropos" if "label" not in images else "label"}
 
     lookup = None
     if "label" in images and label_map is not None:
@@ -370,7 +370,9 @@ def _check_subject(row, modalities, schema, label_map=None):
             info["label_classes"] = " ".join(names)
             tissue_values = {schema.value(t) for t in schema.tissues}
             lesion_only_site = lookup is not None and not set(lookup.values()) & tissue_values
-            if not lesion_only_site and not set(names) & set(schema.tissues):
+            if lesion_only_site:
+                info["tissue_from"] = "atropos"
+            elif not set(names) & set(schema.tissues):
                 errors.append(InputError(
                     f"label map has no tissue at all (classes present: {', '.join(names) or 'none'}; "
                     f"tissue classes are {', '.join(schema.tissues)})", subject=subject, file=im.path, field=role,
@@ -429,7 +431,7 @@ def validate_cohort(df, modalities, schema, label_maps=None):
     if errors:
         raise InputErrors(errors)
     return pd.DataFrame(infos, columns=["subject", "site", "split", "shape", "voxel_mm", "label_values",
-                                        "label_classes", "n_problems"])
+                                        "label_classes", "tissue_from", "n_problems"])
 
 
 

@@ -93,6 +93,39 @@ def subjects_with(split=None):
     return list(SUBJECT_IDS if split is None else _BY_SPLIT.get(split, []))
 
 
+def _qc_excluded():
+    """Subjects failing preprocessing QC, when preprocessing.qc.exclude_failed is on: read from
+    the QC table as it is when the workflow starts (brainsynth.qc.failed_subjects). The pools
+    are fixed when Snakemake plans, so without a QC table yet the first run plans them whole
+    and says so; the next run leaves the failed subjects out and reruns what they fed."""
+    if not ((config["preprocessing"].get("qc") or {}).get("exclude_failed")):
+        return set()
+    table = Path(f"{R}/preprocessing/qc.tsv")
+    if not table.exists():
+        sys.stderr.write(
+            f"preprocessing.qc.exclude_failed: {table} does not exist yet, so no subject is left out in "
+            "this run; run snakemake again once it exists to leave out the subjects failing QC\n"
+        )
+        return set()
+    from brainsynth.qc import failed_subjects
+
+    failed = set(failed_subjects(table)) & set(SUBJECT_IDS)
+    if failed:
+        sys.stderr.write(
+            f"preprocessing.qc.exclude_failed: {len(failed)} subject(s) failing QC left out of generator "
+            f"training, styles, segmentation training and test sets: {', '.join(sorted(failed))}\n"
+        )
+    return failed
+
+
+QC_EXCLUDED = _qc_excluded()
+
+
+def passing_qc(subjects):
+    """``subjects`` less those excluded for failing preprocessing QC (see _qc_excluded)."""
+    return [s for s in subjects if s not in QC_EXCLUDED] if QC_EXCLUDED else list(subjects)
+
+
 def canonical(section):
     """A config section with its keys sorted (recursively), for params.
 
@@ -190,7 +223,7 @@ def _seg_design():
     synth_cfg = config.get("synthesis") or {}
     synth_enabled = bool(synth_cfg.get("enabled", True))
     synth_ids = seg_design.synthetic_ids(synth_cfg.get("n_samples", 0)) if synth_enabled else []
-    real_ids = subjects_with("train")
+    real_ids = passing_qc(subjects_with("train"))
     recipes = SEGCFG.get("recipes") or {}
     task_defs = SEGCFG.get("task_definitions") or {}
     for name in list(recipes) + list(task_defs):
@@ -231,7 +264,13 @@ def _seg_design():
         "cases": {a: seg_design.arm_cases(recipes[a], real_ids, synth_ids, config["seed"], a) for a in arms},
         "style_sets": {a: seg_design.style_set(recipes[a], synth_cfg.get("style_sets"), a) for a in arms},
         "groups": {t: seg_design.task_classes(task_defs[t], SCHEMA, t) for t in tasks},
-        "test_sets": seg_design.test_sets(SUBJECTS, SEGCFG.get("test_sets_by", "role")) if tasks else {},
+        "test_sets": (
+            seg_design.test_sets(
+                SUBJECTS[~SUBJECTS["subject"].isin(QC_EXCLUDED)], SEGCFG.get("test_sets_by", "role")
+            )
+            if tasks
+            else {}
+        ),
         # positions in the run lists (lists are replaced, never merged, by --configfile)
         "ids": {
             (t, a): seg_design.dataset_id(
@@ -347,7 +386,7 @@ SYNCFG = config["synthesis"]
 
 def generator_training_subjects():
     """Training-split subjects with a label map: the generators learn from them."""
-    return [s for s in subjects_with("train") if has_column(s, "label")]
+    return [s for s in passing_qc(subjects_with("train")) if has_column(s, "label")]
 
 
 def synthetic_ids():
@@ -358,7 +397,7 @@ def style_subjects():
     """Real subjects whose images give the styles (by site role, or all training subjects)."""
     roles = SYNCFG.get("style_roles")
     if roles and "role" in SUBJECTS.columns:
-        return [s for s in SUBJECT_IDS if subject_value(s, "role") in roles]
+        return [s for s in passing_qc(SUBJECT_IDS) if subject_value(s, "role") in roles]
     return generator_training_subjects()
 
 
@@ -366,7 +405,8 @@ def style_set_subjects():
     """brainsynth.experiment.style_set_subjects; a set no subject matches is left out, an
     error when arms use it."""
     style_sets = SYNCFG.get("style_sets") or {}
-    found = seg_design.style_set_subjects(SUBJECT_ROWS, style_sets)
+    rows = {s: row for s, row in SUBJECT_ROWS.items() if s not in QC_EXCLUDED}
+    found = seg_design.style_set_subjects(rows, style_sets)
     for name in (n for n in style_sets if n not in found):
         keys = style_sets[name]
         users = [a for a in SEG_ARMS if SEG_DESIGN["style_sets"][a] == name]
@@ -406,4 +446,32 @@ def style_table(subjects):
 def style_files(subjects):
     return [grid_file(s, m) for s in subjects for m in MODALITIES]
 
+
 # ============================================================ end generator stage helpers
+
+
+# ============================================================ input-check helpers
+def sheet_extras(s):
+    """Sample-sheet cells the input check needs besides the files (label_space)."""
+    space = subject_value(s, "label_space")
+    return {"label_space": space} if space else {}
+
+
+def task_pools():
+    """Per task: its foreground classes, and per arm the real training subjects and (for arms
+    with synthetic cases) the subjects the generators learn from."""
+    gen = generator_training_subjects() if synthesis_enabled() else []
+    recipes = SEGCFG.get("recipes") or {}
+    return {
+        t: {
+            "classes": sorted({c for cs in SEG_DESIGN["groups"][t].values() for c in cs}),
+            "arms": {
+                a: {
+                    "real": list(SEG_DESIGN["cases"][a]["real"]),
+                    "generator": gen if seg_design.uses_synthetic(recipes[a]) else [],
+                }
+                for a in seg_task_arms(t)
+            },
+        }
+        for t in SEG_TASKS
+    }

@@ -1,10 +1,22 @@
-# Preprocessing: input check of the whole cohort; then per subject, in one job, N4 ->
-# registration to the template -> skull stripping by template-mask propagation ->
-# working grid (normalised images, labels, probabilistic tissue maps) -> QC montage;
-# then per-split tables of the preprocessed subjects and the cohort tables.
+# Preprocessing: input check of the whole cohort (and of the segmentation design against
+# the label maps); then per subject, in one job, N4 -> rigid co-registration of each
+# modality to the T1 -> registration to the template -> skull stripping (template-mask
+# propagation, or the non-zero support of pre-stripped data) -> working grid (normalised
+# images, labels, probabilistic tissue maps) -> QC montage; then per-split tables of the
+# preprocessed subjects and the cohort tables (QC, lesion proportions).
 
 PP = f"{R}/preprocessing"
 PPCFG = config["preprocessing"]
+SKULL_STRIPPED_SITES = {str(s) for s in PPCFG.get("skull_stripped") or []}
+# QC thresholds and exclusion only flag subjects: not part of what preprocess_subject computes
+QC_ONLY = {"skull_strip": ("min_dice",), "coregistration": ("min_mask_dice",)}
+PREPROCESS_SETTINGS = canonical(
+    {
+        k: ({kk: vv for kk, vv in v.items() if kk not in QC_ONLY.get(k, ())} if isinstance(v, dict) else v)
+        for k, v in PPCFG.items()
+        if k not in ("skull_stripped", "qc")
+    }
+)
 
 
 rule validate_inputs:
@@ -21,6 +33,7 @@ rule validate_inputs:
                 "site": str(SUBJECT_ROWS[s]["site"]),
                 "split": SUBJECT_ROWS[s]["split"],
                 **raw_inputs(s),
+                **sheet_extras(s),
             }
             for s in SUBJECT_IDS
         ],
@@ -38,14 +51,35 @@ rule validate_inputs:
         "../scripts/validate_inputs.py"
 
 
+rule check_task_pools:
+    """Stops a design whose arms cannot see any foreground of their task (no training subject
+    with the task's classes), with the task and arm names, before any subject is processed."""
+    input:
+        rules.validate_inputs.output[0],
+    output:
+        f"{PP}/validation/task_pools.tsv",
+    params:
+        pools=task_pools() if SEG_TASKS else {},
+        tissues=config["labels"]["tissues"],
+    conda:
+        "../../envs/preprocessing.yaml"
+    log:
+        f"{LOGS}/preprocessing/check_task_pools.log",
+    localrule: True
+    script:
+        "../scripts/check_task_pools.py"
+
+
 # The per-subject jobs wait for validate_inputs through this one-input relay instead of
 # depending on its output directly: Snakemake scans the input list of a file's producer
 # once per consumer (dag.update: `file in job.input`), so N subjects depending on a job
 # with 4N inputs cost O(N^2) when the DAG is built (minutes at 10,000 subjects).
 rule inputs_validated:
-    """input_check.tsv: the cohort check passed (a copy of its table)."""
+    """input_check.tsv: the cohort check passed (a copy of its table), and the segmentation
+    design can see foreground in every arm (task_pools.tsv, when tasks run)."""
     input:
         rules.validate_inputs.output[0],
+        [f"{PP}/validation/task_pools.tsv"] if SEG_TASKS else [],
     output:
         f"{PP}/input_check.tsv",
     conda:
@@ -72,7 +106,8 @@ SUBJECT_INPUTS = {
 
 
 rule preprocess_subject:
-    """N4 -> registration to the template -> skull stripping -> working grid -> QC montage."""
+    """N4 -> co-registration to the T1 -> registration to the template -> skull stripping ->
+    working grid -> QC montage."""
     input:
         # images, and label / truth (brain mask) where the sheet has them: one input
         # function call per job (10,000 jobs at cohort scale)
@@ -83,12 +118,20 @@ rule preprocess_subject:
         template_mask=template_file("brain_mask"),
         template_labels=template_file("labels"),
     output:
-        directory(subject_folder("{subject}")),
-    params:
-        # all of the section but the QC threshold, which only the QC table uses
-        preprocessing=canonical(
-            {**PPCFG, "skull_strip": {k: v for k, v in PPCFG["skull_strip"].items() if k != "min_dice"}}
+        report(
+            directory(subject_folder("{subject}")),
+            patterns=["{name}.png"],
+            category="Preprocessing QC",
+            subcategory="Subject montages",
+            labels={"subject": "{subject}"},
+            caption="../report/subject_montage.rst",
         ),
+    params:
+        # the section less the QC thresholds and exclusion, which only the QC table and the
+        # later stages use; pre_stripped per subject, so listing a site reruns its subjects only
+        preprocessing=PREPROCESS_SETTINGS,
+        pre_stripped=lambda wc: str(SUBJECT_ROWS[wc.subject]["site"]) in SKULL_STRIPPED_SITES,
+        label_space=lambda wc: subject_value(wc.subject, "label_space") or "t1",
         modalities=MODALITIES,
         labels=config["labels"],
         label_map=lambda wc: label_map(wc.subject),
@@ -142,13 +185,20 @@ rule preprocessed_subjects:
 
 
 rule qc_table:
+    """qc.tsv: skull-strip method, brain volume and Dice, co-registration head-mask Dice, a pass
+    flag per check and overall; qc_failed.tsv lists the subjects failing a check."""
     input:
         splits=split_tables(SUBJECT_IDS),
     output:
-        f"{PP}/qc.tsv",
+        table=report(f"{PP}/qc.tsv", category="Preprocessing QC", caption="../report/qc_table.rst"),
+        failed=report(f"{PP}/qc_failed.tsv", category="Preprocessing QC", caption="../report/qc_failed.rst"),
     params:
-        preprocessed=[preprocessed(s, "skull_strip_qc") for s in SUBJECT_IDS],
+        # skull-strip records, then co-registration records, one per subject each
+        preprocessed=[
+            preprocessed(s, k) for k in ("skull_strip_qc", "coregistration_qc") for s in SUBJECT_IDS
+        ],
         min_dice=PPCFG["skull_strip"]["min_dice"],
+        min_coregistration_dice=(PPCFG.get("coregistration") or {}).get("min_mask_dice"),
     conda:
         "../../envs/preprocessing.yaml"
     log:
