@@ -13,8 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from nibabel.processing import resample_from_to
-from scipy.spatial.transform import Rotation
 
 from brainsynth import demo
 from brainsynth import experiment as design
@@ -113,31 +111,15 @@ def three_ways(tmp_path_factory):
     for p in raw.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     demo.synthesize_subject(plan.loc["demo001"].to_dict(), CONFIG["demo"], SCHEMA, CONFIG["seed"], raw)
-    mask = np.asanyarray(nib.load(raw["brain_mask"]).dataobj) > 0
-    stripped = {}
-    for m in ("t1", "t2", "flair"):
-        img = nib.load(raw[m])
-        stripped[m] = save_nifti(np.where(mask, img.get_fdata(dtype=np.float32), 0), img.affine,
-                                 root / "stripped" / f"{m}.nii.gz", dtype=np.float32)
-    # FLAIR on its own 4.5 mm grid, oblique, then moved by head motion between the sequences
-    fl = nib.load(raw["flair"])
-    grid = np.eye(4)
-    grid[:3, :3] = Rotation.from_euler("xyz", [8, -5, 4], degrees=True).as_matrix() * 4.5
-    shape = (56, 60, 54)
-    centre = (fl.affine @ np.r_[np.array(fl.shape) / 2, 1])[:3]
-    grid[:3, 3] = centre - grid[:3, :3] @ (np.array(shape) / 2)
-    coarse = resample_from_to(fl, (shape, grid), order=3)
-    motion = np.eye(4)
-    motion[:3, :3] = Rotation.from_euler("xyz", [4, -3, 5], degrees=True).as_matrix()
-    motion[:3, 3] = centre - motion[:3, :3] @ centre + np.array([5.0, -4.0, 3.0])
-    moved_flair = save_nifti(np.clip(coarse.get_fdata(), 0, None), motion @ grid, root / "moved" / "flair.nii.gz",
-                             dtype=np.float32)
-    # the label map and brain mask drawn on that FLAIR (label_space: flair)
-    on_flair = {}
-    for k in ("label", "brain_mask"):
-        lab = resample_from_to(nib.load(raw[k]), (shape, grid), order=0)
-        on_flair[k] = save_nifti(np.asanyarray(lab.dataobj).astype(np.uint8), motion @ grid,
-                                 root / "moved" / f"{k}.nii.gz", dtype=np.uint8)
+    stripped = {m: demo.skull_stripped_copy(raw[m], raw["brain_mask"], root / "stripped" / f"{m}.nii.gz")
+                for m in ("t1", "t2", "flair")}
+    # FLAIR on its own 4.5 mm oblique grid, moved by head motion; the label map and brain mask
+    # drawn on that FLAIR (label_space: flair)
+    moved_flair = root / "moved" / "flair.nii.gz"
+    demo.own_grid_copy(raw["flair"], moved_flair)
+    on_flair = {k: root / "moved" / f"{k}.nii.gz" for k in ("label", "brain_mask")}
+    for k, path in on_flair.items():
+        demo.own_grid_copy(raw[k], path, order=0)
     cfg = CONFIG["preprocessing"]
     out, qc = {}, {}
     variants = {"raw": {m: raw[m] for m in ("t1", "t2", "flair")},
@@ -267,6 +249,10 @@ def test_cohort_without_lesions_stops_with_task_and_arm_names(tmp_path):
     assert "task 'wmh': arms ['R', 'H']" in out and "exclude_arms" in out
     assert "Traceback" not in out
     assert not (tmp_path / "results" / "nolesion" / "preprocessing" / "subjects").exists()
+    # one training subject with oedema: the tumour task has its foreground, WMH still has none
+    rows[0].update(_toy_subject(tmp_path / "data", "s1", label_values=(0, 1, 2, 3, SCHEMA.value("oedema"))))
+    code, out = run_snakemake(tmp_path, config=dict(cfg, samples=_sheet(tmp_path / "sheet.tsv", rows)))
+    assert code != 0 and "task 'wmh': arms ['R', 'H']" in out and "task 'tumour'" not in out, out[-3000:]
 
 
 def test_bids_tree_with_sessions_runs_and_own_grid_flair_runs_through_preprocessing(tmp_path, three_ways):

@@ -443,3 +443,38 @@ def synthesize_subject(subject_row, demo_cfg, schema, seed, out):
         "lesion_voxels": schema.lesion_counts(label),
         "attempts": attempt + 1,
     }
+
+
+# ------------------------------------------------------------------ deliveries of real cohorts
+def skull_stripped_copy(image_path, brain_mask_path, out_path):
+    """The image multiplied by the brain mask, as BraTS and many derivatives deliver it."""
+    import nibabel as nib
+
+    img = nib.load(str(image_path))
+    mask = np.asanyarray(nib.load(str(brain_mask_path)).dataobj) > 0
+    return save_nifti(np.where(mask, img.get_fdata(dtype=np.float32), 0), img.affine, out_path, dtype=np.float32)
+
+
+def own_grid_copy(image_path, out_path, voxel_mm=4.5, shape=(56, 60, 54), oblique_deg=(8.0, -5.0, 4.0),
+                  motion_deg=(4.0, -3.0, 5.0), motion_mm=(5.0, -4.0, 3.0), order=3):
+    """The image as a separate sequence delivers it: resampled onto a coarser oblique grid of
+    its own (FLAIR and T2 at 4-5 mm beside a 1 mm T1) and moved by head motion between the
+    sequences (a rigid motion of its content in world space), so that only registration, not
+    the headers, puts it back onto the T1. Label maps pass ``order=0``. Returns the affine."""
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+    from scipy.spatial.transform import Rotation
+
+    img = nib.load(str(image_path))
+    grid = np.eye(4)
+    grid[:3, :3] = Rotation.from_euler("xyz", oblique_deg, degrees=True).as_matrix() * float(voxel_mm)
+    centre = (img.affine @ np.r_[np.array(img.shape[:3]) / 2.0, 1.0])[:3]
+    grid[:3, 3] = centre - grid[:3, :3] @ (np.array(shape) / 2.0)
+    data = resample_from_to(img, (tuple(shape), grid), order=order).get_fdata()
+    motion = np.eye(4)
+    motion[:3, :3] = Rotation.from_euler("xyz", motion_deg, degrees=True).as_matrix()
+    motion[:3, 3] = centre - motion[:3, :3] @ centre + np.asarray(motion_mm, dtype=float)
+    dtype = np.uint8 if order == 0 else np.float32
+    data = np.rint(data) if order == 0 else np.clip(data, 0, None)
+    save_nifti(data.astype(dtype), motion @ grid, out_path, dtype=dtype)
+    return motion @ grid

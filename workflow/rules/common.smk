@@ -461,10 +461,11 @@ def task_pools():
     """Per task: its foreground classes, and per arm the real training subjects and (for arms
     with synthetic cases) the subjects the generators learn from."""
     gen = generator_training_subjects() if synthesis_enabled() else []
+    class_name = dict(zip(SCHEMA.values, SCHEMA.names))
     recipes = SEGCFG.get("recipes") or {}
     return {
         t: {
-            "classes": sorted({c for cs in SEG_DESIGN["groups"][t].values() for c in cs}),
+            "classes": sorted({class_name[v] for vs in SEG_DESIGN["groups"][t].values() for v in vs}),
             "arms": {
                 a: {
                     "real": list(SEG_DESIGN["cases"][a]["real"]),
