@@ -10,10 +10,11 @@ function and the default config. Columns:
   rigid co-registration; ``flair r``: correlation of the moved FLAIR's working-grid image
   with the one from the shared grid, inside the brain;
 * ``ss dice``: skull-strip Dice against the demo's true brain mask, unstripped / stripped;
-* ``vol L``: brain volume, unstripped / stripped, and their difference;
+* ``vol L``: brain volume, unstripped / stripped, and their difference; ``eroded``: the
+  stripped copy's volume when its mask is propagated from the template anyway (detection off);
 * ``mask dice``: Dice of the stripped copy's brain mask with the unstripped one, native
   grid / working grid;
-* ``s``: seconds per preprocessing run (raw / moved / stripped, one ITK thread).
+* ``s``: seconds per preprocessing run (raw / moved / stripped / eroded, one ITK thread).
 
     .venv/bin/python benchmarks/real_cohorts.py --subjects 6 [--threshold 0.5]
 """
@@ -49,7 +50,7 @@ def main():
     pp.set_threads(1)
     plan = demo.plan_cohort(config["demo"], config["seed"]).set_index("subject", drop=False)
     print(f"skull_strip.threshold {cfg['skull_strip']['threshold']}, grid {config['grid']}")
-    print("subject  site    coreg dice     flair r  ss dice       vol L              mask dice      s")
+    print("subject  site    coreg dice     flair r  ss dice       vol L              eroded  mask dice      s")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         template = {k: root / "template" / f"{k}.nii.gz" for k in ("t1", "brain_mask", "labels")}
@@ -66,10 +67,12 @@ def main():
             variants = {"raw": {m: raw[m] for m in ("t1", "t2", "flair")},
                         "moved": {"t1": raw["t1"], "t2": raw["t2"], "flair": d / "moved" / "flair.nii.gz"},
                         "stripped": stripped}
+            no_detection = dict(cfg, skull_strip=dict(cfg["skull_strip"], detect_pre_stripped=False))
+            runs = [(name, images, cfg) for name, images in variants.items()] + [("eroded", stripped, no_detection)]
             qc, secs = {}, []
-            for name, images in variants.items():
+            for name, images, settings in runs:
                 t0 = time.monotonic()
-                qc[name] = pp.preprocess_subject(subject, images, d / "out" / name, template, cfg, schema,
+                qc[name] = pp.preprocess_subject(subject, images, d / "out" / name, template, settings, schema,
                                                  label=raw["label"], truth_mask=raw["brain_mask"],
                                                  seed=config["seed"])
                 secs.append(time.monotonic() - t0)
@@ -87,6 +90,7 @@ def main():
                   f"{co['flair']['before']['mask_dice']:.3f}->{co['flair']['after']['mask_dice']:.3f}  {r:.3f}    "
                   f"{qc['raw']['skull_strip_dice']:.3f}/{qc['stripped']['skull_strip_dice']:.3f}  "
                   f"{v_raw:.2f}/{v_str:.2f} ({100 * (v_str - v_raw) / v_raw:+.1f}%)  "
+                  f"{qc['eroded']['brain_volume_ml'] / 1000:.2f}    "
                   f"{native:.3f}/{grid:.3f}    " + "/".join(f"{s:.1f}" for s in secs), flush=True)
 
 

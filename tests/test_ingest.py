@@ -16,7 +16,7 @@ from brainsynth.validate import validate_cohort
 def touch(path, nifti=False, arr=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     if nifti:
-        data = arr if arr is not None else np.ones((6, 6, 6), np.float32)
+        data = arr if arr is not None else np.random.default_rng(0).random((6, 6, 6), np.float32)
         nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
     else:
         path.write_bytes(b"")

@@ -171,7 +171,7 @@ def test_preprocess_subject_fills_one_folder_atomically(pair):
                                label=p["moving_mask"], truth_mask=p["moving_mask"], seed=1)
     assert qc["skull_strip_dice"] > 0.9
     files = pp.subject_files(out, ["t1"])
-    assert len(files) == 13 and all(f.is_file() for f in files)
+    assert len(files) == 14 and all(f.is_file() for f in files)  # t1 only: coregistration/qc.json, no transform
     assert sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()) == \
         sorted(str(f.relative_to(out)) for f in files)  # nothing else (no temporaries)
     assert list((tmp / "subjects").iterdir()) == [out]

@@ -249,6 +249,10 @@ def test_cohort_without_lesions_stops_with_task_and_arm_names(tmp_path):
     assert "task 'wmh': arms ['R', 'H']" in out and "exclude_arms" in out
     assert "Traceback" not in out
     assert not (tmp_path / "results" / "nolesion" / "preprocessing" / "subjects").exists()
+    # later runs check the design at parse time, against the last input check: a dry run stops too
+    code, out = run_snakemake(tmp_path, "-n", config=cfg)
+    assert code != 0 and "task 'tumour': arms ['R', 'S', 'H', 'Hfar']" in out and "Traceback" not in out
+    assert "Job stats" not in out  # nothing planned
     # one training subject with oedema: the tumour task has its foreground, WMH still has none
     rows[0].update(_toy_subject(tmp_path / "data", "s1", label_values=(0, 1, 2, 3, SCHEMA.value("oedema"))))
     code, out = run_snakemake(tmp_path, config=dict(cfg, samples=_sheet(tmp_path / "sheet.tsv", rows)))

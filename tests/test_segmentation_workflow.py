@@ -295,7 +295,8 @@ def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path)
     code, out = run_snakemake(tmp_path, "-n", config=TINY_SEG)
     assert code == 0 and "Nothing to be done" in out, out[-2000:]
 
-    # one arm's recipe changes: that arm's chain and the task's tables rerun, nothing else
+    # one arm's recipe changes: that arm's chain and the task's tables rerun, nothing else (the
+    # design is checked against the label maps at parse time)
     changed = seg_config(recipes={"Rhalf": {"real": 1.0}})
     code, out = run_snakemake(tmp_path, "-n", config=changed)
     assert code == 0, out[-3000:]

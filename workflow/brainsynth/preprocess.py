@@ -67,6 +67,20 @@ def n4_correct(in_path, out_path, shrink_factor=4, iterations=(50, 50, 30), tol=
     return _save_ants(corrected, out_path)
 
 
+def _registration_inputs(fixed_path, moving_path, levels, what, out_file):
+    """The image pair of a registration, after checking its number of levels (the shrink and
+    smoothing schedules have four) and removing scratch folders a killed registration left
+    beside ``out_file``. Returns (fixed, moving, output folder)."""
+    if not 1 <= levels <= 4:
+        raise ValueError(f"{what} must have 1 to 4 levels")
+    ants = _ants()
+    out_dir = Path(out_file).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{_REG_TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return ants.image_read(str(fixed_path)), ants.image_read(str(moving_path)), out_dir
+
+
 def register(moving_path, fixed_path, out_affine, out_warp, out_inverse_warp, out_warped,
              transform="SyN", syn_iterations=(40, 20, 0), affine_iterations=(200, 100, 50, 0),
              seed=0):
@@ -77,15 +91,8 @@ def register(moving_path, fixed_path, out_affine, out_warp, out_inverse_warp, ou
     fields so downstream rules see the same file set whatever the transform.
     """
     ants = _ants()
-    fixed = ants.image_read(str(fixed_path))
-    moving = ants.image_read(str(moving_path))
     n_aff = len(affine_iterations)
-    if not 1 <= n_aff <= 4:
-        raise ValueError("affine_iterations must have 1 to 4 levels")
-    out_dir = Path(out_affine).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f"{_REG_TMP_PREFIX}*"):  # left by a killed registration of this subject
-        shutil.rmtree(stale, ignore_errors=True)
+    fixed, moving, out_dir = _registration_inputs(fixed_path, moving_path, n_aff, "affine_iterations", out_affine)
     with tempfile.TemporaryDirectory(prefix=_REG_TMP_PREFIX, dir=out_dir) as tmp:
         reg = ants.registration(
             fixed=fixed,
@@ -174,13 +181,9 @@ def coregister(moving_path, fixed_path, out_transform, iterations=(200, 100, 50)
     (header geometry alone) and after registration.
     """
     ants = _ants()
-    fixed = ants.image_read(str(fixed_path))
-    moving = ants.image_read(str(moving_path))
     n = len(iterations)
-    if not 1 <= n <= 4:
-        raise ValueError("coregistration iterations must have 1 to 4 levels")
-    out_dir = Path(out_transform).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fixed, moving, out_dir = _registration_inputs(fixed_path, moving_path, n, "coregistration iterations",
+                                                  out_transform)
     before = coregistration_qc(fixed, ants.resample_image_to_target(moving, fixed, interp_type="linear"))
     with tempfile.TemporaryDirectory(prefix=_REG_TMP_PREFIX, dir=out_dir) as tmp:
         reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="Rigid", aff_metric="mattes",

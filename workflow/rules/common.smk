@@ -1,6 +1,7 @@
 # Shared helpers: subject table, paths, input functions. Parsed on every
 # Snakemake start, so it only reads the sample sheet (never image data).
 
+import os
 import sys
 from pathlib import Path
 
@@ -476,3 +477,32 @@ def task_pools():
         }
         for t in SEG_TASKS
     }
+
+
+def check_task_pools_at_parse_time():
+    """The design against the label maps as the last input check found them (rule
+    check_task_pools checks the first run, this every later one, before anything is planned)."""
+    checked = Path(f"{R}/preprocessing/validation/input_check.tsv")
+    if not SEG_TASKS or not checked.exists():
+        return
+    when = checked.stat().st_mtime
+    labels = [files["label"] for files in RAW_INPUTS.values() if "label" in files]
+    if any(not os.path.exists(f) or os.path.getmtime(f) > when for f in labels):
+        return  # label maps changed since: validate_inputs reruns and the rule checks them
+    import pandas as pd
+
+    table = pd.read_csv(checked, sep="\t", dtype=str, keep_default_na=False)
+    if "label_classes" not in table:
+        return  # written before label contents were recorded: the rule checks after revalidation
+    tissues = config["labels"]["tissues"]
+    classes = {
+        s: seg_design.subject_classes(c, t == "atropos", tissues)
+        for s, c, t in zip(table["subject"], table["label_classes"], table["tissue_from"])
+    }
+    try:
+        seg_design.check_task_pools(task_pools(), classes)
+    except InputError as exc:
+        raise WorkflowError(f"Invalid input: {exc}") from None
+
+
+check_task_pools_at_parse_time()

@@ -59,7 +59,11 @@ rule check_task_pools:
     output:
         f"{PP}/validation/task_pools.tsv",
     params:
-        pools=task_pools() if SEG_TASKS else {},
+        # a function of input: Snakemake's params trigger ignores it, so a design change does not
+        # rerun this job, which would hide the params changes of every job downstream of it (they
+        # are then left for the next run); design changes are checked at parse time instead
+        # (check_task_pools_at_parse_time in common.smk), against this job's last input check
+        pools=lambda wc, input: task_pools() if SEG_TASKS else {},
         tissues=config["labels"]["tissues"],
     conda:
         "../../envs/preprocessing.yaml"
