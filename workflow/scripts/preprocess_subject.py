@@ -1,4 +1,4 @@
-"""Rule preprocess_subject: N4, registration, skull stripping, working grid and QC of one subject."""
+"""Rule preprocess_subject: N4, co-registration, registration, skull stripping, working grid and QC of one subject."""
 
 from brainsynth import preprocess as pp
 from brainsynth.io import run_main
@@ -12,8 +12,8 @@ def main(sm):
         template={"t1": sm.input.template, "brain_mask": sm.input.template_mask,
                   "labels": sm.input.template_labels},
         cfg=sm.params.preprocessing, schema=LabelSchema.from_config({"labels": sm.params.labels}),
-        label=sm.input.get("label"), truth_mask=sm.input.get("truth"), label_map=sm.params.label_map,
-        seed=sm.params.seed,
+        label=sm.input.get("label"), truth_mask=sm.input.get("truth"), seed=sm.params.seed,
+        **sm.params.subject,  # label_map, label_space, pre_stripped
     )
 
 
