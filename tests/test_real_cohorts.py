@@ -362,3 +362,24 @@ def test_lesion_only_label_map_gets_its_tissue_from_atropos(tmp_path, three_ways
     assert pp.dice(lab == wmh, ref == wmh) > 0.5  # the lesions kept where they were drawn
     rec = json.loads(pp.subject_file(tmp_path / "brats_like", "lesions").read_text())
     assert rec["has_label"] is True and rec["n_wmh"] > 0
+
+
+def test_coregistration_mode_always_registers_modalities_on_the_t1_grid(tmp_path, three_ways):
+    out, _ = three_ways
+    root = out["raw"].parent.parent
+    images = {m: root / "raw" / f"{m}.nii.gz" for m in ("t1", "t2", "flair")}
+
+    def f(kind, m=None):
+        return pp.subject_file(tmp_path, kind, m)
+
+    for m in images:  # the N4 images the step reads
+        f("n4", m).parent.mkdir(parents=True, exist_ok=True)
+        f("n4", m).write_bytes(pp.subject_file(out["raw"], "n4", m).read_bytes())
+    used = pp._coregister_modalities("demo001", images, f, {"mode": "auto"}, CONFIG["seed"])
+    assert used == {}
+    used = pp._coregister_modalities("demo001", images, f, {"mode": "always", "iterations": [200, 100, 50]},
+                                     CONFIG["seed"])
+    assert sorted(used) == ["flair", "t2"]
+    rec = json.loads(f("coregistration_qc").read_text())
+    assert all(rec["modalities"][m]["coregistered"] for m in ("t2", "flair"))
+    assert rec["coregistration_mask_dice"] >= 0.95, rec  # already aligned: registration keeps it so

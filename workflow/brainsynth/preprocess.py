@@ -160,14 +160,20 @@ def _write_identity(path):
         ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3), str(tmp))
 
 
+def head_mask(data, fraction=0.1):
+    """Head outline of one image: voxels above ``fraction`` of its 99th percentile, largest
+    component, holes filled. The outline (scalp) shows in every contrast, where ANTs'
+    mean-threshold ``get_mask`` follows contrast (a perfectly aligned T2 scored 0.94 against
+    its T1 with it, 0.985 with this one; a FLAIR moved by 5 mm and 5 degrees 0.93)."""
+    data = np.asarray(data, dtype=np.float32)
+    return refine_mask(data > fraction * np.percentile(data, 99), closing_voxels=0)
+
+
 def coregistration_qc(fixed, moving):
-    """Agreement of a modality with the T1 on the T1 grid: Dice of ANTs' head masks and
-    ANTs' Mattes mutual information (more negative is better). Head masks rather than brain
-    masks because both images still hold the skull at this point."""
+    """Agreement of a modality with the T1 on the T1 grid: Dice of their head masks
+    (:func:`head_mask`) and ANTs' Mattes mutual information (more negative is better)."""
     ants = _ants()
-    a = ants.get_mask(fixed).numpy() > 0
-    b = ants.get_mask(moving).numpy() > 0
-    return {"mask_dice": round(dice(a, b), 4),
+    return {"mask_dice": round(dice(head_mask(fixed.numpy()), head_mask(moving.numpy())), 4),
             "mutual_information": round(float(ants.image_mutual_information(fixed, moving)), 4)}
 
 
