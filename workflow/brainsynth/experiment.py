@@ -303,6 +303,18 @@ def subject_classes(label_classes, tissue_from_atropos, tissues):
     return names - {"background"}
 
 
+def classes_from_input_check(path, tissues):
+    """subject -> :func:`subject_classes`, from the input check's summary table
+    (``validate_inputs``); None for a table written before it recorded label contents."""
+    import pandas as pd
+
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    if "label_classes" not in table:
+        return None
+    return {s: subject_classes(c, t == "atropos", tissues)
+            for s, c, t in zip(table["subject"], table["label_classes"], table["tissue_from"])}
+
+
 def check_task_pools(pools, subject_classes_):
     """Stop a design whose arms cannot see any foreground of their task, before any work.
 

@@ -148,10 +148,14 @@ def inverse_transforms(affine, inverse_warp):
     return [str(affine), str(inverse_warp)], [True, False]
 
 
-def same_grid(a_path, b_path, atol_mm=1e-3):
-    """True when two images share shape and affine (header only): nothing to co-register."""
+def same_grid(a_path, b_path):
+    """True when two images share shape and affine (header only, within the input check's
+    tolerance, :data:`brainsynth.validate.AFFINE_ATOL_MM`): nothing to co-register."""
+    from .validate import AFFINE_ATOL_MM
+
     a, b = nib.load(str(a_path)), nib.load(str(b_path))
-    return tuple(a.shape[:3]) == tuple(b.shape[:3]) and bool(np.allclose(a.affine, b.affine, atol=atol_mm))
+    return (tuple(a.shape[:3]) == tuple(b.shape[:3])
+            and float(np.max(np.abs(a.affine - b.affine))) <= AFFINE_ATOL_MM)
 
 
 def _write_identity(path):

@@ -489,16 +489,9 @@ def check_task_pools_at_parse_time():
     labels = [files["label"] for files in RAW_INPUTS.values() if "label" in files]
     if any(not os.path.exists(f) or os.path.getmtime(f) > when for f in labels):
         return  # label maps changed since: validate_inputs reruns and the rule checks them
-    import pandas as pd
-
-    table = pd.read_csv(checked, sep="\t", dtype=str, keep_default_na=False)
-    if "label_classes" not in table:
+    classes = seg_design.classes_from_input_check(checked, config["labels"]["tissues"])
+    if classes is None:
         return  # written before label contents were recorded: the rule checks after revalidation
-    tissues = config["labels"]["tissues"]
-    classes = {
-        s: seg_design.subject_classes(c, t == "atropos", tissues)
-        for s, c, t in zip(table["subject"], table["label_classes"], table["tissue_from"])
-    }
     try:
         seg_design.check_task_pools(task_pools(), classes)
     except InputError as exc:
