@@ -45,7 +45,7 @@ def test_plan_config_counts_and_determinism():
     b = demo.plan_cohort(copy.deepcopy(cfg), CONFIG["seed"])
     assert list(a.columns) == ["subject", "site", "role", "split", "phenotype"]
     assert a.equals(b)
-    assert len(a) == 24 == sum(s["n"] for s in cfg["sites"].values())
+    assert len(a) == 46 == sum(s["n"] for s in cfg["sites"].values())
     assert a["subject"].is_unique and a["subject"].str.fullmatch(r"demo\d{3}").all()
     assert set(a["phenotype"]) <= set(demo.PHENOTYPES)
     for site, s in cfg["sites"].items():

@@ -27,7 +27,8 @@ def test_dry_run_plans_every_generator_rule(tmp_path):
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
     for rule in ("train_label_vae", "train_label_ldm", "train_image_generator", "sample_synthetic",
-                 "synthesis_quality", "restyle_synthetic"):  # the default config's far-OOD style set
+                 "synthesis_quality", "restyle_synthetic",  # the default config's far-OOD style set
+                 "label_generator_fidelity", "synthetic_sample_qc"):
         assert jobs.get(rule) == 1, (rule, jobs)
 
 
@@ -76,6 +77,20 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert len(quality) > 0
     memo = pd.read_csv(syn / "quality" / "memorisation.tsv", sep="\t")
     assert len(memo) == n
+    intensities = pd.read_csv(syn / "quality" / "class_intensities.tsv", sep="\t")
+    assert set(intensities["modality"]) == {"t1", "t2", "flair"}
+    # the fidelity audit: reconstruction of training and held-out maps, adherence per mode
+    fidelity = pd.read_csv(syn / "quality" / "label_fidelity.tsv", sep="\t")
+    assert {"reconstruction", "adherence", "tissue", "diversity", "memorisation"} <= set(fidelity["group"])
+    assert "healthy_any_lesion" in set(fidelity["measure"])
+    recon = pd.read_csv(syn / "quality" / "label_reconstruction.tsv", sep="\t")
+    assert {"train", "held_out"} == set(recon["split"])
+    samples = pd.read_csv(syn / "quality" / "label_adherence_samples.tsv", sep="\t")
+    per_mode = samples["mode"].value_counts()
+    assert {"healthy", "unseen"} <= set(per_mode.index)  # + <type>_only per type in training
+    assert (per_mode == 3).all()
+    sample_qc = pd.read_csv(syn / "quality" / "sample_qc.tsv", sep="\t")
+    assert list(sample_qc["sample"]) == list(manifest["subject"]) and sample_qc["flagged"].dtype == bool
 
     # the default config's far-OOD style set: the same labels, imaged with the far-OOD site's styles
     far = syn / "style_sets" / "far-ood"
@@ -89,3 +104,33 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
 
     code, out = run_snakemake(tmp_path, "-n", config=TINY_GEN)
     assert code == 0 and "Nothing to be done" in out, out[-2000:]
+
+
+def test_drop_flagged_samples_feeds_the_sample_qc_to_synthetic_arms_only(tmp_path):
+    import copy
+
+    import re
+
+    cfg = copy.deepcopy(TINY_GEN)
+    cfg["segmentation"] = {"tasks": ["tumour"], "arms": ["R", "S"], "task_definitions": {"tumour": {}}}
+    cfg["synthesis"]["qc"] = {"drop_flagged": True}
+    code, out = run_snakemake(tmp_path, "-n", "--printshellcmds", config=cfg)
+    assert code == 0, out[-3000:]
+    blocks = {re.search(r"wildcards: (.*)", b).group(1): b
+              for b in re.split(r"\n(?=rule |localrule )", out) if b.startswith("rule assemble_nnunet_dataset")}
+    assert set(blocks) == {"task=tumour, arm=R", "task=tumour, arm=S"}
+    assert "synthesis/quality/sample_qc.tsv" in blocks["task=tumour, arm=S"]
+    assert "sample_qc.tsv" not in blocks["task=tumour, arm=R"]
+
+
+def test_drop_flagged_samples_unit(tmp_path):
+    from brainsynth.errors import InputError
+    from brainsynth.experiment import drop_flagged_samples
+
+    qc = tmp_path / "sample_qc.tsv"
+    pd.DataFrame({"sample": ["synth0001", "synth0002"], "flagged": [True, False]}).to_csv(qc, sep="\t", index=False)
+    cases = {"demo001": {"source": "real"}, "synth0001": {"source": "synthetic"}, "synth0002": {"source": "synthetic"}}
+    kept, dropped = drop_flagged_samples(cases, qc)
+    assert dropped == ["synth0001"] and set(kept) == {"demo001", "synth0002"}
+    with pytest.raises(InputError, match="drop_flagged"):
+        drop_flagged_samples({"synth0001": {"source": "synthetic"}}, qc)

@@ -121,8 +121,8 @@ def test_label_vae_outputs_and_loss_decreases(models):
         assert vae[key].exists(), key
     hist = pd.read_csv(vae["losses_tsv"], sep="\t")
     assert list(hist["step"]) == list(range(1, 21))
-    assert {"focal", "kl", "gen_adv", "disc"} <= set(hist.columns)
-    assert hist["focal"].iloc[-5:].mean() < 0.6 * hist["focal"].iloc[:3].mean()
+    assert {"reconstruction", "kl", "gen_adv", "disc"} <= set(hist.columns)
+    assert hist["reconstruction"].iloc[-5:].mean() < 0.6 * hist["reconstruction"].iloc[:3].mean()
     assert (hist["disc"].iloc[14:] > 0).all() and (hist["disc"].iloc[:14] == 0).all()  # GAN after warm-up
 
 
@@ -549,3 +549,57 @@ def test_checkpoint_bytes_do_not_depend_on_the_temporary_file_name(tmp_path):
     a, b = torch_save(state, tmp_path / "a.pt"), torch_save(state, tmp_path / "run2" / "a.pt")
     assert a.read_bytes() == b.read_bytes()
     assert torch.equal(torch_load(a)["weights"], state["weights"])
+
+
+def test_condition_context_null_differs_from_healthy():
+    ctx = LG.condition_context(np.array([[0.0, 0.0], [0.3, 0.1]], np.float32), keep=[1.0, 0.0])
+    assert ctx.shape == (2, 1, 3)
+    np.testing.assert_array_equal(ctx[0, 0].numpy(), [0.0, 0.0, 1.0])   # healthy: flag on
+    np.testing.assert_array_equal(ctx[1, 0].numpy(), [0.0, 0.0, 0.0])   # null context
+
+
+def test_classifier_free_guidance_trains_and_samples(models, cohort, tmp_path):
+    cfg = _cfg(LABEL_CFG, ldm={"condition_dropout": 0.5, "steps": 4})
+    ldm = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"], cfg, tmp_path)
+    cond = np.array([[0.0, 1.0], [0.0, 0.0]], np.float32)
+    plain = LG.sample_labels(models["vae"]["model"], ldm["model"], cond, "ddim", 3, seed=2)
+    guided = LG.sample_labels(models["vae"]["model"], ldm["model"], cond, "ddim", 3, seed=2,
+                              sampling={"guidance_scale": 3.0})
+    assert guided.shape == plain.shape and np.allclose(guided.sum(1), 1.0, atol=1e-4)
+    assert not np.allclose(guided, plain)
+    np.testing.assert_array_equal(guided, LG.sample_labels(models["vae"]["model"], ldm["model"], cond, "ddim", 3,
+                                                           seed=2, sampling={"guidance_scale": 3.0}))
+    no_dropout = _cfg(LABEL_CFG, ldm={"condition_dropout": 0.0, "steps": 2})
+    ldm0 = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"], no_dropout,
+                              tmp_path / "no_dropout")
+    with pytest.raises(InputError, match="condition_dropout"):
+        LG.sample_labels(models["vae"]["model"], ldm0["model"], cond, "ddim", 3, sampling={"guidance_scale": 2.0})
+
+
+def test_vae_dice_ce_reconstruction_loss(cohort, tmp_path):
+    out = LG.train_label_vae(cohort["label_paths"], _cfg(LABEL_CFG, vae={"reconstruction_loss": "dice_ce",
+                                                                          "steps": 6}), tmp_path)
+    losses = pd.read_csv(out["losses_tsv"], sep="\t")
+    assert np.isfinite(losses["reconstruction"]).all()
+    with pytest.raises(InputError, match="reconstruction_loss"):
+        LG.train_label_vae(cohort["label_paths"], _cfg(LABEL_CFG, vae={"reconstruction_loss": "l1"}), tmp_path / "x")
+
+
+def test_condition_channels_path_trains_and_samples(models, cohort, tmp_path):
+    cfg = _cfg(LABEL_CFG, ldm={"condition_channels": True, "steps": 3})
+    ldm = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"], cfg, tmp_path)
+    payload = torch.load(ldm["model"], map_location="cpu", weights_only=False)
+    assert payload["unet_kwargs"]["in_channels"] == payload["unet_kwargs"]["out_channels"] + 3  # 2 dc + flag
+    out = LG.sample_labels(models["vae"]["model"], ldm["model"], np.array([[0.0, 1.0]], np.float32), "ddim", 3,
+                           sampling={"guidance_scale": 2.0})
+    assert out.shape == (1, K) + SHAPE and np.allclose(out.sum(1), 1.0, atol=1e-4)
+
+
+def test_latent_lesion_mask_covers_lesions_only():
+    schema = LG.LabelSchema()
+    data = torch.zeros(2, K, 8, 8, 8)
+    data[:, 0] = 1
+    data[0, 0, 1, 1, 1], data[0, schema.value("oedema"), 1, 1, 1] = 0, 1   # one lesion voxel in map 0
+    mask = LG.latent_lesion_mask(data, schema, (4, 4, 4))
+    assert mask.shape == (2, 1, 4, 4, 4)
+    assert mask[0, 0, 0, 0, 0] == 1 and mask.sum() == 1   # the latent voxel over it, nothing else

@@ -150,5 +150,6 @@ TINY_GEN = {
         "sampling": {"scheduler": "ddim", "inference_steps": 5},
     },
     "image_generator": {"checkpoint_every": 10, "steps": 20, "batch_size": 2},
-    "synthesis": {"enabled": True, "n_samples": 3, "conditioning": "unseen", "seed": 3},
+    "synthesis": {"enabled": True, "n_samples": 3, "conditioning": "unseen", "seed": 3,
+                  "quality": {"samples_per_mode": 3}},
 }

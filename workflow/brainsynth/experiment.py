@@ -147,6 +147,25 @@ def style_set_subjects(rows, style_sets):
     return found
 
 
+def drop_flagged_samples(cases, sample_qc_path):
+    """``cases`` (case id -> spec) without the synthetic ones flagged by the per-sample QC
+    table; returns ``(kept cases, sorted dropped ids)``. An arm left without cases is an error."""
+    import pandas as pd
+
+    qc = pd.read_csv(sample_qc_path, sep="\t", dtype={"sample": str})
+    if not {"sample", "flagged"} <= set(qc.columns):
+        raise InputError("the sample QC table has no 'sample' / 'flagged' column", file=sample_qc_path,
+                         fix="rerun the synthetic_sample_qc rule")
+    flagged = set(qc.loc[qc["flagged"].astype(str).str.lower() == "true", "sample"])
+    dropped = sorted(c for c, spec in cases.items() if spec["source"] == "synthetic" and c in flagged)
+    kept = {c: spec for c, spec in cases.items() if c not in dropped}
+    if not kept:
+        raise InputError(f"every training case of this arm is a flagged synthetic sample ({len(dropped)})",
+                         file=sample_qc_path, field="synthesis.qc.drop_flagged",
+                         fix="set synthesis.qc.drop_flagged: false, or improve the generators (see the sample QC table)")
+    return kept, dropped
+
+
 def dataset_id(task, arm, tasks, arms, base=100, stride=100):
     """nnU-Net dataset id ``base + stride * task_index + arm_index`` (positions in the run lists).
 

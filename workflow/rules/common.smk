@@ -193,6 +193,8 @@ def generator_targets():
         f"{R}/synthesis/manifest.tsv",
         f"{R}/synthesis/montage.png",
         f"{R}/synthesis/quality/quality_metrics.tsv",
+        f"{R}/synthesis/quality/label_fidelity.tsv",
+        f"{R}/synthesis/quality/sample_qc.tsv",
     ] + [
         f"{R}/synthesis/style_sets/{name}/{f}"
         for name in STYLE_SET_SUBJECTS
@@ -388,6 +390,21 @@ SYNCFG = config["synthesis"]
 def generator_training_subjects():
     """Training-split subjects with a label map: the generators learn from them."""
     return [s for s in passing_qc(subjects_with("train")) if has_column(s, "label")]
+
+
+def held_out_label_subjects():
+    """Test-split subjects with a label map: the generators never see them, so they are the
+    baseline of the fidelity audit (reconstruction, memorisation)."""
+    return [s for s in passing_qc(subjects_with("test")) if has_column(s, "label")]
+
+
+SAMPLE_QC = f"{SYN}/quality/sample_qc.tsv"
+
+
+def drops_flagged_samples(arm):
+    """synthesis.qc.drop_flagged and the arm trains on synthetic cases."""
+    qc = SYNCFG.get("qc") or {}
+    return bool(qc.get("drop_flagged")) and bool(SEG_DESIGN["cases"][arm]["synthetic"])
 
 
 def synthetic_ids():

@@ -18,7 +18,7 @@ IMAGE_GENERATOR = f"{GEN}/image_generator/image_generator.pt"
 
 
 rule train_label_vae:
-    """KL autoencoder over the probabilistic label maps (focal + LSGAN + KL [+ perceptual])."""
+    """KL autoencoder over the probabilistic label maps (dice_ce or focal [+ LSGAN] + KL [+ perceptual])."""
     input:
         splits=split_tables(generator_training_subjects()),
     output:
@@ -109,7 +109,7 @@ rule sample_synthetic:
     output:
         samples=synthetic_files(),
         manifest=f"{SYN}/manifest.tsv",
-        montage=report(f"{SYN}/montage.png", category="Generators", caption="../report/synthetic_montage.rst"),
+        montage=report(f"{SYN}/montage.png", category="Synthesis", caption="../report/synthetic_montage.rst"),
     params:
         # what sampling uses (not style_roles, given through styles; not style_sets, whose
         # restyling is its own rule): adding a style set reruns no sampling
@@ -172,12 +172,22 @@ rule restyle_synthetic:
 
 
 rule synthesis_quality:
-    """MS-SSIM diversity, MMD, memorisation (nearest real subject) and class volume fractions."""
+    """MS-SSIM diversity, MMD, memorisation (nearest real subject), class volume fractions and
+    per-class intensities with their contrast ordering, synthetic vs real."""
     input:
         splits=split_tables(generator_training_subjects()),
         samples=synthetic_files(),
     output:
-        metrics=report(f"{SYN}/quality/quality_metrics.tsv", category="Generators"),
+        metrics=report(
+            f"{SYN}/quality/quality_metrics.tsv",
+            category="Synthesis",
+            caption="../report/quality_metrics.rst",
+        ),
+        intensities=report(
+            f"{SYN}/quality/class_intensities.tsv",
+            category="Synthesis",
+            caption="../report/class_intensities.rst",
+        ),
         memorisation=f"{SYN}/quality/memorisation.tsv",
         fractions=f"{SYN}/quality/volume_fractions.tsv",
         summary=f"{SYN}/quality/volume_fractions_summary.tsv",
@@ -200,3 +210,73 @@ rule synthesis_quality:
         runtime=60,
     script:
         "../scripts/synthesis_quality.py"
+
+
+rule label_generator_fidelity:
+    """The label generator judged alone: VAE reconstruction of training and held-out maps, then
+    LDM samples per conditioning mode (adherence, tissue fractions, diversity, memorisation)."""
+    input:
+        vae=LABEL_VAE,
+        ldm=LABEL_LDM,
+        splits=split_tables(generator_training_subjects() + held_out_label_subjects()),
+    output:
+        reconstruction=f"{SYN}/quality/label_reconstruction.tsv",
+        gate=report(
+            f"{SYN}/quality/label_reconstruction_gate.tsv",
+            category="Synthesis",
+            caption="../report/label_reconstruction_gate.rst",
+        ),
+        adherence=f"{SYN}/quality/label_adherence.tsv",
+        samples=f"{SYN}/quality/label_adherence_samples.tsv",
+        fidelity=report(
+            f"{SYN}/quality/label_fidelity.tsv", category="Synthesis", caption="../report/label_fidelity.rst"
+        ),
+        figure=report(
+            f"{SYN}/quality/label_adherence.png",
+            category="Synthesis",
+            caption="../report/label_adherence.rst",
+        ),
+    params:
+        training=lambda wc: {s: grid_file(s, "tissue_prob") for s in generator_training_subjects()},
+        held_out=lambda wc: {s: grid_file(s, "tissue_prob") for s in held_out_label_subjects()},
+        preprocessed=tissue_maps(generator_training_subjects() + held_out_label_subjects()),
+        quality=canonical(SYNCFG.get("quality") or {}),
+        sampling=canonical(LGCFG.get("sampling", {})),
+        labels=config["labels"],
+        voxel_mm=config["grid"]["voxel_mm"],
+    conda:
+        "../../envs/generators.yaml"
+    log:
+        f"{LOGS}/synthesis/label_generator_fidelity.log",
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=60,
+    script:
+        "../scripts/label_generator_fidelity.py"
+
+
+rule synthetic_sample_qc:
+    """Flags synthetic samples that miss their conditioning, leave the training tissue ranges or
+    sit closer to a training map than any held-out subject (synthesis.qc.drop_flagged)."""
+    input:
+        manifest=f"{SYN}/manifest.tsv",
+        labels=[f"{SYN}/samples/{sid}/label.nii.gz" for sid in synthetic_ids()],
+        splits=split_tables(generator_training_subjects() + held_out_label_subjects()),
+    output:
+        qc=report(f"{SYN}/quality/sample_qc.tsv", category="Synthesis", caption="../report/sample_qc.rst"),
+    params:
+        training=lambda wc: {s: grid_file(s, "tissue_prob") for s in generator_training_subjects()},
+        held_out=lambda wc: {s: grid_file(s, "tissue_prob") for s in held_out_label_subjects()},
+        preprocessed=tissue_maps(generator_training_subjects() + held_out_label_subjects()),
+        labels=config["labels"],
+    conda:
+        "../../envs/generators.yaml"
+    log:
+        f"{LOGS}/synthesis/synthetic_sample_qc.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/synthetic_sample_qc.py"

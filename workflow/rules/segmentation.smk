@@ -49,6 +49,7 @@ rule assemble_nnunet_dataset:
             if spec["source"] == "synthetic"
             for f in [spec["label"], *spec["images"].values()]
         ],
+        sample_qc=lambda wc: [SAMPLE_QC] if drops_flagged_samples(wc.arm) else [],
     output:
         dataset=ARM_DATASET,
         labels=directory(f"{SEG}/{{task}}/{{arm}}/labels"),
@@ -66,6 +67,8 @@ rule assemble_nnunet_dataset:
         classes=lambda wc: SEG_DESIGN["groups"][wc.task],
         n_schema_classes=SCHEMA.n_classes,
         modalities=MODALITIES,
+        # only arms with synthetic cases see the switch: turning it on reruns none of the R arms
+        drop_flagged=lambda wc: drops_flagged_samples(wc.arm),
     conda:
         "../../envs/segmentation.yaml"
     log:

@@ -23,7 +23,12 @@ def main(sm):
         shutil.rmtree(d, ignore_errors=True)
     labels_dir.mkdir(parents=True)
     cases, records = [], []
-    for cid, spec in sm.params.cases.items():
+    specs = dict(sm.params.cases)
+    if sm.params.drop_flagged:
+        specs, dropped = design.drop_flagged_samples(specs, sm.input.sample_qc[0])
+        log.info("%s/%s: synthesis.qc.drop_flagged left out %d flagged synthetic samples: %s",
+                 sm.wildcards.task, sm.wildcards.arm, len(dropped), ", ".join(dropped) or "none")
+    for cid, spec in specs.items():
         dst = labels_dir / f"{cid}.nii.gz"
         design.remap_label_file(spec["label"], dst, lut)
         counts = np.bincount(np.asarray(nib.load(dst).dataobj).ravel(), minlength=len(labels))

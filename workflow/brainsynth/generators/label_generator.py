@@ -5,7 +5,7 @@ Public API
 ``train_label_vae(label_paths, cfg, out_dir, ...) -> dict of output paths``
     monai ``AutoencoderKL`` over the ``K``-channel probabilistic maps (3-D, or
     axial 2-D slices with ``spatial_dims: 2``). The decoder output is a logit per
-    class; ``softmax`` over channels gives the probabilistic map. Loss: focal
+    class; ``softmax`` over channels gives the probabilistic map. Loss: focal (or dice_ce)
     reconstruction on the softmax output (monai ``FocalLoss(use_softmax=True)``,
     soft targets) + ``kl_weight`` * KL + after ``adv_warmup_steps`` a
     least-squares adversarial loss from a monai ``PatchDiscriminator``
@@ -17,8 +17,10 @@ Public API
     tutorials, ``ldm.latent_norm: global``), padded so
     each spatial size is divisible by ``2**(len(ldm.channels)-1)``; monai
     ``DiffusionModelUNet(with_conditioning=True, cross_attention_dim=n_types)``
-    conditioned (cross-attention) on the vector ``dc_jl`` of the lesion types as a
-    sequence of length 1 ``(B, 1, n_types)``; L2 loss on epsilon (the study), v or x0
+    conditioned (cross-attention) on the vector ``dc_jl`` of the lesion types plus a flag
+    "conditioned" as a sequence of length 1 ``(B, 1, n_types + 1)``; the flag and ``dc`` are
+    zeroed for ``ldm.condition_dropout`` of the training samples (the null context of
+    classifier-free guidance: ``dc = 0`` alone means "healthy", not "unconditioned"); L2 loss on epsilon (the study), v or x0
     (``ldm.prediction_type``),
     ``DDPMScheduler`` training.
 ``sample_labels(vae_path, ldm_path, conditioning, scheduler="ddim", steps=None, seed=0, ...)``
@@ -59,6 +61,7 @@ vae.patch_size                  null (whole maps) or random crops of this size (
                                 convolutional: latents of whole maps are encoded after training)
 vae.steps / vae.batch_size      optimisation steps / volumes (or slices) per step
 vae.lr / vae.disc_lr            Adam learning rates of autoencoder / discriminator
+vae.reconstruction_loss         focal (the study) | dice_ce (soft-target cross-entropy + soft Dice)
 vae.focal_gamma                 focal loss gamma
 vae.class_weighting             focal-loss class weights: inverse_sqrt_frequency (rare classes such as
                                 lesions count more) or none
@@ -87,6 +90,11 @@ ldm.latents                     mean: the VAE posterior means (robust when the V
 ldm.latent_norm                 global: latents x 1/std (MONAI tutorials) | channel: per-channel
                                 (z - mean_c) / std_c (removes the offsets an eps-predicting model
                                 must otherwise reproduce to 1/sqrt(alpha_bar) precision at high t)
+ldm.lesion_weight               L2 loss weight 1 + this on latent voxels over a lesion (0: plain L2)
+ldm.condition_channels          also append the context as constant input channels of the UNet (a direct
+                                path for the conditioning besides cross-attention)
+ldm.condition_dropout           share of training steps' samples whose conditioning is replaced by the
+                                null context (classifier-free guidance; 0: conditioned always)
 ldm.steps / ldm.batch_size / ldm.lr    optimisation steps / latents per step / Adam lr
 sampling.scheduler              ddpm (all T steps) | ddim
 sampling.inference_steps        DDIM steps (ignored by ddpm)
@@ -96,6 +104,8 @@ sampling.clip_x0                clip the predicted x0 at every step to the range
                                 training latents (+ clip_margin x range): keeps briefly trained
                                 models from diverging at high noise levels
 sampling.clip_margin            margin of that range, as a fraction of it
+sampling.guidance_scale         classifier-free guidance w: prediction = uncond + w (cond - uncond);
+                                1: conditioned model alone (no extra pass), > 1 follows dc harder
 ==============================  ===========================================================
 """
 
@@ -123,23 +133,26 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
     "num_threads": None,
     "checkpoint_every": 50,
     "log_every": 10,
+    # 8 latent channels at 1/2 resolution (24x28x24x8, 8 mm latent voxels as the study's 1/4 of
+    # 2 mm): at 1/4 of the 4 mm grid (12x14x12x3) held-out CSF reconstructed at Dice 0.34
     "vae": {
-        "channels": [8, 16, 16],
+        "channels": [16, 32],
         "num_res_blocks": 1,
-        "attention_levels": [False, False, False],
+        "attention_levels": [False, False],
         "with_nonlocal_attn": False,
-        "latent_channels": 3,
-        "norm_num_groups": 4,
+        "latent_channels": 8,
+        "norm_num_groups": 8,
         "patch_size": [32, 32, 32],
         "steps": 200,
         "batch_size": 2,
         "lr": 1e-3,
         "disc_lr": 1e-3,
+        "reconstruction_loss": "dice_ce",
         "focal_gamma": 2.0,
         "class_weighting": "none",
         "rare_class_oversample": 0.5,
         "kl_weight": 1e-6,
-        "adv_weight": 0.01,
+        "adv_weight": 0.0,  # a label GAN gave no gain within the demo's budget (README)
         "adv_warmup_steps": 100,
         "disc_channels": 8,
         "disc_layers": 2,
@@ -160,6 +173,9 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "beta_end": 0.0205,
         "latents": "mean",
         "latent_norm": "channel",
+        "condition_dropout": 0.15,
+        "condition_channels": False,
+        "lesion_weight": 0.0,
         "steps": 500,
         "batch_size": 4,
         "lr": 5e-4,
@@ -171,17 +187,20 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "batch_size": 4,
         "clip_x0": True,
         "clip_margin": 0.05,
+        "guidance_scale": 1.0,
     },
 }
 
-# Paper scale (96x128x96 at 2 mm, one GPU): overrides of DEFAULTS. Architecture after the
-# MONAI 3-D brain LDM tutorials the study builds on (latent 24x32x24x3); step counts are
-# budgets, not values taken from the paper.
+# Paper scale (96x128x96 at 2 mm, one GPU): overrides of DEFAULTS. The autoencoder is the
+# study's (brainSPADE3D label_ldm/ldm_configs/autoencoder3d.yaml: channels 16/32/64, 2 residual
+# blocks, 8 latent channels at 1/4 resolution = 24x32x24x8, focal + adversarial 0.01 +
+# perceptual); step counts are budgets, not values taken from the paper.
 PAPER = {
-    "vae": {"channels": [32, 64, 64], "num_res_blocks": 2, "norm_num_groups": 32, "latent_channels": 3,
-            "patch_size": [64, 64, 64], "steps": 50000, "batch_size": 2, "lr": 1e-4, "disc_lr": 1e-4,
-            "adv_warmup_steps": 5000,
-            "disc_channels": 32, "disc_layers": 3, "perceptual_weight": 0.001},
+    "vae": {"channels": [16, 32, 64], "num_res_blocks": 2, "norm_num_groups": 16, "latent_channels": 8,
+            "patch_size": [64, 64, 64], "steps": 50000, "batch_size": 2, "lr": 2e-4, "disc_lr": 1e-4,
+            "reconstruction_loss": "focal", "adv_weight": 0.01, "adv_warmup_steps": 5000,
+            "attention_levels": [False, False, False],
+            "disc_channels": 16, "disc_layers": 3, "perceptual_weight": 0.001},
     "ldm": {"channels": [64, 128, 256], "num_res_blocks": 2, "attention_levels": [False, True, True],
             "num_head_channels": [0, 64, 64], "norm_num_groups": 32, "latents": "sample", "steps": 100000,
             "prediction_type": "epsilon",
@@ -224,9 +243,10 @@ def _vae_kwargs(cfg, n_classes):
 
 def _unet_kwargs(cfg, latent_channels, n_types):
     m = cfg["ldm"]
+    extra = int(n_types) + 1 if m["condition_channels"] else 0
     return dict(
         spatial_dims=int(cfg["spatial_dims"]),
-        in_channels=latent_channels,
+        in_channels=latent_channels + extra,
         out_channels=latent_channels,
         channels=list(m["channels"]),
         num_res_blocks=int(m["num_res_blocks"]),
@@ -236,7 +256,7 @@ def _unet_kwargs(cfg, latent_channels, n_types):
         norm_num_groups=int(m["norm_num_groups"]),
         transformer_num_layers=int(m["transformer_num_layers"]),
         with_conditioning=True,
-        cross_attention_dim=int(n_types),
+        cross_attention_dim=int(n_types) + 1,
     )
 
 
@@ -443,6 +463,20 @@ def patch_origin(shape, patch, centres, fraction):
     return [int(torch.randint(0, s - p + 1, (1,))) for s, p in zip(shape, patch)]
 
 
+def reconstruction_loss(kind, gamma, weight):
+    """Loss of the decoded logits against the probabilistic map: ``focal`` (the study's) or
+    ``dice_ce`` (soft-target cross-entropy + soft Dice over the classes: sharper boundaries and
+    thin structures such as CSF within a short training budget)."""
+    from monai.losses import DiceCELoss, FocalLoss
+
+    if kind == "focal":
+        return FocalLoss(use_softmax=True, gamma=gamma, weight=weight)
+    if kind == "dice_ce":
+        return DiceCELoss(softmax=True, weight=weight, smooth_nr=1e-5, smooth_dr=1e-5)
+    raise InputError(f"unknown reconstruction_loss {kind!r}", field="label_generator.vae.reconstruction_loss",
+                     fix="use focal or dice_ce")
+
+
 def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callback=None):
     """Train the label autoencoder. Returns a dict of output paths (``model``, ``config``,
     ``losses_tsv``, ``losses_png``) or, when stopped by ``max_steps_this_run``, ``{"completed": False}``.
@@ -473,7 +507,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     log.info("label VAE: %d %s maps, %d classes, grid %s (padded %s), patch %s, device %s, amp %s",
              data.shape[0], f"{sd}-D", n_classes, shape, padded, patch, device, amp)
 
-    from monai.losses import FocalLoss, PatchAdversarialLoss
+    from monai.losses import PatchAdversarialLoss
     from monai.networks.nets import PatchDiscriminator
 
     vkw = _vae_kwargs(cfg, n_classes)
@@ -488,7 +522,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     log.info("class frequencies %s; focal weights %s; rare classes %s (patches centred on them: %.0f%%)",
              np.round(frequency.numpy(), 5).tolist(), None if weight is None else np.round(weight.numpy(), 2).tolist(),
              rare, 100 * float(v["rare_class_oversample"]) if centres else 0)
-    focal = FocalLoss(use_softmax=True, gamma=float(v["focal_gamma"]), weight=weight)
+    recon = reconstruction_loss(v["reconstruction_loss"], float(v["focal_gamma"]), weight)
     adv_loss = PatchAdversarialLoss(criterion="least_squares")
     perc = C.build_perceptual(sd, v["perceptual_weight"], v["perceptual_weights_path"], "label_generator.vae")
     if perc is not None:
@@ -513,7 +547,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
         opt_g.zero_grad(set_to_none=True)
         with C.autocast(device, amp):
             logits, z_mu, z_sigma = vae(x)
-            rec = focal(logits.float(), x)
+            rec = recon(logits.float(), x)
             kl = kl_loss(z_mu.float(), z_sigma.float())
             loss_g = rec + float(v["kl_weight"]) * kl
             prob = torch.softmax(logits.float(), dim=1)
@@ -539,7 +573,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
             sc_d.scale(loss_d).backward()
             sc_d.step(opt_d)
             sc_d.update()
-        return {"loss": loss_g.item(), "focal": rec.item(), "kl": kl.item(), "gen_adv": g_adv.item(),
+        return {"loss": loss_g.item(), "reconstruction": rec.item(), "kl": kl.item(), "gen_adv": g_adv.item(),
                 "disc": d_loss.item(), "perceptual": p_loss.item()}
 
     fp = C.config_hash(_fingerprint_cfg(cfg, "vae"), C.files_fingerprint(label_paths), "label_vae")
@@ -561,6 +595,34 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
 
 
 # --------------------------------------------------------------------------- LDM training
+
+
+def latent_lesion_mask(data, schema, latent_shape):
+    """``(N, 1, *latent)`` 1 where the latent voxel covers a lesion voxel of the map (max
+    pooling of the lesion probability > 0.5): where the LDM loss weighs more, so that lesions,
+    1-3% of a brain, are not lost under the anatomy in a short training."""
+    idx = [schema.value(c) for c in schema.lesion_classes if c in schema.classes]
+    les = (data[:, idx].float().sum(1, keepdim=True) > 0.5).float()
+    pooled = F.adaptive_max_pool3d(les, latent_shape) if les.ndim == 5 else F.adaptive_max_pool2d(les, latent_shape)
+    return pooled
+
+
+def with_condition_channels(x, ctx, on):
+    """``x`` with the context vector appended as constant channels (``on``), else ``x``: a
+    second, direct path for the conditioning besides cross-attention."""
+    if not on:
+        return x
+    c = ctx[:, 0].to(x.dtype).view(ctx.shape[0], -1, *([1] * (x.ndim - 2)))
+    return torch.cat([x, c.expand(-1, -1, *x.shape[2:])], dim=1)
+
+
+def condition_context(cond, keep=None):
+    """``(B, n_types)`` dc -> ``(B, 1, n_types + 1)`` context: dc and a "conditioned" flag,
+    both zero where ``keep`` is 0 (the null context of classifier-free guidance)."""
+    cond = torch.as_tensor(cond, dtype=torch.float32)
+    keep = torch.ones(cond.shape[0]) if keep is None else torch.as_tensor(keep, dtype=torch.float32)
+    ctx = torch.cat([cond, torch.ones(cond.shape[0], 1)], dim=1) * keep[:, None]
+    return ctx.unsqueeze(1)
 
 
 @torch.no_grad()
@@ -612,6 +674,12 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     cond_t = torch.from_numpy(np.asarray(cond, dtype=np.float32))
 
     mu, sigma = _encode_all(vae, data, device)
+    lesion_w = float(m["lesion_weight"])
+    weights = None
+    if lesion_w > 0:
+        weights = 1.0 + lesion_w * latent_lesion_mask(data, schema, mu.shape[2:])
+        log.info("label LDM: loss weight 1 + %g on latent voxels over lesions (%.2f%% of the latent voxels)",
+                 lesion_w, 100 * float((weights > 1).float().mean()))
     g = C.generator(int(cfg["seed"]) + 1)
     use_mean = m["latents"] == "mean"
     if m["latents"] not in ("mean", "sample"):
@@ -642,6 +710,11 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
              mu.shape[0], latent_shape, lpad, scale_factor, types, device)
 
     ukw = _unet_kwargs(cfg, mu.shape[1], len(types))
+    p_drop = float(m["condition_dropout"])
+    concat = bool(m["condition_channels"])
+    if not 0.0 <= p_drop < 1.0:
+        raise InputError(f"ldm.condition_dropout must be in [0, 1), got {p_drop}",
+                         field="label_generator.ldm.condition_dropout", fix="use e.g. 0.15, or 0 to disable")
     unet = build_unet(ukw).to(device)
     skw = _scheduler_kwargs(cfg)
     sched = build_scheduler("ddpm", skw)
@@ -661,14 +734,16 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
         z = mu[idx] if use_mean else mu[idx] + sigma[idx] * torch.randn(sigma[idx].shape)
         z = (z - shift_b) * scale_b
         z = C.pad_to(z, lpad).to(device)
-        ctx = cond_t[idx].unsqueeze(1).to(device)
+        keep = (torch.rand(bs) >= p_drop).float() if p_drop > 0 else torch.ones(bs)
+        ctx = condition_context(cond_t[idx], keep).to(device)
         noise = torch.randn(z.shape).to(device)
         t = torch.randint(0, T, (bs,)).long().to(device)
         opt.zero_grad(set_to_none=True)
         with C.autocast(device, amp):
             noisy = sched.add_noise(original_samples=z, noise=noise, timesteps=t)
-            pred = unet(x=noisy, timesteps=t, context=ctx)
-            loss = F.mse_loss(pred.float(), target(z, noise, t).float())
+            pred = unet(x=with_condition_channels(noisy, ctx, concat), timesteps=t, context=ctx)
+            se = (pred.float() - target(z, noise, t).float()) ** 2
+            loss = se.mean() if weights is None else (se * C.pad_to(weights[idx], lpad).to(device)).mean()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -779,6 +854,15 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     kind = scheduler or samp["scheduler"]
     bs = int(batch_size or samp["batch_size"])
     eta = float(samp.get("ddim_eta", 0.0) if eta is None else eta)
+    guidance = float(samp["guidance_scale"])
+    concat = bool(lpay["config"]["ldm"].get("condition_channels", False))
+    if int(lpay["unet_kwargs"]["cross_attention_dim"]) != len(lpay["lesion_types"]) + 1:
+        raise InputError("this LDM model file predates the null context of classifier-free guidance",
+                         file=ldm_path, fix="retrain it (rerun train_label_ldm)")
+    if guidance != 1.0 and not float(lpay["config"]["ldm"].get("condition_dropout", 0.0)) > 0:
+        raise InputError(f"guidance_scale {guidance} needs an LDM trained with ldm.condition_dropout > 0",
+                         field="label_generator.sampling.guidance_scale",
+                         fix="set guidance_scale: 1.0, or retrain the LDM with condition_dropout (e.g. 0.15)")
     cond = np.asarray(conditioning, dtype=np.float32)
     types = lpay["lesion_types"]
     if cond.ndim != 2 or cond.shape[1] != len(types):
@@ -797,7 +881,7 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     else:
         n_steps = int(steps or samp["inference_steps"])
     sched.set_timesteps(n_steps, device=dev)
-    lat_c = int(lpay["unet_kwargs"]["in_channels"])
+    lat_c = int(lpay["unet_kwargs"]["out_channels"])
     bshape = (1, lat_c) + (1,) * (len(lpay["latent_shape"]))
     lat_scale = torch.tensor(lpay.get("latent_scale", [lpay["scale_factor"]] * lat_c)).view(bshape).to(dev)
     lat_shift = torch.tensor(lpay.get("latent_shift", [0.0] * lat_c)).view(bshape).to(dev)
@@ -810,11 +894,19 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
         noise = torch.stack([torch.randn([lat_c] + lpad, generator=C.generator(int(seed) * 1_000_003 + i))
                              for i in range(b0, b1)]).to(dev)
         g = C.generator(int(seed) * 7919 + b0 + 1, dev)
-        ctx = torch.from_numpy(cond[b0:b1]).unsqueeze(1).to(dev)
+        ctx = condition_context(cond[b0:b1]).to(dev)
+        null = torch.zeros_like(ctx)
         x = noise
         for t in sched.timesteps:
             tt = torch.full((b1 - b0,), int(t), device=dev, dtype=torch.long)
-            pred = unet(x=x, timesteps=tt, context=ctx)
+            if guidance == 1.0:
+                pred = unet(x=with_condition_channels(x, ctx, concat), timesteps=tt, context=ctx)
+            else:  # conditioned and null context in one batch
+                both = torch.cat([ctx, null])
+                out2 = unet(x=with_condition_channels(torch.cat([x, x]), both, concat), timesteps=torch.cat([tt, tt]),
+                            context=both)
+                pred, pred_null = out2.chunk(2)
+                pred = pred_null + guidance * (pred - pred_null)
             if kind == "ddpm":
                 x, _ = sched.step(pred, int(t), x, generator=g)
             else:

@@ -34,6 +34,9 @@ Public API
     loads both cohorts from NIfTI and writes ``quality_metrics.tsv`` (long:
     metric, modality, value), ``memorisation.tsv`` and ``volume_fractions.tsv``
     (+ ``volume_fractions_summary.tsv``).
+``class_intensities(labels, images, names)`` / ``contrast_ordering(synthetic, real)``
+    per-class mean intensity of images on their own label maps, and whether each class is
+    brighter/darker than white matter in the synthetic images as in the real ones.
 ``write_quality_table(rows, path)``
 
 Config (``quality:``): ``near_copy_ssim`` (0.95), ``near_copy_dice`` (0.95),
@@ -259,6 +262,33 @@ def volume_fractions_vs_training(synthetic, training, names=None, synthetic_ids=
     return VolumeFractions(syn, tr, pd.DataFrame(rows))
 
 
+def class_intensities(labels, images, names):
+    """Mean (over maps) of each class's mean intensity in each map, on the map's own labels:
+    ``{class name: (mean, std, n maps with the class)}``."""
+    per = {n: [] for n in names[1:]}
+    for lab, img in zip(labels, images):
+        for c, n in enumerate(names[1:], start=1):
+            m = lab == c
+            if m.any():
+                per[n].append(float(img[m].mean()))
+    return {n: (float(np.mean(v)) if v else float("nan"), float(np.std(v)) if v else float("nan"), len(v))
+            for n, v in per.items()}
+
+
+def contrast_ordering(synthetic, real, reference="wm"):
+    """Per class: is it brighter or darker than ``reference`` in the real images, and is the
+    synthetic ordering the same? ``synthetic``/``real``: :func:`class_intensities` dicts.
+    Returns rows ``(class, real_sign, synthetic_sign, same_order)``."""
+    rows = []
+    for n in real:
+        if n == reference or not np.isfinite(real[n][0]) or not np.isfinite(synthetic.get(n, (np.nan,))[0]):
+            continue
+        rs = int(np.sign(real[n][0] - real[reference][0]))
+        ss = int(np.sign(synthetic[n][0] - synthetic[reference][0]))
+        rows.append({"class": n, "real_vs_" + reference: rs, "synthetic_vs_" + reference: ss, "same_order": rs == ss})
+    return rows
+
+
 def write_quality_table(rows, path):
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     return save_table(df, path)
@@ -308,6 +338,16 @@ def evaluate_quality(synthetic, real, modalities, out_dir, cfg=None, schema=None
                 rows.append({"metric": key, "set": "synthetic_vs_real", "modality": m, "value": d[key],
                              "std": np.nan, "n": d["n_per_set"]})
     paths = {"metrics": write_quality_table(rows, out_dir / "quality_metrics.tsv")}
+    inten = []
+    for m in modalities:
+        si = class_intensities(slab, simg[m], schema.names)
+        ri = class_intensities(rlab, rimg[m], schema.names)
+        order = {r["class"]: r["same_order"] for r in contrast_ordering(si, ri)}
+        for n in schema.names[1:]:
+            inten.append({"modality": m, "class": n, "synthetic_mean": si[n][0], "synthetic_std": si[n][1],
+                          "synthetic_n": si[n][2], "real_mean": ri[n][0], "real_std": ri[n][1], "real_n": ri[n][2],
+                          "same_order_vs_wm": order.get(n)})
+    paths["intensities"] = write_quality_table(inten, out_dir / "class_intensities.tsv")
     mem = nearest_real(slab, rlab, "dice", cfg["near_copy_dice"], sid, rid, schema.n_classes)
     mem = mem.rename(columns={"nearest_real": "nearest_real_label", "similarity": "label_dice",
                               "near_copy": "label_near_copy"}).drop(columns=["metric", "threshold"])

@@ -1,0 +1,84 @@
+"""Label generator levers: train the label VAE (and optionally the LDM) with config overrides on a
+preprocessed cohort and print the fidelity audit (not a test; the README's lever tables).
+
+Uses the workflow's own training and audit functions on the working-grid tissue maps of a
+results folder that has been preprocessed (e.g. after `snakemake --until lesion_proportions`):
+training subjects = split train, held-out = split test, from the input-check table.
+
+    .venv/bin/python benchmarks/label_generator_levers.py --results results/demo --out /tmp/levers/base \
+        --vae '{"vae": {"steps": 1500}}' --ldm '{"ldm": {"steps": 1500}}' --guidance 1,3 --per-mode 50
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
+
+from brainsynth.generators import label_generator as LG  # noqa: E402
+from brainsynth.generators import label_quality as LQ  # noqa: E402
+from brainsynth.labels import LabelSchema  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", required=True, help="results/<experiment> folder with preprocessing done")
+    ap.add_argument("--out", required=True, help="folder for the models and tables")
+    ap.add_argument("--vae", default="{}", help="label_generator overrides for the VAE (JSON)")
+    ap.add_argument("--ldm", default=None, help="label_generator overrides for the LDM (JSON); none: VAE only")
+    ap.add_argument("--guidance", default="1", help="guidance scales to audit, comma separated")
+    ap.add_argument("--per-mode", type=int, default=50)
+    ap.add_argument("--voxel-mm", type=float, default=4.0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    res, out = Path(args.results), Path(args.out)
+    split = pd.read_csv(res / "preprocessing" / "input_check.tsv", sep="\t", dtype={"subject": str})
+    tissue = lambda s: str(res / "preprocessing" / "subjects" / s / "grid" / "tissue_prob.nii.gz")  # noqa: E731
+    train = {s: tissue(s) for s in split.loc[split["split"] == "train", "subject"]}
+    held = {s: tissue(s) for s in split.loc[split["split"] == "test", "subject"]}
+    base = {"device": "cpu", "num_threads": args.threads, "checkpoint_every": 10**9, "log_every": 10**9}
+    schema = LabelSchema()
+
+    vae_path = out / "vae" / "label_vae.pt"
+    t0 = time.time()
+    if not vae_path.exists():
+        LG.train_label_vae(list(train.values()), {**base, **json.loads(args.vae)}, out / "vae")
+    print(f"label VAE {args.vae}: {len(train)} training maps, trained in {time.time() - t0:.0f} s")
+    rows = LQ.reconstruct(vae_path, train, schema.names, "train") + LQ.reconstruct(vae_path, held, schema.names,
+                                                                                    "held_out")
+    gate = LQ.reconstruction_gate(rows, schema).set_index("class")
+    gate["train_dice"] = LQ.reconstruction_gate(rows, schema, split="train").set_index("class")["dice_mean"]
+    print(gate[["dice_mean", "train_dice", "volume_ratio", "created_in_healthy", "threshold", "pass"]]
+          .round(3).to_string())
+    if args.ldm is None:
+        return
+    ldm_dir = out / "ldm"
+    t0 = time.time()
+    if not (ldm_dir / "label_ldm.pt").exists():
+        LG.train_label_ldm(vae_path, list(train.values()), res / "preprocessing" / "lesion_proportions.tsv",
+                           {**base, **json.loads(args.ldm)}, ldm_dir, subjects=list(train))
+    print(f"label LDM {args.ldm}: trained in {time.time() - t0:.0f} s")
+    for g in (float(x) for x in args.guidance.split(",")):
+        t0 = time.time()
+        paths = {k: out / f"guidance{g:g}" / f"{k}.tsv" for k in ("reconstruction", "gate", "adherence", "samples",
+                                                                      "fidelity")}
+        paths["figure"] = out / f"guidance{g:g}" / "adherence.png"
+        fid = LQ.evaluate_label_generator(vae_path, ldm_dir / "label_ldm.pt", train, held, paths,
+                                          n_per_mode=args.per_mode, schema=schema, voxel_mm=args.voxel_mm,
+                                          sampling={"guidance_scale": g}, device="cpu")
+        print(f"guidance {g:g}: audit in {time.time() - t0:.0f} s")
+        with pd.option_context("display.width", 200):
+            print(fid[fid["group"] != "reconstruction"][["measure", "value", "target", "pass", "n", "note"]]
+                  .to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

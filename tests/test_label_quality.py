@@ -1,0 +1,130 @@
+"""Fidelity metrics of synthetic label maps against hand-computed cases."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainsynth.generators import label_quality as LQ
+from brainsynth.labels import LabelSchema
+
+SCHEMA = LabelSchema()
+WM, GM, CSF = SCHEMA.value("wm"), SCHEMA.value("gm"), SCHEMA.value("csf")
+WMH, OEDEMA = SCHEMA.value("wmh"), SCHEMA.value("oedema")
+
+
+def brain(shape=(10, 10, 10)):
+    lab = np.zeros(shape, np.uint8)
+    lab[1:9, 1:9, 1:9] = WM
+    lab[1:9, 1:9, 1] = GM
+    lab[1:9, 1, 2:9] = CSF
+    return lab
+
+
+def test_dice_per_class_hand_case():
+    a = np.array([0, 1, 1, 2, 2, 2])
+    b = np.array([0, 1, 2, 2, 2, 0])
+    d = LQ.dice_per_class(a, b, [1, 2, 3])
+    assert d[1] == pytest.approx(2 * 1 / 3)
+    assert d[2] == pytest.approx(2 * 2 / 6)
+    assert np.isnan(d[3])
+
+
+def test_reconstruction_gate_flags_lesions_created_in_healthy_subjects():
+    ref = brain()
+    lesioned = brain()
+    lesioned[4:6, 4:6, 4:6] = WMH
+    rows = LQ.reconstruction_rows(ref, ref, SCHEMA.names, "healthy_ok", "held_out")
+    rows += LQ.reconstruction_rows(lesioned, lesioned, SCHEMA.names, "lesioned", "held_out")
+    gate = LQ.reconstruction_gate(rows, SCHEMA).set_index("class")
+    assert gate["pass"].all()
+    assert gate.loc["wmh", "dice_mean"] == 1.0 and gate.loc["wmh", "n_subjects_with_class"] == 1
+    assert gate.loc["wmh", "n_healthy_subjects"] == 1
+
+    bad = brain()
+    bad[2:4, 2:4, 2:4] = OEDEMA  # decoded tumour in a healthy subject
+    rows += LQ.reconstruction_rows(ref, bad, SCHEMA.names, "healthy_bad", "held_out")
+    gate = LQ.reconstruction_gate(rows, SCHEMA).set_index("class")
+    assert gate.loc["oedema", "created_in_healthy"] == 8
+    assert not gate.loc["oedema", "pass"]
+    # WM lost 8 voxels in one of three subjects: Dice 2*(n-8)/(2n-8)
+    n = int((ref == WM).sum())
+    assert gate.loc["wm", "dice_min"] == pytest.approx(2 * (n - 8) / (2 * n - 8))
+
+
+def test_reconstruction_gate_threshold():
+    ref = brain()
+    rec = ref.copy()
+    rec[rec == CSF] = GM  # CSF lost entirely
+    gate = LQ.reconstruction_gate(LQ.reconstruction_rows(ref, rec, SCHEMA.names, "s", "held_out"),
+                                  SCHEMA).set_index("class")
+    assert gate.loc["csf", "dice_mean"] == 0.0 and not gate.loc["csf", "pass"]
+    assert gate.loc["csf", "volume_ratio"] == 0.0
+
+
+def test_conditioning_adherence_and_spearman():
+    cond = pd.DataFrame({"mode": ["healthy"] * 4 + ["tumour"] * 4,
+                         "dc_wmh": [0.0] * 8, "dc_tumour": [0, 0, 0, 0, 0.1, 0.2, 0.3, 0.4]})
+    vols = pd.DataFrame({"sample": range(8), "voxels_wmh": [0, 0, 9, 0, 0, 0, 0, 0],
+                         "voxels_tumour": [0, 3, 0, 0, 2, 20, 30, 40]})
+    summary, per = LQ.conditioning_adherence(vols, cond, min_voxels=5)
+    s = summary.set_index(["mode", "measure", "lesion_type"])["value"]
+    assert s[("healthy", "any_lesion", "all")] == 0.25          # sample 2 (9 WMH voxels); 3 voxels is noise
+    assert s[("tumour", "requested_present", "tumour")] == 0.75  # sample 4 has 2 voxels only
+    assert s[("tumour", "unrequested_absent", "all")] == 1.0
+    assert s[("all_requested", "spearman", "tumour")] == pytest.approx(1.0)
+    assert np.isnan(s[("all_requested", "spearman", "wmh")])     # never requested
+    assert list(per["requested_present"]) == [True] * 4 + [False, True, True, True]
+
+
+def test_spearman_hand_case():
+    assert LQ.spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert LQ.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_pairwise_dice_identical_and_disjoint():
+    a = brain()
+    mean, std, n = LQ.pairwise_dice([a, a, a], SCHEMA.n_classes)
+    assert (mean, std, n) == (1.0, 0.0, 3)
+    b = a.copy()
+    b[a == WM] = GM
+    b[a == GM] = WM
+    mean, _, n = LQ.pairwise_dice([a, b], SCHEMA.n_classes)
+    # CSF identical (1), GM and WM swapped (0 each)
+    assert n == 1 and mean == pytest.approx(1 / 3)
+
+
+def test_lesion_centroid_spread_in_mm():
+    maps = []
+    for x in (2, 6):
+        lab = brain()
+        lab[x, 5, 5] = WMH
+        maps.append(lab)
+    spread = LQ.lesion_centroid_spread(maps, SCHEMA, voxel_mm=4.0)
+    assert spread["wmh"]["n_with_lesion"] == 2
+    assert spread["wmh"]["centroid_spread_mm"] == pytest.approx(8.0)   # each 2 voxels x 4 mm from the mean
+    assert np.isnan(spread["tumour"]["centroid_spread_mm"])
+
+
+def test_tissue_fraction_check_tolerance():
+    tr = pd.DataFrame({"csf": [0.10, 0.12], "gm": [0.4, 0.4]})
+    syn = pd.DataFrame({"csf": [0.05, 0.05], "gm": [0.44, 0.44]})
+    chk = LQ.tissue_fraction_check(syn, tr, ["csf", "gm"], tolerance=0.15).set_index("tissue")
+    assert chk.loc["csf", "relative_difference"] == pytest.approx(-0.06 / 0.11)
+    assert not chk.loc["csf", "pass"] and chk.loc["gm", "pass"]
+
+
+def test_sample_flags_catch_tumour_asked_healthy_and_tissue_outliers():
+    cond = pd.DataFrame({"mode": ["healthy", "healthy", "tumour"], "dc_wmh": [0.0, 0.0, 0.0],
+                         "dc_tumour": [0.0, 0.0, 0.3]})
+    vols = pd.DataFrame({"sample": ["s1", "s2", "s3"], "voxels_wmh": [0, 0, 0], "voxels_tumour": [0, 200, 150]})
+    _, per = LQ.conditioning_adherence(vols, cond)
+    per["sample"] = vols["sample"]
+    training = pd.DataFrame({"csf": [0.08, 0.10], "gm": [0.40, 0.44]})
+    fractions = pd.DataFrame({"csf": [0.09, 0.09, 0.30], "gm": [0.42, 0.42, 0.42]})
+    mem = pd.DataFrame({"synthetic": ["s1", "s2", "s3"], "closer_than_held_out": [True, False, False]})
+    flags = LQ.sample_flags(per, fractions, training, mem, ["csf", "gm"]).set_index("sample")
+    assert list(flags["missed_conditioning"]) == [False, True, False]
+    assert list(flags["tissue_out_of_range"]) == [False, False, True]
+    assert flags.loc["s3", "tissues_out_of_range"] == "csf"
+    assert list(flags["near_copy"]) == [True, False, False]
+    assert flags["flagged"].all()

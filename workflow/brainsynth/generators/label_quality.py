@@ -1,0 +1,486 @@
+"""Fidelity of synthetic label maps: autoencoder reconstruction, conditioning adherence,
+diversity, lesion placement and per-sample QC.
+
+Why a module of its own: the label generator is judged in two stages (is the autoencoder's
+latent space able to hold the anatomy and the lesions at all, then does the diffusion model
+sample from it what it was asked for), and every figure here is computed on hard label maps
+(argmax) with plain numpy so that tests can check them against hand-computed cases.
+
+Public API
+----------
+``dice_per_class(reference, prediction, classes) -> dict``
+    Dice of each class value; ``nan`` when the class is absent from both maps.
+``reconstruction_rows(reference, reconstruction, names, subject, split) -> list of dict``
+    per class: Dice, voxels in / out and their ratio.
+``reconstruction_gate(rows, schema, thresholds) -> DataFrame``
+    per class: mean held-out Dice against its threshold, and the healthy-subject check
+    (no lesion voxels created where none were given).
+``lesion_volumes(hard, schema) -> DataFrame``
+    per map: voxels of each lesion type.
+``conditioning_adherence(volumes, conditioning, min_voxels) -> (summary, per_sample)``
+    per conditioning mode: share of samples with the requested lesion types present and
+    with unrequested ones absent; Spearman correlation of requested dc and volume.
+``pairwise_dice(hard, n_classes, max_pairs, seed) -> (mean, std, n_pairs)``
+    mean over pairs of the mean non-background Dice: diversity (lower = more diverse).
+``lesion_centroid_spread(hard, schema, voxel_mm) -> dict``
+    per lesion type: RMS distance (mm) of the maps' lesion centroids from their mean.
+``tissue_fraction_check(synthetic, training, tissues, tolerance) -> DataFrame``
+    tissue volume fraction of the brain per class: synthetic mean vs training mean.
+``sample_flags(...) -> DataFrame``
+    per synthetic sample: missed conditioning, tissue outside the training range, near copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError
+
+# Issue gate of the label autoencoder (held-out Dice after argmax).
+RECONSTRUCTION_THRESHOLDS = {"csf": 0.90, "gm": 0.90, "wm": 0.90, "deep_gm": 0.80, "brainstem": 0.80,
+                             "lesion": 0.70}
+
+
+def dice_per_class(reference, prediction, classes):
+    """``{class value: Dice}`` of two hard maps; ``nan`` where both are empty."""
+    ref = np.asarray(reference)
+    pred = np.asarray(prediction)
+    if ref.shape != pred.shape:
+        raise InputError(f"maps of shapes {ref.shape} and {pred.shape} cannot be compared")
+    out = {}
+    for c in classes:
+        a, b = ref == c, pred == c
+        s = int(a.sum()) + int(b.sum())
+        out[int(c)] = 2.0 * int((a & b).sum()) / s if s else float("nan")
+    return out
+
+
+def reconstruction_rows(reference, reconstruction, names, subject, split):
+    """One row per non-background class: Dice, voxels in and out, out/in ratio."""
+    ref = np.asarray(reference)
+    rec = np.asarray(reconstruction)
+    dice = dice_per_class(ref, rec, range(1, len(names)))
+    rows = []
+    for c in range(1, len(names)):
+        n_in, n_out = int((ref == c).sum()), int((rec == c).sum())
+        rows.append({"subject": subject, "split": split, "class": names[c], "dice": dice[c],
+                     "voxels_in": n_in, "voxels_out": n_out,
+                     "volume_ratio": n_out / n_in if n_in else float("nan")})
+    return rows
+
+
+def reconstruction_gate(rows, schema, thresholds=None, split="held_out"):
+    """Per class: mean ``split`` Dice over the subjects that have the class, its threshold and
+    whether it passes; lesion classes also ``created_in_healthy`` (lesion voxels decoded in
+    subjects that have none of that lesion type; must be 0)."""
+    th = dict(RECONSTRUCTION_THRESHOLDS, **(thresholds or {}))
+    df = pd.DataFrame(rows)
+    part = df[df["split"] == split]
+    if part.empty:
+        part = df
+    lesion_classes = set(schema.lesion_classes)
+    healthy = part.groupby("subject").apply(
+        lambda g: int(g.loc[g["class"].isin(lesion_classes), "voxels_in"].sum()) == 0, include_groups=False)
+    healthy_ids = set(healthy[healthy].index)
+    out = []
+    for name in schema.names[1:]:
+        g = part[part["class"] == name]
+        present = g[g["voxels_in"] > 0]
+        is_lesion = name in lesion_classes
+        threshold = th["lesion"] if is_lesion else th.get(name)
+        created = int(g.loc[g["subject"].isin(healthy_ids), "voxels_out"].sum()) if is_lesion else 0
+        mean = float(present["dice"].mean()) if len(present) else float("nan")
+        ok = (threshold is None or not len(present) or mean >= threshold) and created == 0
+        out.append({"class": name, "split": split, "n_subjects_with_class": len(present), "dice_mean": mean,
+                    "dice_min": float(present["dice"].min()) if len(present) else float("nan"),
+                    "volume_ratio": float(present["voxels_out"].sum() / max(1, present["voxels_in"].sum()))
+                    if len(present) else float("nan"),
+                    "threshold": threshold, "created_in_healthy": created,
+                    "n_healthy_subjects": len(healthy_ids) if is_lesion else 0, "pass": bool(ok)})
+    return pd.DataFrame(out)
+
+
+def lesion_volumes(hard, schema, ids=None):
+    """Voxels of each lesion type per hard map ``(N, *spatial)``."""
+    hard = np.asarray(hard)
+    rows = []
+    for i, lab in enumerate(hard):
+        counts = schema.lesion_counts(lab)
+        rows.append({"sample": ids[i] if ids is not None else i, **{f"voxels_{t}": int(v) for t, v in counts.items()}})
+    return pd.DataFrame(rows)
+
+
+def spearman(x, y):
+    """Spearman rank correlation (average ranks for ties); ``nan`` when either is constant."""
+    x = pd.Series(np.asarray(x, dtype=float))
+    y = pd.Series(np.asarray(y, dtype=float))
+    if len(x) < 3 or x.nunique() < 2 or y.nunique() < 2:
+        return float("nan")
+    return float(np.corrcoef(x.rank().to_numpy(), y.rank().to_numpy())[0, 1])
+
+
+def conditioning_adherence(volumes, conditioning, min_voxels=5):
+    """Conditioning adherence of sampled label maps.
+
+    ``volumes``: :func:`lesion_volumes` rows; ``conditioning``: same rows, columns ``mode``
+    and ``dc_<type>``. A lesion type counts as present with more than ``min_voxels`` voxels.
+    Returns ``(summary, per_sample)``: summary rows ``(mode, measure, lesion_type, value, n)``
+    with measures ``requested_present`` (share of samples holding every requested type),
+    ``any_lesion`` (share with any lesion, for ``healthy``), ``unrequested_absent`` and
+    ``spearman`` (requested dc vs generated voxels, over the samples that request the type,
+    mode ``all_requested``).
+    """
+    types = [c[3:] for c in conditioning.columns if c.startswith("dc_")]
+    if len(volumes) != len(conditioning):
+        raise InputError(f"{len(volumes)} volume rows for {len(conditioning)} conditioning rows")
+    per = conditioning.reset_index(drop=True).copy()
+    for t in types:
+        per[f"voxels_{t}"] = volumes[f"voxels_{t}"].to_numpy()
+        per[f"present_{t}"] = per[f"voxels_{t}"] > min_voxels
+        per[f"requested_{t}"] = per[f"dc_{t}"] > 0
+    req = per[[f"requested_{t}" for t in types]].to_numpy()
+    pres = per[[f"present_{t}" for t in types]].to_numpy()
+    per["requested_present"] = np.where(req, pres, True).all(1)
+    per["unrequested_absent"] = np.where(~req, ~pres, True).all(1)
+    per["any_lesion"] = pres.any(1)
+    rows = []
+    for mode, g in per.groupby("mode", sort=False):
+        n = len(g)
+        if g[[f"requested_{t}" for t in types]].to_numpy().any():
+            rows.append({"mode": mode, "measure": "requested_present", "lesion_type": "all",
+                         "value": float(g["requested_present"].mean()), "n": n})
+            for t in types:
+                gt = g[g[f"requested_{t}"]]
+                if len(gt):
+                    rows.append({"mode": mode, "measure": "requested_present", "lesion_type": t,
+                                 "value": float(gt[f"present_{t}"].mean()), "n": len(gt)})
+        else:
+            rows.append({"mode": mode, "measure": "any_lesion", "lesion_type": "all",
+                         "value": float(g["any_lesion"].mean()), "n": n})
+        rows.append({"mode": mode, "measure": "unrequested_absent", "lesion_type": "all",
+                     "value": float(g["unrequested_absent"].mean()), "n": n})
+    for t in types:
+        g = per[per[f"requested_{t}"]]
+        rows.append({"mode": "all_requested", "measure": "spearman", "lesion_type": t,
+                     "value": spearman(g[f"dc_{t}"], g[f"voxels_{t}"]), "n": len(g)})
+    return pd.DataFrame(rows), per
+
+
+def pairwise_dice(hard, n_classes, max_pairs=None, seed=0):
+    """Mean (std, number) over pairs of maps of their mean non-background class Dice."""
+    hard = np.asarray(hard)
+    pairs = list(itertools.combinations(range(len(hard)), 2))
+    if not pairs:
+        raise InputError("pairwise Dice needs at least 2 maps")
+    if max_pairs and len(pairs) > max_pairs:
+        rng = np.random.default_rng(seed)
+        pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), size=int(max_pairs), replace=False))]
+    vals = []
+    for i, j in pairs:
+        d = [v for v in dice_per_class(hard[i], hard[j], range(1, n_classes)).values() if np.isfinite(v)]
+        vals.append(np.mean(d) if d else 1.0)
+    return float(np.mean(vals)), float(np.std(vals)), len(pairs)
+
+
+def lesion_centroid_spread(hard, schema, voxel_mm=1.0):
+    """Per lesion type: number of maps with it and RMS distance (mm) of their lesion centroids
+    from the mean centroid; where a generator puts lesions (one place for all = 0)."""
+    hard = np.asarray(hard)
+    out = {}
+    for t in schema.lesion_types:
+        cents = []
+        for lab in hard:
+            pos = np.argwhere(schema.lesion_type_mask(lab, t))
+            if len(pos):
+                cents.append(pos.mean(0) * float(voxel_mm))
+        if len(cents) >= 2:
+            c = np.stack(cents)
+            spread = float(np.sqrt(((c - c.mean(0)) ** 2).sum(1).mean()))
+        else:
+            spread = float("nan")
+        out[t] = {"n_with_lesion": len(cents), "centroid_spread_mm": spread}
+    return out
+
+
+def tissue_fractions(hard, schema):
+    """Per map: each tissue class's share of the brain (non-background) voxels, lesions in the
+    brain count, so healthy and lesioned maps are comparable."""
+    hard = np.asarray(hard)
+    rows = []
+    for lab in hard:
+        brain = max(1, int((lab > 0).sum()))
+        rows.append({t: float((lab == schema.value(t)).sum()) / brain for t in schema.tissues})
+    return pd.DataFrame(rows)
+
+
+def tissue_fraction_check(synthetic, training, tissues, tolerance=0.15):
+    """Synthetic vs training mean tissue fraction; ``pass`` when within ``tolerance`` (relative)."""
+    rows = []
+    for t in tissues:
+        s, r = float(synthetic[t].mean()), float(training[t].mean())
+        rel = (s - r) / r if r > 0 else float("nan")
+        rows.append({"tissue": t, "synthetic_mean": s, "training_mean": r, "training_min": float(training[t].min()),
+                     "training_max": float(training[t].max()), "relative_difference": rel,
+                     "pass": bool(np.isfinite(rel) and abs(rel) <= tolerance)})
+    return pd.DataFrame(rows)
+
+
+def sample_flags(per_sample, fractions, training_fractions, memorisation, tissues, range_margin=0.25):
+    """Per synthetic sample: ``missed_conditioning`` (a requested lesion type absent or an
+    unrequested one present), ``tissue_out_of_range`` (a tissue fraction outside the training
+    range widened by ``range_margin`` x its width on each side), ``near_copy`` (memorisation
+    audit) and ``flagged`` (any)."""
+    lo = training_fractions[tissues].min()
+    hi = training_fractions[tissues].max()
+    width = (hi - lo).clip(lower=1e-6)
+    lo, hi = lo - range_margin * width, hi + range_margin * width
+    out = pd.DataFrame({"sample": per_sample["sample"].to_numpy()})
+    out["missed_conditioning"] = ~(per_sample["requested_present"].to_numpy() &
+                                   per_sample["unrequested_absent"].to_numpy())
+    bad = [[t for t in tissues if not lo[t] <= fractions.iloc[i][t] <= hi[t]] for i in range(len(fractions))]
+    out["tissue_out_of_range"] = [bool(b) for b in bad]
+    out["tissues_out_of_range"] = [",".join(b) for b in bad]
+    near = memorisation.set_index("synthetic")["closer_than_held_out"] if memorisation is not None else None
+    out["near_copy"] = [bool(near.get(s, False)) if near is not None else False for s in out["sample"]]
+    out["flagged"] = out["missed_conditioning"] | out["tissue_out_of_range"] | out["near_copy"]
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def adherence_conditioning(lesion_types, train_values, n_per_mode, seed=0):
+    """Conditioning rows for the adherence audit: ``healthy`` (all 0), one mode per lesion type
+    alone (``<type>_only``: that type's dc drawn from its non-zero training values) and
+    ``unseen`` (every type at once). Returns a DataFrame with ``mode``. (The ``random`` rows
+    the arms train on are audited sample by sample by :func:`synthetic_sample_qc`.)"""
+    from .label_generator import make_conditioning
+
+    types = list(lesion_types)
+    tv = np.asarray(train_values, dtype=np.float32)
+    parts = [("healthy", make_conditioning("healthy", n_per_mode, types))]
+    rng = np.random.default_rng([int(seed), 11])
+    for j, t in enumerate(types):
+        pos = tv[:, j][tv[:, j] > 0]
+        if not len(pos):
+            continue
+        c = np.zeros((n_per_mode, len(types)), np.float32)
+        c[:, j] = rng.choice(pos, size=n_per_mode)
+        parts.append((f"{t}_only", c))
+    if len(types) > 1:
+        parts.append(("unseen", make_conditioning("unseen", n_per_mode, types, tv, seed=seed)))
+    frames = [pd.DataFrame(c, columns=[f"dc_{t}" for t in types]).assign(mode=m) for m, c in parts]
+    df = pd.concat(frames, ignore_index=True)
+    return df[["mode"] + [f"dc_{t}" for t in types]]
+
+
+def nearest_dice(maps, reference, n_classes, exclude_self=False):
+    """For each map, the highest mean non-background Dice to any reference map."""
+    out = []
+    for i, a in enumerate(maps):
+        best = -1.0
+        for j, b in enumerate(reference):
+            if exclude_self and i == j:
+                continue
+            d = [v for v in dice_per_class(a, b, range(1, n_classes)).values() if np.isfinite(v)]
+            best = max(best, float(np.mean(d)) if d else 1.0)
+        out.append(best)
+    return np.asarray(out)
+
+
+def _hard_maps(paths, n_classes):
+    from . import common as C
+
+    return np.stack([C.load_prob_label(p, n_classes).argmax(0).astype(np.uint8) for p in paths])
+
+
+def reconstruct(vae_path, paths, names, split, device="cpu"):
+    """Rows of :func:`reconstruction_rows` for each ``{subject: probabilistic map path}``,
+    encoded to the posterior mean and decoded by the label VAE (the LDM's view of the data)."""
+    import torch
+
+    from . import common as C
+    from .label_generator import load_vae
+
+    vae, pay = load_vae(vae_path, device)
+    rows = []
+    with torch.no_grad():
+        for subject, p in paths.items():
+            x = torch.from_numpy(C.load_prob_label(p, pay["n_classes"]))[None]
+            mu, _ = vae.encode(C.pad_background(x, pay["padded_shape"]).to(device))
+            rec = C.crop_to(vae.decode_stage_2_outputs(mu), pay["shape"])[0].argmax(0).cpu().numpy()
+            rows += reconstruction_rows(x[0].argmax(0).numpy(), rec, names, subject, split)
+    return rows
+
+
+def _target_row(group, measure, value, target=None, op=None, n=None, note=""):
+    ok = None
+    if target is not None and np.isfinite(value):
+        ok = bool(value <= target if op == "<=" else value >= target)
+    elif target is not None:
+        ok = False
+    return {"group": group, "measure": measure, "value": value,
+            "target": "" if target is None else f"{op} {target:g}", "pass": ok, "n": n, "note": note}
+
+
+def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_per_mode=50, seed=0,
+                             schema=None, voxel_mm=1.0, sampling=None, min_voxels=5, tissue_tolerance=0.15,
+                             max_pairs=300, device="auto"):
+    """The label generator's fidelity audit (issue gate of the autoencoder, then the LDM).
+
+    ``training`` / ``held_out``: ``{subject: probabilistic map path}``. ``out``: dict of output
+    paths ``reconstruction``, ``gate``, ``adherence``, ``samples``, ``fidelity``, ``figure``.
+    Returns the fidelity table (DataFrame).
+    """
+    from ..io import save_table
+    from ..labels import LabelSchema
+    from .label_generator import sample_labels, training_conditioning
+
+    schema = schema or LabelSchema()
+    names = schema.names
+    rec = reconstruct(vae_path, training, names, "train") + reconstruct(vae_path, held_out, names, "held_out")
+    save_table(pd.DataFrame(rec), out["reconstruction"])
+    gate = reconstruction_gate(rec, schema, split="held_out" if held_out else "train")
+    save_table(gate, out["gate"])
+
+    types, train_values = training_conditioning(ldm_path)
+    cond = adherence_conditioning(types, train_values, n_per_mode, seed)
+    probs = sample_labels(vae_path, ldm_path, cond[[f"dc_{t}" for t in types]].to_numpy(np.float32),
+                          seed=seed, device=device, sampling=sampling, progress=False)
+    hard = probs.argmax(1).astype(np.uint8)
+    ids = [f"{m}_{i:03d}" for m, i in zip(cond["mode"], cond.groupby("mode").cumcount())]
+    vols = lesion_volumes(hard, schema, ids)
+    summary, per = conditioning_adherence(vols, cond, min_voxels)
+    per.insert(0, "sample", ids)
+
+    real = _hard_maps(list(training.values()), schema.n_classes)
+    fr_syn, fr_real = tissue_fractions(hard, schema), tissue_fractions(real, schema)
+    tissue = tissue_fraction_check(fr_syn, fr_real, schema.tissues, tissue_tolerance)
+    per = pd.concat([per, fr_syn.add_prefix("fraction_")], axis=1)
+    near_syn = nearest_dice(hard, real, schema.n_classes)
+    per["nearest_training_dice"] = near_syn
+    held = _hard_maps(list(held_out.values()), schema.n_classes) if held_out else None
+    near_held = nearest_dice(held, real, schema.n_classes) if held is not None else np.zeros(0)
+    per["closer_than_held_out"] = near_syn > near_held.max() if len(near_held) else False
+    save_table(per, out["samples"])
+    save_table(summary, out["adherence"])
+
+    rows = [_target_row("reconstruction", f"dice_{g['class']}", g["dice_mean"], g["threshold"], ">=",
+                        g["n_subjects_with_class"],
+                        f"held-out; created in healthy: {g['created_in_healthy']}") for _, g in gate.iterrows()]
+    for _, a in summary.iterrows():
+        if a["measure"] == "any_lesion":
+            rows.append(_target_row("adherence", f"{a['mode']}_any_lesion", a["value"], 0.05, "<=", a["n"]))
+        elif a["measure"] == "requested_present" and a["lesion_type"] == "all" and a["mode"] != "random":
+            rows.append(_target_row("adherence", f"{a['mode']}_requested_present", a["value"],
+                                    0.8 if a["mode"] == "unseen" else 0.9, ">=", a["n"]))
+        elif a["measure"] == "unrequested_absent" and a["mode"] != "random":
+            rows.append(_target_row("adherence", f"{a['mode']}_unrequested_absent", a["value"], n=a["n"]))
+        elif a["measure"] == "spearman":
+            rows.append(_target_row("adherence", f"spearman_dc_volume_{a['lesion_type']}", a["value"], 0.7, ">=",
+                                    a["n"]))
+    for _, t in tissue.iterrows():
+        rows.append(_target_row("tissue", f"fraction_{t['tissue']}_relative_difference", t["relative_difference"],
+                                n=len(hard), note=f"synthetic {t['synthetic_mean']:.4f} vs training "
+                                f"{t['training_mean']:.4f}") | {"target": f"|x| <= {tissue_tolerance:g}",
+                                                                "pass": bool(t["pass"])})
+    syn_div = pairwise_dice(hard, schema.n_classes, max_pairs, seed)
+    real_div = pairwise_dice(real, schema.n_classes, max_pairs, seed)
+    rows.append(_target_row("diversity", "pairwise_dice_synthetic", syn_div[0], real_div[0] + 0.02, "<=",
+                            syn_div[2], f"std {syn_div[1]:.3f}"))
+    rows.append(_target_row("diversity", "pairwise_dice_training", real_div[0], n=real_div[2],
+                            note=f"std {real_div[1]:.3f}"))
+    spread_syn = lesion_centroid_spread(hard, schema, voxel_mm)
+    spread_real = lesion_centroid_spread(real, schema, voxel_mm)
+    for t in schema.lesion_types:
+        rows.append(_target_row("diversity", f"centroid_spread_mm_{t}_synthetic", spread_syn[t]["centroid_spread_mm"],
+                                n=spread_syn[t]["n_with_lesion"]))
+        rows.append(_target_row("diversity", f"centroid_spread_mm_{t}_training", spread_real[t]["centroid_spread_mm"],
+                                n=spread_real[t]["n_with_lesion"]))
+    rows.append(_target_row("memorisation", "nearest_training_dice_synthetic_max", float(near_syn.max()),
+                            n=len(near_syn), note=f"mean {near_syn.mean():.3f}"))
+    if len(near_held):
+        rows.append(_target_row("memorisation", "nearest_training_dice_held_out_max", float(near_held.max()),
+                                n=len(near_held), note=f"mean {near_held.mean():.3f}"))
+        rows.append(_target_row("memorisation", "share_closer_than_any_held_out",
+                                float(per["closer_than_held_out"].mean()), n=len(per)))
+    fidelity = pd.DataFrame(rows)
+    save_table(fidelity, out["fidelity"])
+    adherence_figure(per, types, fr_syn, fr_real, out["figure"])
+    return fidelity
+
+
+def adherence_figure(per, types, fractions, training_fractions, path):
+    """Requested dc vs generated lesion volume per lesion type, coloured by mode; tissue volume
+    fractions of the samples beside the training maps'."""
+    from ..io import save_figure
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(types) + 1, figsize=(4 * len(types) + 5, 3.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * len(types) + [1.4]})
+    for ax, t in zip(axes[0], types):
+        for mode, g in per.groupby("mode", sort=False):
+            ax.scatter(g[f"dc_{t}"], g[f"voxels_{t}"], s=10, alpha=0.6, label=mode)
+        ax.set_xlabel(f"requested dc_{t}")
+        ax.set_ylabel(f"generated {t} voxels")
+        ax.set_title(t)
+    axes[0][0].legend(fontsize=7)
+    ax = axes[0][-1]
+    tissues = list(fractions.columns)
+    pos = np.arange(len(tissues))
+    for off, df, name in ((-0.2, training_fractions, "training"), (0.2, fractions, "synthetic")):
+        bp = ax.boxplot([df[t] for t in tissues], positions=pos + off, widths=0.35, patch_artist=True,
+                        showfliers=False)
+        for b in bp["boxes"]:
+            b.set_facecolor("#9ecae1" if name == "training" else "#fdae6b")
+    ax.set_xticks(pos, tissues, fontsize=8)
+    ax.set_ylabel("share of brain volume")
+    ax.set_title("tissue fractions: training (blue) vs synthetic (orange)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=80)
+
+
+def synthetic_sample_qc(manifest, sample_labels, training, held_out, schema=None, min_voxels=5):
+    """Per-sample QC of the synthetic subjects the segmentation arms train on.
+
+    ``manifest``: the sampling manifest (``subject``, ``conditioning_mode``, ``dc_<type>``);
+    ``sample_labels``: ``{sample id: hard label path}``; ``training`` / ``held_out``:
+    ``{subject: probabilistic map path}``. Returns :func:`sample_flags` with the lesion volumes,
+    tissue fractions and nearest-training Dice beside the flags.
+    """
+    from ..labels import LabelSchema
+    from . import common as C
+
+    schema = schema or LabelSchema()
+    manifest = manifest.copy()
+    manifest["subject"] = manifest["subject"].astype(str)
+    missing = [s for s in manifest["subject"] if s not in sample_labels]
+    if missing:
+        raise InputError(f"samples {missing[:5]} of the manifest have no label map", fix="rerun sample_synthetic")
+    ids = list(manifest["subject"])
+    hard = np.stack([C.load_image(sample_labels[s]).round().astype(np.uint8) for s in ids])
+    cond = manifest.rename(columns={"conditioning_mode": "mode"})[
+        ["mode"] + [c for c in manifest.columns if c.startswith("dc_")]]
+    if cond.empty or not any(c.startswith("dc_") for c in cond.columns):
+        raise InputError("the sampling manifest has no dc_<lesion type> column", fix="rerun sample_synthetic")
+    _, per = conditioning_adherence(lesion_volumes(hard, schema, ids), cond, min_voxels)
+    per.insert(0, "sample", ids)
+    real = _hard_maps(list(training.values()), schema.n_classes)
+    fr_syn, fr_real = tissue_fractions(hard, schema), tissue_fractions(real, schema)
+    near = nearest_dice(hard, real, schema.n_classes)
+    near_held = nearest_dice(_hard_maps(list(held_out.values()), schema.n_classes), real, schema.n_classes) \
+        if held_out else np.zeros(0)
+    mem = pd.DataFrame({"synthetic": ids, "closer_than_held_out": near > near_held.max() if len(near_held)
+                        else np.zeros(len(ids), bool)})
+    flags = sample_flags(per, fr_syn, fr_real, mem, schema.tissues)
+    extra = per[["sample"] + [c for c in per.columns if c.startswith(("dc_", "voxels_"))]]
+    out = extra.merge(flags, on="sample")
+    out = pd.concat([out, fr_syn.add_prefix("fraction_")], axis=1)
+    out["nearest_training_dice"] = near
+    return out
