@@ -58,8 +58,8 @@ def test_plan_config_counts_and_determinism():
     train = a[a["split"] == "train"]
     assert set(train["site"]) == {"site_a"}
     assert (train["phenotype"] == "both").sum() >= 1
-    # fractions: 12 train subjects at 0.35/0.35/0.15 -> 4 tumour, 4 wmh, 2 both, 2 healthy
-    assert train["phenotype"].value_counts().to_dict() == {"tumour": 4, "wmh": 4, "both": 2, "healthy": 2}
+    # fractions: 28 train subjects at 0.3/0.3/0.1 -> 8 tumour, 8 wmh, 3 both, 9 healthy
+    assert train["phenotype"].value_counts().to_dict() == {"tumour": 8, "wmh": 8, "both": 3, "healthy": 9}
 
 
 def test_plan_depends_on_seed():

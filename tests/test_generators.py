@@ -31,7 +31,7 @@ LABEL_CFG = {
     "device": "cpu", "seed": 3, "checkpoint_every": 5, "log_every": 5,
     "vae": {"channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 4, "latent_channels": 2,
             "patch_size": None,
-            "steps": 20, "batch_size": 2, "lr": 2e-3, "adv_warmup_steps": 14, "disc_channels": 8,
+            "steps": 20, "batch_size": 2, "lr": 2e-3, "adv_weight": 0.01, "adv_warmup_steps": 14, "disc_channels": 8,
             "disc_layers": 1},
     "ldm": {"channels": [8, 8, 8], "attention_levels": [False, False, True], "num_head_channels": 4,
             "norm_num_groups": 4, "steps": 12, "batch_size": 2, "num_train_timesteps": 40},
@@ -175,7 +175,7 @@ def test_ldm_outputs_and_latent_padding(models):
     assert p["latent_shape"] == [8, 10, 8]
     assert p["padded_latent_shape"] == [8, 12, 8]  # divisible by 2**(3-1)
     assert p["lesion_types"] == ["wmh", "tumour"]
-    assert p["unet_kwargs"]["cross_attention_dim"] == 2 and p["unet_kwargs"]["with_conditioning"]
+    assert p["unet_kwargs"]["cross_attention_dim"] == 3 and p["unet_kwargs"]["with_conditioning"]
     assert p["scale_factor"] > 0 and len(p["latent_scale"]) == len(p["latent_shift"]) == 2
     assert p["latent_range"][0] < 0 < p["latent_range"][1]  # x0 clipping range of the standardised latents
     assert p["train_conditioning"].shape == (4, 2)

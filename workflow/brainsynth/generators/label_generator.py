@@ -619,7 +619,7 @@ def with_condition_channels(x, ctx, on):
 def condition_context(cond, keep=None):
     """``(B, n_types)`` dc -> ``(B, 1, n_types + 1)`` context: dc and a "conditioned" flag,
     both zero where ``keep`` is 0 (the null context of classifier-free guidance)."""
-    cond = torch.as_tensor(cond, dtype=torch.float32)
+    cond = torch.as_tensor(np.array(cond, dtype=np.float32)) if not torch.is_tensor(cond) else cond.float()
     keep = torch.ones(cond.shape[0]) if keep is None else torch.as_tensor(keep, dtype=torch.float32)
     ctx = torch.cat([cond, torch.ones(cond.shape[0], 1)], dim=1) * keep[:, None]
     return ctx.unsqueeze(1)
