@@ -128,3 +128,12 @@ def test_sample_flags_catch_tumour_asked_healthy_and_tissue_outliers():
     assert flags.loc["s3", "tissues_out_of_range"] == "csf"
     assert list(flags["near_copy"]) == [True, False, False]
     assert flags["flagged"].all()
+
+
+def test_cohens_d_hand_case():
+    # means 3 and 1, both variances 1 (ddof 1) -> pooled sd 1 -> d = 2
+    assert LQ.cohens_d([2, 3, 4], [0, 1, 2]) == pytest.approx(2.0)
+    assert np.isnan(LQ.cohens_d([1, 1], [1, 1])) and np.isnan(LQ.cohens_d([1], [1, 2]))
+    tr = pd.DataFrame({"csf": [0.0, 1.0, 2.0]})
+    chk = LQ.tissue_fraction_check(pd.DataFrame({"csf": [2.0, 3.0, 4.0]}), tr, ["csf"])
+    assert chk.loc[0, "cohens_d"] == pytest.approx(2.0)

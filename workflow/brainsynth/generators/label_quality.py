@@ -25,7 +25,8 @@ Public API
 ``lesion_centroid_spread(hard, schema, voxel_mm) -> dict``
     per lesion type: RMS distance (mm) of the maps' lesion centroids from their mean.
 ``tissue_fraction_check(synthetic, training, tissues, tolerance) -> DataFrame``
-    tissue volume fraction of the brain per class: synthetic mean vs training mean.
+    tissue volume fraction of the brain per class: synthetic mean vs training mean, and
+    ``cohens_d(a, b)`` of the two sets (anatomical plausibility per structure).
 ``sample_flags(...) -> DataFrame``
     per synthetic sample: missed conditioning, tissue outside the training range, near copy.
 """
@@ -216,6 +217,16 @@ def tissue_fractions(hard, schema):
     return pd.DataFrame(rows)
 
 
+def cohens_d(a, b):
+    """Cohen's d of ``a`` against ``b``: difference of means over the pooled standard deviation
+    (ddof 1); ``nan`` when both sets are constant or either has fewer than 2 values."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
+    return float((a.mean() - b.mean()) / pooled) if pooled > 0 else float("nan")
+
+
 def tissue_fraction_check(synthetic, training, tissues, tolerance=0.15):
     """Synthetic vs training mean tissue fraction; ``pass`` when within ``tolerance`` (relative)."""
     rows = []
@@ -224,6 +235,7 @@ def tissue_fraction_check(synthetic, training, tissues, tolerance=0.15):
         rel = (s - r) / r if r > 0 else float("nan")
         rows.append({"tissue": t, "synthetic_mean": s, "training_mean": r, "training_min": float(training[t].min()),
                      "training_max": float(training[t].max()), "relative_difference": rel,
+                     "cohens_d": cohens_d(synthetic[t], training[t]),
                      "pass": bool(np.isfinite(rel) and abs(rel) <= tolerance)})
     return pd.DataFrame(rows)
 
@@ -348,8 +360,8 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
 
     types, train_values = training_conditioning(ldm_path)
     cond = adherence_conditioning(types, train_values, n_per_mode, seed)
-    # batches of 10: fewer, larger U-Net calls than the sampling rule's 4 (same maps: DDIM with
-    # eta 0 and per-sample initial noise do not depend on the batch)
+    # batches of 10: fewer, larger U-Net calls than the sampling rule's 4 (the initial noise is
+    # seeded per sample, so the batch size changes no sample beyond float rounding)
     probs = sample_labels(vae_path, ldm_path, cond[[f"dc_{t}" for t in types]].to_numpy(np.float32),
                           seed=seed, device=device, sampling=sampling, progress=False, batch_size=10)
     hard = probs.argmax(1).astype(np.uint8)
@@ -389,6 +401,8 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
                                 n=len(hard), note=f"synthetic {t['synthetic_mean']:.4f} vs training "
                                 f"{t['training_mean']:.4f}") | {"target": f"|x| <= {tissue_tolerance:g}",
                                                                 "pass": bool(t["pass"])})
+        rows.append(_target_row("tissue", f"cohens_d_{t['tissue']}", t["cohens_d"], n=len(hard),
+                                note="synthetic vs training tissue fraction"))
     syn_div = pairwise_dice(hard, schema.n_classes, max_pairs, seed)
     real_div = pairwise_dice(real, schema.n_classes, max_pairs, seed)
     rows.append(_target_row("diversity", "pairwise_dice_synthetic", syn_div[0], real_div[0] + 0.02, "<=",
