@@ -137,3 +137,22 @@ def test_cohens_d_hand_case():
     tr = pd.DataFrame({"csf": [0.0, 1.0, 2.0]})
     chk = LQ.tissue_fraction_check(pd.DataFrame({"csf": [2.0, 3.0, 4.0]}), tr, ["csf"])
     assert chk.loc[0, "cohens_d"] == pytest.approx(2.0)
+
+
+def test_frechet_distance_hand_case():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 3))
+    assert LQ.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # same covariance, means 1 apart in each of 3 dims -> FID = |mu_a - mu_b|^2 = 3
+    assert LQ.frechet_distance(a, a + 1.0) == pytest.approx(3.0, abs=1e-6)
+
+
+def test_knn_precision_recall_hand_case():
+    real = np.array([[0.0], [1.0], [2.0], [3.0], [4.0]])
+    # k=1 radii of the real points: 1 each; 0.5 and 2.5 fall inside, 10 outside
+    syn = np.array([[0.5], [2.5], [10.0], [10.2], [10.4]])
+    p, r = LQ.knn_precision_recall(real, syn, k=1)
+    assert p == pytest.approx(2 / 5)
+    # synthetic radii (k=1): 2.0, 2.0, 0.2, 0.2, 0.2 -> real 0..4 covered by the balls around 0.5 / 2.5
+    assert r == pytest.approx(5 / 5)
+    assert LQ.knn_precision_recall(real, real, k=2) == (1.0, 1.0)

@@ -27,6 +27,9 @@ Public API
 ``tissue_fraction_check(synthetic, training, tissues, tolerance) -> DataFrame``
     tissue volume fraction of the brain per class: synthetic mean vs training mean, and
     ``cohens_d(a, b)`` of the two sets (anatomical plausibility per structure).
+``frechet_distance(real, synthetic)`` / ``knn_precision_recall(real, synthetic, k)``
+    FID and improved precision/recall on features, here :func:`label_features` (the
+    workflow's own label VAE encoder: an in-domain extractor that needs no download).
 ``sample_flags(...) -> DataFrame``
     per synthetic sample: missed conditioning, tissue outside the training range, near copy.
 """
@@ -204,6 +207,62 @@ def lesion_centroid_spread(hard, schema, voxel_mm=1.0):
             spread = float("nan")
         out[t] = {"n_with_lesion": len(cents), "centroid_spread_mm": spread}
     return out
+
+
+def frechet_distance(real, synthetic):
+    """FID between two feature sets ``(N, D)`` (monai ``FIDMetric``: Gaussian fits, Frechet
+    distance); 0 for identical sets."""
+    import torch
+    from monai.metrics import FIDMetric
+
+    a = torch.as_tensor(np.asarray(synthetic, dtype=np.float64))
+    b = torch.as_tensor(np.asarray(real, dtype=np.float64))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise InputError(f"FID needs two (N >= 2, D) feature sets, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return float(FIDMetric()(a, b))
+
+
+def _distances(a, b):
+    return np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1), 0.0))
+
+
+def knn_precision_recall(real, synthetic, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union
+    of balls around its points with radius the distance to the k-th nearest neighbour in the
+    set; precision = share of synthetic points inside the real manifold (fidelity), recall =
+    share of real points inside the synthetic manifold (coverage)."""
+    real = np.asarray(real, dtype=float)
+    synthetic = np.asarray(synthetic, dtype=float)
+    if min(len(real), len(synthetic)) <= k:
+        raise InputError(f"k-NN precision/recall with k={k} needs more than {k} points per set")
+
+    def radii(x):
+        return np.sort(_distances(x, x), axis=1)[:, k]  # column 0 is the point itself
+
+    precision = float((_distances(synthetic, real) <= radii(real)[None, :]).any(1).mean())
+    recall = float((_distances(real, synthetic) <= radii(synthetic)[None, :]).any(1).mean())
+    return precision, recall
+
+
+def label_features(vae_path, hard, n_classes, device="cpu", batch=8):
+    """In-domain features of hard label maps from the workflow's own label VAE encoder: mean and
+    standard deviation over space of each latent channel of the one-hot map's posterior mean
+    (2 x latent channels values per map). Offline and trained on the cohort itself."""
+    import torch
+
+    from . import common as C
+    from .label_generator import load_vae
+
+    vae, pay = load_vae(vae_path, device)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(hard), batch):
+            x = torch.from_numpy(np.eye(n_classes, dtype=np.float32)[np.asarray(hard[i:i + batch], dtype=np.int64)])
+            x = torch.movedim(x, -1, 1)
+            mu, _ = vae.encode(C.pad_background(x, pay["padded_shape"]).to(device))
+            flat = mu.float().flatten(2)
+            out.append(torch.cat([flat.mean(2), flat.std(2)], 1).cpu().numpy())
+    return np.concatenate(out)
 
 
 def tissue_fractions(hard, schema):
@@ -409,6 +468,21 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
                             syn_div[2], f"std {syn_div[1]:.3f}"))
     rows.append(_target_row("diversity", "pairwise_dice_training", real_div[0], n=real_div[2],
                             note=f"std {real_div[1]:.3f}"))
+    feats_syn = label_features(vae_path, hard, schema.n_classes)
+    feats_real = label_features(vae_path, real, schema.n_classes)
+    note = f"label VAE encoder features ({feats_real.shape[1]}: mean, std per latent channel)"
+    rows.append(_target_row("distribution", "fid_synthetic_vs_training", frechet_distance(feats_real, feats_syn),
+                            n=len(feats_syn), note=note))
+    p_syn, r_syn = knn_precision_recall(feats_real, feats_syn)
+    rows.append(_target_row("distribution", "precision_synthetic", p_syn, n=len(feats_syn), note="k-NN, k=3"))
+    rows.append(_target_row("distribution", "recall_synthetic", r_syn, n=len(feats_syn), note="k-NN, k=3"))
+    if held is not None and len(held) > 3:
+        feats_held = label_features(vae_path, held, schema.n_classes)
+        rows.append(_target_row("distribution", "fid_held_out_vs_training", frechet_distance(feats_real, feats_held),
+                                n=len(feats_held), note=note + "; the real-real reference"))
+        p_h, r_h = knn_precision_recall(feats_real, feats_held)
+        rows.append(_target_row("distribution", "precision_held_out", p_h, n=len(feats_held), note="k-NN, k=3"))
+        rows.append(_target_row("distribution", "recall_held_out", r_h, n=len(feats_held), note="k-NN, k=3"))
     spread_syn = lesion_centroid_spread(hard, schema, voxel_mm)
     spread_real = lesion_centroid_spread(real, schema, voxel_mm)
     for t in schema.lesion_types:
