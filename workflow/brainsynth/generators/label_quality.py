@@ -473,10 +473,14 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
     note = f"label VAE encoder features ({feats_real.shape[1]}: mean, std per latent channel)"
     rows.append(_target_row("distribution", "fid_synthetic_vs_training", frechet_distance(feats_real, feats_syn),
                             n=len(feats_syn), note=note))
-    p_syn, r_syn = knn_precision_recall(feats_real, feats_syn)
-    rows.append(_target_row("distribution", "precision_synthetic", p_syn, n=len(feats_syn), note="k-NN, k=3"))
-    rows.append(_target_row("distribution", "recall_synthetic", r_syn, n=len(feats_syn), note="k-NN, k=3"))
-    if held is not None and len(held) > 3:
+    # k-NN manifolds need more than k = 3 maps per set (a tiny cohort has fewer: nan, said so)
+    p_syn, r_syn = knn_precision_recall(feats_real, feats_syn) if min(len(feats_real), len(feats_syn)) > 3 \
+        else (float("nan"), float("nan"))
+    rows.append(_target_row("distribution", "precision_synthetic", p_syn, n=len(feats_syn),
+                            note="k-NN, k=3 (nan: <= 3 maps in a set)"))
+    rows.append(_target_row("distribution", "recall_synthetic", r_syn, n=len(feats_syn),
+                            note="k-NN, k=3 (nan: <= 3 maps in a set)"))
+    if held is not None and len(held) > 3 and len(feats_real) > 3:
         feats_held = label_features(vae_path, held, schema.n_classes)
         rows.append(_target_row("distribution", "fid_held_out_vs_training", frechet_distance(feats_real, feats_held),
                                 n=len(feats_held), note=note + "; the real-real reference"))
