@@ -110,7 +110,9 @@ def three_ways(tmp_path_factory):
     raw = {k: root / "raw" / f"{k}.nii.gz" for k in ("t1", "t2", "flair", "label", "brain_mask")}
     for p in raw.values():
         p.parent.mkdir(parents=True, exist_ok=True)
-    demo.synthesize_subject(plan.loc["demo001"].to_dict(), CONFIG["demo"], SCHEMA, CONFIG["seed"], raw)
+    # WMH whatever phenotype the demo plan draws for demo001 (the lesion-only label test needs lesions)
+    row = {**plan.loc["demo001"].to_dict(), "phenotype": "wmh"}
+    demo.synthesize_subject(row, CONFIG["demo"], SCHEMA, CONFIG["seed"], raw)
     stripped = {m: demo.skull_stripped_copy(raw[m], raw["brain_mask"], root / "stripped" / f"{m}.nii.gz")
                 for m in ("t1", "t2", "flair")}
     # FLAIR on its own 4.5 mm oblique grid, moved by head motion; the label map and brain mask
