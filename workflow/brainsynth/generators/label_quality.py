@@ -447,10 +447,10 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
     for _, a in summary.iterrows():
         if a["measure"] == "any_lesion":
             rows.append(_target_row("adherence", f"{a['mode']}_any_lesion", a["value"], 0.05, "<=", a["n"]))
-        elif a["measure"] == "requested_present" and a["lesion_type"] == "all" and a["mode"] != "random":
+        elif a["measure"] == "requested_present" and a["lesion_type"] == "all":
             rows.append(_target_row("adherence", f"{a['mode']}_requested_present", a["value"],
                                     0.8 if a["mode"] == "unseen" else 0.9, ">=", a["n"]))
-        elif a["measure"] == "unrequested_absent" and a["mode"] != "random":
+        elif a["measure"] == "unrequested_absent":
             rows.append(_target_row("adherence", f"{a['mode']}_unrequested_absent", a["value"], n=a["n"]))
         elif a["measure"] == "spearman":
             rows.append(_target_row("adherence", f"spearman_dc_volume_{a['lesion_type']}", a["value"], 0.7, ">=",
