@@ -52,8 +52,8 @@ def main(argv=None):
     if not vae_path.exists():
         LG.train_label_vae(list(train.values()), {**base, **json.loads(args.vae)}, out / "vae")
     print(f"label VAE {args.vae}: {len(train)} training maps, trained in {time.time() - t0:.0f} s")
-    rows = LQ.reconstruct(vae_path, train, schema.names, "train") + LQ.reconstruct(vae_path, held, schema.names,
-                                                                                    "held_out")
+    rows = LQ.reconstruct(vae_path, train, schema.names, "train")[0] + LQ.reconstruct(vae_path, held, schema.names,
+                                                                                       "held_out")[0]
     gate = LQ.reconstruction_gate(rows, schema).set_index("class")
     gate["train_dice"] = LQ.reconstruction_gate(rows, schema, split="train").set_index("class")["dice_mean"]
     print(gate[["dice_mean", "train_dice", "volume_ratio", "created_in_healthy", "threshold", "pass"]]

@@ -62,6 +62,12 @@ def dice_per_class(reference, prediction, classes):
     return out
 
 
+def mean_label_dice(a, b, n_classes):
+    """Mean Dice of the non-background classes present in either map; 1 when neither has any."""
+    d = [v for v in dice_per_class(a, b, range(1, n_classes)).values() if np.isfinite(v)]
+    return float(np.mean(d)) if d else 1.0
+
+
 def reconstruction_rows(reference, reconstruction, names, subject, split):
     """One row per non-background class: Dice, voxels in and out, out/in ratio."""
     ref = np.asarray(reference)
@@ -78,17 +84,16 @@ def reconstruction_rows(reference, reconstruction, names, subject, split):
 
 def reconstruction_gate(rows, schema, thresholds=None, split="held_out"):
     """Per class: mean ``split`` Dice over the subjects that have the class, its threshold and
-    whether it passes; lesion classes also ``created_in_healthy`` (lesion voxels decoded in
-    subjects that have none of that lesion type; must be 0)."""
+    whether it passes; lesion classes also ``created_in_healthy`` (voxels of the class decoded
+    in subjects without any lesion; must be 0)."""
     th = dict(RECONSTRUCTION_THRESHOLDS, **(thresholds or {}))
     df = pd.DataFrame(rows)
     part = df[df["split"] == split]
     if part.empty:
         part = df
     lesion_classes = set(schema.lesion_classes)
-    healthy = part.groupby("subject").apply(
-        lambda g: int(g.loc[g["class"].isin(lesion_classes), "voxels_in"].sum()) == 0, include_groups=False)
-    healthy_ids = set(healthy[healthy].index)
+    lesion_voxels = part[part["class"].isin(lesion_classes)].groupby("subject")["voxels_in"].sum()
+    healthy_ids = set(lesion_voxels[lesion_voxels == 0].index)
     out = []
     for name in schema.names[1:]:
         g = part[part["class"] == name]
@@ -182,10 +187,7 @@ def pairwise_dice(hard, n_classes, max_pairs=None, seed=0):
     if max_pairs and len(pairs) > max_pairs:
         rng = np.random.default_rng(seed)
         pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), size=int(max_pairs), replace=False))]
-    vals = []
-    for i, j in pairs:
-        d = [v for v in dice_per_class(hard[i], hard[j], range(1, n_classes)).values() if np.isfinite(v)]
-        vals.append(np.mean(d) if d else 1.0)
+    vals = [mean_label_dice(hard[i], hard[j], n_classes) for i, j in pairs]
     return float(np.mean(vals)), float(np.std(vals)), len(pairs)
 
 
@@ -348,18 +350,19 @@ def adherence_conditioning(lesion_types, train_values, n_per_mode, seed=0):
     return df[["mode"] + [f"dc_{t}" for t in types]]
 
 
-def nearest_dice(maps, reference, n_classes, exclude_self=False):
-    """For each map, the highest mean non-background Dice to any reference map."""
-    out = []
-    for i, a in enumerate(maps):
-        best = -1.0
-        for j, b in enumerate(reference):
-            if exclude_self and i == j:
-                continue
-            d = [v for v in dice_per_class(a, b, range(1, n_classes)).values() if np.isfinite(v)]
-            best = max(best, float(np.mean(d)) if d else 1.0)
-        out.append(best)
-    return np.asarray(out)
+def nearest_dice(maps, reference, n_classes):
+    """For each map, the highest :func:`mean_label_dice` to any reference map."""
+    return np.asarray([max(mean_label_dice(a, b, n_classes) for b in reference) for a in maps])
+
+
+def closeness_to_training(hard, real, held, n_classes):
+    """Memorisation against the right baseline: nearest-training Dice of each map, the same for
+    the held-out real maps, and whether each map is closer to a training map than any held-out
+    subject is (all False without held-out maps)."""
+    near = nearest_dice(hard, real, n_classes)
+    near_held = nearest_dice(held, real, n_classes) if held is not None and len(held) else np.zeros(0)
+    closer = near > near_held.max() if len(near_held) else np.zeros(len(near), bool)
+    return near, near_held, closer
 
 
 def _hard_maps(paths, n_classes):
@@ -370,21 +373,23 @@ def _hard_maps(paths, n_classes):
 
 def reconstruct(vae_path, paths, names, split, device="cpu"):
     """Rows of :func:`reconstruction_rows` for each ``{subject: probabilistic map path}``,
-    encoded to the posterior mean and decoded by the label VAE (the LDM's view of the data)."""
+    encoded to the posterior mean and decoded by the label VAE (the LDM's view of the data),
+    and the given maps after argmax ``(N, *spatial)`` (read once for both)."""
     import torch
 
     from . import common as C
     from .label_generator import load_vae
 
     vae, pay = load_vae(vae_path, device)
-    rows = []
+    rows, given = [], []
     with torch.no_grad():
         for subject, p in paths.items():
             x = torch.from_numpy(C.load_prob_label(p, pay["n_classes"]))[None]
             mu, _ = vae.encode(C.pad_background(x, pay["padded_shape"]).to(device))
             rec = C.crop_to(vae.decode_stage_2_outputs(mu), pay["shape"])[0].argmax(0).cpu().numpy()
-            rows += reconstruction_rows(x[0].argmax(0).numpy(), rec, names, subject, split)
-    return rows
+            given.append(x[0].argmax(0).numpy().astype(np.uint8))
+            rows += reconstruction_rows(given[-1], rec, names, subject, split)
+    return rows, (np.stack(given) if given else None)
 
 
 def _target_row(group, measure, value, target=None, op=None, n=None, note=""):
@@ -412,7 +417,9 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
 
     schema = schema or LabelSchema()
     names = schema.names
-    rec = reconstruct(vae_path, training, names, "train") + reconstruct(vae_path, held_out, names, "held_out")
+    rec_train, real = reconstruct(vae_path, training, names, "train")
+    rec_held, held = reconstruct(vae_path, held_out, names, "held_out")
+    rec = rec_train + rec_held
     save_table(pd.DataFrame(rec), out["reconstruction"])
     gate = reconstruction_gate(rec, schema, split="held_out" if held_out else "train")
     save_table(gate, out["gate"])
@@ -429,15 +436,11 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
     summary, per = conditioning_adherence(vols, cond, min_voxels)
     per.insert(0, "sample", ids)
 
-    real = _hard_maps(list(training.values()), schema.n_classes)
     fr_syn, fr_real = tissue_fractions(hard, schema), tissue_fractions(real, schema)
     tissue = tissue_fraction_check(fr_syn, fr_real, schema.tissues, tissue_tolerance)
     per = pd.concat([per, fr_syn.add_prefix("fraction_")], axis=1)
-    near_syn = nearest_dice(hard, real, schema.n_classes)
+    near_syn, near_held, per["closer_than_held_out"] = closeness_to_training(hard, real, held, schema.n_classes)
     per["nearest_training_dice"] = near_syn
-    held = _hard_maps(list(held_out.values()), schema.n_classes) if held_out else None
-    near_held = nearest_dice(held, real, schema.n_classes) if held is not None else np.zeros(0)
-    per["closer_than_held_out"] = near_syn > near_held.max() if len(near_held) else False
     save_table(per, out["samples"])
     save_table(summary, out["adherence"])
 
@@ -567,11 +570,9 @@ def synthetic_sample_qc(manifest, sample_labels, training, held_out, schema=None
     per.insert(0, "sample", ids)
     real = _hard_maps(list(training.values()), schema.n_classes)
     fr_syn, fr_real = tissue_fractions(hard, schema), tissue_fractions(real, schema)
-    near = nearest_dice(hard, real, schema.n_classes)
-    near_held = nearest_dice(_hard_maps(list(held_out.values()), schema.n_classes), real, schema.n_classes) \
-        if held_out else np.zeros(0)
-    mem = pd.DataFrame({"synthetic": ids, "closer_than_held_out": near > near_held.max() if len(near_held)
-                        else np.zeros(len(ids), bool)})
+    held = _hard_maps(list(held_out.values()), schema.n_classes) if held_out else None
+    near, _, closer = closeness_to_training(hard, real, held, schema.n_classes)
+    mem = pd.DataFrame({"synthetic": ids, "closer_than_held_out": closer})
     flags = sample_flags(per, fr_syn, fr_real, mem, schema.tissues)
     extra = per[["sample"] + [c for c in per.columns if c.startswith(("dc_", "voxels_"))]]
     out = extra.merge(flags, on="sample")

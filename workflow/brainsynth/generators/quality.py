@@ -166,20 +166,12 @@ def _pair_similarity(a, b, metric, n_classes=None):
     if metric == "mse":
         return ((b - a[None]) ** 2).reshape(b.shape[0], -1).mean(1).numpy()
     if metric == "dice":
-        a = a.long()
-        b = b.long()
+        from .label_quality import mean_label_dice
+
+        a = a.long().numpy()
+        b = b.long().numpy()
         k = int(n_classes or int(max(a.max(), b.max())) + 1)
-        out = []
-        for bi in b:
-            ds = []
-            for c in range(1, k):
-                pa, pb = a == c, bi == c
-                s = int(pa.sum()) + int(pb.sum())
-                if s == 0:
-                    continue
-                ds.append(2.0 * int((pa & pb).sum()) / s)
-            out.append(np.mean(ds) if ds else 1.0)
-        return np.asarray(out)
+        return np.asarray([mean_label_dice(a, bi, k) for bi in b])
     if metric == "ssim":
         from monai.metrics import SSIMMetric
 
