@@ -324,7 +324,7 @@ def test_qc_exclusion_leaves_failed_subjects_out_of_the_later_stages(tmp_path):
 
     def predictions(out):
         """Test sets the planned predict_segmentation jobs write predictions for."""
-        return sorted(set(re.findall(r"/predictions/([\w-]+)/", out)))
+        return sorted(set(re.findall(r"/predictions/([\w-]+)\.tsv", out)))
 
     code, out = run_snakemake(tmp_path, "-n", config=cfg)
     assert code == 0 and predictions(out) == ["far_ood", "in_distribution", "near_ood"], out[-2000:]

@@ -123,15 +123,17 @@ def test_dry_run_plans_every_segmentation_rule(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=TINY_SEG)
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
-    for rule in ("assemble_nnunet_dataset", "plan_nnunet", "train_segmentation", "predict_segmentation",
-                 "score_segmentation"):
+    for rule in ("assemble_nnunet_dataset", "plan_nnunet", "train_segmentation", "score_segmentation"):
         assert jobs[rule] == 2, (rule, jobs)
+    assert jobs["predict_segmentation"] == 6  # one job per arm and test set
     assert jobs["segmentation_table"] == 3  # dice, hd95, fp_tum
+    assert jobs["experiment_table"] == 1
     by_rule = jobs_by_rule(out)
     assert by_rule["segmentation_table"] == ["task=wmh, metric=dice", "task=wmh, metric=fp_tum",
                                              "task=wmh, metric=hd95"]
     assert by_rule["train_segmentation"] == ["task=wmh, arm=R", "task=wmh, arm=Rhalf"]
-    assert "results/tinyseg/segmentation/wmh/Rhalf/predictions/near_ood/" in out
+    assert "results/tinyseg/segmentation/wmh/Rhalf/predictions/near_ood.tsv" in out
+    assert "results/tinyseg/tables/tiny_e4/figure_e4.csv" in out
     assert not (tmp_path / "results").exists()
 
 
@@ -217,9 +219,9 @@ def test_task_leaves_out_the_arms_it_excludes(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=cfg)
     assert code == 0, out[-3000:]
     by_rule = jobs_by_rule(out)
-    for rule in ("assemble_nnunet_dataset", "plan_nnunet", "train_segmentation", "predict_segmentation",
-                 "score_segmentation"):
+    for rule in ("assemble_nnunet_dataset", "plan_nnunet", "train_segmentation", "score_segmentation"):
         assert by_rule[rule] == ["task=tumour, arm=R", "task=tumour, arm=Rhalf", "task=wmh, arm=R"], rule
+    assert len(by_rule["predict_segmentation"]) == 3 * 3
     tables = [b for b in re.split(r"\n(?=rule )", out) if b.startswith("rule segmentation_table")]
     wmh = [b for b in tables if "task=wmh" in b]
     assert wmh and all("wmh/R/scores.tsv" in b and "Rhalf" not in b for b in wmh)
@@ -232,7 +234,12 @@ def test_task_leaves_out_the_arms_it_excludes(tmp_path):
     ({"tasks": ["wmh", "bad"], "task_definitions": {"bad": {"classes": {"x": ["nonsense"]}}}},
      "unknown schema class 'nonsense'"),
     ({"task_definitions": {"wmh": {"exclude_arms": ["R", "nope"]}}},
-     "task 'wmh' excludes arms ['nope'] that are not defined"),
+     "task 'wmh' names arms ['nope'] that are not defined"),
+    ({"recipes": {"Rhalf": {"n_real": 2, "modalities": ["flair"]}}},
+     "1 modalities ['flair'] for a task with 3 input channels"),
+    ({"experiment_definitions": {"tiny_e4": {"task": "wmh", "arms": ["R", "S"], "test_sets": ["near_ood"]}}},
+     "segmentation.experiment_definitions.tiny_e4"),
+    ({"recipes": {"Rhalf": {"real": 1.0, "sample_set": "unseen"}}}, "sample_set 'unseen' is not defined"),
 ])
 def test_bad_segmentation_config_is_named(tmp_path, change, expect):
     cfg = seg_config(**change)
@@ -260,12 +267,18 @@ def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path)
         assert lab.is_symlink() and lab.resolve() == (seg_dir / "R" / "labels" / lab.name).resolve()
         assert set(np.unique(np.asarray(nib.load(lab).dataobj))) <= {0, 1}
         assert (raw / "imagesTr" / f"{case['case_id']}_0002.nii.gz").resolve().name == "flair.nii.gz"
+    # Rhalf feeds its own modalities to the channels (recipe key modalities)
+    raw_half = seg_dir / "Rhalf" / "nnunet" / "raw" / ds["Rhalf"]["dataset_name"]
+    case = ds["Rhalf"]["cases"][0]["case_id"]
+    assert [(raw_half / "imagesTr" / f"{case}_{k:04d}.nii.gz").resolve().name for k in range(3)] == [
+        "t2.nii.gz", "t1.nii.gz", "flair.nii.gz"]
+    assert json.loads((raw_half / "dataset.json").read_text())["channel_names"] == {"0": "t2", "1": "t1", "2": "flair"}
     model = json.loads((seg_dir / "R" / "model.json").read_text())
     assert (tmp_path / model["checkpoint"]).is_file() and model["epochs"] == 2
     assert "nnunet/results" in model["model_folder"]
 
     pred = seg_dir / "R" / "predictions"
-    test_sets = {p.name: sorted(q.name for q in p.glob("*.nii.gz")) for p in pred.iterdir()}
+    test_sets = {p.name: sorted(q.name for q in p.glob("*.nii.gz")) for p in pred.iterdir() if p.is_dir()}
     assert sorted(test_sets) == ["far_ood", "in_distribution", "near_ood"]
     assert [len(v) for v in test_sets.values()] == [1, 1, 1]
     some = next((pred / "near_ood").glob("*.nii.gz"))
@@ -287,6 +300,17 @@ def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path)
             assert (res / "tables" / f"wmh_{metric}.{ext}").stat().st_size > 50
         assert (res / "figures" / f"wmh_{metric}.png").stat().st_size > 5000
 
+    # the study's layout: Dice and recall on one test set, FP_tum on another, every pair tested
+    e4 = pd.read_csv(res / "tables" / "tiny_e4" / "figure_e4.csv")
+    assert e4["arm"].tolist() == ["R", "Rhalf"]
+    assert list(e4.columns[1:]) == ["in_distribution wmh dice", "in_distribution wmh recall",
+                                    "near_ood fp_tum fp_tum"]
+    assert "HD95: larger of the two directed" in (res / "tables" / "tiny_e4" / "figure_e4.md").read_text()
+    assert (res / "figures" / "tiny_e4" / "figure_e4.png").stat().st_size > 5000
+    design_table = pd.read_csv(res / "segmentation" / "design.tsv", sep="\t", keep_default_na=False)
+    assert design_table.set_index("arm").loc["Rhalf", "test_sets"] == (
+        "in_distribution:t1+t2+flair near_ood:t1+t2+flair far_ood:flair+flair+flair")
+
     code, out = run_snakemake(tmp_path, "--report", "report.html", config=TINY_SEG)
     assert code == 0, out[-3000:]
     html = (tmp_path / "report.html").read_text(errors="replace")
@@ -300,19 +324,20 @@ def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path)
     changed = seg_config(recipes={"Rhalf": {"real": 1.0}})
     code, out = run_snakemake(tmp_path, "-n", config=changed)
     assert code == 0, out[-3000:]
-    per_arm = {"assemble_nnunet_dataset", "plan_nnunet", "train_segmentation", "predict_segmentation",
-               "score_segmentation"}
-    assert planned_jobs(out) == {**{r: 1 for r in per_arm}, "segmentation_table": 3, "all": 1}, out[-3000:]
+    per_arm = {"assemble_nnunet_dataset", "plan_nnunet", "train_segmentation", "score_segmentation"}
+    assert planned_jobs(out) == {**{r: 1 for r in per_arm}, "predict_segmentation": 3, "segmentation_design": 1,
+                                 "segmentation_table": 3, "experiment_table": 1, "all": 1}, out[-3000:]
     jobs = jobs_by_rule(out)
     for rule in per_arm:
         assert jobs[rule] == ["task=wmh, arm=Rhalf"], jobs
+    assert all(j.startswith("task=wmh, arm=Rhalf, test_set=") for j in jobs["predict_segmentation"])
 
     # a training setting: every arm retrains (and predicts, scores), no dataset or plan reruns
     changed = seg_config(nnunet=dict(TINY_SEG["segmentation"]["nnunet"], iterations_per_epoch=5))
     code, out = run_snakemake(tmp_path, "-n", config=changed)
     assert code == 0, out[-3000:]
-    assert planned_jobs(out) == {"train_segmentation": 2, "predict_segmentation": 2, "score_segmentation": 2,
-                                 "segmentation_table": 3, "all": 1}
+    assert planned_jobs(out) == {"train_segmentation": 2, "predict_segmentation": 6, "score_segmentation": 2,
+                                 "segmentation_table": 3, "experiment_table": 1, "all": 1}
     # the task's own training length overrides the shared one
     changed = seg_config(task_definitions={"wmh": {"nnunet": {"epochs": 3}}})
     code, out = run_snakemake(tmp_path, "-n", config=changed)

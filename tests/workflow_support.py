@@ -108,9 +108,18 @@ TINY_SEG = {
     "segmentation": {
         "tasks": ["wmh"],
         "arms": ["R", "Rhalf"],
-        "recipes": {"Rhalf": {"real": 0.5}},
-        # the demo gives wmh more epochs and leaves arms out of it; the tiny config does neither
-        "task_definitions": {"wmh": {"nnunet": {"epochs": 2}, "exclude_arms": []}},
+        # Rhalf also exercises the study's arm keys: an absolute count, its own channel modalities
+        "recipes": {"Rhalf": {"n_real": 2, "modalities": ["t2", "t1", "flair"]}},
+        # the demo gives wmh more epochs and leaves arms out of it; the tiny config does neither.
+        # The far-OOD test set is fed FLAIR in every channel (the study's far-OOD FLAIR-only set)
+        "task_definitions": {"wmh": {"nnunet": {"epochs": 2}, "exclude_arms": [],
+                                     "test_modalities": {"far_ood": ["flair", "flair", "flair"]}}},
+        # one study experiment over both arms (E4's layout: Dice on one test set, FP_tum on another)
+        "experiments": ["tiny_e4"],
+        "experiment_definitions": {"tiny_e4": {
+            "task": "wmh", "arms": ["R", "Rhalf"], "test_sets": ["in_distribution", "near_ood"],
+            "metrics": {"in_distribution": ["dice", "recall"], "near_ood": ["fp_tum"]}, "layout": "figure",
+            "paper_name": "figure_e4"}},
         "nnunet": {"configuration": "2d", "epochs": 2, "iterations_per_epoch": 4, "val_iterations_per_epoch": 1,
                    "plans_overrides": {"base_features": 4, "max_features": 32, "max_stages": 3, "batch_size": 8}},
         "tables": {"metrics": ["dice", "hd95"]},
@@ -119,8 +128,12 @@ TINY_SEG = {
 
 
 def seg_config(**seg):
+    """TINY_SEG with segmentation keys replaced; its experiment leaves when the arms, tasks or task
+    definitions it names change (unless experiments are given too)."""
     cfg = yaml.safe_load(yaml.safe_dump(TINY_SEG))
     cfg["segmentation"].update(seg)
+    if {"arms", "tasks", "task_definitions"} & set(seg) and "experiments" not in seg:
+        cfg["segmentation"]["experiments"] = []
     return cfg
 
 

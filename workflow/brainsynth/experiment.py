@@ -22,6 +22,19 @@ nested (R25 within R50 within R100) and the same for every task. ``style_set``
 names a ``synthesis.style_sets`` entry: the arm's synthetic cases keep their
 labels and take their images from that set (domain-shift arms).
 
+The study's arms need more than two fractions, so a recipe may also give::
+
+    R_les:  {n_real: 5, real_pool: {sites: [brats]}}        # few-shot: 5 real cases of one dataset
+    R_fOD:  {real: 1.0, real_pool: {roles: [far_ood]}, modalities: [flair]}
+    R0S100: {synthetic: 1.0, relative_to: real, sample_set: unseen}
+
+``real_pool`` (a :func:`select_subjects` selector over the training split) replaces the
+run's default real pool (``segmentation.real_pool``); ``n_real`` is an absolute count
+instead of the ``real`` fraction; ``modalities`` are the images fed to the task's input
+channels for this arm's training cases (R_fOD learns the tissue task from FLAIR);
+``sample_set`` names a ``synthesis.sample_sets`` entry (label maps sampled with other
+conditioning, e.g. the unseen WMH + tumour phenotype).
+
 Tasks
 -----
 A task maps the schema's classes (``labels.classes``) to nnU-Net labels::
@@ -50,8 +63,10 @@ import numpy as np
 from .errors import InputError, InputErrors
 
 POOLS = ("real", "synthetic")
+RECIPE_KEYS = ("relative_to", "n_real", "real_pool", "modalities", "sample_set", "style_set")
+SELECTOR_KEYS = {"roles": "role", "sites": "site", "phenotypes": "phenotype"}
 RELATIVE_TO = ("pool", "real")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 SYNTH_PREFIX = "synth"
 
 
@@ -67,10 +82,12 @@ def _round_half_up(x):
 def arm_counts(recipe, n_real, n_synthetic, arm="?"):
     """``(n_real_cases, n_synthetic_cases)`` of one recipe; raises InputError when impossible."""
     field = f"segmentation.recipes.{arm}"
-    unknown = set(recipe) - set(POOLS) - {"relative_to", "style_set"}
+    unknown = set(recipe) - set(POOLS) - set(RECIPE_KEYS)
     if unknown:
         raise InputError(f"unknown recipe keys {sorted(unknown)}", field=field,
-                         fix="use real, synthetic (fractions), relative_to (pool|real) and style_set")
+                         fix="use real, synthetic (fractions), " + ", ".join(RECIPE_KEYS))
+    if "n_real" in recipe and "real" in recipe:
+        raise InputError("gives both a real fraction and n_real", field=field, fix="keep one of them")
     rel = recipe.get("relative_to", "pool")
     if rel not in RELATIVE_TO:
         raise InputError(f"relative_to must be one of {RELATIVE_TO}, got {rel!r}", field=field,
@@ -83,9 +100,14 @@ def arm_counts(recipe, n_real, n_synthetic, arm="?"):
         fr[pool] = float(v)
     base = {"real": n_real, "synthetic": n_real if rel == "real" else n_synthetic}
     counts = {p: _round_half_up(fr[p] * base[p]) for p in POOLS}
+    if "n_real" in recipe:
+        v = recipe["n_real"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise InputError(f"n_real must be an integer >= 0, got {v!r}", field=f"{field}.n_real", fix="e.g. 5")
+        counts["real"] = v
     if fr["real"] > 1.0 + 1e-9 or counts["real"] > n_real:
-        raise InputError(f"asks for {counts['real']} real cases but there are {n_real} real training subjects",
-                         field=field, fix="use a real fraction <= 1")
+        raise InputError(f"asks for {counts['real']} real cases but its real pool holds {n_real} training subjects",
+                         field=field, fix="use a real fraction <= 1 (n_real <= the pool), or widen real_pool")
     if counts["synthetic"] > n_synthetic:
         raise InputError(f"asks for {counts['synthetic']} synthetic cases but synthesis.n_samples is "
                          f"{n_synthetic}", field=field,
@@ -164,6 +186,74 @@ def drop_flagged_samples(cases, sample_qc_path):
                          file=sample_qc_path, field="synthesis.qc.drop_flagged",
                          fix="set synthesis.qc.drop_flagged: false, or improve the generators (see the sample QC table)")
     return kept, dropped
+
+
+def select_subjects(rows, selector, split, field):
+    """Sorted subjects of ``split`` whose sample-sheet row matches every key of ``selector``
+    (``roles``, ``sites``, ``phenotypes``: lists of accepted values; an empty selector takes
+    the whole split). ``rows``: ``{subject: {"split", "site", "role"?, "phenotype"?}}``."""
+    selector = selector or {}
+    if not isinstance(selector, dict):
+        raise InputError(f"must be a mapping, got {selector!r}", field=field,
+                         fix="e.g. {roles: [in_distribution], phenotypes: [wmh]}")
+    unknown = set(selector) - set(SELECTOR_KEYS)
+    if unknown:
+        raise InputError(f"unknown selector keys {sorted(unknown)}", field=field,
+                         fix=f"use {sorted(SELECTOR_KEYS)}")
+    for key, column in SELECTOR_KEYS.items():
+        if key in selector and rows and not any(row.get(column) not in (None, "") for row in rows.values()):
+            raise InputError(f"selects by {key} but no subject has a {column!r}", field=f"{field}.{key}",
+                             fix=f"add a {column!r} column to the sample sheet, or drop {key}")
+    wanted = {SELECTOR_KEYS[k]: {str(v) for v in (vals if isinstance(vals, list) else [vals])}
+              for k, vals in selector.items()}
+    return sorted(s for s, row in rows.items() if str(row.get("split")) == split
+                  and all(str(row.get(col)) in vals for col, vals in wanted.items()))
+
+
+def arm_modalities(recipe, task_modalities, modalities, arm="?"):
+    """The images an arm's training cases feed into the task's input channels: the recipe's
+    ``modalities`` or the task's; as many as the task has channels, each one of the run's."""
+    mods = list(recipe.get("modalities") or task_modalities)
+    field = f"segmentation.recipes.{arm}.modalities"
+    stray = [m for m in mods if m not in modalities]
+    if stray:
+        raise InputError(f"modalities {stray} are not among the run's modalities {list(modalities)}",
+                         field=field, fix="name modalities listed under modalities:")
+    if len(mods) != len(task_modalities):
+        raise InputError(f"{len(mods)} modalities {mods} for a task with {len(task_modalities)} input channels "
+                         f"{list(task_modalities)}", field=field, fix="give one modality per channel")
+    return mods
+
+
+def task_inputs(task_cfg, modalities, test_set_names, task="?"):
+    """``(channels, {test set: modalities})`` of a task: its input modalities (default: all
+    of the run's), the test sets its arms are scored on (default: all) and the images fed to
+    the channels per test set (``test_modalities``, default: the channels' modalities)."""
+    field = f"segmentation.task_definitions.{task}"
+    channels = list(task_cfg.get("modalities") or modalities)
+    stray = [m for m in channels if m not in modalities]
+    if stray:
+        raise InputError(f"modalities {stray} are not among the run's modalities {list(modalities)}",
+                         field=f"{field}.modalities", fix="name modalities listed under modalities:")
+    sets = list(task_cfg.get("test_sets") or test_set_names)
+    unknown = [t for t in sets if t not in test_set_names]
+    if unknown:
+        raise InputError(f"test sets {unknown} do not exist (test sets: {list(test_set_names)})",
+                         field=f"{field}.test_sets", fix="name test sets of segmentation.test_sets / test_sets_by")
+    # entries for test sets the run does not have (QC left all their subjects out) are moot
+    per_set = {t: m for t, m in (task_cfg.get("test_modalities") or {}).items() if t in test_set_names}
+    stray = [t for t in per_set if t not in sets]
+    if stray:
+        raise InputError(f"test_modalities for {stray}, which the task is not scored on", field=f"{field}.test_modalities",
+                         fix=f"use test sets of the task: {sets}")
+    out = {}
+    for t in sets:
+        mods = list(per_set.get(t) or channels)
+        if len(mods) != len(channels) or any(m not in modalities for m in mods):
+            raise InputError(f"test set {t!r}: {mods} do not fill the task's channels {channels} with the run's "
+                             f"modalities", field=f"{field}.test_modalities.{t}", fix="give one modality per channel")
+        out[t] = mods
+    return channels, out
 
 
 def dataset_id(task, arm, tasks, arms, base=100, stride=100):
@@ -302,7 +392,7 @@ def test_sets(subjects, by="role"):
     out = {}
     for s, v in zip(df["subject"], df[col]):
         key = str(v) if isinstance(v, str) and v else "test"
-        if not NAME_RE.match(key.replace("_", "-")):
+        if not NAME_RE.match(key):
             raise InputError(f"test set name {key!r} (column {col!r}) is not a valid folder name",
                              subject=str(s), field="segmentation.test_sets_by",
                              fix="use letters, digits, '_' and '-'")
@@ -310,6 +400,23 @@ def test_sets(subjects, by="role"):
     rank = {r: i for i, r in enumerate(ROLE_ORDER)}
     keys = sorted(out, key=lambda k: (rank.get(k, len(rank)), list(out).index(k)))
     return {k: out[k] for k in keys}
+
+
+def defined_test_sets(rows, definitions):
+    """``{test set: [subjects]}`` from ``segmentation.test_sets`` (name -> selector over the
+    test split, see :func:`select_subjects`), in the order given; a set without subjects is
+    an error (a table with an empty row says nothing)."""
+    out = {}
+    for name, selector in definitions.items():
+        field = f"segmentation.test_sets.{name}"
+        if not NAME_RE.match(str(name)):
+            raise InputError(f"test set name {name!r} is not a valid folder name", field=field,
+                             fix="use letters, digits, '_' and '-'")
+        out[str(name)] = select_subjects(rows, selector, "test", field)
+        if not out[str(name)]:
+            raise InputError("selects no test subject", field=field,
+                             fix="check its roles / sites / phenotypes against the subject table")
+    return out
 
 
 def subject_classes(label_classes, tissue_from_atropos, tissues):

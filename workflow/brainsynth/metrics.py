@@ -28,7 +28,8 @@ otherwise               2tp/(2tp+fp+fn), tp/(tp+fp), tp/(tp+fn), (tp+tn)/N
   it is dominated by background and reported for completeness.
 * ``hd95`` is MONAI's ``compute_hausdorff_distance(percentile=95)`` (symmetric,
   Euclidean, in the units of ``spacing``: mm when spacing is the voxel size);
-  NaN when either mask is empty.
+  NaN when either mask is empty. ``hd95_definition="brats"`` pools both
+  directions before the percentile, as the BraTS evaluation (panoptica) does.
 * ``fp_tum`` is the share (0..1) of ground-truth tumour voxels that the model
   labels as WMH; NaN when the subject has no tumour voxel.
 
@@ -125,15 +126,29 @@ def binary_scores(pred, truth, empty_score=1.0) -> dict:
     }
 
 
-def hd95(pred, truth, spacing=None) -> float:
-    """95th-percentile symmetric Hausdorff distance (MONAI), NaN if a mask is empty.
+HD95_DEFINITIONS = {
+    "monai": "HD95: larger of the two directed 95th percentiles of surface distances (MONAI)",
+    "brats": "HD95: 95th percentile of the pooled surface distances of both directions (BraTS / "
+             "panoptica / medpy)",
+}
 
+
+def hd95(pred, truth, spacing=None, definition="monai") -> float:
+    """95th-percentile Hausdorff distance, NaN if a mask is empty.
+
+    ``definition``: ``"monai"`` (default) is MONAI's ``compute_hausdorff_distance
+    (percentile=95)``, the larger of the two directed 95th percentiles; ``"brats"``
+    is the 95th percentile of both directions' surface distances pooled (the
+    official BraTS evaluation's panoptica, medpy). Both use MONAI's surface edges.
     ``spacing``: voxel size per axis (or one number), in mm for mm results;
     ``None`` means unit spacing (result in voxels).
     """
     import torch
-    from monai.metrics import compute_hausdorff_distance
+    from monai.metrics.utils import get_edge_surface_distance
 
+    if definition not in HD95_DEFINITIONS:
+        raise InputError(f"unknown HD95 definition {definition!r}", field="segmentation.scoring.hd95_definition",
+                         fix=f"use one of {sorted(HD95_DEFINITIONS)}")
     p = _as_bool(pred)
     t = _as_bool(truth)
     _check_shapes(p, t)
@@ -146,13 +161,14 @@ def hd95(pred, truth, spacing=None) -> float:
         if len(spacing) != p.ndim:
             raise InputError(f"spacing {spacing} has {len(spacing)} values for a {p.ndim}-D mask",
                              fix="give one voxel size per image axis")
-    yp = torch.from_numpy(p[None, None].astype(np.float32))
-    yt = torch.from_numpy(t[None, None].astype(np.float32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = compute_hausdorff_distance(yp, yt, include_background=True, percentile=95,
-                                         spacing=spacing)
-    return float(out.reshape(-1)[0])
+        _, distances, _ = get_edge_surface_distance(torch.from_numpy(p), torch.from_numpy(t),
+                                                    spacing=spacing, symmetric=True)
+    d = [x.double().reshape(-1) for x in distances]
+    if definition == "brats":
+        return float(torch.quantile(torch.cat(d), 0.95))
+    return float(max(torch.quantile(x, 0.95) for x in d))
 
 
 def _values(v) -> list:
@@ -208,7 +224,7 @@ def _fp_tum_spec(fp_tum):
 
 
 def score_subject(pred_label, truth_label, classes, spacing=None, with_hd95=False,
-                  fp_tum=None, empty_score=1.0) -> list[dict]:
+                  fp_tum=None, empty_score=1.0, hd95_definition="monai") -> list[dict]:
     """Score one subject; returns long rows ``{"class", "metric", "value"}``.
 
     ``classes``: ``{name: value or [values]}``; several values are merged
@@ -228,7 +244,7 @@ def score_subject(pred_label, truth_label, classes, spacing=None, with_hd95=Fals
         for m in OVERLAP_METRICS:
             rows.append({"class": name, "metric": m, "value": float(s[m])})
         if with_hd95:
-            rows.append({"class": name, "metric": "hd95", "value": hd95(p, t, spacing)})
+            rows.append({"class": name, "metric": "hd95", "value": hd95(p, t, spacing, hd95_definition)})
         rows.append({"class": name, "metric": "truth_voxels", "value": float(s["tp"] + s["fn"])})
         rows.append({"class": name, "metric": "pred_voxels", "value": float(s["tp"] + s["fp"])})
     spec = _fp_tum_spec(fp_tum)
@@ -249,7 +265,7 @@ def _load(x):
 
 
 def score_cohort(pairs, classes, spacing=None, with_hd95=False, fp_tum=None,
-                 empty_score=1.0, **meta) -> pd.DataFrame:
+                 empty_score=1.0, hd95_definition="monai", **meta) -> pd.DataFrame:
     """Score many subjects into one long DataFrame (columns :data:`LONG_COLUMNS`).
 
     ``pairs``: iterable of ``(subject, pred, truth)`` tuples or of dicts with
@@ -278,7 +294,7 @@ def score_cohort(pairs, classes, spacing=None, with_hd95=False, fp_tum=None,
         sp = spacing if spacing is not None else zooms
         try:
             rows = score_subject(pred_arr, truth_arr, classes, spacing=sp, with_hd95=with_hd95,
-                                 fp_tum=fp_tum, empty_score=empty_score)
+                                 fp_tum=fp_tum, empty_score=empty_score, hd95_definition=hd95_definition)
         except InputError as exc:
             raise InputError(exc.problem, subject=str(subject), file=exc.file or
                              (str(pred) if isinstance(pred, (str, Path)) else None),

@@ -83,7 +83,7 @@ _ENTRY_POINTS = {
     "brainsynth_nnunet_train": ("brainsynth.nnunet_trainers", "train_entry"),
 }
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 # --------------------------------------------------------------------------- roots
@@ -134,7 +134,7 @@ def as_roots(roots):
 def dataset_folder_name(dataset_id, dataset_name):
     dataset_id = _check_dataset_id(dataset_id)
     if not _DATASET_NAME.match(str(dataset_name)):
-        raise InputError(f"nnU-Net dataset name {dataset_name!r} must be letters, digits and '-'",
+        raise InputError(f"nnU-Net dataset name {dataset_name!r} must be letters, digits, '_' and '-'",
                          field="dataset_name", fix="e.g. 'BrainReal' or 'Brain-Synthetic'")
     return f"Dataset{dataset_id:03d}_{dataset_name}"
 

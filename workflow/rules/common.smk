@@ -221,18 +221,27 @@ SYNTH_SAMPLES = f"{R}/synthesis/samples"
 STYLE_SETS = f"{R}/synthesis/style_sets"
 
 
+def sample_set_ids(name=None):
+    """Synthetic case ids of the main sample set (None) or of a synthesis.sample_sets entry."""
+    synth_cfg = config.get("synthesis") or {}
+    spec = synth_cfg if name is None else (synth_cfg.get("sample_sets") or {})[name]
+    return seg_design.synthetic_ids(spec.get("n_samples", synth_cfg.get("n_samples", 0)))
+
+
 def _seg_design():
     """Active tasks/arms, training cases per arm, test sets, dataset ids (computed once)."""
     synth_cfg = config.get("synthesis") or {}
     synth_enabled = bool(synth_cfg.get("enabled", True))
-    synth_ids = seg_design.synthetic_ids(synth_cfg.get("n_samples", 0)) if synth_enabled else []
-    real_ids = passing_qc(subjects_with("train"))
+    rows = {s: row for s, row in SUBJECT_ROWS.items() if s not in QC_EXCLUDED}
+    default_pool = seg_design.select_subjects(
+        rows, SEGCFG.get("real_pool"), "train", "segmentation.real_pool"
+    )
     recipes = SEGCFG.get("recipes") or {}
     task_defs = SEGCFG.get("task_definitions") or {}
     for name in list(recipes) + list(task_defs):
         if not seg_design.NAME_RE.match(str(name)):
             raise InputError(
-                f"name {name!r} is not letters, digits and '-'",
+                f"name {name!r} is not letters, digits, '_' and '-'",
                 field="segmentation",
                 fix="rename it (names become nnU-Net dataset names and folders)",
             )
@@ -248,32 +257,74 @@ def _seg_design():
     dropped = [a for a in SEGCFG.get("arms", []) if a not in arms]
     if dropped:
         sys.stderr.write(f"synthesis.enabled is false: arms {dropped} (synthetic data) are left out\n")
-    tasks = list(SEGCFG.get("tasks", []))
-    task_arms = {}
-    for t in tasks:
-        excluded = task_defs[t].get("exclude_arms") or []
-        stray = [a for a in excluded if a not in recipes]
-        if stray:
+    sample_sets = synth_cfg.get("sample_sets") or {}
+    for a in arms:
+        name = recipes[a].get("sample_set")
+        if name is not None and name not in sample_sets:
             raise InputError(
-                f"task {t!r} excludes arms {stray} that are not defined",
-                field=f"segmentation.task_definitions.{t}.exclude_arms",
-                fix="name arms defined under segmentation.recipes",
+                f"sample_set {name!r} is not defined",
+                field=f"segmentation.recipes.{a}.sample_set",
+                fix=f"name one of synthesis.sample_sets ({sorted(sample_sets)}) or drop the key",
             )
-        task_arms[t] = [a for a in arms if a not in excluded]
-    design = {
-        "tasks": tasks,
-        "arms": arms,
-        "task_arms": task_arms,
-        "cases": {a: seg_design.arm_cases(recipes[a], real_ids, synth_ids, config["seed"], a) for a in arms},
-        "style_sets": {a: seg_design.style_set(recipes[a], synth_cfg.get("style_sets"), a) for a in arms},
-        "groups": {t: seg_design.task_classes(task_defs[t], SCHEMA, t) for t in tasks},
-        "test_sets": (
+    tasks = list(SEGCFG.get("tasks", []))
+    if SEGCFG.get("test_sets"):
+        test_sets = seg_design.defined_test_sets(rows, SEGCFG["test_sets"]) if tasks else {}
+    else:
+        test_sets = (
             seg_design.test_sets(
                 SUBJECTS[~SUBJECTS["subject"].isin(QC_EXCLUDED)], SEGCFG.get("test_sets_by", "role")
             )
             if tasks
             else {}
-        ),
+        )
+    task_arms, task_inputs = {}, {}
+    for t in tasks:
+        excluded = task_defs[t].get("exclude_arms") or []
+        listed = task_defs[t].get("arms")
+        stray = [a for a in excluded + list(listed or []) if a not in recipes]
+        if stray:
+            raise InputError(
+                f"task {t!r} names arms {stray} that are not defined",
+                field=f"segmentation.task_definitions.{t}.arms / exclude_arms",
+                fix="name arms defined under segmentation.recipes",
+            )
+        task_arms[t] = [a for a in arms if a not in excluded and (listed is None or a in listed)]
+        task_inputs[t] = seg_design.task_inputs(task_defs[t], MODALITIES, list(test_sets), t)
+    real_pools = {
+        a: (
+            seg_design.select_subjects(
+                rows, recipes[a]["real_pool"], "train", f"segmentation.recipes.{a}.real_pool"
+            )
+            if "real_pool" in recipes[a]
+            else default_pool
+        )
+        for a in arms
+    }
+    design = {
+        "tasks": tasks,
+        "arms": arms,
+        "task_arms": task_arms,
+        "task_inputs": task_inputs,
+        "cases": {
+            a: seg_design.arm_cases(
+                recipes[a],
+                real_pools[a],
+                (sample_set_ids(recipes[a].get("sample_set")) if synth_enabled else []),
+                config["seed"],
+                a,
+            )
+            for a in arms
+        },
+        "style_sets": {a: seg_design.style_set(recipes[a], synth_cfg.get("style_sets"), a) for a in arms},
+        "sample_sets": {a: recipes[a].get("sample_set") for a in arms},
+        # per (task, arm): the images of the training cases, one per input channel
+        "modalities": {
+            (t, a): seg_design.arm_modalities(recipes[a], task_inputs[t][0], MODALITIES, a)
+            for t in tasks
+            for a in task_arms[t]
+        },
+        "groups": {t: seg_design.task_classes(task_defs[t], SCHEMA, t) for t in tasks},
+        "test_sets": test_sets,
         # positions in the run lists (lists are replaced, never merged, by --configfile)
         "ids": {
             (t, a): seg_design.dataset_id(
@@ -303,8 +354,13 @@ except InputError as exc:
 SEG_TASKS = SEG_DESIGN["tasks"]
 SEG_ARMS = SEG_DESIGN["arms"]
 SEG_TEST_SETS = SEG_DESIGN["test_sets"]
-# (test_set, subject) of every test subject
-SEG_TEST_CASES = [(ts, s) for ts, subs in SEG_TEST_SETS.items() for s in subs]
+
+
+def seg_test_cases(task):
+    """``[(test set, subject, [modalities fed to the channels])]`` the task's arms are scored on."""
+    return [
+        (ts, s, mods) for ts, mods in SEG_DESIGN["task_inputs"][task][1].items() for s in SEG_TEST_SETS[ts]
+    ]
 
 
 _SEG_CASE_FILES = {}
@@ -327,16 +383,33 @@ def _seg_case_files(arm):
             "label": grid_file(s, "label"),
             "images": {m: grid_file(s, m) for m in MODALITIES},
         }
-    style_set = SEG_DESIGN["style_sets"][arm]
-    images = f"{STYLE_SETS}/{style_set}/samples" if style_set else SYNTH_SAMPLES
+    style_set, sample_set = SEG_DESIGN["style_sets"][arm], SEG_DESIGN["sample_sets"][arm]
+    labels = sample_set_folder(sample_set)
+    images = f"{STYLE_SETS}/{style_set}/samples" if style_set else labels
     for s in SEG_DESIGN["cases"][arm]["synthetic"]:
         cases[s] = {
             "source": "synthetic",
-            "label": f"{SYNTH_SAMPLES}/{s}/label.nii.gz",
+            "label": f"{labels}/{s}/label.nii.gz",
             "images": {m: f"{images}/{s}/{m}.nii.gz" for m in MODALITIES},
             **({"style_set": style_set} if style_set else {}),
+            **({"sample_set": sample_set} if sample_set else {}),
         }
     return cases
+
+
+def seg_training_cases(task, arm):
+    """The arm's training cases for ``task``: images narrowed to the modalities it feeds the
+    task's channels (in channel order), keyed by channel ``0``, ``1``, ..."""
+    mods = SEG_DESIGN["modalities"][(task, arm)]
+    return {
+        cid: {**spec, "images": {str(k): spec["images"][m] for k, m in enumerate(mods)}}
+        for cid, spec in seg_case_files(arm).items()
+    }
+
+
+def sample_set_folder(name=None):
+    """Samples folder of the main synthetic set (None) or of a synthesis.sample_sets entry."""
+    return SYNTH_SAMPLES if name is None else f"{R}/synthesis/sample_sets/{name}/samples"
 
 
 def seg_task_arms(task):
@@ -354,16 +427,66 @@ def seg_metrics(task):
     return metrics
 
 
+def _seg_experiments():
+    """The study's experiments of this run (segmentation.experiments): name -> definition,
+    checked against the design (brainsynth.study_tables.check_experiment)."""
+    from brainsynth.metrics import OVERLAP_METRICS
+    from brainsynth.study_tables import check_experiment
+
+    defs = SEGCFG.get("experiment_definitions") or {}
+    out = {}
+    for name in SEGCFG.get("experiments") or []:
+        if name not in defs:
+            raise InputError(
+                f"experiment {name!r} is not defined",
+                field="segmentation.experiments",
+                fix="define it under segmentation.experiment_definitions",
+            )
+        task = defs[name].get("task")
+        available = set(OVERLAP_METRICS) | ({"hd95"} if (SEGCFG.get("scoring") or {}).get("hd95") else set())
+        if task in SEG_TASKS and SEGCFG["task_definitions"][task].get("fp_tum"):
+            available.add("fp_tum")
+        check_experiment(
+            name,
+            defs[name],
+            SEG_DESIGN["task_arms"],
+            {t: SEG_DESIGN["task_inputs"][t][1] for t in SEG_TASKS},
+            available,
+        )
+        out[name] = defs[name]
+    return out
+
+
+try:
+    SEG_EXPERIMENTS = _seg_experiments()
+except InputError as exc:
+    raise WorkflowError(f"Invalid input: {exc}") from None
+
+
+def experiment_outputs(name):
+    """Table and figure files of one study experiment: results/<run>/tables/<experiment>/<paper name>.*"""
+    stem = SEG_EXPERIMENTS[name].get("paper_name", name)
+    return {
+        **{ext: f"{R}/tables/{name}/{stem}.{ext}" for ext in ("csv", "md", "tex")},
+        "pvalues": f"{R}/tables/{name}/{stem}_pvalues.csv",
+        "figure": f"{R}/figures/{name}/{stem}.png",
+    }
+
+
 def segmentation_targets():
     if not SEG_TASKS or not SEG_ARMS:
         return []
-    return [
-        f"{R}/{kind}/{t}_{m}.{ext}"
-        for t in SEG_TASKS
-        if seg_task_arms(t)
-        for m in seg_metrics(t)
-        for kind, ext in (("tables", "csv"), ("figures", "png"))
-    ]
+    return (
+        [
+            f"{R}/{kind}/{t}_{m}.{ext}"
+            for t in SEG_TASKS
+            if seg_task_arms(t)
+            for m in seg_metrics(t)
+            for kind, ext in (("tables", "csv"), ("figures", "png"))
+        ]
+        + [experiment_outputs(name)[k] for name in SEG_EXPERIMENTS for k in ("csv", "figure")]
+        + [f"{SEG}/design.tsv"]
+    )
 
 
 def seg_train_setting(task, key, default=None):
@@ -387,9 +510,29 @@ SYN = f"{R}/synthesis"
 SYNCFG = config["synthesis"]
 
 
+def _generator_training_subjects():
+    """Training-split subjects with a label map (of synthesis.training_pool, when given: the
+    study trains its generators on in-distribution data only): the generators learn from them."""
+    pool = SYNCFG.get("training_pool")
+    rows = {s: SUBJECT_ROWS[s] for s in passing_qc(subjects_with("train"))}
+    try:
+        chosen = set(seg_design.select_subjects(rows, pool, "train", "synthesis.training_pool"))
+    except InputError as exc:
+        raise WorkflowError(f"Invalid input: {exc}") from None
+    found = [s for s in rows if s in chosen and has_column(s, "label")]
+    if pool and not found and synthesis_enabled():
+        raise WorkflowError(
+            f"Invalid input: synthesis.training_pool {pool} selects no training subject with a label map "
+            "(fix: name roles / sites / phenotypes of the subject table)"
+        )
+    return found
+
+
+GENERATOR_TRAINING_SUBJECTS = _generator_training_subjects()
+
+
 def generator_training_subjects():
-    """Training-split subjects with a label map: the generators learn from them."""
-    return [s for s in passing_qc(subjects_with("train")) if has_column(s, "label")]
+    return list(GENERATOR_TRAINING_SUBJECTS)
 
 
 def held_out_label_subjects():

@@ -130,6 +130,53 @@ rule sample_synthetic:
         "../scripts/sample_synthetic.py"
 
 
+# Further sample sets (synthesis.sample_sets: name -> conditioning, n_samples, seed): label maps
+# drawn with other conditioning from the same trained generators, for arms that name them
+# (E4: WMH + tumour together, unseen in training). One rule per set: its file list is its own.
+for _set, _spec in (SYNCFG.get("sample_sets") or {}).items():
+
+    rule:
+        name:
+            f"sample_synthetic_{_set}"
+        input:
+            vae=LABEL_VAE,
+            ldm=LABEL_LDM,
+            image_generator=IMAGE_GENERATOR,
+            splits=split_tables(style_subjects()),
+            reference=template_file("t1"),
+        output:
+            samples=[
+                f"{sample_set_folder(_set)}/{sid}/{f}.nii.gz"
+                for sid in sample_set_ids(_set)
+                for f in MODALITIES + ["label", "labelprob"]
+            ],
+            manifest=f"{SYN}/sample_sets/{_set}/manifest.tsv",
+            montage=report(
+                f"{SYN}/sample_sets/{_set}/montage.png",
+                category="Synthesis",
+                caption="../report/synthetic_montage.rst",
+            ),
+        params:
+            synthesis={
+                k: _spec.get(k, SYNCFG.get(k))
+                for k in ("n_samples", "conditioning", "conditioning_values", "seed")
+            },
+            sampling=canonical(LGCFG.get("sampling", {})),
+            styles=style_table(style_subjects()),
+            preprocessed=style_files(style_subjects()),
+            out=lambda wc, output: os.path.dirname(output.manifest),
+        conda:
+            "../../envs/generators.yaml"
+        log:
+            f"{LOGS}/synthesis/sample_synthetic_{_set}.log",
+        threads: 2
+        resources:
+            mem_mb=8000,
+            runtime=240,
+        script:
+            "../scripts/sample_synthetic.py"
+
+
 rule restyle_synthetic:
     """The synthetic label maps imaged again in the styles of other sites (domain-shift arms)."""
     input:

@@ -8,8 +8,8 @@
 #       nnunet/{raw,preprocessed,results}   the arm's own nnU-Net roots
 #       plans.json            the nnU-Net plans used (copy)
 #       model.json            trained model: folder, checkpoint, training length, time
-#       predictions/<test_set>/<subject>.nii.gz   task labels
-#       predictions.tsv       subject, test set, prediction path (written after all of them)
+#       predictions/<test_set>/<subject>.nii.gz   task labels (the test sets of the task)
+#       predictions/<test_set>.tsv   subject, test set, prediction path (written after them)
 #       scores.tsv            long score table (brainsynth.metrics)
 #   results/<exp>/tables/<task>_<metric>.{csv,md,tex}, <task>_<metric>_pvalues.csv
 #   results/<exp>/figures/<task>_<metric>.png
@@ -36,7 +36,39 @@ ARM_DIR = f"{SEG}/{{task}}/{{arm}}"
 ARM_DATASET = f"{ARM_DIR}/dataset.json"
 ARM_PLANS = f"{ARM_DIR}/plans.json"
 ARM_MODEL = f"{ARM_DIR}/model.json"
-ARM_PREDICTIONS = f"{ARM_DIR}/predictions.tsv"
+
+
+rule segmentation_design:
+    """The experiment design as planned: per (task, arm) its training cases, where they come from,
+    the modalities fed to its channels and the test sets it is scored on (reviewers read the
+    protocol from it; made from the config and the subject table alone)."""
+    output:
+        f"{SEG}/design.tsv",
+    params:
+        rows=[
+            {
+                "task": t,
+                "arm": a,
+                "real_cases": " ".join(SEG_DESIGN["cases"][a]["real"]),
+                "synthetic_cases": " ".join(SEG_DESIGN["cases"][a]["synthetic"]),
+                "sample_set": SEG_DESIGN["sample_sets"][a] or "",
+                "style_set": SEG_DESIGN["style_sets"][a] or "",
+                "modalities": " ".join(SEG_DESIGN["modalities"][(t, a)]),
+                "test_sets": " ".join(
+                    f"{ts}:{'+'.join(mods)}" for ts, mods in SEG_DESIGN["task_inputs"][t][1].items()
+                ),
+                "n_test": sum(len(SEG_TEST_SETS[ts]) for ts in SEG_DESIGN["task_inputs"][t][1]),
+            }
+            for t in SEG_TASKS
+            for a in seg_task_arms(t)
+        ],
+    localrule: True
+    conda:
+        "../../envs/segmentation.yaml"
+    log:
+        f"{LOGS}/segmentation/segmentation_design.log",
+    script:
+        "../scripts/segmentation_design.py"
 
 
 rule assemble_nnunet_dataset:
@@ -45,7 +77,7 @@ rule assemble_nnunet_dataset:
         splits=lambda wc: split_tables(SEG_DESIGN["cases"][wc.arm]["real"]),
         synthetic=lambda wc: [
             f
-            for spec in seg_case_files(wc.arm).values()
+            for spec in seg_training_cases(wc.task, wc.arm).values()
             if spec["source"] == "synthetic"
             for f in [spec["label"], *spec["images"].values()]
         ],
@@ -57,16 +89,17 @@ rule assemble_nnunet_dataset:
     params:
         dataset_id=lambda wc: SEG_DESIGN["ids"][(wc.task, wc.arm)],
         dataset_name=lambda wc: seg_design.dataset_name(wc.task, wc.arm),
-        cases=lambda wc: seg_case_files(wc.arm),
+        cases=lambda wc: seg_training_cases(wc.task, wc.arm),
         preprocessed=lambda wc: [
             f
-            for spec in seg_case_files(wc.arm).values()
+            for spec in seg_training_cases(wc.task, wc.arm).values()
             if spec["source"] == "real"
             for f in [spec["label"], *spec["images"].values()]
         ],
         classes=lambda wc: SEG_DESIGN["groups"][wc.task],
         n_schema_classes=SCHEMA.n_classes,
-        modalities=MODALITIES,
+        # input channel -> the modality the arm feeds it (R_fOD learns the tissue task from FLAIR)
+        modalities=lambda wc: SEG_DESIGN["modalities"][(wc.task, wc.arm)],
         # only arms with synthetic cases see the switch: turning it on reruns none of the R arms
         drop_flagged=lambda wc: drops_flagged_samples(wc.arm),
     conda:
@@ -137,27 +170,33 @@ rule train_segmentation:
 
 
 rule predict_segmentation:
-    """The arm's model on every test subject (all test sets, one model load)."""
+    """The arm's model on one test set of its task (each test set feeds its own modalities)."""
     input:
         model=ARM_MODEL,
-        splits=split_tables([s for _, s in SEG_TEST_CASES]),
+        splits=lambda wc: split_tables(SEG_TEST_SETS[wc.test_set]),
     output:
-        predictions=[f"{ARM_DIR}/predictions/{ts}/{s}.nii.gz" for ts, s in SEG_TEST_CASES],
-        # written last: the scoring job depends on this one file, not on every prediction
-        manifest=ARM_PREDICTIONS,
+        predictions=directory(f"{ARM_DIR}/predictions/{{test_set}}"),
+        # written last: the scoring job depends on this one file, not on the folder's contents
+        manifest=f"{ARM_DIR}/predictions/{{test_set}}.tsv",
     params:
-        cases=[
-            {"case_id": s, "test_set": ts, "images": {m: grid_file(s, m) for m in MODALITIES}}
-            for ts, s in SEG_TEST_CASES
+        # test images keyed by input channel
+        cases=lambda wc: [
+            {"case_id": s, "test_set": ts, "images": {str(k): grid_file(s, m) for k, m in enumerate(mods)}}
+            for ts, s, mods in seg_test_cases(wc.task)
+            if ts == wc.test_set
         ],
-        preprocessed=[grid_file(s, m) for _, s in SEG_TEST_CASES for m in MODALITIES],
+        preprocessed=lambda wc: [
+            grid_file(s, m) for ts, s, mods in seg_test_cases(wc.task) if ts == wc.test_set for m in mods
+        ],
         tile_step_size=NNCFG.get("tile_step_size", 0.5),
         use_mirroring=NNCFG.get("use_mirroring", False),
         device=NNCFG.get("device", "auto"),
+    wildcard_constraints:
+        test_set="|".join(SEG_TEST_SETS) or "no-test-set",
     conda:
         "../../envs/segmentation.yaml"
     log:
-        f"{LOGS}/segmentation/{{task}}/{{arm}}/predict_segmentation.log",
+        f"{LOGS}/segmentation/{{task}}/{{arm}}/predict_segmentation_{{test_set}}.log",
     threads: NNCFG.get("threads", 2)
     resources:
         mem_mb=4000,
@@ -169,31 +208,34 @@ rule predict_segmentation:
 rule score_segmentation:
     """Long score table of one (task, arm): per test subject, class and metric."""
     input:
-        predictions=ARM_PREDICTIONS,
-        splits=split_tables([s for _, s in SEG_TEST_CASES]),
+        predictions=lambda wc: [
+            f"{SEG}/{wc.task}/{wc.arm}/predictions/{ts}.tsv" for ts in SEG_DESIGN["task_inputs"][wc.task][1]
+        ],
+        splits=lambda wc: split_tables([s for _, s, _ in seg_test_cases(wc.task)]),
     output:
         f"{SEG}/{{task}}/{{arm}}/scores.tsv",
     params:
         experiment=EXP,
-        preprocessed=[grid_file(s, "label") for _, s in SEG_TEST_CASES],
-        subjects=[
+        preprocessed=lambda wc: [grid_file(s, "label") for _, s, _ in seg_test_cases(wc.task)],
+        subjects=lambda wc: [
             {
                 "subject": s,
                 "test_set": ts,
-                "site": str(SUBJECTS.loc[s, "site"]),
+                "site": str(SUBJECT_ROWS[s]["site"]),
                 **(
-                    {"phenotype": str(SUBJECTS.loc[s, "phenotype"])}
+                    {"phenotype": str(SUBJECT_ROWS[s]["phenotype"])}
                     if "phenotype" in SUBJECTS.columns
                     else {}
                 ),
             }
-            for ts, s in SEG_TEST_CASES
+            for ts, s, _ in seg_test_cases(wc.task)
         ],
         classes=lambda wc: SEG_DESIGN["groups"][wc.task],
         fp_tum=lambda wc: seg_design.fp_tum_spec(
             SEGCFG["task_definitions"][wc.task], SEG_DESIGN["groups"][wc.task], SCHEMA
         ),
         hd95=SCORECFG.get("hd95", False),
+        hd95_definition=SCORECFG.get("hd95_definition", "monai"),
     conda:
         "../../envs/segmentation.yaml"
     log:
@@ -231,7 +273,7 @@ rule segmentation_table:
     params:
         arms=lambda wc: seg_task_arms(wc.task),
         reference_arm=lambda wc: SEG_DESIGN["reference_arm"][wc.task],
-        test_sets=list(SEG_TEST_SETS),
+        test_sets=lambda wc: list(SEG_DESIGN["task_inputs"][wc.task][1]),
         test=TABCFG.get("test", "auto"),
         alpha=TABCFG.get("alpha", 0.05),
     conda:
@@ -244,3 +286,47 @@ rule segmentation_table:
         runtime=10,
     script:
         "../scripts/segmentation_table.py"
+
+
+rule experiment_table:
+    """One experiment of the study in its layout: its arms on its test sets, each pair tested."""
+    input:
+        lambda wc: [
+            f"{SEG}/{SEG_EXPERIMENTS[wc.experiment]['task']}/{a}/scores.tsv"
+            for a in SEG_EXPERIMENTS[wc.experiment]["arms"]
+        ],
+    output:
+        csv=report(
+            f"{R}/tables/{{experiment}}/{{paper_name}}.csv",
+            caption="../report/experiment_table.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "kind": "table"},
+        ),
+        md=f"{R}/tables/{{experiment}}/{{paper_name}}.md",
+        tex=f"{R}/tables/{{experiment}}/{{paper_name}}.tex",
+        pvalues=f"{R}/tables/{{experiment}}/{{paper_name}}_pvalues.csv",
+        figure=report(
+            f"{R}/figures/{{experiment}}/{{paper_name}}.png",
+            caption="../report/experiment_figure.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "kind": "figure"},
+        ),
+    params:
+        definition=lambda wc: canonical(SEG_EXPERIMENTS[wc.experiment]),
+        test=TABCFG.get("test", "auto"),
+        alpha=TABCFG.get("alpha", 0.05),
+        hd95_definition=SCORECFG.get("hd95_definition", "monai"),
+    wildcard_constraints:
+        experiment="|".join(SEG_EXPERIMENTS) or "no-experiment",
+    conda:
+        "../../envs/segmentation.yaml"
+    log:
+        f"{LOGS}/segmentation/tables/{{experiment}}_{{paper_name}}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/experiment_table.py"

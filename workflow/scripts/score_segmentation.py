@@ -16,7 +16,7 @@ log = logging.getLogger("brainsynth")
 def main(sm):
     groups = sm.params.classes
     inverse = design.inverse_lut(groups)  # task label -> schema value
-    manifest = pd.read_csv(sm.input.predictions, sep="\t", dtype=str)
+    manifest = pd.concat([pd.read_csv(p, sep="\t", dtype=str) for p in sm.input.predictions])
     predictions = dict(zip(zip(manifest["test_set"], manifest["subject"]), manifest["prediction"]))
     pairs = []
     for rec, truth in zip(sm.params.subjects, sm.params.preprocessed):
@@ -24,6 +24,7 @@ def main(sm):
         arr = design.apply_lut(np.asarray(nib.load(pred).dataobj), inverse, what=pred)
         pairs.append({**rec, "pred": arr, "truth": truth})
     df = score_cohort(pairs, groups, with_hd95=sm.params.hd95, fp_tum=sm.params.fp_tum,
+                      hd95_definition=sm.params.hd95_definition,
                       experiment=sm.params.experiment, arm=sm.wildcards.arm, task=sm.wildcards.task)
     save_table(df, sm.output[0])
     dice = df[df["metric"] == "dice"].groupby(["test_set", "class"], sort=False)["value"].mean()

@@ -1,0 +1,245 @@
+"""The study's four experiments: arm pools, channels, test sets, the study's table marks, and
+the demo config that encodes E1-E4 (planned by dry run and by the segmentation_design rule,
+which needs no image work)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from brainsynth import experiment as design
+from brainsynth import study_tables
+from brainsynth.errors import InputError
+from brainsynth.metrics import hd95
+
+from workflow_support import REPO, planned_jobs, run_snakemake
+
+ROWS = {
+    "a1": {"split": "train", "site": "A", "role": "in_distribution", "phenotype": "wmh"},
+    "a2": {"split": "train", "site": "A", "role": "in_distribution", "phenotype": "tumour"},
+    "a3": {"split": "test", "site": "A", "role": "in_distribution", "phenotype": "wmh"},
+    "b1": {"split": "train", "site": "B", "role": "near_ood", "phenotype": "healthy"},
+    "b2": {"split": "test", "site": "B", "role": "near_ood", "phenotype": "both"},
+}
+
+
+# ----------------------------------------------------------------------------- design units
+def test_select_subjects_by_role_site_phenotype():
+    assert design.select_subjects(ROWS, None, "train", "f") == ["a1", "a2", "b1"]
+    assert design.select_subjects(ROWS, {"roles": ["in_distribution"]}, "train", "f") == ["a1", "a2"]
+    assert design.select_subjects(ROWS, {"sites": ["B"]}, "test", "f") == ["b2"]
+    assert design.select_subjects(ROWS, {"roles": ["in_distribution"], "phenotypes": ["wmh", "both"]},
+                                  "test", "f") == ["a3"]
+    with pytest.raises(InputError, match="unknown selector keys"):
+        design.select_subjects(ROWS, {"role": ["x"]}, "train", "segmentation.real_pool")
+    no_phenotype = {s: {k: v for k, v in r.items() if k != "phenotype"} for s, r in ROWS.items()}
+    with pytest.raises(InputError, match="no subject has a 'phenotype'.*") as err:
+        design.select_subjects(no_phenotype, {"phenotypes": ["wmh"]}, "train", "segmentation.recipes.R.real_pool")
+    assert "segmentation.recipes.R.real_pool.phenotypes" in str(err.value)
+
+
+def test_n_real_is_an_absolute_count():
+    assert design.arm_counts({"n_real": 5}, 12, 20) == (5, 0)
+    assert design.arm_counts({"n_real": 5, "synthetic": 1.0}, 12, 20) == (5, 20)
+    with pytest.raises(InputError, match="both a real fraction and n_real"):
+        design.arm_counts({"n_real": 5, "real": 0.5}, 12, 20, arm="R_les")
+    with pytest.raises(InputError, match="asks for 5 real cases but its real pool holds 3"):
+        design.arm_counts({"n_real": 5}, 3, 20, arm="R_les")
+
+
+def test_channels_and_test_modalities():
+    mods = ["t1", "t2", "flair"]
+    assert design.task_inputs({}, mods, ["id", "far"]) == (mods, {"id": mods, "far": mods})
+    channels, per_set = design.task_inputs({"modalities": ["t1"], "test_modalities": {"far": ["flair"]}},
+                                           mods, ["id", "far"])
+    assert channels == ["t1"] and per_set == {"id": ["t1"], "far": ["flair"]}
+    assert design.task_inputs({"test_sets": ["far"]}, mods, ["id", "far"])[1] == {"far": mods}
+    with pytest.raises(InputError, match="do not exist"):
+        design.task_inputs({"test_sets": ["mars"]}, mods, ["id"], "tissue")
+    with pytest.raises(InputError, match="do not fill"):
+        design.task_inputs({"modalities": ["t1"], "test_modalities": {"id": ["t1", "t2"]}}, mods, ["id"])
+    assert design.arm_modalities({"modalities": ["flair"]}, ["t1"], mods) == ["flair"]
+    assert design.arm_modalities({}, ["t1", "flair"], mods) == ["t1", "flair"]
+    with pytest.raises(InputError, match="1 modalities .* for a task with 2 input channels"):
+        design.arm_modalities({"modalities": ["flair"]}, ["t1", "flair"], mods, "S_fOD")
+    with pytest.raises(InputError, match="not among the run's modalities"):
+        design.arm_modalities({"modalities": ["t1ce"]}, ["t1"], mods)
+
+
+def test_defined_test_sets_keep_order_and_refuse_empty_sets():
+    sets = design.defined_test_sets(ROWS, {"wmh": {"phenotypes": ["wmh"]}, "ood": {"roles": ["near_ood"]}})
+    assert sets == {"wmh": ["a3"], "ood": ["b2"]}
+    with pytest.raises(InputError, match="selects no test subject"):
+        design.defined_test_sets(ROWS, {"tumour": {"phenotypes": ["tumour"]}})
+
+
+# ----------------------------------------------------------------------------- study tables
+def _long(values, metric="dice", test_set="id", cls="wm"):
+    """Long score rows from {arm: [value per subject]} (subjects s0, s1, ... shared by the arms)."""
+    return pd.DataFrame([{"arm": a, "subject": f"s{i}", "class": cls, "metric": metric, "test_set": test_set,
+                          "value": v} for a, vs in values.items() for i, v in enumerate(vs)])
+
+
+def test_better_of_a_pair_is_marked_whichever_it_is():
+    good = list(np.linspace(0.80, 0.90, 10))
+    bad = [v - 0.2 for v in good]
+    table, pvalues, note = study_tables.experiment_table(_long({"R_id": good, "S_id": bad}), ["R_id", "S_id"],
+                                                         ["id"], ["dice"], reference_arm="R_id")
+    assert table.loc["R_id", "wm"].endswith("*") and not table.loc["S_id", "wm"].endswith("*")
+    assert table.loc["R_id", "wm"].startswith("0.850 (")
+    # Wilcoxon, paired by subject: 10 pairs all one way -> p = 2 / 2**10
+    assert pvalues["test"].tolist() == ["wilcoxon"] and pvalues["p"].iloc[0] == pytest.approx(2 / 1024)
+    table, _, _ = study_tables.experiment_table(_long({"R_id": bad, "S_id": good}), ["R_id", "S_id"], ["id"],
+                                                ["dice"], reference_arm="R_id")
+    assert table.loc["S_id", "wm"].endswith("*") and not table.loc["R_id", "wm"].endswith("*")
+    assert "Wilcoxon" in note
+
+
+def test_double_mark_excludes_upper_bound_arms_and_lower_is_better_for_fp_tum():
+    base = np.linspace(0.5, 0.6, 10)
+    values = {"R_id": list(base), "S_id": list(base + 0.1),
+              "S_fOD": list(base + 0.3), "R_fOD": list(base + 0.45)}
+    table, _, _ = study_tables.experiment_table(_long(values), list(values), ["id"], ["dice"],
+                                                reference_arm="R_id", upper_bound_arms=["R_fOD"])
+    assert table.loc["S_fOD", "wm"].endswith("**")          # beats R_id and S_id (R_fOD excepted)
+    assert table.loc["S_id", "wm"].endswith("*") and not table.loc["S_id", "wm"].endswith("**")
+    # an upper bound is better than the reference (*), never marked **
+    assert table.loc["R_fOD", "wm"].endswith("*") and not table.loc["R_fOD", "wm"].endswith("**")
+    fp = _long({"R100S0": [0.30] * 5 + [0.31] * 5, "R0S100": list(np.linspace(0.01, 0.02, 10))},
+               metric="fp_tum", test_set="tumour", cls="fp_tum")
+    table, _, note = study_tables.experiment_table(fp, ["R100S0", "R0S100"], ["tumour"], ["fp_tum"],
+                                                   reference_arm="R100S0")
+    assert table.loc["R0S100", "fp_tum"].startswith("1.500 (") and table.loc["R0S100", "fp_tum"].endswith("*")
+    assert "in %" in note
+
+
+def test_columns_per_test_set_and_metric_map(tmp_path):
+    df = pd.concat([_long({"A": [0.5, 0.6], "B": [0.4, 0.5]}, test_set="wmh", cls="wmh"),
+                    _long({"A": [0.1, 0.2], "B": [0.0, 0.1]}, metric="fp_tum", test_set="tumour", cls="fp_tum"),
+                    _long({"A": [0.9, 0.9], "B": [0.9, 0.9]}, metric="recall", test_set="wmh", cls="wmh")])
+    metrics = {"wmh": ["dice", "recall"], "tumour": ["fp_tum"]}
+    cols = study_tables.experiment_columns(df, ["wmh", "tumour"], metrics)
+    assert cols == [("wmh", "wmh", "dice"), ("wmh", "wmh", "recall"), ("tumour", "fp_tum", "fp_tum")]
+    paths = {k: tmp_path / f"t.{k}" for k in ("csv", "md", "tex")} | {"pvalues": tmp_path / "p.csv"}
+    table, pvalues = study_tables.write_experiment(df, paths, ["A", "B"], ["wmh", "tumour"], metrics, "E4",
+                                                   metric_definitions="HD95: x.")
+    assert list(table.columns) == ["wmh wmh dice", "wmh wmh recall", "tumour fp_tum fp_tum"]
+    assert "HD95: x." in paths["md"].read_text() and r"\begin{tabular}" in paths["tex"].read_text()
+    assert len(pd.read_csv(paths["pvalues"])) == 3
+    fig = study_tables.experiment_figure(df, tmp_path / "f.png", ["A", "B"], ["wmh", "tumour"], metrics, "E4",
+                                         pvalues=pvalues)
+    assert fig.stat().st_size > 5000
+
+
+def test_check_experiment_names_the_field():
+    arms, sets = {"wmh": ["R", "S"]}, {"wmh": {"wmh": ["flair"], "tumour": ["flair"]}}
+    good = {"task": "wmh", "arms": ["R", "S"], "test_sets": ["wmh"], "metrics": {"wmh": ["dice"]}}
+    study_tables.check_experiment("e4", good, arms, sets, {"dice", "fp_tum"})
+    for change, expect in [({"task": "tissue"}, "task 'tissue' is not run"),
+                           ({"arms": ["R", "H"]}, r"arms \['H'\] are not arms the task"),
+                           ({"test_sets": ["far"]}, "test sets .'far'. are not scored"),
+                           ({"metrics": ["hd95"]}, "not metrics scored"),
+                           ({"metrics": {"far": ["dice"]}}, "not metrics scored"),
+                           ({"upper_bound_arms": ["X"]}, "not arms of the experiment"),
+                           ({"layout": "poster"}, "layout 'poster'")]:
+        with pytest.raises(InputError, match=expect) as err:
+            study_tables.check_experiment("e4", {**good, **change}, arms, sets, {"dice", "fp_tum"})
+        assert "segmentation.experiment_definitions.e4" in str(err.value)
+
+
+def test_hd95_definitions_by_hand():
+    # a: one voxel at 0; b: voxels at 3 and 4 (every voxel is an edge voxel). Directed distances:
+    # a->b [3], b->a [3, 4]. MONAI: max(q95([3]), q95([3, 4])) = 3.95; BraTS: q95([3, 3, 4]) = 3.9
+    a = np.zeros((1, 8), bool)
+    b = a.copy()
+    a[0, 0] = True
+    b[0, 3:5] = True
+    assert hd95(a, b) == pytest.approx(3.95)
+    assert hd95(a, b, definition="brats") == pytest.approx(3.9)
+    assert hd95(a, b, spacing=[1.0, 2.0], definition="brats") == pytest.approx(7.8)
+    with pytest.raises(InputError, match="hd95_definition"):
+        hd95(a, b, definition="medpy")
+
+
+# ----------------------------------------------------------------------------- the four experiments
+CONFIG = REPO / "config" / "experiments" / "brainspade_demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """The brainSPADE demo config planned: the design table (segmentation_design rule) and a dry run."""
+    work = tmp_path_factory.mktemp("brainspade")
+    cfg = yaml.safe_load(CONFIG.read_text())
+    run_snakemake(work, "results/brainspade-demo/segmentation/design.tsv", config=cfg, check=True, timeout=300)
+    table = pd.read_csv(work / "results" / "brainspade-demo" / "segmentation" / "design.tsv", sep="\t",
+                        dtype=str, keep_default_na=False).set_index("arm")
+    code, out = run_snakemake(work, "-n", config=cfg, timeout=300)
+    assert code == 0, out[-3000:]
+    return cfg, table, out
+
+
+def _cases(table, arm, pool):
+    return table.loc[arm, f"{pool}_cases"].split()
+
+
+def test_each_experiment_plans_the_study_protocol(planned):
+    from brainsynth.demo import plan_cohort
+
+    cfg, table, out = planned
+    merged = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["demo"]
+    merged["sites"].update(cfg["demo"]["sites"])
+    cohort = plan_cohort(merged, 20261125).set_index("subject")
+
+    def rows(subjects):
+        return cohort.loc[subjects]
+
+    # E1 / E2: tissue from T1; S_fOD and R_fOD learn it from FLAIR; far-OOD tested on FLAIR
+    tissue = table[table["task"] == "tissue3"]
+    assert list(tissue.index) == ["R_id", "S_id", "S_nOD", "S_fOD", "R_nOD", "R_fOD"]
+    assert dict(tissue["modalities"]) == {"R_id": "t1", "S_id": "t1", "S_nOD": "t1", "S_fOD": "flair",
+                                          "R_nOD": "t1", "R_fOD": "flair"}
+    assert set(tissue["test_sets"]) == {"in_distribution:t1 near_ood:t1 far_ood:flair"}
+    r_id = rows(_cases(table, "R_id", "real"))
+    assert set(r_id["role"]) == {"in_distribution"} and set(r_id["split"]) == {"train"} and len(r_id) == 28
+    assert len(_cases(table, "S_id", "synthetic")) == len(r_id)          # as many synthetic as real
+    assert table.loc["S_nOD", "style_set"] == "near-ood" and table.loc["S_fOD", "style_set"] == "far-ood"
+    for arm, role in (("R_nOD", "near_ood"), ("R_fOD", "far_ood")):
+        real = rows(_cases(table, arm, "real"))
+        assert set(real["role"]) == {role} and set(real["split"]) == {"train"} and len(real) == 4
+    # E3: 5 real tumour subjects, synthetic cases, both; T1 + FLAIR; held-out tumour subjects
+    assert len(_cases(table, "R_les", "real")) == 5
+    assert set(rows(_cases(table, "R_les", "real"))["phenotype"]) <= {"tumour", "both"}
+    assert _cases(table, "H_les", "real") == _cases(table, "R_les", "real")
+    assert _cases(table, "S_les", "synthetic") == _cases(table, "H_les", "synthetic") != []
+    assert set(table.loc[["R_les", "S_les", "H_les"], "modalities"]) == {"t1 flair"}
+    assert set(table.loc[["R_les", "S_les", "H_les"], "test_sets"]) == {"tumour:t1+flair"}
+    # E4: WMH on FLAIR; real WMH-only subjects vs the unseen (WMH + tumour) sample set, mixtures
+    r100 = rows(_cases(table, "R100S0", "real"))
+    assert set(r100["phenotype"]) == {"wmh"} and set(r100["role"]) == {"in_distribution"}
+    n = len(r100)
+    for arm, real, synth in (("R0S100", 0, n), ("R5S95", round(0.05 * n + 1e-9), round(0.95 * n)),
+                             ("R10S90", int(0.1 * n + 0.5), int(0.9 * n + 0.5)),
+                             ("R50S50", int(0.5 * n + 0.5), int(0.5 * n + 0.5))):
+        assert (len(_cases(table, arm, "real")), len(_cases(table, arm, "synthetic"))) == (real, synth), arm
+        assert table.loc[arm, "sample_set"] == "unseen"
+        assert set(_cases(table, arm, "real")) <= set(r100.index)
+    assert set(table.loc[table["task"] == "wmh", "test_sets"]) == {"wmh:flair tumour:flair"}
+    # at least 10 test subjects per test set, and each set holds what its name says
+    jobs = planned_jobs(out)
+    assert jobs["experiment_table"] == 4 and jobs["train_segmentation"] == 14
+    assert jobs["predict_segmentation"] == 6 * 3 + 3 + 5 * 2
+    assert jobs["sample_synthetic_unseen"] == 1 and jobs["restyle_synthetic"] == 2
+    for name in ("table_1_2", "table_1_3", "figure_1_4", "figure_1_6"):
+        assert f"/{name}.csv" in out and f"/{name}.png" in out
+    test = cohort[cohort["split"] == "test"]
+    for phenotypes, name in (({"tumour", "both"}, "tumour"), ({"wmh"}, "wmh")):
+        assert (test["role"].eq("in_distribution") & test["phenotype"].isin(phenotypes)).sum() >= 10, name
+    assert test["role"].value_counts().min() >= 10
+
+
+def test_generator_pool_without_subjects_is_named(tmp_path):
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["synthesis"]["training_pool"] = {"roles": ["far_od"]}
+    code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
+    assert code != 0 and "synthesis.training_pool" in out and "no training subject with a label" in out, out[-2000:]
+    assert "Traceback" not in out
