@@ -304,7 +304,7 @@ def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path)
     e4 = pd.read_csv(res / "tables" / "tiny_e4" / "figure_e4.csv")
     assert e4["arm"].tolist() == ["R", "Rhalf"]
     assert list(e4.columns[1:]) == ["in_distribution wmh dice", "in_distribution wmh recall",
-                                    "near_ood fp_tum fp_tum"]
+                                    "near_ood tumour fp_tum"]
     assert "HD95: larger of the two directed" in (res / "tables" / "tiny_e4" / "figure_e4.md").read_text()
     assert (res / "figures" / "tiny_e4" / "figure_e4.png").stat().st_size > 5000
     design_table = pd.read_csv(res / "segmentation" / "design.tsv", sep="\t", keep_default_na=False)

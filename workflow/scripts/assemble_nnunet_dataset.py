@@ -45,7 +45,7 @@ def main(sm):
     log.info("%s/%s: %d cases (%d real, %d synthetic), labels %s", sm.wildcards.task, sm.wildcards.arm,
              len(cases), n_real, len(cases) - n_real, labels)
     folder = seg.assemble_dataset(
-        cases, sm.params.dataset_id, sm.params.dataset_name, {m: m for m in sm.params.modalities}, labels, raw,
+        cases, sm.params.dataset_id, sm.params.dataset_name, dict(enumerate(sm.params.modalities)), labels, raw,
         extra={"brainsynth": {"task": sm.wildcards.task, "arm": sm.wildcards.arm,
                               "classes": {k: list(v) for k, v in groups.items()}}})
     save_json({
