@@ -243,3 +243,67 @@ def test_generator_pool_without_subjects_is_named(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
     assert code != 0 and "synthesis.training_pool" in out and "no training subject with a label" in out, out[-2000:]
     assert "Traceback" not in out
+
+
+# ----------------------------------------------------------------------------- paper scale
+PAPER_COHORT = [  # site, role, phenotype, train, test (the study's Table 1.1 sizes)
+    ("ukb", "in_distribution", "healthy", 530, 15), ("ukb", "in_distribution", "wmh", 100, 15),
+    ("brats", "in_distribution", "tumour", 103, 30),
+    ("nood", "near_ood", "healthy", 25, 5), ("food", "far_ood", "healthy", 25, 5),
+]
+PAPER_JOBS = {  # config -> planned jobs of the segmentation stage and the sampling it needs
+    "e1_tissue_2d": {"train_segmentation": 2, "predict_segmentation": 2, "experiment_table": 1},
+    "e1_tissue_3d_2mm": {"train_segmentation": 2, "predict_segmentation": 2, "experiment_table": 1},
+    "e1_tissue_3d_1mm": {"train_segmentation": 2, "predict_segmentation": 2, "experiment_table": 1},
+    "e2_domain_shift": {"train_segmentation": 6, "predict_segmentation": 12, "experiment_table": 1,
+                        "restyle_synthetic": 2},
+    "e3_fewshot_tumour": {"train_segmentation": 3, "predict_segmentation": 3, "experiment_table": 1},
+    "e4_wmh_with_tumours": {"train_segmentation": 5, "predict_segmentation": 10, "experiment_table": 1,
+                            "sample_synthetic_unseen": 1},
+}
+
+
+def _paper_sheet(root):
+    import nibabel as nib
+    import os
+
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    src = {}
+    for kind in ("t1", "t2", "flair", "label"):
+        src[kind] = root / f"{kind}.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8 if kind == "label" else np.float32), aff), src[kind])
+    rows, i = [], 0
+    for site, role, phenotype, n_train, n_test in PAPER_COHORT:
+        for split, n in (("train", n_train), ("test", n_test)):
+            for _ in range(n):
+                i += 1
+                subject = f"sub-{i:04d}"
+                (root / subject).mkdir()
+                files = {}
+                for kind, path in src.items():
+                    os.link(path, root / subject / path.name)
+                    files[kind] = str(root / subject / path.name)
+                rows.append({"subject": subject, "site": site, "role": role, "split": split,
+                             "phenotype": phenotype, **files})
+    sheet = root / "subjects.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    return sheet, len(rows)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_JOBS))
+def test_paper_scale_config_plans_the_study_cohort(tmp_path_factory, name):
+    root = tmp_path_factory.getbasetemp() / "paper_sheet"
+    if not (root / "subjects.tsv").exists():
+        root.mkdir(exist_ok=True)
+        _paper_sheet(root)
+    n_subjects = len(pd.read_csv(root / "subjects.tsv", sep="\t"))
+    cfg = yaml.safe_load((REPO / "config" / "experiments" / "paper" / f"{name}.yaml").read_text())
+    assert cfg["experiment"] == name and cfg["label_generator"]["preset"] == "paper"
+    cfg["samples"] = str(root / "subjects.tsv")
+    work = tmp_path_factory.mktemp(name)
+    code, out = run_snakemake(work, "-n", "--quiet", "rules", config=cfg, timeout=600)
+    assert code == 0, out[-3000:]
+    jobs = planned_jobs(out)
+    assert jobs["preprocess_subject"] == n_subjects == 853
+    assert jobs["sample_synthetic"] == 1 and jobs["train_label_ldm"] == 1 and jobs["train_image_generator"] == 1
+    assert {k: jobs.get(k, 0) for k in PAPER_JOBS[name]} == PAPER_JOBS[name], jobs

@@ -603,3 +603,13 @@ def test_latent_lesion_mask_covers_lesions_only():
     mask = LG.latent_lesion_mask(data, schema, (4, 4, 4))
     assert mask.shape == (2, 1, 4, 4, 4)
     assert mask[0, 0, 0, 0, 0] == 1 and mask.sum() == 1   # the latent voxel over it, nothing else
+
+
+def test_paper_preset_starts_from_the_study_settings():
+    paper = LG.resolve_config({"preset": "paper", "vae": {"steps": 7}})
+    assert paper["vae"]["channels"] == LG.PAPER["vae"]["channels"] and paper["vae"]["steps"] == 7
+    assert paper["ldm"]["prediction_type"] == "epsilon" and LG.resolve_config({})["vae"] == LG.DEFAULTS["vae"]
+    assert IG.resolve_config({"preset": "paper"})["channels"] == IG.PAPER["channels"]
+    assert IG.resolve_config({"preset": "demo"})["channels"] == IG.DEFAULTS["channels"]
+    with pytest.raises(InputError, match="label_generator.preset"):
+        LG.resolve_config({"preset": "huge"})

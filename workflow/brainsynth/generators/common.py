@@ -76,6 +76,20 @@ def merge_config(defaults, cfg, where="config"):
     return out
 
 
+PRESETS = ("demo", "paper")
+
+
+def resolve_preset(defaults, paper, cfg, where):
+    """``cfg`` over the demo-scale ``defaults``, or, with ``preset: paper``, over ``defaults``
+    updated by the study-scale ``paper`` settings (one config line for paper-scale runs)."""
+    cfg = dict(cfg or {})
+    preset = cfg.pop("preset", "demo")
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}", field=f"{where}.preset", fix=f"use one of {list(PRESETS)}")
+    base = merge_config(defaults, paper, where=where) if preset == "paper" else defaults
+    return merge_config(base, cfg, where=where)
+
+
 def files_fingerprint(paths):
     """(path, size, mtime) of each file: a checkpoint is reused only for unchanged inputs."""
     out = []

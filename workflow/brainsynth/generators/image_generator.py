@@ -143,7 +143,7 @@ PAPER = {
 
 
 def resolve_config(cfg):
-    return C.merge_config(DEFAULTS, cfg, where="image_generator")
+    return C.resolve_preset(DEFAULTS, PAPER, cfg, where="image_generator")
 
 
 # --------------------------------------------------------------------------- networks

@@ -214,7 +214,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def resolve_config(cfg):
-    return C.merge_config(DEFAULTS, cfg, where="label_generator")
+    return C.resolve_preset(DEFAULTS, PAPER, cfg, where="label_generator")
 
 
 # --------------------------------------------------------------------------- networks

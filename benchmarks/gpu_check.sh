@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU check for paper scale: a few training steps of each generator at the paper grid
+# (96x128x96, PAPER networks, mixed precision on CUDA), DDIM and DDPM sampling throughput,
+# image generation, and nnU-Net 3d_fullres training iterations with nnU-Net's own plans;
+# prints times and peak GPU memory. Sized to finish within about 8 minutes on one data-centre GPU.
+#
+#   bash benchmarks/gpu_check.sh          # CUDA (fails when no GPU is visible)
+#   bash benchmarks/gpu_check.sh --cpu    # the same script on CPU at the demo grid (what the test runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+if [[ "${1:-}" == "--cpu" ]]; then
+    device=cpu grid=demo steps=3 iterations=2
+else
+    device=cuda grid=paper steps=8 iterations=50
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible (use --cpu)')"
+fi
+export PYTHONPATH="$PWD/workflow${PYTHONPATH:+:$PYTHONPATH}"
+start=$(date +%s)
+echo "== generators: ${grid} grid on ${device}"
+"$PY" benchmarks/generators.py --grid "$grid" --device "$device" --steps "$steps"
+echo "== nnU-Net 3d_fullres: ${grid} grid on ${device}"
+"$PY" benchmarks/nnunet_iterations.py --grid "$grid" --device "$device" --iterations "$iterations"
+echo "gpu_check done in $(( $(date +%s) - start )) s"
