@@ -240,10 +240,12 @@ def test_task_leaves_out_the_arms_it_excludes(tmp_path):
     ({"experiment_definitions": {"tiny_e4": {"task": "wmh", "arms": ["R", "S"], "test_sets": ["near_ood"]}}},
      "segmentation.experiment_definitions.tiny_e4"),
     ({"recipes": {"Rhalf": {"real": 1.0, "sample_set": "unseen"}}}, "sample_set 'unseen' is not defined"),
+    ({"recipes": {"Rhalf": {"synthetic": 1.0, "sample_set": "u", "style_set": "far-ood"}}},
+     "use either style_set or sample_set"),
 ])
 def test_bad_segmentation_config_is_named(tmp_path, change, expect):
     cfg = seg_config(**change)
-    cfg["synthesis"] = {"enabled": True, "n_samples": 2}
+    cfg["synthesis"] = {"enabled": True, "n_samples": 2, "sample_sets": {"u": {"conditioning": "unseen"}}}
     code, out = run_snakemake(tmp_path, "-n", config=cfg)
     assert code != 0
     assert expect in out, out[-2000:]

@@ -152,6 +152,10 @@ def style_set(recipe, style_sets, arm="?"):
     if not uses_synthetic(recipe):
         raise InputError(f"style_set {name!r} given but the arm uses no synthetic case",
                          field=f"segmentation.recipes.{arm}", fix="give a synthetic fraction > 0 or drop style_set")
+    if recipe.get("sample_set") is not None:
+        raise InputError(f"style_set {name!r} restyles the main synthetic set, not sample_set "
+                         f"{recipe['sample_set']!r}", field=f"segmentation.recipes.{arm}",
+                         fix="use either style_set or sample_set")
     return name
 
 

@@ -320,6 +320,7 @@ rule experiment_table:
         hd95_definition=SCORECFG.get("hd95_definition", "monai"),
     wildcard_constraints:
         experiment="|".join(SEG_EXPERIMENTS) or "no-experiment",
+        paper_name="|".join({d.get("paper_name", n) for n, d in SEG_EXPERIMENTS.items()}) or "no-paper-name",
     conda:
         "../../envs/segmentation.yaml"
     log:
