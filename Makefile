@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 CORES  ?= 2
 SNAKEMAKE := $(BIN)/snakemake
 
-.PHONY: install demo test test-fast dag clean-demo
+.PHONY: install demo experiments test test-fast dag clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: install
 	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete
 	$(SNAKEMAKE) --report results/demo/report.html
 	@echo "demo finished: tables in results/demo/tables/, figures in results/demo/figures/, report results/demo/report.html"
+
+# The study's four experiments (E1-E4) at demo scale, one run sharing preprocessing and generators
+experiments: install
+	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete --configfile config/experiments/brainspade_demo.yaml
+	$(SNAKEMAKE) --report results/brainspade-demo/report.html --configfile config/experiments/brainspade_demo.yaml
+	@echo "experiments finished: results/brainspade-demo/tables/<experiment>/, figures in results/brainspade-demo/figures/<experiment>/"
 
 test: install
 	$(BIN)/python -m pytest -ra

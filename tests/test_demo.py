@@ -89,6 +89,8 @@ def test_plan_small_groups_get_minimum_phenotypes():
     (lambda c: c["sites"]["site_a"].update(n_test=4), "demo.sites"),
     (lambda c: c["sites"]["site_b"].pop("noise"), "demo.sites.site_b"),
     (lambda c: c.update(native_voxel_mm=-1), "demo.native_voxel_mm"),
+    (lambda c: c["sites"]["site_a"].update(skull_stripped="yes"), "demo.sites.site_a.skull_stripped"),
+    (lambda c: c["sites"]["site_a"].update(own_grid=["t1"]), "demo.sites.site_a.own_grid"),
 ])
 def test_plan_rejects_nonsense(mutate, field):
     cfg = copy.deepcopy(SMALL)
@@ -221,6 +223,25 @@ def test_subject_determinism(cohort):
     xc, ic = load(c["t1"])
     assert xa.shape != xc.shape or not np.array_equal(xa, xc)
     assert not np.allclose(ia.affine, ic.affine)
+
+
+def test_site_delivered_skull_stripped_with_flair_on_its_own_grid(tmp_path, cohort):
+    # a BraTS-like dataset: the same subject, delivered zero outside the brain, FLAIR resampled
+    cfg = copy.deepcopy(SMALL)
+    cfg["sites"]["site_a"].update(skull_stripped=True, own_grid=["flair"])
+    row = {"subject": "s_tumour", "site": "site_a", "phenotype": "tumour"}
+    out = {k: tmp_path / f"{k}.nii.gz" for k in OUT_KEYS}
+    demo.synthesize_subject(row, cfg, SCHEMA, SEED, out)
+    ref, _ = cohort["tumour"]
+    t1, img = load(out["t1"])
+    label, _ = load(out["label"])
+    assert np.array_equal(label, load(ref["label"])[0])
+    assert (t1[label == 0] == 0).all() and (t1[label > 0] > 0).mean() > 0.99
+    assert np.array_equal(t1[label > 0], load(ref["t1"])[0][label > 0])   # the same brain, stripped
+    flair, fimg = load(out["flair"])
+    assert flair.shape == (56, 60, 54) and not np.allclose(fimg.affine, img.affine)
+    t2, t2img = load(out["t2"])
+    assert t2.shape == t1.shape and np.allclose(t2img.affine, img.affine)
 
 
 def test_subject_rejects_bad_row(tmp_path):

@@ -91,6 +91,12 @@ def validate_demo(demo_cfg):
         _num(s["contrast_jitter"], f"{f}.contrast_jitter", lo=0.0, hi=1.0)
         if "anisotropy" in s:
             _num(s["anisotropy"], f"{f}.anisotropy", lo=0.5, hi=3.0)
+        if not isinstance(s.get("skull_stripped", False), bool):
+            raise InputError(f"must be true or false, got {s['skull_stripped']!r}", field=f"{f}.skull_stripped")
+        own = s.get("own_grid", [])
+        if not isinstance(own, list) or any(m not in ("t2", "flair", "t1ce") for m in own):
+            raise InputError(f"must list modalities among t2, flair, t1ce, got {own!r}", field=f"{f}.own_grid",
+                             fix="e.g. [flair] (the T1 defines the subject's grid)")
     total = sum(int(s["n"]) for s in sites.values())
     if demo_cfg.get("n_subjects") is not None:
         n_subj = _num(demo_cfg["n_subjects"], "demo.n_subjects", lo=1, integer=True)
@@ -429,8 +435,12 @@ def synthesize_subject(subject_row, demo_cfg, schema, seed, out):
             img = np.sqrt((img + n1) ** 2 + n2 ** 2)          # Rician magnitude
         images[contrast] = img.astype(np.float32)
 
+    if site_cfg.get("skull_stripped"):  # delivered as BraTS is: zero outside the brain
+        images = {c: np.where(label > 0, img, 0.0).astype(np.float32) for c, img in images.items()}
     for contrast, img in images.items():
         save_nifti(img, aff, out[contrast], dtype=np.float32)
+        if contrast in site_cfg.get("own_grid", []):  # a separate sequence on a grid of its own
+            own_grid_copy(out[contrast], out[contrast])
     if "label" in out:
         save_nifti(label, aff, out["label"], dtype=np.uint8)
     if "brain_mask" in out:
