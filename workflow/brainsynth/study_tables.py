@@ -179,9 +179,11 @@ def write_experiment(long_df, paths, arms, test_sets, metrics, title, reference_
     return table, pvalues
 
 
-def experiment_figure(long_df, out_path, arms, test_sets, metrics, title, pvalues=None, alpha=0.05, dpi=150):
+def experiment_figure(long_df, out_path, arms, test_sets, metrics, title, pvalues=None, alpha=0.05,
+                      reference_arm=None, dpi=150):
     """Box plots, one panel per (test set, class, metric), one box per arm; a bracket with ``*``
-    joins each pair of arms that differ significantly (the study's Figs. 1.4 and 1.6)."""
+    joins each arm that differs significantly from the reference arm (every pair when there is
+    no reference), as in the study's Figs. 1.4 and 1.6; all pairs are in the p-value table."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -216,13 +218,15 @@ def experiment_figure(long_df, out_path, arms, test_sets, metrics, title, pvalue
                 sig = pvalues[(pvalues["test_set"] == ts) & (pvalues["class"] == cls) &
                               (pvalues["metric"] == metric) & (pvalues["p"] < alpha)]
                 for a, b in zip(sig["arm_a"], sig["arm_b"]):
+                    if reference_arm in arms and reference_arm not in (a, b):
+                        continue
                     x0, x1 = arms.index(a), arms.index(b)
                     y = top + (0.08 + 0.1 * level) * span
                     ax.plot([x0, x0, x1, x1], [y - 0.02 * span, y, y, y - 0.02 * span], color="0.2", lw=0.8)
                     ax.text((x0 + x1) / 2, y, "*", ha="center", va="bottom")
                     level += 1
             ax.set_ylim(top=top + (0.15 + 0.1 * level) * span)
-        ax.set_title(f"{cls} ({ts})", fontsize=9)
+        ax.set_title(f"{cls}, {ts} test set", fontsize=9)
         ax.set_xticks(range(len(arms)))
         ax.set_xticklabels(arms, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(METRIC_LABELS.get(metric, metric) if metric != "fp_tum" else "FP_tum (%)")

@@ -21,7 +21,8 @@ def main(sm):
                                   reference_arm=spec.get("reference_arm"),
                                   upper_bound_arms=spec.get("upper_bound_arms") or [], test=sm.params.test,
                                   alpha=sm.params.alpha, metric_definitions=definitions)
-    experiment_figure(df, sm.output.figure, arms, test_sets, metrics, title, pvalues=pvalues, alpha=sm.params.alpha)
+    experiment_figure(df, sm.output.figure, arms, test_sets, metrics, title, pvalues=pvalues, alpha=sm.params.alpha,
+                      reference_arm=spec.get("reference_arm") or arms[0])
 
 
 run_main(main, snakemake)  # noqa: F821
