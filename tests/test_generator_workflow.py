@@ -112,15 +112,22 @@ def test_drop_flagged_samples_feeds_the_sample_qc_to_synthetic_arms_only(tmp_pat
     import re
 
     cfg = copy.deepcopy(TINY_GEN)
-    cfg["segmentation"] = {"tasks": ["tumour"], "arms": ["R", "S"], "task_definitions": {"tumour": {}}}
+    # Su draws from a sample set (other conditioning): the QC table does not cover its samples
+    cfg["segmentation"] = {"tasks": ["tumour"], "arms": ["R", "S", "Su"], "task_definitions": {"tumour": {}},
+                           "recipes": {"Su": {"synthetic": 1.0, "sample_set": "u"}}}
     cfg["synthesis"]["qc"] = {"drop_flagged": True}
+    cfg["synthesis"]["sample_sets"] = {"u": {"conditioning": "unseen", "n_samples": 3}}
     code, out = run_snakemake(tmp_path, "-n", "--printshellcmds", config=cfg)
     assert code == 0, out[-3000:]
     blocks = {re.search(r"wildcards: (.*)", b).group(1): b
               for b in re.split(r"\n(?=rule |localrule )", out) if b.startswith("rule assemble_nnunet_dataset")}
-    assert set(blocks) == {"task=tumour, arm=R", "task=tumour, arm=S"}
+    assert set(blocks) == {"task=tumour, arm=R", "task=tumour, arm=S", "task=tumour, arm=Su"}
     assert "synthesis/quality/sample_qc.tsv" in blocks["task=tumour, arm=S"]
     assert "sample_qc.tsv" not in blocks["task=tumour, arm=R"]
+    assert "sample_qc.tsv" not in blocks["task=tumour, arm=Su"]
+    assert "synthesis/sample_sets/u/samples/synth0003/label.nii.gz" in blocks["task=tumour, arm=Su"]
+    assert "synthesis/samples/" not in blocks["task=tumour, arm=Su"]
+    assert "rule sample_synthetic_u:" in out
 
 
 def test_drop_flagged_samples_unit(tmp_path):

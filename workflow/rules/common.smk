@@ -545,9 +545,14 @@ SAMPLE_QC = f"{SYN}/quality/sample_qc.tsv"
 
 
 def drops_flagged_samples(arm):
-    """synthesis.qc.drop_flagged and the arm trains on synthetic cases."""
+    """synthesis.qc.drop_flagged and the arm trains on synthetic cases of the main set (the QC
+    table flags those; a synthesis.sample_sets entry has its own ids and no QC table yet)."""
     qc = SYNCFG.get("qc") or {}
-    return bool(qc.get("drop_flagged")) and bool(SEG_DESIGN["cases"][arm]["synthetic"])
+    return (
+        bool(qc.get("drop_flagged"))
+        and bool(SEG_DESIGN["cases"][arm]["synthetic"])
+        and SEG_DESIGN["sample_sets"][arm] is None
+    )
 
 
 def synthetic_ids():
