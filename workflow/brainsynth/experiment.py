@@ -214,15 +214,19 @@ def select_subjects(rows, selector, split, field):
                   and all(str(row.get(col)) in vals for col, vals in wanted.items()))
 
 
+def _check_modalities(mods, modalities, field):
+    stray = [m for m in mods if m not in modalities]
+    if stray:
+        raise InputError(f"modalities {stray} are not among the run's modalities {list(modalities)}",
+                         field=field, fix="name modalities listed under modalities:")
+
+
 def arm_modalities(recipe, task_modalities, modalities, arm="?"):
     """The images an arm's training cases feed into the task's input channels: the recipe's
     ``modalities`` or the task's; as many as the task has channels, each one of the run's."""
     mods = list(recipe.get("modalities") or task_modalities)
     field = f"segmentation.recipes.{arm}.modalities"
-    stray = [m for m in mods if m not in modalities]
-    if stray:
-        raise InputError(f"modalities {stray} are not among the run's modalities {list(modalities)}",
-                         field=field, fix="name modalities listed under modalities:")
+    _check_modalities(mods, modalities, field)
     if len(mods) != len(task_modalities):
         raise InputError(f"{len(mods)} modalities {mods} for a task with {len(task_modalities)} input channels "
                          f"{list(task_modalities)}", field=field, fix="give one modality per channel")
@@ -235,10 +239,7 @@ def task_inputs(task_cfg, modalities, test_set_names, task="?"):
     the channels per test set (``test_modalities``, default: the channels' modalities)."""
     field = f"segmentation.task_definitions.{task}"
     channels = list(task_cfg.get("modalities") or modalities)
-    stray = [m for m in channels if m not in modalities]
-    if stray:
-        raise InputError(f"modalities {stray} are not among the run's modalities {list(modalities)}",
-                         field=f"{field}.modalities", fix="name modalities listed under modalities:")
+    _check_modalities(channels, modalities, f"{field}.modalities")
     sets = list(task_cfg.get("test_sets") or test_set_names)
     unknown = [t for t in sets if t not in test_set_names]
     if unknown:

@@ -267,15 +267,13 @@ def _seg_design():
                 fix=f"name one of synthesis.sample_sets ({sorted(sample_sets)}) or drop the key",
             )
     tasks = list(SEGCFG.get("tasks", []))
-    if SEGCFG.get("test_sets"):
-        test_sets = seg_design.defined_test_sets(rows, SEGCFG["test_sets"]) if tasks else {}
+    if not tasks:
+        test_sets = {}
+    elif SEGCFG.get("test_sets"):
+        test_sets = seg_design.defined_test_sets(rows, SEGCFG["test_sets"])
     else:
-        test_sets = (
-            seg_design.test_sets(
-                SUBJECTS[~SUBJECTS["subject"].isin(QC_EXCLUDED)], SEGCFG.get("test_sets_by", "role")
-            )
-            if tasks
-            else {}
+        test_sets = seg_design.test_sets(
+            SUBJECTS[~SUBJECTS["subject"].isin(QC_EXCLUDED)], SEGCFG.get("test_sets_by", "role")
         )
     task_arms, task_inputs = {}, {}
     for t in tasks:
@@ -407,9 +405,24 @@ def seg_training_cases(task, arm):
     }
 
 
+def sample_set_root(name=None):
+    """Folder of the main synthetic set (None: samples, manifest, montage) or of a
+    synthesis.sample_sets entry."""
+    return f"{R}/synthesis" if name is None else f"{R}/synthesis/sample_sets/{name}"
+
+
 def sample_set_folder(name=None):
     """Samples folder of the main synthetic set (None) or of a synthesis.sample_sets entry."""
-    return SYNTH_SAMPLES if name is None else f"{R}/synthesis/sample_sets/{name}/samples"
+    return f"{sample_set_root(name)}/samples"
+
+
+def sample_set_files(name=None):
+    """Every file the sampling rule of one sample set writes into its samples folder."""
+    return [
+        f"{sample_set_folder(name)}/{sid}/{f}.nii.gz"
+        for sid in sample_set_ids(name)
+        for f in MODALITIES + ["label", "labelprob"]
+    ]
 
 
 def seg_task_arms(task):
@@ -556,7 +569,8 @@ def drops_flagged_samples(arm):
 
 
 def synthetic_ids():
-    return [f"synth{i + 1:04d}" for i in range(int(SYNCFG["n_samples"]))]
+    """Ids of the main synthetic set (synth0001 ... synthNNNN)."""
+    return sample_set_ids()
 
 
 def style_subjects():
@@ -590,14 +604,6 @@ def style_set_subjects():
 
 
 STYLE_SET_SUBJECTS = style_set_subjects() if synthesis_enabled() else {}
-
-
-def synthetic_files():
-    return [
-        f"{SYN}/samples/{sid}/{f}.nii.gz"
-        for sid in synthetic_ids()
-        for f in MODALITIES + ["label", "labelprob"]
-    ]
 
 
 def tissue_maps(subjects):

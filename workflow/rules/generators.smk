@@ -6,7 +6,7 @@ GEN = f"{R}/generators"
 LGCFG = config["label_generator"]
 IGCFG = config["image_generator"]
 # SYN, SYNCFG, STYLE_SET_SUBJECTS and the subject / sample helpers (generator_training_subjects,
-# synthetic_ids, style_subjects, synthetic_files, tissue_maps, style_table, style_files) are
+# synthetic_ids, style_subjects, sample_set_files, tissue_maps, style_table, style_files) are
 # in common.smk (generator stage helpers).
 
 # Plain paths of the trained models and samples: consumers list them next to long file
@@ -98,46 +98,17 @@ rule train_image_generator:
         "../scripts/train_image_generator.py"
 
 
-rule sample_synthetic:
-    """N synthetic (label, T1/T2/FLAIR) subjects on the working grid + manifest + montage."""
-    input:
-        vae=LABEL_VAE,
-        ldm=LABEL_LDM,
-        image_generator=IMAGE_GENERATOR,
-        splits=split_tables(style_subjects()),
-        reference=template_file("t1"),
-    output:
-        samples=synthetic_files(),
-        manifest=f"{SYN}/manifest.tsv",
-        montage=report(f"{SYN}/montage.png", category="Synthesis", caption="../report/synthetic_montage.rst"),
-    params:
-        # what sampling uses (not style_roles, given through styles; not style_sets, whose
-        # restyling is its own rule): adding a style set reruns no sampling
-        synthesis={k: SYNCFG.get(k) for k in ("n_samples", "conditioning", "conditioning_values", "seed")},
-        sampling=canonical(LGCFG.get("sampling", {})),
-        styles=style_table(style_subjects()),
-        preprocessed=style_files(style_subjects()),
-        out=lambda wc, output: os.path.dirname(output.manifest),
-    conda:
-        "../../envs/generators.yaml"
-    log:
-        f"{LOGS}/synthesis/sample_synthetic.log",
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=240,
-    script:
-        "../scripts/sample_synthetic.py"
-
-
-# Further sample sets (synthesis.sample_sets: name -> conditioning, n_samples, seed): label maps
-# drawn with other conditioning from the same trained generators, for arms that name them
-# (E4: WMH + tumour together, unseen in training). One rule per set: its file list is its own.
-for _set, _spec in (SYNCFG.get("sample_sets") or {}).items():
+# N synthetic (label, T1/T2/FLAIR) subjects on the working grid + manifest + montage, per sample
+# set: the main one (synthesis: rule sample_synthetic -> synthesis/samples/) and each
+# synthesis.sample_sets entry (rule sample_synthetic_<name> -> synthesis/sample_sets/<name>/),
+# label maps drawn with other conditioning from the same trained generators for the arms that
+# name them (E4: WMH + tumour together, unseen in training). One rule per set: its file list
+# is its own.
+for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
 
     rule:
         name:
-            f"sample_synthetic_{_set}"
+            "sample_synthetic" if _set is None else f"sample_synthetic_{_set}"
         input:
             vae=LABEL_VAE,
             ldm=LABEL_LDM,
@@ -145,18 +116,16 @@ for _set, _spec in (SYNCFG.get("sample_sets") or {}).items():
             splits=split_tables(style_subjects()),
             reference=template_file("t1"),
         output:
-            samples=[
-                f"{sample_set_folder(_set)}/{sid}/{f}.nii.gz"
-                for sid in sample_set_ids(_set)
-                for f in MODALITIES + ["label", "labelprob"]
-            ],
-            manifest=f"{SYN}/sample_sets/{_set}/manifest.tsv",
+            samples=sample_set_files(_set),
+            manifest=f"{sample_set_root(_set)}/manifest.tsv",
             montage=report(
-                f"{SYN}/sample_sets/{_set}/montage.png",
+                f"{sample_set_root(_set)}/montage.png",
                 category="Synthesis",
                 caption="../report/synthetic_montage.rst",
             ),
         params:
+            # what sampling uses (not style_roles, given through styles; not style_sets, whose
+            # restyling is its own rule): adding a style set reruns no sampling
             synthesis={
                 k: _spec.get(k, SYNCFG.get(k))
                 for k in ("n_samples", "conditioning", "conditioning_values", "seed")
@@ -168,7 +137,7 @@ for _set, _spec in (SYNCFG.get("sample_sets") or {}).items():
         conda:
             "../../envs/generators.yaml"
         log:
-            f"{LOGS}/synthesis/sample_synthetic_{_set}.log",
+            f"{LOGS}/synthesis/sample_synthetic{'' if _set is None else '_' + _set}.log",
         threads: 2
         resources:
             mem_mb=8000,
@@ -223,7 +192,7 @@ rule synthesis_quality:
     per-class intensities with their contrast ordering, synthetic vs real."""
     input:
         splits=split_tables(generator_training_subjects()),
-        samples=synthetic_files(),
+        samples=sample_set_files(),
     output:
         metrics=report(
             f"{SYN}/quality/quality_metrics.tsv",
