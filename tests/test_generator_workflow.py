@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from workflow_support import TINY_GEN, planned_jobs, run_snakemake, snakemake_command
+from workflow_support import TINY_GEN, TINY_SEG, planned_jobs, run_snakemake, snakemake_command
 
 EXP = TINY_GEN["experiment"]
 
@@ -104,6 +104,30 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
 
     code, out = run_snakemake(tmp_path, "-n", config=TINY_GEN)
     assert code == 0 and "Nothing to be done" in out, out[-2000:]
+
+    # label consistency: the same run with a real-only tissue arm; its nnU-Net reads the
+    # synthetic images, scored against their labels beside its real test Dice
+    seg = {"tasks": ["tissue"], "arms": ["R"], "experiments": [],
+           "task_definitions": {"tissue": {"classes": {"csf": ["csf"], "gm": ["gm", "deep_gm"],
+                                                       "wm": ["wm", "brainstem", "wmh", "necrotic", "oedema",
+                                                              "enhancing"]}}},
+           "nnunet": TINY_SEG["segmentation"]["nnunet"]}
+    cfg = {**TINY_GEN, "segmentation": seg}
+    code, out = run_snakemake(tmp_path, "-n", config=cfg)
+    jobs = planned_jobs(out)
+    assert code == 0 and jobs.get("synthetic_label_consistency") == 1, out[-3000:]
+    assert not {"train_label_vae", "train_image_generator", "sample_synthetic"} & set(jobs)  # nothing upstream reruns
+    run_snakemake(tmp_path, config=cfg, check=True, timeout=1500)
+    table = pd.read_csv(syn / "quality" / "label_consistency_tissue.tsv", sep="\t")
+    assert list(table["class"]) == ["csf", "gm", "wm"] and set(table["arm"]) == {"R"}
+    assert sorted(p.name for p in (syn / "quality" / "label_consistency" / "tissue").glob("*.nii.gz")) == [
+        f"{sid}.nii.gz" for sid in manifest["subject"]]
+    real = pd.read_csv(tmp_path / "results" / EXP / "segmentation" / "tissue" / "R" / "scores.tsv", sep="\t")
+    real = real[(real["metric"] == "dice") & (real["test_set"] == "in_distribution")].groupby("class")["value"].mean()
+    for row in table.to_dict("records"):
+        assert row["real_dice"] == pytest.approx(real[row["class"]])
+        assert row["n_synthetic"] <= n and (row["n_synthetic"] == 0 or 0 <= row["synthetic_dice"] <= 1)
+        assert row["gap"] == pytest.approx(row["real_dice"] - row["synthetic_dice"], nan_ok=True)
 
 
 def test_drop_flagged_samples_feeds_the_sample_qc_to_synthetic_arms_only(tmp_path):

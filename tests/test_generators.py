@@ -521,7 +521,7 @@ def test_rare_class_patches_and_weights():
     data[:, 0, :4], data[:, 1, :4] = 0, 1
     data[1, :, 12, 12, 12] = torch.tensor([0.0, 0.0, 1.0])
     frequency = data.mean(dim=(0, 2, 3, 4))
-    assert float(frequency[2]) < LG.RARE_CLASS_FREQUENCY
+    assert C.rare_classes(frequency) == [2] and float(frequency[2]) < C.RARE_CLASS_FREQUENCY
     centres = LG.rare_class_voxels(data, [2])
     assert list(centres) == [1] and centres[1][0].tolist() == [[12, 12, 12]]
     torch.manual_seed(0)
@@ -538,6 +538,39 @@ def test_rare_class_patches_and_weights():
     assert LG.class_weights(frequency, "none") is None
     with pytest.raises(InputError, match="class_weighting"):
         LG.class_weights(frequency, "inverse")
+
+
+def test_class_balanced_l1_weighs_each_class_alike():
+    # a slice of 100 voxels: 96 of class 1 (exact), 4 of class 2 (off by 0.5)
+    seg = torch.zeros(1, 3, 10, 10)
+    seg[0, 1] = 1
+    seg[0, 1, 0, :4], seg[0, 2, 0, :4] = 0, 1
+    target = torch.zeros(1, 1, 10, 10)
+    fake = target.clone()
+    fake[0, 0, 0, :4] = 0.5
+    assert float(torch.nn.functional.l1_loss(fake, target)) == pytest.approx(0.02)
+    assert float(IG.class_balanced_l1(fake, target, seg)) == pytest.approx(0.25)  # (0 + 0.5) / 2
+    # background voxels do not count, nor do classes absent from the slice
+    seg_bg = seg.clone()
+    seg_bg[0, :, 5:] = 0
+    seg_bg[0, 0, 5:] = 1
+    fake[0, 0, 5:] = 1.0
+    assert float(IG.class_balanced_l1(fake, target, seg_bg)) == pytest.approx(0.25)
+
+
+def test_rare_class_slices_and_oversampled_training(cohort, tmp_path):
+    co = C.Cohort(cohort["label_paths"])
+    labels, brain = torch.from_numpy(co.labels), [torch.from_numpy(z) for z in co.brain]
+    rare, per_subject = IG.rare_class_slices(labels, brain)
+    assert {6, 8} <= set(rare) and not {1, 2, 3} & set(rare)  # lesions (< 1% of the voxels), not the tissues
+    for s, per in per_subject.items():
+        for zs in per:
+            lesion = (labels[s][rare].float() > 0.5).sum(dim=(0, 1, 2))
+            assert all(int(lesion[int(z)]) >= 3 for z in zs)
+    cfg = _cfg(IMAGE_CFG, steps=2, rare_class_oversample=1.0, weights={"class_l1": 1.0})
+    r = IG.train_image_generator(cohort["label_paths"], cohort["image_paths"], cfg, tmp_path)
+    hist = pd.read_csv(r["losses_tsv"], sep="\t")
+    assert (hist["class_l1"] > 0).all()
 
 
 def test_checkpoint_bytes_do_not_depend_on_the_temporary_file_name(tmp_path):

@@ -499,7 +499,32 @@ def segmentation_targets():
         ]
         + [experiment_outputs(name)[k] for name in SEG_EXPERIMENTS for k in ("csv", "figure")]
         + [f"{SEG}/design.tsv"]
+        + label_consistency_targets()
     )
+
+
+def consistency_test_set(task):
+    """The task's first test set fed its own modalities (far-OOD FLAIR asks another question)."""
+    own, per_set = SEG_DESIGN["task_inputs"][task]
+    return next((ts for ts, mods in per_set.items() if mods == own), None)
+
+
+def consistency_arm(task):
+    """The task's real-data model that scores synthetic images (synthetic_label_consistency):
+    its first arm trained on real cases only and fed the task's own modalities; None without
+    one, without a test set in those modalities, or when the run has no synthetic samples."""
+    if not synthesis_enabled() or not sample_set_ids() or consistency_test_set(task) is None:
+        return None
+    own = SEG_DESIGN["task_inputs"][task][0]
+    for a in seg_task_arms(task):
+        cases = SEG_DESIGN["cases"][a]
+        if cases["real"] and not cases["synthetic"] and SEG_DESIGN["modalities"][(task, a)] == own:
+            return a
+    return None
+
+
+def label_consistency_targets():
+    return [f"{SYN}/quality/label_consistency_{t}.tsv" for t in SEG_TASKS if consistency_arm(t)]
 
 
 def seg_train_setting(task, key, default=None):

@@ -256,7 +256,10 @@ rule label_generator_fidelity:
         training=lambda wc: {s: grid_file(s, "tissue_prob") for s in generator_training_subjects()},
         held_out=lambda wc: {s: grid_file(s, "tissue_prob") for s in held_out_label_subjects()},
         preprocessed=tissue_maps(generator_training_subjects() + held_out_label_subjects()),
-        quality=canonical(SYNCFG.get("quality") or {}),
+        # the segmenter's consistency target is not the label generator's business
+        quality=canonical(
+            {k: v for k, v in (SYNCFG.get("quality") or {}).items() if k != "consistency_max_gap"}
+        ),
         sampling=canonical(LGCFG.get("sampling", {})),
         labels=config["labels"],
         voxel_mm=config["grid"]["voxel_mm"],

@@ -331,3 +331,49 @@ rule experiment_table:
         runtime=10,
     script:
         "../scripts/experiment_table.py"
+
+
+rule synthetic_label_consistency:
+    """The task's real-data model on the synthetic images of the main sample set, scored against
+    the label maps they were generated from, beside its Dice on real test images."""
+    input:
+        model=lambda wc: f"{SEG}/{wc.task}/{consistency_arm(wc.task)}/model.json",
+        scores=lambda wc: f"{SEG}/{wc.task}/{consistency_arm(wc.task)}/scores.tsv",
+        samples=sample_set_files(),
+    output:
+        predictions=directory(f"{SYN}/quality/label_consistency/{{task}}"),
+        table=report(
+            f"{SYN}/quality/label_consistency_{{task}}.tsv",
+            caption="../report/label_consistency.rst",
+            category="Synthesis",
+            labels={"table": "label consistency", "task": "{task}"},
+        ),
+    params:
+        arm=lambda wc: consistency_arm(wc.task),
+        cases=lambda wc: [
+            {
+                "case_id": sid,
+                "label": f"{sample_set_folder()}/{sid}/label.nii.gz",
+                "images": {
+                    str(k): f"{sample_set_folder()}/{sid}/{m}.nii.gz"
+                    for k, m in enumerate(SEG_DESIGN["task_inputs"][wc.task][0])
+                },
+            }
+            for sid in sample_set_ids()
+        ],
+        classes=lambda wc: SEG_DESIGN["groups"][wc.task],
+        real_test_set=lambda wc: consistency_test_set(wc.task),
+        max_gap=(SYNCFG.get("quality") or {}).get("consistency_max_gap", 0.10),
+        tile_step_size=NNCFG.get("tile_step_size", 0.5),
+        use_mirroring=NNCFG.get("use_mirroring", False),
+        device=NNCFG.get("device", "auto"),
+    conda:
+        "../../envs/segmentation.yaml"
+    log:
+        f"{LOGS}/synthesis/label_consistency_{{task}}.log",
+    threads: NNCFG.get("threads", 2)
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/synthetic_label_consistency.py"

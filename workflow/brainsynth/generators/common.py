@@ -502,6 +502,16 @@ class Cohort:
         return np.stack(sl), idx
 
 
+# A class below this share of the training voxels (lesions, small structures) is "rare":
+# random patches or slices seldom hold it, so a plain loss lets a generator drop it.
+RARE_CLASS_FREQUENCY = 0.01
+
+
+def rare_classes(frequency):
+    """Indices of the classes present in training below :data:`RARE_CLASS_FREQUENCY`."""
+    return [c for c in range(len(frequency)) if 0 < float(frequency[c]) < RARE_CLASS_FREQUENCY]
+
+
 def brain_slices(prob_volume, background_channel=0, min_brain_voxels=1):
     """Indices ``z`` of axial slices of a ``(K, X, Y, Z)`` map that contain brain."""
     brain = (1.0 - prob_volume[background_channel]) > 0.5

@@ -10,7 +10,8 @@ generated axial slice by slice.
 
 Training (:func:`train_image_generator`)
 ----------------------------------------
-Each batch item: a subject, a modality and an axial slice ``z`` with brain; the
+Each batch item: a subject, a modality and an axial slice ``z`` with brain (with
+``rare_class_oversample``, that share of the items comes from slices holding a lesion); the
 target is that subject's image at ``z``, the label input its probabilistic map
 at ``z`` and the style input the same subject/modality at another axial
 position ``z'`` (unpaired style/label). Losses of the generator:
@@ -23,6 +24,8 @@ position ``z'`` (unpaired style/label). Losses of the generator:
 * slice consistency: ``1 - cos(mu(x), mu(A(x)))`` for the style slice ``x`` and a
   random affine transform ``A`` of it (rotation, scaling, translation),
 * optional L1 reconstruction (a stand-in when no perceptual weights exist),
+* optional class-balanced L1 (each label class's mean error counts alike: lesions of a
+  few dozen voxels keep their contrast instead of taking white matter's),
 * optional perceptual loss (local ResNet-50 weights only, never downloaded),
 * optional modality-classifier loss: a small CNN trained on real slices to
   predict the modality; the generator is penalised when its output is
@@ -58,6 +61,9 @@ weights.feature_matching   discriminator feature matching weight
 weights.kld                KL weight of the style code
 weights.slice_consistency  style-code cosine consistency weight
 weights.l1                 L1 reconstruction weight (0 in the paper setting)
+weights.class_l1           class-balanced L1: the mean over the label classes present in
+                           the slice of each class's mean L1, so a lesion of 20 voxels
+                           weighs as much as white matter (its contrast is otherwise lost)
 weights.perceptual         perceptual weight (needs perceptual_weights_path)
 weights.modality           modality-classifier weight (0 disables the classifier)
 perceptual_weights_path    local ResNet-50 state dict for the perceptual loss
@@ -65,6 +71,8 @@ augment.rotate_deg/scale/translate   random affine of the slice-consistency loss
 patch_size                 null (whole slices) or [h, w] for patch training
 sw_overlap / sw_batch_size sliding-window inference settings (patch mode)
 style_code                 mean (use mu at inference) | sample (mu + sigma*eps, seeded)
+rare_class_oversample      share of the batch drawn from slices holding a rare class
+                           (< 1% of the training voxels: lesions), the class drawn first
 mask_background            zero voxels whose label is background (p_bg >= 0.5)
 min_brain_voxels           a slice needs this many brain voxels to be used
 =========================  =============================================================
@@ -93,7 +101,7 @@ DEFAULTS = {  # demo scale: axial slices of the 48x56x48 grid on 2 CPU cores
     "num_threads": None,
     "checkpoint_every": 50,
     "log_every": 10,
-    "steps": 500,
+    "steps": 4000,
     "batch_size": 4,
     "channels": [16, 32, 64],
     "z_dim": 16,
@@ -110,6 +118,9 @@ DEFAULTS = {  # demo scale: axial slices of the 48x56x48 grid on 2 CPU cores
         "kld": 0.05,
         "slice_consistency": 1.0,
         "l1": 1.0,
+        # with rare_class_oversample: lesion contrast and FLAIR's grey/white order on held-out
+        # subjects (README, "Image generator levers")
+        "class_l1": 3.0,
         "perceptual": 0.0,
         "modality": 0.0,
     },
@@ -119,6 +130,7 @@ DEFAULTS = {  # demo scale: axial slices of the 48x56x48 grid on 2 CPU cores
     "sw_overlap": 0.25,
     "sw_batch_size": 4,
     "style_code": "mean",
+    "rare_class_oversample": 0.5,
     "mask_background": True,
     "min_brain_voxels": 10,
 }
@@ -138,7 +150,8 @@ PAPER = {
     "betas": [0.0, 0.9],
     "disc": {"num_d": 2, "num_layers_d": 2, "channels": 64, "norm": "INSTANCE"},
     "weights": {"adv": 1.0, "feature_matching": 10.0, "kld": 0.05, "slice_consistency": 1.0, "l1": 0.0,
-                "perceptual": 1.0, "modality": 1.0},
+                "class_l1": 0.0, "perceptual": 1.0, "modality": 1.0},
+    "rare_class_oversample": 0.0,  # the study's losses and sampling; the demo's class terms are levers
 }
 
 
@@ -262,6 +275,34 @@ def _load_training(label_paths, image_paths, min_brain):
     return torch.from_numpy(co.labels), torch.from_numpy(co.images), brain, co.modalities, co.shape
 
 
+def rare_class_slices(labels, brain, min_voxels=3):
+    """Subject index -> list of axial index arrays, one per rare class the subject holds in
+    at least ``min_voxels`` voxels of a brain slice (:func:`C.rare_classes` of the cohort)."""
+    frequency = labels.float().mean(dim=(0, 2, 3, 4))
+    rare = C.rare_classes(frequency)
+    out = {}
+    for s in range(labels.shape[0]):
+        per = []
+        for c in rare:
+            counts = (labels[s, c] > 0.5).sum(dim=(0, 1))
+            zs = torch.as_tensor([int(z) for z in brain[s] if int(counts[int(z)]) >= min_voxels])
+            if len(zs):
+                per.append(zs)
+        if per:
+            out[s] = per
+    return rare, out
+
+
+def class_balanced_l1(fake, target, seg):
+    """Mean over the classes present (argmax of ``seg``, background excluded) of each class's
+    mean absolute error, averaged over the batch's classes."""
+    hard = F.one_hot(seg.argmax(1), seg.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(fake.dtype)
+    count = hard.sum(dim=(0, 2, 3))
+    err = ((fake - target).abs() * hard).sum(dim=(0, 2, 3))
+    present = count > 0
+    return (err[present] / count[present]).mean() if bool(present.any()) else fake.sum() * 0
+
+
 def _random_crop_pos(shape, patch):
     return [int(torch.randint(0, s - p + 1, (1,))) for s, p in zip(shape, patch)]
 
@@ -333,14 +374,26 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
     sc_g, sc_d = C.make_scaler(device, amp), C.make_scaler(device, amp)
     bs = int(cfg["batch_size"])
     aug = cfg["augment"]
+    oversample = float(cfg["rare_class_oversample"])
+    rare, rare_slices = rare_class_slices(labels, brain) if oversample > 0 else ([], {})
+    if oversample > 0:
+        log.info("rare classes %s: %.0f%% of the batch from slices holding one (%d of %d subjects hold one)",
+                 rare, 100 * oversample, len(rare_slices), n_sub)
+    rare_subjects = list(rare_slices)
 
     def batch():
         segs, tgts, stys, ms = [], [], [], []
         for _ in range(bs):
-            s = int(torch.randint(n_sub, (1,)))
+            zc = None
+            if rare_subjects and float(torch.rand(())) < oversample:
+                s = rare_subjects[int(torch.randint(len(rare_subjects), (1,)))]
+                zc = rare_slices[s][int(torch.randint(len(rare_slices[s]), (1,)))]
+            else:
+                s = int(torch.randint(n_sub, (1,)))
             m = int(torch.randint(len(mods), (1,)))
             zs = brain[s]
-            z = int(zs[torch.randint(len(zs), (1,))])
+            zc = zs if zc is None else zc
+            z = int(zc[torch.randint(len(zc), (1,))])
             others = zs[zs != z] if len(zs) > 1 else zs
             z2 = int(others[torch.randint(len(others), (1,))])
             seg = C.pad_background(labels[s, :, :, :, z][None].float(), padded)[0]
@@ -375,10 +428,11 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
             mu_aug, _ = net.encoder(sty_aug)
             sc = (1 - F.cosine_similarity(mu.float(), mu_aug.float(), dim=1, eps=1e-6)).mean()
             l1 = F.l1_loss(fake, tgt) if float(w["l1"]) > 0 else zero
+            cl1 = class_balanced_l1(fake, tgt, seg) if float(w["class_l1"]) > 0 else zero
             p_loss = perc(fake, tgt) if perc is not None else zero
             cls = F.cross_entropy(clf(fake), mlab) if use_cls else zero
             loss_g = (float(w["adv"]) * g_adv + float(w["feature_matching"]) * fm + float(w["kld"]) * kld
-                      + float(w["slice_consistency"]) * sc + float(w["l1"]) * l1
+                      + float(w["slice_consistency"]) * sc + float(w["l1"]) * l1 + float(w["class_l1"]) * cl1
                       + float(w["perceptual"]) * p_loss + float(w["modality"]) * cls)
         sc_g.scale(loss_g).backward()
         sc_g.step(opt_g)
@@ -397,7 +451,7 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
         sc_d.update()
         return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in {
             "loss_g": loss_g, "adv": g_adv, "feature_matching": fm, "kld": kld, "slice_consistency": sc,
-            "l1": l1, "perceptual": p_loss, "modality_cls": cls, "disc": d_loss, "cls_real": cls_real}.items()}
+            "l1": l1, "class_l1": cl1, "perceptual": p_loss, "modality_cls": cls, "disc": d_loss, "cls_real": cls_real}.items()}
 
     fp = C.config_hash(C.training_fingerprint_config(cfg),
                        C.files_fingerprint(label_paths + [p for m in mods for p in image_paths[m]]), mods,

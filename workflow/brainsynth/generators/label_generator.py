@@ -423,11 +423,6 @@ def _slice_conditioning(maps2d, types, schema):
 # --------------------------------------------------------------------------- VAE training
 
 
-# A class below this share of the training voxels (lesions, small structures) is "rare":
-# random patches seldom hold it, so the focal loss alone lets the VAE drop it.
-RARE_CLASS_FREQUENCY = 0.01
-
-
 def class_weights(frequency, mode):
     """Per-class focal-loss weights from the training class frequencies (mean 1 over present
     classes); ``none``: unweighted. Absent classes get weight 0 (nothing to learn)."""
@@ -517,7 +512,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
                               num_layers_d=int(v["disc_layers"]), out_channels=1).to(device)
     frequency = data.float().mean(dim=tuple(d for d in range(data.ndim) if d != 1))
     weight = class_weights(frequency, v["class_weighting"])
-    rare = [c for c in range(n_classes) if 0 < float(frequency[c]) < RARE_CLASS_FREQUENCY]
+    rare = C.rare_classes(frequency)
     centres = rare_class_voxels(data, rare) if patch is not None and float(v["rare_class_oversample"]) > 0 else {}
     log.info("class frequencies %s; focal weights %s; rare classes %s (patches centred on them: %.0f%%)",
              np.round(frequency.numpy(), 5).tolist(), None if weight is None else np.round(weight.numpy(), 2).tolist(),
