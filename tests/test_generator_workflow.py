@@ -115,7 +115,7 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     cfg = {**TINY_GEN, "segmentation": seg}
     code, out = run_snakemake(tmp_path, "-n", config=cfg)
     jobs = planned_jobs(out)
-    assert code == 0 and jobs.get("synthetic_label_consistency") == 1, out[-3000:]
+    assert code == 0 and jobs.get("synthetic_label_consistency") == 1 == jobs.get("synthetic_image_fid"), out[-3000:]
     assert not {"train_label_vae", "train_image_generator", "sample_synthetic"} & set(jobs)  # nothing upstream reruns
     run_snakemake(tmp_path, config=cfg, check=True, timeout=1500)
     table = pd.read_csv(syn / "quality" / "label_consistency_tissue.tsv", sep="\t")
@@ -128,6 +128,12 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
         assert row["real_dice"] == pytest.approx(real[row["class"]])
         assert row["n_synthetic"] <= n and (row["n_synthetic"] == 0 or 0 <= row["synthetic_dice"] <= 1)
         assert row["gap"] == pytest.approx(row["real_dice"] - row["synthetic_dice"], nan_ok=True)
+    # the same model's encoder as the feature extractor of the image FID
+    fid = pd.read_csv(syn / "quality" / "image_fid_tissue.tsv", sep="\t").set_index("set")
+    assert list(fid.index) == ["held_out_real (in_distribution)", "synthetic"]
+    assert fid.loc["synthetic", "n"] == n and (fid["n_reference"] == 3).all()  # the R arm's 3 real cases
+    assert fid.loc["synthetic", "fid"] > 0 and np.isnan(fid.loc["held_out_real (in_distribution)", "fid"])  # 1 case
+    assert "encoder" in fid.loc["synthetic", "extractor"]
 
 
 def test_drop_flagged_samples_feeds_the_sample_qc_to_synthetic_arms_only(tmp_path):

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from brainsynth import feature_metrics as FM
 from brainsynth.generators import label_quality as LQ
 from brainsynth.labels import LabelSchema
 
@@ -142,17 +143,28 @@ def test_cohens_d_hand_case():
 def test_frechet_distance_hand_case():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 3))
-    assert LQ.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert FM.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     # same covariance, means 1 apart in each of 3 dims -> FID = |mu_a - mu_b|^2 = 3
-    assert LQ.frechet_distance(a, a + 1.0) == pytest.approx(3.0, abs=1e-6)
+    assert FM.frechet_distance(a, a + 1.0) == pytest.approx(3.0, abs=1e-6)
 
 
 def test_knn_precision_recall_hand_case():
     real = np.array([[0.0], [1.0], [2.0], [3.0], [4.0]])
     # k=1 radii of the real points: 1 each; 0.5 and 2.5 fall inside, 10 outside
     syn = np.array([[0.5], [2.5], [10.0], [10.2], [10.4]])
-    p, r = LQ.knn_precision_recall(real, syn, k=1)
+    p, r = FM.knn_precision_recall(real, syn, k=1)
     assert p == pytest.approx(2 / 5)
     # synthetic radii (k=1): 2.0, 2.0, 0.2, 0.2, 0.2 -> real 0..4 covered by the balls around 0.5 / 2.5
     assert r == pytest.approx(5 / 5)
-    assert LQ.knn_precision_recall(real, real, k=2) == (1.0, 1.0)
+    assert FM.knn_precision_recall(real, real, k=2) == (1.0, 1.0)
+
+
+def test_against_reference_rows():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(20, 3))
+    rows = FM.against_reference(ref, {"same": ref, "far": ref + 10.0, "few": ref[:3], "one": ref[:1]}, k=3)
+    by = {r["set"]: r for r in rows}
+    assert by["same"]["fid"] == pytest.approx(0.0, abs=1e-6) and (by["same"]["precision"], by["same"]["recall"]) == (1, 1)
+    assert by["far"]["fid"] == pytest.approx(300.0, rel=1e-6) and by["far"]["precision"] == 0 == by["far"]["recall"]
+    assert by["few"]["n"] == 3 and np.isnan(by["few"]["precision"])  # k-NN needs more than k points
+    assert np.isnan(by["one"]["fid"]) and by["few"]["fid"] > 0  # a Gaussian fit needs 2 points

@@ -627,20 +627,8 @@ def train(dataset_id, roots, configuration="3d_fullres", fold="all", trainer=TRA
 
 
 # --------------------------------------------------------------------------- inference
-def predict(model, input_cases, out_dir, folds=None, checkpoint="checkpoint_final.pth", device="auto",
-            tile_step_size=0.5, use_mirroring=False, use_gaussian=True, threads=None, roots=None,
-            configuration="3d_fullres", trainer=TRAINER, plans=DEFAULT_PLANS, verbose=False):
-    """Segment ``input_cases`` with a trained nnU-Net model; return ``{case_id: Path}``.
-
-    ``model``: the model folder returned by :func:`train`, or a dataset id (then
-    ``roots`` / ``configuration`` / ``trainer`` / ``plans`` locate the folder).
-    ``input_cases``: list of ``{"case_id", "images": {channel: path}}``, the
-    channels keyed like the training dataset's channel names (or by index) — or
-    a folder of nnU-Net named files (``case_0000.nii.gz``, ...). ``folds``:
-    the folds to ensemble (default: all found). Writes ``out_dir/<case_id>.nii.gz``
-    with the geometry of the input images. Test-time mirroring is off by
-    default (``use_mirroring``).
-    """
+def _model_folder_of(model, roots, configuration, trainer, plans):
+    """A trained nnU-Net model folder, given as the folder or as a dataset id with ``roots``."""
     if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
         folder = Path(model)
     else:
@@ -651,12 +639,15 @@ def predict(model, input_cases, out_dir, folds=None, checkpoint="checkpoint_fina
     if not (folder / "plans.json").is_file():
         raise InputError("not an nnU-Net model folder (no plans.json)", file=folder, field="model",
                          fix="pass the folder train() returned")
+    return folder
+
+
+def _case_files(folder, input_cases):
+    """``(source, ids)``: a folder of nnU-Net named files and its case ids, or per case the
+    image files in the model's channel order (checked to exist) and the case ids."""
     dataset_json = json.loads((folder / "dataset.json").read_text())
     channel_names = {str(k): v for k, v in dataset_json["channel_names"].items()}
     ending = dataset_json["file_ending"]
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
     if isinstance(input_cases, (str, os.PathLike)):
         source = str(input_cases)
         ids = sorted({re.sub(r"_\d{4}$", "", p.name[:-len(ending)]) for p in Path(source).glob(f"*{ending}")})
@@ -679,48 +670,135 @@ def predict(model, input_cases, out_dir, folds=None, checkpoint="checkpoint_fina
             ids.append(cid)
     if not ids:
         raise InputError("no input cases to predict", field="input_cases", fix="give at least one case")
+    return source, ids
 
+
+@contextlib.contextmanager
+def _torch_threads(threads):
+    """torch's CPU thread count set for a block and restored after it."""
+    import torch
+
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _loaded_predictor(folder, folds, checkpoint, device, **kwargs):
+    """An ``nnUNetPredictor`` on the resolved device with the model folder's weights loaded."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    if isinstance(folds, (str, int)):
-        folds = (folds,)
     torch_device = torch.device(resolve_device(device))
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed prediction
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=use_gaussian,
-                                    use_mirroring=use_mirroring, perform_everything_on_device=True,
-                                    device=torch_device, verbose=verbose, verbose_preprocessing=False,
-                                    allow_tqdm=False)
-        _initialize_predictor(predictor, folder, folds, checkpoint)
-        if isinstance(source, str):
-            predictor.predict_from_files_sequential(source, str(tmp), save_probabilities=False, overwrite=True)
-        else:
-            predictor.predict_from_files_sequential(source, [str(tmp / cid) for cid in ids],
-                                                    save_probabilities=False, overwrite=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        result = {}
-        for cid in ids:
-            produced = tmp / f"{cid}{ending}"
-            if not produced.is_file():
-                raise RuntimeError(f"nnU-Net wrote no prediction for case {cid!r}")
-            os.replace(produced, out_dir / produced.name)
-            result[cid] = out_dir / produced.name
-        args_json = tmp / "predict_from_raw_data_args.json"
-        if args_json.is_file():  # nnU-Net's record of the call names the (random) temporary folder
-            args_json.write_text(args_json.read_text().replace(str(tmp), str(out_dir)))
-        for extra in ("predict_from_raw_data_args.json", "dataset.json", "plans.json"):
-            if (tmp / extra).is_file():
-                os.replace(tmp / extra, out_dir / extra)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        torch.set_num_threads(old_threads)
+    predictor = nnUNetPredictor(device=torch_device, perform_everything_on_device=torch_device.type == "cuda",
+                                verbose_preprocessing=False, allow_tqdm=False, **kwargs)
+    _initialize_predictor(predictor, folder, (folds,) if isinstance(folds, (str, int)) else folds, checkpoint)
+    return predictor
+
+
+def predict(model, input_cases, out_dir, folds=None, checkpoint="checkpoint_final.pth", device="auto",
+            tile_step_size=0.5, use_mirroring=False, use_gaussian=True, threads=None, roots=None,
+            configuration="3d_fullres", trainer=TRAINER, plans=DEFAULT_PLANS, verbose=False):
+    """Segment ``input_cases`` with a trained nnU-Net model; return ``{case_id: Path}``.
+
+    ``model``: the model folder returned by :func:`train`, or a dataset id (then
+    ``roots`` / ``configuration`` / ``trainer`` / ``plans`` locate the folder).
+    ``input_cases``: list of ``{"case_id", "images": {channel: path}}``, the
+    channels keyed like the training dataset's channel names (or by index) — or
+    a folder of nnU-Net named files (``case_0000.nii.gz``, ...). ``folds``:
+    the folds to ensemble (default: all found). Writes ``out_dir/<case_id>.nii.gz``
+    with the geometry of the input images. Test-time mirroring is off by
+    default (``use_mirroring``).
+    """
+    folder = _model_folder_of(model, roots, configuration, trainer, plans)
+    ending = json.loads((folder / "dataset.json").read_text())["file_ending"]
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    source, ids = _case_files(folder, input_cases)
+
+    with _torch_threads(threads):
+        for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed prediction
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            predictor = _loaded_predictor(folder, folds, checkpoint, device, tile_step_size=tile_step_size,
+                                          use_gaussian=use_gaussian, use_mirroring=use_mirroring, verbose=verbose)
+            if isinstance(source, str):
+                predictor.predict_from_files_sequential(source, str(tmp), save_probabilities=False, overwrite=True)
+            else:
+                predictor.predict_from_files_sequential(source, [str(tmp / cid) for cid in ids],
+                                                        save_probabilities=False, overwrite=True)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            result = {}
+            for cid in ids:
+                produced = tmp / f"{cid}{ending}"
+                if not produced.is_file():
+                    raise RuntimeError(f"nnU-Net wrote no prediction for case {cid!r}")
+                os.replace(produced, out_dir / produced.name)
+                result[cid] = out_dir / produced.name
+            args_json = tmp / "predict_from_raw_data_args.json"
+            if args_json.is_file():  # nnU-Net's record of the call names the (random) temporary folder
+                args_json.write_text(args_json.read_text().replace(str(tmp), str(out_dir)))
+            for extra in ("predict_from_raw_data_args.json", "dataset.json", "plans.json"):
+                if (tmp / extra).is_file():
+                    os.replace(tmp / extra, out_dir / extra)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def predict_for_rule(model_json, cases, out_dir, log_path, **kwargs):
+    """:func:`predict` with a rule's conventions: the model named by ``model.json``
+    (train_segmentation's record), nnU-Net's prints appended to the rule's log, and each
+    case's prediction checked to be ``out_dir/<case_id>.nii.gz``. ``kwargs``: of predict."""
+    model = json.loads(Path(model_json).read_text())
+    out_dir = Path(out_dir)
+    cases = [{"case_id": c["case_id"], "images": c["images"]} for c in cases]
+    with open(log_path, "a") as sink, contextlib.redirect_stdout(sink):
+        written = predict(model["model_folder"], cases, out_dir, folds=[model["fold"]], **kwargs)
+    expected = {c["case_id"]: out_dir / f"{c['case_id']}.nii.gz" for c in cases}
+    for cid, path in written.items():
+        if Path(path).resolve() != expected[cid].resolve():
+            raise RuntimeError(f"prediction of {cid} written to {path}, expected {expected[cid]}")
+    return expected
+
+
+def encoder_features(model, input_cases, folds=None, checkpoint="checkpoint_final.pth", device="auto",
+                     threads=None):
+    """In-domain image features from a trained nnU-Net: per case the mean and the standard
+    deviation of each channel of the encoder's deepest stage over the case (2d models: over
+    all its axial slices), after nnU-Net's own preprocessing. Returns ``(ids, (N, 2F) array)``.
+
+    Why: a published feature network (Inception, MedicalNet) needs downloaded weights and
+    was not trained on these images; the workflow's own real-data segmenter was, offline.
+    """
+    import numpy as np
+    import torch
+
+    folder = _model_folder_of(model, None, None, None, None)
+    source, ids = _case_files(folder, input_cases)
+    if isinstance(source, str):
+        raise InputError("encoder_features needs a list of cases, not a folder", field="input_cases")
+    with _torch_threads(threads):
+        predictor = _loaded_predictor(folder, folds, checkpoint, device)
+        net = predictor.network.to(predictor.device).eval()
+        two_d = len(predictor.configuration_manager.patch_size) == 2
+        preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+        rows = []
+        for files in source:
+            data, _, _ = preprocessor.run_case(files, None, predictor.plans_manager, predictor.configuration_manager,
+                                               predictor.dataset_json)
+            x = torch.from_numpy(np.asarray(data, dtype=np.float32)).to(predictor.device)  # (C, Z, Y, X)
+            x = x.permute(1, 0, 2, 3) if two_d else x[None]
+            with torch.no_grad():
+                stages = [net.encoder(x[i:i + 16]) for i in range(0, x.shape[0], 16)]
+            deep = torch.cat([f[-1] if isinstance(f, (list, tuple)) else f for f in stages])
+            flat = deep.transpose(0, 1).reshape(deep.shape[1], -1).double()
+            rows.append(torch.cat([flat.mean(1), flat.std(1)]).cpu().numpy())
+    return ids, np.stack(rows)
 
 
 def _numpy_scalar_globals():

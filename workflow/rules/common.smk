@@ -524,7 +524,13 @@ def consistency_arm(task):
 
 
 def label_consistency_targets():
-    return [f"{SYN}/quality/label_consistency_{t}.tsv" for t in SEG_TASKS if consistency_arm(t)]
+    """Label consistency and image FID of the synthetic images, per task with a real-data model."""
+    return [
+        f"{SYN}/quality/{kind}_{t}.tsv"
+        for t in SEG_TASKS
+        if consistency_arm(t)
+        for kind in ("label_consistency", "image_fid")
+    ]
 
 
 def seg_train_setting(task, key, default=None):

@@ -377,3 +377,55 @@ rule synthetic_label_consistency:
         runtime=30,
     script:
         "../scripts/synthetic_label_consistency.py"
+
+
+rule synthetic_image_fid:
+    """FID and k-NN precision / recall of the synthetic images on features of the task's real-data
+    nnU-Net encoder (in-domain, offline), beside the held-out real images' figures."""
+    input:
+        model=lambda wc: f"{SEG}/{wc.task}/{consistency_arm(wc.task)}/model.json",
+        samples=sample_set_files(),
+        splits=lambda wc: split_tables(
+            SEG_DESIGN["cases"][consistency_arm(wc.task)]["real"]
+            + SEG_TEST_SETS[consistency_test_set(wc.task)]
+        ),
+    output:
+        report(
+            f"{SYN}/quality/image_fid_{{task}}.tsv",
+            caption="../report/image_fid.rst",
+            category="Synthesis",
+            labels={"table": "image FID", "task": "{task}"},
+        ),
+    params:
+        arm=lambda wc: consistency_arm(wc.task),
+        real_test_set=lambda wc: consistency_test_set(wc.task),
+        # per set: case id -> images keyed by input channel
+        sets=lambda wc: {
+            name: {
+                case: {str(k): path(case, m) for k, m in enumerate(SEG_DESIGN["task_inputs"][wc.task][0])}
+                for case in cases
+            }
+            for name, cases, path in (
+                ("training_real", SEG_DESIGN["cases"][consistency_arm(wc.task)]["real"], grid_file),
+                ("held_out_real", SEG_TEST_SETS[consistency_test_set(wc.task)], grid_file),
+                ("synthetic", sample_set_ids(), lambda s, m: f"{sample_set_folder()}/{s}/{m}.nii.gz"),
+            )
+        },
+        preprocessed=lambda wc: [
+            grid_file(s, m)
+            for s in SEG_DESIGN["cases"][consistency_arm(wc.task)]["real"]
+            + SEG_TEST_SETS[consistency_test_set(wc.task)]
+            for m in SEG_DESIGN["task_inputs"][wc.task][0]
+        ],
+        k=3,
+        device=NNCFG.get("device", "auto"),
+    conda:
+        "../../envs/segmentation.yaml"
+    log:
+        f"{LOGS}/synthesis/image_fid_{{task}}.log",
+    threads: NNCFG.get("threads", 2)
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/synthetic_image_fid.py"

@@ -1,9 +1,6 @@
 """Rule synthetic_label_consistency: a task's real-data model on the synthetic images."""
 
-import contextlib
-import json
 import logging
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -19,13 +16,9 @@ log = logging.getLogger("brainsynth")
 
 
 def main(sm):
-    model = json.loads(Path(sm.input.model).read_text())
-    out_dir = Path(sm.output.predictions)
-    cases = [{"case_id": c["case_id"], "images": c["images"]} for c in sm.params.cases]
-    with open(sm.log[0], "a") as sink, contextlib.redirect_stdout(sink):  # nnU-Net prints
-        written = seg.predict(model["model_folder"], cases, out_dir, folds=[model["fold"]],
-                              device=sm.params.device, tile_step_size=sm.params.tile_step_size,
-                              use_mirroring=sm.params.use_mirroring, threads=sm.threads)
+    written = seg.predict_for_rule(sm.input.model, sm.params.cases, sm.output.predictions, sm.log[0],
+                                   device=sm.params.device, tile_step_size=sm.params.tile_step_size,
+                                   use_mirroring=sm.params.use_mirroring, threads=sm.threads)
     inverse = design.inverse_lut(sm.params.classes)  # task label -> schema value
     pairs = [{"subject": c["case_id"], "truth": c["label"],
               "pred": design.apply_lut(np.asarray(nib.load(written[c["case_id"]]).dataobj), inverse,

@@ -27,9 +27,8 @@ Public API
 ``tissue_fraction_check(synthetic, training, tissues, tolerance) -> DataFrame``
     tissue volume fraction of the brain per class: synthetic mean vs training mean, and
     ``cohens_d(a, b)`` of the two sets (anatomical plausibility per structure).
-``frechet_distance(real, synthetic)`` / ``knn_precision_recall(real, synthetic, k)``
-    FID and improved precision/recall on features, here :func:`label_features` (the
-    workflow's own label VAE encoder: an in-domain extractor that needs no download).
+FID and improved precision/recall (``brainsynth.feature_metrics``) on :func:`label_features`
+    (the workflow's own label VAE encoder: an in-domain extractor that needs no download).
 ``sample_flags(...) -> DataFrame``
     per synthetic sample: missed conditioning, tissue outside the training range, near copy.
 """
@@ -42,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..feature_metrics import frechet_distance, knn_precision_recall
 
 # Issue gate of the label autoencoder (held-out Dice after argmax).
 RECONSTRUCTION_THRESHOLDS = {"csf": 0.90, "gm": 0.90, "wm": 0.90, "deep_gm": 0.80, "brainstem": 0.80,
@@ -209,41 +209,6 @@ def lesion_centroid_spread(hard, schema, voxel_mm=1.0):
             spread = float("nan")
         out[t] = {"n_with_lesion": len(cents), "centroid_spread_mm": spread}
     return out
-
-
-def frechet_distance(real, synthetic):
-    """FID between two feature sets ``(N, D)`` (monai ``FIDMetric``: Gaussian fits, Frechet
-    distance); 0 for identical sets."""
-    import torch
-    from monai.metrics import FIDMetric
-
-    a = torch.as_tensor(np.asarray(synthetic, dtype=np.float64))
-    b = torch.as_tensor(np.asarray(real, dtype=np.float64))
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise InputError(f"FID needs two (N >= 2, D) feature sets, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return float(FIDMetric()(a, b))
-
-
-def _distances(a, b):
-    return np.sqrt(np.maximum(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1), 0.0))
-
-
-def knn_precision_recall(real, synthetic, k=3):
-    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union
-    of balls around its points with radius the distance to the k-th nearest neighbour in the
-    set; precision = share of synthetic points inside the real manifold (fidelity), recall =
-    share of real points inside the synthetic manifold (coverage)."""
-    real = np.asarray(real, dtype=float)
-    synthetic = np.asarray(synthetic, dtype=float)
-    if min(len(real), len(synthetic)) <= k:
-        raise InputError(f"k-NN precision/recall with k={k} needs more than {k} points per set")
-
-    def radii(x):
-        return np.sort(_distances(x, x), axis=1)[:, k]  # column 0 is the point itself
-
-    precision = float((_distances(synthetic, real) <= radii(real)[None, :]).any(1).mean())
-    recall = float((_distances(real, synthetic) <= radii(synthetic)[None, :]).any(1).mean())
-    return precision, recall
 
 
 def label_features(vae_path, hard, n_classes, device="cpu", batch=8):

@@ -1,0 +1,34 @@
+"""Rule synthetic_image_fid: synthetic vs real images on the real-data nnU-Net's encoder features."""
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from brainsynth import segmentation as seg
+from brainsynth.feature_metrics import against_reference
+from brainsynth.io import run_main, save_table
+
+log = logging.getLogger("brainsynth")
+
+
+def main(sm):
+    model = json.loads(Path(sm.input.model).read_text())
+    feats = {}
+    for name, cases in sm.params.sets.items():
+        _, feats[name] = seg.encoder_features(
+            model["model_folder"], [{"case_id": c, "images": imgs} for c, imgs in cases.items()],
+            folds=[model["fold"]], device=sm.params.device, threads=sm.threads)
+    reference = feats.pop("training_real")
+    rows = against_reference(reference, feats, k=sm.params.k)
+    extractor = (f"nnU-Net {sm.wildcards.task}/{sm.params.arm} encoder, deepest stage: mean and std per channel "
+                 f"({reference.shape[1]} values per case)")
+    table = pd.DataFrame([{"task": sm.wildcards.task, "arm": sm.params.arm, **r, "reference": "training_real",
+                           "k": sm.params.k, "extractor": extractor} for r in rows])
+    table["set"] = table["set"].replace({"held_out_real": f"held_out_real ({sm.params.real_test_set})"})
+    save_table(table, sm.output[0])
+    log.info("image FID of %s:\n%s", sm.wildcards.task, table.drop(columns="extractor").round(4).to_string())
+
+
+run_main(main, snakemake)  # noqa: F821
