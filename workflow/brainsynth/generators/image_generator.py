@@ -294,8 +294,8 @@ def rare_class_slices(labels, brain, min_voxels=3):
 
 
 def class_balanced_l1(fake, target, seg):
-    """Mean over the classes present (argmax of ``seg``, background excluded) of each class's
-    mean absolute error, averaged over the batch's classes."""
+    """Mean over the classes present in the batch (argmax of ``seg``, background excluded) of
+    each class's mean absolute error over its voxels in the batch."""
     hard = F.one_hot(seg.argmax(1), seg.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(fake.dtype)
     count = hard.sum(dim=(0, 2, 3))
     err = ((fake - target).abs() * hard).sum(dim=(0, 2, 3))
