@@ -13,6 +13,9 @@
 #       scores.tsv            long score table (brainsynth.metrics)
 #   results/<exp>/tables/<task>_<metric>.{csv,md,tex}, <task>_<metric>_pvalues.csv
 #   results/<exp>/figures/<task>_<metric>.png
+#   results/<exp>/synthesis/quality/label_consistency_<task>.tsv, image_fid_<task>.tsv
+#       the task's real-data model on the synthetic images (its Dice against their labels,
+#       its encoder's features for FID): the image audit that needs a segmenter
 #
 # Params hold only what each step depends on: the dataset step the arm's resolved case
 # list and the task's class mapping, planning/training/prediction the nnU-Net settings.
