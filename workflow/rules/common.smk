@@ -499,7 +499,7 @@ def segmentation_targets():
         ]
         + [experiment_outputs(name)[k] for name in SEG_EXPERIMENTS for k in ("csv", "figure")]
         + [f"{SEG}/design.tsv"]
-        + label_consistency_targets()
+        + image_audit_targets()
     )
 
 
@@ -523,7 +523,34 @@ def consistency_arm(task):
     return None
 
 
-def label_consistency_targets():
+def image_audit_cases(task):
+    """What the image audit of ``task`` reads, per set: the consistency arm's real training
+    subjects, its real test set (consistency_test_set) and the main sample set's synthetic
+    subjects, each ``{case: {"label": path, "images": {channel: path}}}`` with the images the
+    task feeds its channels."""
+    channels = SEG_DESIGN["task_inputs"][task][0]
+    synth = sample_set_folder()
+
+    def real(s):
+        return {
+            "label": grid_file(s, "label"),
+            "images": {str(k): grid_file(s, m) for k, m in enumerate(channels)},
+        }
+
+    def synthetic(s):
+        return {
+            "label": f"{synth}/{s}/label.nii.gz",
+            "images": {str(k): f"{synth}/{s}/{m}.nii.gz" for k, m in enumerate(channels)},
+        }
+
+    return {
+        "training_real": {s: real(s) for s in SEG_DESIGN["cases"][consistency_arm(task)]["real"]},
+        "held_out_real": {s: real(s) for s in SEG_TEST_SETS[consistency_test_set(task)]},
+        "synthetic": {s: synthetic(s) for s in sample_set_ids()},
+    }
+
+
+def image_audit_targets():
     """Label consistency and image FID of the synthetic images, per task with a real-data model."""
     return [
         f"{SYN}/quality/{kind}_{t}.tsv"

@@ -354,15 +354,7 @@ rule synthetic_label_consistency:
     params:
         arm=lambda wc: consistency_arm(wc.task),
         cases=lambda wc: [
-            {
-                "case_id": sid,
-                "label": f"{sample_set_folder()}/{sid}/label.nii.gz",
-                "images": {
-                    str(k): f"{sample_set_folder()}/{sid}/{m}.nii.gz"
-                    for k, m in enumerate(SEG_DESIGN["task_inputs"][wc.task][0])
-                },
-            }
-            for sid in sample_set_ids()
+            {"case_id": sid, **spec} for sid, spec in image_audit_cases(wc.task)["synthetic"].items()
         ],
         classes=lambda wc: SEG_DESIGN["groups"][wc.task],
         real_test_set=lambda wc: consistency_test_set(wc.task),
@@ -389,8 +381,7 @@ rule synthetic_image_fid:
         model=lambda wc: f"{SEG}/{wc.task}/{consistency_arm(wc.task)}/model.json",
         samples=sample_set_files(),
         splits=lambda wc: split_tables(
-            SEG_DESIGN["cases"][consistency_arm(wc.task)]["real"]
-            + SEG_TEST_SETS[consistency_test_set(wc.task)]
+            [s for name in ("training_real", "held_out_real") for s in image_audit_cases(wc.task)[name]]
         ),
     output:
         report(
@@ -404,21 +395,14 @@ rule synthetic_image_fid:
         real_test_set=lambda wc: consistency_test_set(wc.task),
         # per set: case id -> images keyed by input channel
         sets=lambda wc: {
-            name: {
-                case: {str(k): path(case, m) for k, m in enumerate(SEG_DESIGN["task_inputs"][wc.task][0])}
-                for case in cases
-            }
-            for name, cases, path in (
-                ("training_real", SEG_DESIGN["cases"][consistency_arm(wc.task)]["real"], grid_file),
-                ("held_out_real", SEG_TEST_SETS[consistency_test_set(wc.task)], grid_file),
-                ("synthetic", sample_set_ids(), lambda s, m: f"{sample_set_folder()}/{s}/{m}.nii.gz"),
-            )
+            name: {case: spec["images"] for case, spec in cases.items()}
+            for name, cases in image_audit_cases(wc.task).items()
         },
         preprocessed=lambda wc: [
-            grid_file(s, m)
-            for s in SEG_DESIGN["cases"][consistency_arm(wc.task)]["real"]
-            + SEG_TEST_SETS[consistency_test_set(wc.task)]
-            for m in SEG_DESIGN["task_inputs"][wc.task][0]
+            f
+            for name in ("training_real", "held_out_real")
+            for spec in image_audit_cases(wc.task)[name].values()
+            for f in spec["images"].values()
         ],
         k=3,
         device=NNCFG.get("device", "auto"),

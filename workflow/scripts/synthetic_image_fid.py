@@ -15,11 +15,13 @@ log = logging.getLogger("brainsynth")
 
 def main(sm):
     model = json.loads(Path(sm.input.model).read_text())
-    feats = {}
-    for name, cases in sm.params.sets.items():
-        _, feats[name] = seg.encoder_features(
-            model["model_folder"], [{"case_id": c, "images": imgs} for c, imgs in cases.items()],
-            folds=[model["fold"]], device=sm.params.device, threads=sm.threads)
+    # one pass of the model over all sets (case ids prefixed by their set: unique across sets)
+    cases = [{"case_id": f"{name}.{c}", "images": imgs} for name, per in sm.params.sets.items()
+             for c, imgs in per.items()]
+    ids, rows = seg.encoder_features(model["model_folder"], cases, folds=[model["fold"]], device=sm.params.device,
+                                     threads=sm.threads)
+    names = [i.split(".", 1)[0] for i in ids]
+    feats = {name: rows[[n == name for n in names]] for name in sm.params.sets}
     reference = feats.pop("training_real")
     rows = against_reference(reference, feats, k=sm.params.k)
     extractor = (f"nnU-Net {sm.wildcards.task}/{sm.params.arm} encoder, deepest stage: mean and std per channel "
