@@ -36,13 +36,18 @@ def main(argv=None):
     ap.add_argument("--per-mode", type=int, default=50)
     ap.add_argument("--voxel-mm", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-from", default=None,
+                    help="a label_ldm.pt of the workflow: train on its subjects (the workflow's training pool) "
+                         "instead of every training-split subject")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     res, out = Path(args.results), Path(args.out)
     split = pd.read_csv(res / "preprocessing" / "input_check.tsv", sep="\t", dtype={"subject": str})
     tissue = lambda s: str(res / "preprocessing" / "subjects" / s / "grid" / "tissue_prob.nii.gz")  # noqa: E731
-    train = {s: tissue(s) for s in split.loc[split["split"] == "train", "subject"]}
+    pool = (LG.training_subjects(args.train_from) if args.train_from
+            else split.loc[split["split"] == "train", "subject"])
+    train = {s: tissue(s) for s in pool}
     held = {s: tissue(s) for s in split.loc[split["split"] == "test", "subject"]}
     base = {"device": "cpu", "num_threads": args.threads, "checkpoint_every": 10**9, "log_every": 10**9}
     schema = LabelSchema()

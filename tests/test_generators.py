@@ -190,6 +190,35 @@ def test_ldm_resume_matches_uninterrupted(models, cohort, tmp_path):
     _same_weights(_state(out["model"]), _state(models["ldm"]["model"]))
 
 
+def test_ema_update_by_hand():
+    live = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        live.weight.fill_(0.0)
+    ema = C.ema_copy(live)
+    assert not any(p.requires_grad for p in ema.parameters())
+    with torch.no_grad():
+        live.weight.fill_(1.0)
+    C.ema_update(ema, live, decay=0.9, step=0)  # warm-up: min(0.9, 1/10) = 0.1 -> 0.1 * 0 + 0.9 * 1
+    assert float(ema.weight) == pytest.approx(0.9)
+    C.ema_update(ema, live, decay=0.5, step=1000)  # decay reached: 0.5 * 0.9 + 0.5 * 1
+    assert float(ema.weight) == pytest.approx(0.95)
+
+
+def test_ldm_ema_weights_are_saved_and_resume(models, cohort, tmp_path):
+    cfg = _cfg(LABEL_CFG, checkpoint_every=3, ldm={"ema_decay": 0.9, "steps": 6})
+    args = (models["vae"]["model"], cohort["label_paths"], cohort["cond"], cfg)
+    assert LG.train_label_ldm(*args, tmp_path / "a", max_steps_this_run=4)["completed"] is False
+    out = LG.train_label_ldm(*args, tmp_path / "a")
+    ref = LG.train_label_ldm(*args, tmp_path / "b")
+    _same_weights(_state(out["model"]), _state(ref["model"]))  # the average survives a kill
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "label_ldm_last.pt", weights_only=False)["modules"]
+    _same_weights(_state(ref["model"]), ckpt["ema"])
+    last = ckpt["unet"]
+    assert any(not torch.allclose(last[k].float(), ckpt["ema"][k].float()) for k in last)
+    with pytest.raises(InputError, match="ema_decay"):
+        LG.train_label_ldm(*args[:3], _cfg(cfg, ldm={"ema_decay": 1.0}), tmp_path / "c")
+
+
 def test_sample_labels_probabilistic_and_deterministic(models):
     vae, ldm = models["vae"]["model"], models["ldm"]["model"]
     cond = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]], np.float32)

@@ -203,6 +203,27 @@ def state_dict_cpu(module):
 # --------------------------------------------------------------------------- perceptual loss
 
 
+def ema_copy(module):
+    """A frozen copy of ``module`` that :func:`ema_update` keeps as the exponential moving average of
+    its weights (diffusion models sample from the average: a briefly trained model's last weights
+    carry the noise of its last steps)."""
+    ema = copy.deepcopy(module)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema.eval()
+
+
+@torch.no_grad()
+def ema_update(ema, module, decay, step):
+    """One EMA step with the usual warm-up (``min(decay, (1 + step) / (10 + step))``), so the
+    average is not dominated by the random initial weights in a short training."""
+    d = min(float(decay), (1.0 + step) / (10.0 + step))
+    for pe, pm in zip(ema.parameters(), module.parameters()):
+        pe.mul_(d).add_(pm.detach(), alpha=1.0 - d)
+    for be, bm in zip(ema.buffers(), module.buffers()):
+        be.copy_(bm)
+
+
 def build_perceptual(spatial_dims, weight, weights_path, where):
     """Perceptual loss from a local ResNet-50 state dict only; ``None`` (logged) otherwise."""
     if not weight or float(weight) <= 0:

@@ -95,6 +95,8 @@ ldm.condition_channels          also append the context as constant input channe
                                 path for the conditioning besides cross-attention)
 ldm.condition_dropout           share of training steps' samples whose conditioning is replaced by the
                                 null context (classifier-free guidance; 0: conditioned always)
+ldm.ema_decay                   > 0: sample from the exponential moving average of the UNet's weights
+                                (decay per step, with warm-up); 0: from the last weights
 ldm.steps / ldm.batch_size / ldm.lr    optimisation steps / latents per step / Adam lr
 sampling.scheduler              ddpm (all T steps) | ddim
 sampling.inference_steps        DDIM steps (ignored by ddpm)
@@ -176,6 +178,7 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "condition_dropout": 0.15,
         "condition_channels": False,
         "lesion_weight": 0.0,
+        "ema_decay": 0.0,
         "steps": 500,
         "batch_size": 4,
         "lr": 5e-4,
@@ -711,6 +714,12 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
         raise InputError(f"ldm.condition_dropout must be in [0, 1), got {p_drop}",
                          field="label_generator.ldm.condition_dropout", fix="use e.g. 0.15, or 0 to disable")
     unet = build_unet(ukw).to(device)
+    ema_decay = float(m["ema_decay"])
+    if not 0.0 <= ema_decay < 1.0:
+        raise InputError(f"ldm.ema_decay must be in [0, 1), got {ema_decay}",
+                         field="label_generator.ldm.ema_decay",
+                         fix="use e.g. 0.999, or 0 to sample from the last weights")
+    ema = C.ema_copy(unet) if ema_decay > 0 else None
     skw = _scheduler_kwargs(cfg)
     sched = build_scheduler("ddpm", skw)
     opt = torch.optim.Adam(unet.parameters(), lr=float(m["lr"]))
@@ -742,19 +751,22 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        if ema is not None:
+            C.ema_update(ema, unet, ema_decay, step)
         return {"mse": loss.item()}
 
     fp = C.config_hash(_fingerprint_cfg(cfg, "ldm"), C.files_fingerprint(label_paths + [vae_path]),
                        np.asarray(cond).round(6).tolist(), "label_ldm")
     history, completed, _ = C.train_loop(
-        name="label_ldm", total_steps=int(m["steps"]), step_fn=step_fn, modules={"unet": unet},
+        name="label_ldm", total_steps=int(m["steps"]), step_fn=step_fn,
+        modules={"unet": unet} if ema is None else {"unet": unet, "ema": ema},
         optimizers={"opt": opt}, scalers={"scaler": scaler}, out_dir=out_dir, fingerprint=fp,
         checkpoint_every=cfg["checkpoint_every"], log_every=cfg["log_every"],
         max_steps_this_run=max_steps_this_run, callback=callback, device=device)
     if not completed:
         return {"completed": False, "history": history}
 
-    payload = {"kind": "label_ldm", "unet_kwargs": ukw, "state_dict": C.state_dict_cpu(unet),
+    payload = {"kind": "label_ldm", "unet_kwargs": ukw, "state_dict": C.state_dict_cpu(unet if ema is None else ema),
                "scheduler_kwargs": skw, "scale_factor": scale_factor, "latent_shape": latent_shape,
                "latent_shift": shift.tolist(), "latent_scale": scale.tolist(),
                "padded_latent_shape": lpad, "lesion_types": types, "spatial_dims": sd,
@@ -774,6 +786,11 @@ def training_conditioning(ldm_path):
     """``(lesion_types, (N, n_types) array)`` of the conditioning seen in training."""
     payload = C.torch_load(ldm_path)
     return list(payload["lesion_types"]), np.asarray(payload["train_conditioning"], dtype=np.float32)
+
+
+def training_subjects(ldm_path):
+    """The subjects whose label maps trained the LDM (its conditioning-table names)."""
+    return list(C.torch_load(ldm_path)["subjects"])
 
 
 def make_conditioning(mode, n, lesion_types, train_values=None, values=None, seed=0):
