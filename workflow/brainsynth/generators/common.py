@@ -200,9 +200,6 @@ def state_dict_cpu(module):
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-# --------------------------------------------------------------------------- perceptual loss
-
-
 def ema_copy(module):
     """A frozen copy of ``module`` that :func:`ema_update` keeps as the exponential moving average of
     its weights (diffusion models sample from the average: a briefly trained model's last weights
@@ -222,6 +219,9 @@ def ema_update(ema, module, decay, step):
         pe.mul_(d).add_(pm.detach(), alpha=1.0 - d)
     for be, bm in zip(ema.buffers(), module.buffers()):
         be.copy_(bm)
+
+
+# --------------------------------------------------------------------------- perceptual loss
 
 
 def build_perceptual(spatial_dims, weight, weights_path, where):

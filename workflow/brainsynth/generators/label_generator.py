@@ -649,6 +649,16 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     schema = schema or LabelSchema()
     C.seed_everything(cfg["seed"])
 
+    p_drop = float(m["condition_dropout"])
+    if not 0.0 <= p_drop < 1.0:
+        raise InputError(f"ldm.condition_dropout must be in [0, 1), got {p_drop}",
+                         field="label_generator.ldm.condition_dropout", fix="use e.g. 0.15, or 0 to disable")
+    ema_decay = float(m["ema_decay"])
+    if not 0.0 <= ema_decay < 1.0:
+        raise InputError(f"ldm.ema_decay must be in [0, 1), got {ema_decay}",
+                         field="label_generator.ldm.ema_decay",
+                         fix="use e.g. 0.999, or 0 to sample from the last weights")
+
     vae, vpay = load_vae(vae_path, device)
     for p in vae.parameters():
         p.requires_grad_(False)
@@ -708,17 +718,8 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
              mu.shape[0], latent_shape, lpad, scale_factor, types, device)
 
     ukw = _unet_kwargs(cfg, mu.shape[1], len(types))
-    p_drop = float(m["condition_dropout"])
     concat = bool(m["condition_channels"])
-    if not 0.0 <= p_drop < 1.0:
-        raise InputError(f"ldm.condition_dropout must be in [0, 1), got {p_drop}",
-                         field="label_generator.ldm.condition_dropout", fix="use e.g. 0.15, or 0 to disable")
     unet = build_unet(ukw).to(device)
-    ema_decay = float(m["ema_decay"])
-    if not 0.0 <= ema_decay < 1.0:
-        raise InputError(f"ldm.ema_decay must be in [0, 1), got {ema_decay}",
-                         field="label_generator.ldm.ema_decay",
-                         fix="use e.g. 0.999, or 0 to sample from the last weights")
     ema = C.ema_copy(unet) if ema_decay > 0 else None
     skw = _scheduler_kwargs(cfg)
     sched = build_scheduler("ddpm", skw)
@@ -766,7 +767,8 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     if not completed:
         return {"completed": False, "history": history}
 
-    payload = {"kind": "label_ldm", "unet_kwargs": ukw, "state_dict": C.state_dict_cpu(unet if ema is None else ema),
+    sampled = unet if ema is None else ema
+    payload = {"kind": "label_ldm", "unet_kwargs": ukw, "state_dict": C.state_dict_cpu(sampled),
                "scheduler_kwargs": skw, "scale_factor": scale_factor, "latent_shape": latent_shape,
                "latent_shift": shift.tolist(), "latent_scale": scale.tolist(),
                "padded_latent_shape": lpad, "lesion_types": types, "spatial_dims": sd,
