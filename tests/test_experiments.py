@@ -187,8 +187,11 @@ def test_each_experiment_plans_the_study_protocol(planned):
 
     cfg, table, out = planned
     merged = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["demo"]
-    merged["sites"].update(cfg["demo"]["sites"])
+    # subjects are numbered in site order: Snakemake keeps the --configfile's, whose YAML dump
+    # (run_snakemake) sorts the keys
+    merged["sites"] = dict(sorted(cfg["demo"]["sites"].items()))
     cohort = plan_cohort(merged, 20261125).set_index("subject")
+    sites = cohort.groupby("site")
 
     def rows(subjects):
         return cohort.loc[subjects]
@@ -228,9 +231,21 @@ def test_each_experiment_plans_the_study_protocol(planned):
     jobs = planned_jobs(out)
     assert jobs["experiment_table"] == 4 and jobs["train_segmentation"] == 14
     assert jobs["predict_segmentation"] == 6 * 3 + 3 + 5 * 2
-    assert jobs["sample_synthetic_unseen"] == 1 and jobs["restyle_synthetic"] == 2
+    assert jobs["sample_synthetic_unseen"] == 1
+    # the near-OOD dataset has T1 only, the far-OOD one FLAIR only: their style sets image what
+    # they have, and their subjects are made with those modalities alone
+    assert jobs["restyle_synthetic_t1"] == 1 and jobs["restyle_synthetic_flair"] == 1
+    assert (jobs["synthesize_subject_t1"], jobs["synthesize_subject_flair"]) == (14, 14)
+    assert jobs["synthesize_subject"] == len(cohort) - 28
     for name in ("table_1_2", "table_1_3", "figure_1_4", "figure_1_6"):
         assert f"/{name}.csv" in out and f"/{name}.png" in out
+    # datasets as in the study: healthy + WMH with skull (site_a), BraTS-like tumours delivered
+    # skull-stripped (site_t), no training subject with both lesion types (E4's unseen phenotype)
+    assert set(sites.get_group("site_a")["phenotype"]) == {"healthy", "wmh"}
+    assert set(sites.get_group("site_t")["phenotype"]) == {"tumour"}
+    assert cfg["demo"]["sites"]["site_t"]["skull_stripped"] and cfg["preprocessing"]["skull_stripped"] == ["site_t"]
+    assert not (cohort["role"].eq("in_distribution") & cohort["phenotype"].eq("both")).any()
+    assert set(rows(_cases(table, "R_les", "real"))["site"]) == {"site_t"}
     test = cohort[cohort["split"] == "test"]
     for phenotypes, name in (({"tumour", "both"}, "tumour"), ({"wmh"}, "wmh")):
         assert (test["role"].eq("in_distribution") & test["phenotype"].isin(phenotypes)).sum() >= 10, name
@@ -243,6 +258,30 @@ def test_generator_pool_without_subjects_is_named(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
     assert code != 0 and "synthesis.training_pool" in out and "no training subject with a label" in out, out[-2000:]
     assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("change,words", [
+    # R_nOD fed FLAIR, but the near-OOD dataset has T1 only
+    (lambda c: c["segmentation"]["recipes"]["R_nOD"].update(modalities=["flair"]),
+     ["arm R_nOD of task tissue3 needs ['flair']", "segmentation.recipes.R_nOD", "site_modalities"]),
+    # the far-OOD test set fed T1, which its subjects do not have
+    (lambda c: c["segmentation"]["task_definitions"]["tissue3"]["test_modalities"].update(far_ood=["t1"]),
+     ["test set far_ood of task tissue3 needs ['t1']", "test_modalities.far_ood"]),
+    # S_nOD fed FLAIR from the T1-only near-OOD style set
+    (lambda c: c["segmentation"]["recipes"]["S_nOD"].update(modalities=["flair"]),
+     ["arm S_nOD of task tissue3 feeds ['flair']", "style set 'near-ood'", "images ['t1']"]),
+    # the generators learn every modality: a pool with the T1-only dataset is refused
+    (lambda c: c["synthesis"].update(training_pool={"roles": ["in_distribution", "near_ood"]}),
+     ["synthesis.training_pool (the generators learn from) needs ['t1', 't2', 'flair']", "has no t2, flair"]),
+])
+def test_modalities_a_subject_lacks_are_named_before_any_work(tmp_path, change, words):
+    cfg = yaml.safe_load(CONFIG.read_text())
+    change(cfg)
+    code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
+    assert code != 0 and "Traceback" not in out, out[-2000:]
+    for w in words:
+        assert w in out, (w, out[-2000:])
+    assert not (tmp_path / "results").exists()
 
 
 # ----------------------------------------------------------------------------- paper scale

@@ -8,6 +8,7 @@ same run has one real-only nnU-Net arm, whose model then reads the synthetic ima
 consistency, image FID).
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -36,11 +37,15 @@ def test_dry_run_plans_every_generator_rule(tmp_path):
 
 # TINY_GEN + one real-only tissue arm: the synthetic images' label consistency and image FID
 # need a real-data model. (A task name of its own: config.yaml's 'tissue' would merge its
-# five classes into these three.)
-GEN_WITH_TISSUE_ARM = {**TINY_GEN, "segmentation": {
+# five classes into these three.) The far-OOD site delivers FLAIR only, as the study's far-OOD
+# dataset: preprocessing anchors it on its FLAIR, its style set images FLAIR only, and the
+# tissue model reads its FLAIR.
+GEN_WITH_TISSUE_ARM = {**TINY_GEN, "site_modalities": {"site_c": ["flair"]}, "segmentation": {
     "tasks": ["tissue3"], "arms": ["R"], "experiments": [],
-    "task_definitions": {"tissue3": {"classes": {
-        "csf": ["csf"], "gm": ["gm", "deep_gm"], "wm": ["wm", "brainstem", "wmh", "necrotic", "oedema", "enhancing"]}}},
+    "task_definitions": {"tissue3": {
+        "classes": {"csf": ["csf"], "gm": ["gm", "deep_gm"],
+                    "wm": ["wm", "brainstem", "wmh", "necrotic", "oedema", "enhancing"]},
+        "modalities": ["t1"], "test_sets": ["in_distribution", "far_ood"], "test_modalities": {"far_ood": ["flair"]}}},
     "nnunet": TINY_SEG["segmentation"]["nnunet"]}}
 
 
@@ -105,15 +110,26 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     sample_qc = pd.read_csv(syn / "quality" / "sample_qc.tsv", sep="\t")
     assert list(sample_qc["sample"]) == list(manifest["subject"]) and sample_qc["flagged"].dtype == bool
 
-    # the default config's far-OOD style set: the same labels, imaged with the far-OOD site's styles
+    # the default config's far-OOD style set: the same labels, imaged with the far-OOD site's
+    # styles, in the one modality that site delivers
     far = syn / "style_sets" / "far-ood"
     styled = pd.read_csv(far / "manifest.tsv", sep="\t")
     assert list(styled["subject"]) == list(manifest["subject"])
-    assert set(styled["style_t1"]) == {"demo006"}  # the tiny cohort's one far-OOD subject
+    assert list(styled.columns) == ["subject", "seed", "style_flair"]
+    assert set(styled["style_flair"]) == {"demo006"}  # the tiny cohort's one far-OOD subject
     for sid in manifest["subject"]:
         a = nib.load(syn / "samples" / sid / "flair.nii.gz").get_fdata()
         b = nib.load(far / "samples" / sid / "flair.nii.gz").get_fdata()
         assert a.shape == b.shape and not np.array_equal(a, b)
+        assert sorted(p.name for p in (far / "samples" / sid).iterdir()) == ["flair.nii.gz"]
+    # the FLAIR-only subject: anchored on its FLAIR, no T1 anywhere, its FLAIR scored by the T1 model
+    res = tmp_path / "results" / EXP
+    assert sorted(p.name for p in (res / "cohort" / "demo006").iterdir()) == [
+        "brain_mask.nii.gz", "flair.nii.gz", "label.nii.gz"]
+    folder = res / "preprocessing" / "subjects" / "demo006"
+    assert sorted(p.name for p in (folder / "n4").iterdir()) == ["flair.nii.gz"]
+    assert json.loads((folder / "skull_strip" / "qc.json").read_text())["skull_strip_dice"] > 0.9
+    assert (res / "segmentation" / "tissue3" / "R" / "predictions" / "far_ood" / "demo006.nii.gz").is_file()
 
     code, out = run_snakemake(tmp_path, "-n", config=cfg)
     assert code == 0 and "Nothing to be done" in out, out[-2000:]

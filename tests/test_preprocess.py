@@ -196,3 +196,33 @@ def test_preprocess_subject_fills_one_folder_atomically(pair):
         pp.preprocess_subject("s2", {"t1": p["moving"]}, tmp / "subjects" / "s2",
                               dict(template, brain_mask=tmp / "missing.nii.gz"), CFG, LabelSchema(), seed=1)
     assert sorted(q.name for q in (tmp / "subjects").iterdir()) == ["s1"]
+
+
+def test_subject_without_t1_is_anchored_on_its_first_modality(pair):
+    """A FLAIR-only subject (config site_modalities): registration, skull stripping and the QC
+    montage run on the FLAIR; with a second modality on another grid, that one is co-registered
+    to the FLAIR; the split table leaves the missing T1 empty."""
+    tmp, p = pair
+    pp.set_threads(1)
+    template = {"t1": p["fixed"], "brain_mask": p["fixed_mask"], "labels": p["fixed_mask"]}
+    moved = nib.load(str(p["moving"]))
+    aff = moved.affine.copy()
+    aff[:3, 3] += [4.0, -3.0, 2.0]
+    t2 = save_nifti(np.asarray(moved.dataobj)[::-1] * 0.7 + 0.1, aff, tmp / "t2_own_grid.nii.gz")
+    out = tmp / "subjects" / "f1"
+    qc = pp.preprocess_subject("f1", {"flair": p["moving"], "t2": t2}, out, template, CFG, LabelSchema(),
+                               label=p["moving_mask"], truth_mask=p["moving_mask"], seed=1)
+    assert qc["skull_strip_dice"] > 0.9
+    files = pp.subject_files(out, ["flair", "t2"])
+    assert all(f.is_file() for f in files) and pp.subject_file(out, "coregistration", "t2") in files
+    assert pp.subject_file(out, "coregistration", "flair") not in files  # the anchor is the reference
+    coreg = json.loads(pp.subject_file(out, "coregistration_qc").read_text())
+    assert list(coreg["modalities"]) == ["t2"] and coreg["modalities"]["t2"]["coregistered"]
+    assert not pp.subject_file(out, "image", "t1").exists()
+    table = pp.preprocessed_manifest(
+        [{"subject": "f1", "folder": str(out), "modalities": ["flair", "t2"]}], ["t1", "t2", "flair"],
+        tmp / "flair_only.tsv")
+    row = pd.read_csv(table, sep="\t").iloc[0]
+    assert pd.isna(row["t1"]) and row["flair"] == str(out / "grid" / "flair.nii.gz")
+    with pytest.raises(InputError, match="f1 lacks"):  # without its modalities, T1 files are asked for
+        pp.preprocessed_manifest([{"subject": "f1", "folder": str(out)}], ["t1", "flair"], tmp / "y.tsv")

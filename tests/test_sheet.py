@@ -1,6 +1,7 @@
 """Sample sheet loading: schema, duplicates, modality columns, path resolution."""
 
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -185,6 +186,40 @@ def test_snakemake_validate_accepts_good_and_rejects_bad(tmp_path):
     bad = write_tsv(tmp_path / "bad.tsv", rows)
     with pytest.raises(WorkflowError):
         validate(pd.read_csv(bad, sep="\t", dtype=str), str(DEFAULT_SCHEMA))
-    missing_t1 = pd.read_csv(sheet, sep="\t", dtype=str).drop(columns=["t1"])
+    # the row schema requires the id columns; which images a row needs depends on config
+    # (site_modalities), so load_sheet checks those
+    missing_split = pd.read_csv(sheet, sep="\t", dtype=str).drop(columns=["split"])
     with pytest.raises(WorkflowError):
-        validate(missing_t1, str(DEFAULT_SCHEMA))
+        validate(missing_split, str(DEFAULT_SCHEMA))
+
+
+def test_site_modalities_let_a_dataset_deliver_a_subset(tmp_path):
+    from brainsynth.sheet import anchor_modality, check_site_modalities, site_modalities_of
+
+    rows = good_rows()
+    rows[2][3:5] = ["", ""]            # s03 (site_b): FLAIR only
+    rows[1][5] = ""                    # s02 (site_a): no FLAIR, but site_a delivers every modality
+    sheet = write_tsv(tmp_path / "subjects.tsv", rows)
+    with pytest.raises(InputErrors) as exc:
+        load_sheet(sheet, MODS, site_modalities={"site_b": ["flair"]})
+    msgs = problems(exc)
+    assert len(msgs) == 1 and "s02" in msgs[0] and "'flair'" in msgs[0] and "site_modalities" in msgs[0]
+    rows[1][5] = "img/s02_flair.nii.gz"
+    df = load_sheet(write_tsv(tmp_path / "ok.tsv", rows), MODS, site_modalities={"site_b": ["flair"]})
+    assert df.loc["s03", "t1"] is None and df.loc["s03", "flair"] == "/abs/s03_flair.nii.gz"
+    # without the entry, the FLAIR-only subject is named for its missing T1 and T2
+    with pytest.raises(InputErrors) as exc:
+        load_sheet(tmp_path / "ok.tsv", MODS)
+    msgs = problems(exc)
+    assert len(msgs) == 2 and all("s03" in m for m in msgs)
+    assert any("no 't1' image" in m for m in msgs) and any("no 't2' image" in m for m in msgs)
+    assert site_modalities_of("site_b", MODS, {"site_b": ["flair", "t1"]}) == ["t1", "flair"]  # run order
+    assert site_modalities_of("site_a", MODS, {"site_b": ["flair"]}) == MODS
+    assert anchor_modality(["t1", "flair"]) == "t1" and anchor_modality(["flair"]) == "flair"
+    check_site_modalities({"site_b": ["flair"]}, MODS, ["site_a", "site_b"])
+    for bad, words in (({"site_x": ["t1"]}, "no subject has site 'site_x'"),
+                       ({"site_b": []}, "non-empty list"),
+                       ({"site_b": ["t1ce"]}, "['t1ce'] are not modalities of the run")):
+        with pytest.raises(InputError, match=re.escape(words)) as exc:
+            check_site_modalities(bad, MODS, ["site_a", "site_b"])
+        assert exc.value.field == f"site_modalities.{next(iter(bad))}"

@@ -254,3 +254,33 @@ def test_cohort_reports_everything_at_once(tmp_path):
     assert len(errs) == 3
     assert all(e.subject == "s02" for e in errs)
     assert {e.field for e in errs} == {"t2", "flair", "label"}
+
+
+def test_site_modalities_check_what_each_site_delivers(tmp_path):
+    """A FLAIR-only site (config site_modalities): its subjects need their FLAIR only, their label
+    map lies on the FLAIR grid by default; other sites still need every modality."""
+    flair_only = make_subject(tmp_path, "s02", "site_c")
+    flair_only["t1"] = flair_only["t2"] = None
+    shifted = np.diag([2.0, 2.0, 2.0, 1.0])
+    shifted[:3, 3] = 5.0  # the FLAIR (and its label) on a grid of their own: no T1 to agree with
+    arr = nib.load(flair_only["flair"]).get_fdata()
+    flair_only["flair"] = save(tmp_path / "s02" / "moved_flair.nii.gz", arr.astype(np.float32), shifted)
+    for key in ("label", "brain_mask"):
+        data = np.asarray(nib.load(flair_only[key]).dataobj)
+        flair_only[key] = save(tmp_path / "s02" / f"moved_{key}.nii.gz", data, shifted)
+    short = make_subject(tmp_path, "s01")
+    short["t2"] = None
+    with pytest.raises(InputErrors) as exc:
+        validate_cohort(pd.DataFrame([short, flair_only]), MODS, SCHEMA, site_modalities={"site_c": ["flair"]})
+    assert len(exc.value.errors) == 1
+    msg = str(exc.value.errors[0])
+    assert "'s01'" in msg and "no t2 image" in msg and "site_modalities" in msg
+    short["t2"] = short["t1"]
+    summary = validate_cohort(pd.DataFrame([short, flair_only]), MODS, SCHEMA,
+                              site_modalities={"site_c": ["flair"]})
+    assert list(summary["subject"]) == ["s01", "s02"] and summary.loc[1, "shape"] == "8x8x8"
+    # without the entry the FLAIR-only subject is named for the T1 and T2 it lacks
+    with pytest.raises(InputErrors) as exc:
+        validate_cohort(pd.DataFrame([short, flair_only]), MODS, SCHEMA)
+    msgs = messages(exc.value.errors)
+    assert "'s02'" in msgs and "no t1 image" in msgs and "no t2 image" in msgs

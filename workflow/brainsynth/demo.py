@@ -106,20 +106,26 @@ def validate_demo(demo_cfg):
     if all(int(s["n_test"]) == int(s["n"]) for s in sites.values()):
         raise InputError("no site has training subjects (n_test == n everywhere)", field="demo.sites",
                          fix="give the in-distribution site n_test < n")
-    lesions = demo_cfg.get("lesions")
+    _check_lesions(demo_cfg.get("lesions"), "demo.lesions")
+    for name, s in sites.items():
+        if "lesions" in s:
+            _check_lesions(s["lesions"], f"demo.sites.{name}.lesions")
+    return demo_cfg
+
+
+def _check_lesions(lesions, field):
     if not isinstance(lesions, dict):
-        raise InputError("must map phenotypes to fractions", field="demo.lesions",
+        raise InputError("must map phenotypes to fractions", field=field,
                          fix="e.g. {tumour: 0.35, wmh: 0.35, both: 0.15}")
     unknown = set(lesions) - {"tumour", "wmh", "both"}
     if unknown:
-        raise InputError(f"unknown phenotypes {sorted(unknown)}", field="demo.lesions",
+        raise InputError(f"unknown phenotypes {sorted(unknown)}", field=field,
                          fix="use tumour, wmh, both (the rest are healthy)")
     for k, v in lesions.items():
-        _num(v, f"demo.lesions.{k}", lo=0.0, hi=1.0)
+        _num(v, f"{field}.{k}", lo=0.0, hi=1.0)
     if sum(float(v) for v in lesions.values()) > 1.0 + 1e-9:
-        raise InputError(f"fractions add up to {sum(lesions.values()):.3g} > 1", field="demo.lesions",
+        raise InputError(f"fractions add up to {sum(lesions.values()):.3g} > 1", field=field,
                          fix="make tumour + wmh + both <= 1 (the rest are healthy)")
-    return demo_cfg
 
 
 def site_table(demo_cfg):
@@ -170,19 +176,20 @@ def plan_cohort(demo_cfg, seed):
     Columns ``subject`` (demo001...), ``site``, ``role``, ``split`` (train/test)
     and ``phenotype`` (healthy/tumour/wmh/both). Subjects are numbered in site
     order; which of a site's subjects are test, and who gets which phenotype,
-    is drawn from ``seed``. Phenotype counts follow ``demo.lesions`` (largest
-    remainder) per site and split, with at least one tumour and one wmh
-    subject in every such group and one 'both' among the training subjects
-    (as far as the group size allows).
+    is drawn from ``seed``. Phenotype counts follow the site's ``lesions`` (else
+    ``demo.lesions``; largest remainder) per site and split, with at least one
+    tumour and one wmh subject in every such group and one 'both' among the
+    training subjects (as far as the group size allows), for the phenotypes whose
+    fraction is above 0 (a site of one dataset: BraTS-like tumours only).
     """
     validate_demo(demo_cfg)
-    lesions = demo_cfg["lesions"]
     total = sum(int(s["n"]) for s in demo_cfg["sites"].values())
     width = max(3, len(str(total)))
     rows = []
     k = 0
     for site, s in demo_cfg["sites"].items():
         n, n_test = int(s["n"]), int(s["n_test"])
+        lesions = s.get("lesions", demo_cfg["lesions"])
         names = [f"demo{k + i + 1:0{width}d}" for i in range(n)]
         k += n
         rng = _rng(seed, "plan", site)
@@ -193,6 +200,7 @@ def plan_cohort(demo_cfg, seed):
             if not members:
                 continue
             minimum = ("tumour", "wmh", "both") if split == "train" else ("tumour", "wmh")
+            minimum = tuple(p for p in minimum if float(lesions.get(p, 0.0)) > 0)
             counts = _phenotype_counts(len(members), lesions, minimum)
             phen = [p for p in PHENOTYPES for _ in range(counts[p])]
             phen = [phen[j] for j in rng.permutation(len(phen))]

@@ -233,6 +233,17 @@ def arm_modalities(recipe, task_modalities, modalities, arm="?"):
     return mods
 
 
+def check_modalities_available(what, subjects, wanted, subject_modalities, field, fix):
+    """InputError when some of ``subjects`` lack a modality in ``wanted`` (a T1-only or
+    FLAIR-only dataset, config ``site_modalities``): names ``what``, how many, one example."""
+    short = {s: [m for m in wanted if m not in subject_modalities[s]] for s in subjects}
+    short = {s: ms for s, ms in short.items() if ms}
+    if short:
+        s, ms = next(iter(short.items()))
+        raise InputError(f"{what} needs {list(wanted)}, but {len(short)} of its {len(subjects)} subjects lack "
+                         f"some (e.g. {s} has no {', '.join(ms)})", subject=s, field=field, fix=fix)
+
+
 def task_inputs(task_cfg, modalities, test_set_names, task="?"):
     """``(channels, {test set: modalities})`` of a task: its input modalities (default: all
     of the run's), the test sets its arms are scored on (default: all) and the images fed to

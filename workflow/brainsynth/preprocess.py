@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from .io import atomic_path, save_json, save_nifti
 from .labels import LabelSchema
+from .sheet import anchor_modality
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +465,9 @@ def load_schema(config):
 
 
 # ------------------------------------------------------------------ one subject, one job
-#: Files of one preprocessed subject folder, relative to it ({m}: each modality).
+#: Files of one preprocessed subject folder, relative to it ({m}: each modality). "t1" in a
+#: name stands for the subject's anchor modality (:func:`brainsynth.sheet.anchor_modality`): its
+#: T1, or its first modality in a dataset without T1.
 SUBJECT_LAYOUT = {
     "n4": "n4/{m}.nii.gz",
     "coregistration": "coregistration/{m}_to_t1.mat",
@@ -489,20 +492,21 @@ def subject_file(folder, kind, modality=None):
     return Path(folder) / SUBJECT_LAYOUT[kind].format(m=modality)
 
 
-#: Per-modality files the T1 itself has none of (it is the reference of co-registration).
-NOT_FOR_T1 = {"coregistration"}
+#: Per-modality files the anchor itself has none of (it is the reference of co-registration).
+NOT_FOR_ANCHOR = {"coregistration"}
 
 
 def subject_files(folder, modalities):
-    """Every file a complete preprocessed subject folder holds."""
+    """Every file a complete preprocessed subject folder holds (``modalities``: the subject's)."""
     per_mod = [k for k, v in SUBJECT_LAYOUT.items() if "{m}" in v]
+    anchor = anchor_modality(modalities)
     return ([subject_file(folder, k, m) for k in per_mod for m in modalities
-             if not (m == "t1" and k in NOT_FOR_T1)]
+             if not (m == anchor and k in NOT_FOR_ANCHOR)]
             + [subject_file(folder, k) for k, v in SUBJECT_LAYOUT.items() if "{m}" not in v])
 
 
 def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=None, truth_mask=None,
-                       label_map=None, seed=0, pre_stripped=False, label_space="t1"):
+                       label_map=None, seed=0, pre_stripped=False, label_space=None):
     """N4 -> co-registration to the T1 -> registration to the template -> skull stripping ->
     working grid -> QC montage, for one subject, into the folder ``out_dir`` (see
     :data:`SUBJECT_LAYOUT`).
@@ -512,13 +516,14 @@ def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=No
     chain runs as one job with one folder output. The folder appears only when every
     step has finished (:func:`brainsynth.io.atomic_dir`).
 
-    ``images``: modality -> native path (must include ``t1``; others may lie on their own
-    grids); ``template``: dict with ``t1``, ``brain_mask`` and ``labels`` paths; ``cfg``:
+    ``images``: modality -> native path; the anchor (``t1``, or the first modality of a subject
+    without one, :func:`brainsynth.sheet.anchor_modality`) defines the native grid, the others
+    may lie on their own grids; ``template``: dict with ``t1``, ``brain_mask`` and ``labels`` paths; ``cfg``:
     the ``preprocessing`` config section (n4, coregistration, registration, skull_strip,
     normalisation, tissue_maps). ``pre_stripped``: the subject's site is listed as
     delivered skull-stripped (otherwise :func:`detect_skull_stripped` decides when
     ``skull_strip.detect_pre_stripped`` is on). ``label_space``: the modality whose grid
-    ``label`` and ``truth_mask`` were drawn on. Returns the skull-strip QC record.
+    ``label`` and ``truth_mask`` were drawn on (None: the anchor). Returns the skull-strip QC record.
     """
     import time
 
@@ -526,6 +531,8 @@ def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=No
     from .qc import subject_montage
 
     mods = list(images)
+    anchor = anchor_modality(mods)
+    label_space = label_space or anchor
     seconds, t0 = {}, time.monotonic()
 
     def lap(step):
@@ -543,19 +550,19 @@ def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=No
             log.info("[%s] N4 %s", subject, m)
             n4_correct(src, f("n4", m), shrink_factor=n4["shrink_factor"], iterations=n4["iterations"])
         lap("N4")
-        coreg = _coregister_modalities(subject, images, f, cfg.get("coregistration") or {}, seed)
+        coreg = _coregister_modalities(subject, images, anchor, f, cfg.get("coregistration") or {}, seed)
         lap("co-registration")
         ss = cfg["skull_strip"]
         stripped, evidence = bool(pre_stripped), None
         if not stripped and ss.get("detect_pre_stripped", True):
-            stripped, evidence = detect_skull_stripped(images["t1"], ss.get("max_pre_stripped_ml", 3000.0))
+            stripped, evidence = detect_skull_stripped(images[anchor], ss.get("max_pre_stripped_ml", 3000.0))
         reg = cfg["registration"]
-        log.info("[%s] registration to the %s template (%s)", subject, "brain" if stripped else "head",
-                 reg["transform"])
+        log.info("[%s] registration of the %s to the %s template (%s)", subject, anchor,
+                 "brain" if stripped else "head", reg["transform"])
         fixed = template["t1"]
         if stripped:
             fixed = brain_template(template["t1"], template["brain_mask"], Path(tmp) / "registration" / ".brain.nii.gz")
-        register(f("n4", "t1"), fixed, f("affine"), f("warp"), f("inverse_warp"), f("warped"),
+        register(f("n4", anchor), fixed, f("affine"), f("warp"), f("inverse_warp"), f("warped"),
                  transform=reg["transform"], syn_iterations=reg["syn_iterations"],
                  affine_iterations=reg["affine_iterations"], seed=seed)
         if stripped:
@@ -564,15 +571,15 @@ def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=No
         if stripped:
             log.info("[%s] delivered skull-stripped (%s): brain mask = non-zero support", subject,
                      "site listed" if pre_stripped else f"detected, {evidence}")
-            mask_from_support(images["t1"], f("native_mask"), closing_voxels=ss["closing_voxels"])
+            mask_from_support(images[anchor], f("native_mask"), closing_voxels=ss["closing_voxels"])
         else:
             log.info("[%s] skull stripping", subject)
-            skull_strip(f("n4", "t1"), template["brain_mask"], f("affine"), f("inverse_warp"), f("native_mask"),
+            skull_strip(f("n4", anchor), template["brain_mask"], f("affine"), f("inverse_warp"), f("native_mask"),
                         threshold=ss["threshold"], closing_voxels=ss["closing_voxels"])
         label_coreg = coreg.get(label_space)
         truth = truth_mask
         if truth_mask and label_coreg:
-            truth = resample_to_t1(truth_mask, images["t1"], label_coreg, Path(tmp) / "skull_strip" / ".truth.nii.gz")
+            truth = resample_to_t1(truth_mask, images[anchor], label_coreg, Path(tmp) / "skull_strip" / ".truth.nii.gz")
         qc = skull_strip_qc(f("native_mask"), truth, f("skull_strip_qc"), subject,
                             method=("pre-stripped, site listed" if pre_stripped else
                                     "pre-stripped, detected" if stripped else "template mask propagation"),
@@ -593,7 +600,7 @@ def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=No
 
         def atropos():
             priors = tissue_priors_from_template(template["labels"], schema, tcfg["smoothing_mm"])
-            return probabilistic_from_atropos(f("image", "t1"), mask, priors, schema,
+            return probabilistic_from_atropos(f("image", anchor), mask, priors, schema,
                                               iterations=tcfg["atropos_iterations"])
 
         tissue_values = [schema.value(t) for t in schema.tissues]
@@ -610,26 +617,26 @@ def preprocess_subject(subject, images, out_dir, template, cfg, schema, label=No
         save_nifti(prob, ref.affine, f("tissue_prob"), dtype=np.float32)
         save_json(lesion_record(f("label"), schema, subject, label is not None), f("lesions"))
         lap("working grid")
-        subject_montage(f("montage"), subject, f("n4", "t1"), f("native_mask"),
+        subject_montage(f("montage"), subject, f("n4", anchor), f("native_mask"),
                         {m: f("image", m) for m in mods}, f("label"), n_classes=schema.n_classes,
-                        dice=qc.get("skull_strip_dice"))
+                        dice=qc.get("skull_strip_dice"), anchor=anchor)
         lap("QC montage")
     log.info("[%s] done in %.1f s (%s)", subject, sum(seconds.values()),
              ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return qc
 
 
-def _coregister_modalities(subject, images, f, cfg, seed):
-    """Rigid co-registration of every non-T1 modality to the T1 (``cfg["mode"]``: ``auto``, only
-    modalities whose grid differs from the T1's; ``always``). Writes one transform per modality
+def _coregister_modalities(subject, images, anchor, f, cfg, seed):
+    """Rigid co-registration of every other modality to the anchor (the T1; ``cfg["mode"]``:
+    ``auto``, only modalities whose grid differs from the anchor's; ``always``). Writes one transform per modality
     (identity when not registered) and ``coregistration/qc.json``; returns modality -> transform
     for the registered ones."""
     mode = cfg.get("mode", "auto")
     records, used = {}, {}
-    for m in (m for m in images if m != "t1"):
-        if mode == "always" or not same_grid(images[m], images["t1"]):
-            log.info("[%s] co-registration %s -> t1 (rigid)", subject, m)
-            rec = coregister(f("n4", m), f("n4", "t1"), f("coregistration", m),
+    for m in (m for m in images if m != anchor):
+        if mode == "always" or not same_grid(images[m], images[anchor]):
+            log.info("[%s] co-registration %s -> %s (rigid)", subject, m, anchor)
+            rec = coregister(f("n4", m), f("n4", anchor), f("coregistration", m),
                              iterations=cfg.get("iterations", (200, 100, 50)), seed=seed)
             used[m] = f("coregistration", m)
             records[m] = {"coregistered": True, **rec}
@@ -645,9 +652,10 @@ def _coregister_modalities(subject, images, f, cfg, seed):
 def preprocessed_manifest(rows, modalities, out_tsv):
     """Table of preprocessed subjects (one split): id columns and the working-grid files.
 
-    ``rows``: dicts with ``subject``, ``folder`` and id columns (site, split, role...).
-    Every folder must be complete (:func:`subject_files`); a gap is named, so a
-    consumer never reads a half-made subject.
+    ``rows``: dicts with ``subject``, ``folder``, id columns (site, split, role...) and
+    optionally ``modalities`` (the subject's own; default ``modalities``: a modality it lacks
+    is an empty cell). Every folder must be complete (:func:`subject_files`); a gap is named,
+    so a consumer never reads a half-made subject.
     """
     import pandas as pd
 
@@ -655,15 +663,16 @@ def preprocessed_manifest(rows, modalities, out_tsv):
 
     errors, records = [], []
     for row in rows:
-        folder = row["folder"]
-        missing = [str(p) for p in subject_files(folder, modalities) if not p.exists()]
+        row = dict(row)
+        folder, own = row["folder"], row.pop("modalities", None) or list(modalities)
+        missing = [str(p) for p in subject_files(folder, own) if not p.exists()]
         if missing:
             errors.append(InputError(f"preprocessed subject {row['subject']} lacks {len(missing)} file(s), "
                                      f"e.g. {missing[0]}", file=folder,
                                      fix="delete the folder and run snakemake again to rebuild it"))
             continue
         rec = dict(row)
-        rec.update({m: str(subject_file(folder, "image", m)) for m in modalities})
+        rec.update({m: (str(subject_file(folder, "image", m)) if m in own else None) for m in modalities})
         rec.update({k: str(subject_file(folder, k)) for k in ("brain_mask", "label", "tissue_prob")})
         records.append(rec)
     if len(errors) == 1:

@@ -41,11 +41,13 @@ def _mid_slices(vol, mask=None):
 
 
 def subject_montage(out_png, subject, native_t1, native_mask, grid_images, grid_label=None,
-                    n_classes=10, dice=None):
-    """Rows: native T1 + mask outline; each working-grid modality; label overlay."""
+                    n_classes=10, dice=None, anchor="t1"):
+    """Rows: native anchor image (the T1, else the subject's first modality) + mask outline;
+    each working-grid modality; label overlay."""
     t1 = np.asanyarray(nib.load(str(native_t1)).dataobj).astype(np.float32)
     m = np.asanyarray(nib.load(str(native_mask)).dataobj) > 0
-    rows = [("native T1 + mask", _mid_slices(t1, m), _mid_slices(m.astype(float), m), "contour")]
+    name = "T1" if anchor == "t1" else anchor.upper()
+    rows = [(f"native {name} + mask", _mid_slices(t1, m), _mid_slices(m.astype(float), m), "contour")]
     lab = None
     if grid_label:
         lab = np.asanyarray(nib.load(str(grid_label)).dataobj).astype(np.int16)

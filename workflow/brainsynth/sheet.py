@@ -5,8 +5,13 @@ Columns (see ``config/schemas/subjects.schema.yaml``):
 ``subject``  unique id, letters/digits/``_.-`` (used in file names and wildcards)
 ``site``     acquisition site; selects the site's ``label_map``
 ``split``    ``train``, ``val`` or ``test``
-``t1``       T1-weighted NIfTI (required; the reference grid)
+``t1``       T1-weighted NIfTI (the reference grid)
 ``t2``, ``flair``, ``t1ce``   further modalities (optional unless in config ``modalities``)
+
+Every subject needs every modality of config ``modalities``, unless its site is listed in
+config ``site_modalities`` (e.g. a T1-only or a FLAIR-only dataset): then it needs exactly
+those (:func:`site_modalities_of`); its first one anchors preprocessing when it has no T1
+(:func:`anchor_modality`).
 ``label``    label map NIfTI (optional)
 ``brain_mask``  brain mask NIfTI (optional)
 
@@ -49,6 +54,36 @@ def load_schema(schema_path=None):
     except FileNotFoundError:
         raise InputError("sample sheet schema not found", file=path,
                          fix="pass schema_path= pointing to config/schemas/subjects.schema.yaml") from None
+
+
+def site_modalities_of(site, modalities, site_modalities=None):
+    """The modalities a site delivers, in run order: its ``site_modalities`` entry, else every
+    modality of the run (config ``modalities``)."""
+    listed = (site_modalities or {}).get(str(site))
+    return list(modalities) if listed is None else [m for m in modalities if m in listed]
+
+
+def anchor_modality(modalities):
+    """The modality a subject's preprocessing is anchored on (co-registration target, template
+    registration, skull stripping): its T1, else its first modality (a FLAIR-only dataset)."""
+    return "t1" if "t1" in modalities else list(modalities)[0]
+
+
+def check_site_modalities(site_modalities, modalities, sites):
+    """``site_modalities`` (site -> modalities it delivers) against the run's modalities and the
+    subject table's sites; InputError naming the site and the fix."""
+    for site, mods in (site_modalities or {}).items():
+        field = f"site_modalities.{site}"
+        if str(site) not in {str(s) for s in sites}:
+            raise InputError(f"no subject has site {site!r}", field=field,
+                             fix=f"name one of the sites {sorted({str(s) for s in sites})} or drop the entry")
+        if not isinstance(mods, list) or not mods:
+            raise InputError(f"must be a non-empty list of modalities, got {mods!r}", field=field,
+                             fix="e.g. [t1] for a T1-only dataset")
+        unknown = [m for m in mods if m not in modalities]
+        if unknown:
+            raise InputError(f"{unknown} are not modalities of the run {list(modalities)}", field=field,
+                             fix="list modalities of config 'modalities' (add them there first)")
 
 
 def _read_rows(path):
@@ -94,7 +129,7 @@ def _resolve(value, base):
     return os.path.normpath(p)
 
 
-def load_sheet(path, modalities=("t1",), schema_path=None):
+def load_sheet(path, modalities=("t1",), schema_path=None, site_modalities=None):
     """Read, validate and normalise the sample sheet at ``path``.
 
     Returns a DataFrame indexed by subject id (index name ``None``, the
@@ -105,7 +140,8 @@ def load_sheet(path, modalities=("t1",), schema_path=None):
 
     Raises :class:`InputErrors` listing every problem: rows failing the JSON
     schema (row number, subject, column), duplicate subject ids, columns of the
-    config ``modalities`` missing from the sheet or empty for a subject.
+    config ``modalities`` missing from the sheet or empty for a subject (for a subject of a site
+    in ``site_modalities``: that site's modalities, :func:`site_modalities_of`).
     """
     sheet = Path(path)
     modalities = list(modalities or [])
@@ -173,12 +209,19 @@ def load_sheet(path, modalities=("t1",), schema_path=None):
         for err in sorted(validator.iter_errors({k: v for k, v in rec.items() if v is not None}),
                           key=lambda e: list(e.path)):
             errors.append(_row_error(err, row=n, line=line, subject=label, sheet=sheet))
-        for mod in modalities:
-            if mod not in REQUIRED_COLUMNS and rec.get(mod) is None:
+        site = rec.get("site")
+        listed = site is not None and str(site) in (site_modalities or {})
+        for mod in site_modalities_of(site, modalities, site_modalities):
+            if rec.get(mod) is None:
                 errors.append(InputError(
-                    f"row {n} (line {line}): no {mod!r} image, but {mod!r} is in config 'modalities'",
+                    f"row {n} (line {line}): no {mod!r} image, but "
+                    + (f"site_modalities.{site} lists {mod!r}" if listed
+                       else f"{mod!r} is in config 'modalities'"),
                     subject=label, file=sheet, field=mod,
-                    fix=f"fill in the {mod!r} path, delete the subject, or remove {mod!r} from config 'modalities'"))
+                    fix=f"fill in the {mod!r} path, delete the subject, or "
+                        + (f"drop {mod!r} from site_modalities.{site}" if listed
+                           else f"list the modalities site {site!r} delivers under config 'site_modalities' "
+                                f"(e.g. {{{site}: [t1]}}), or remove {mod!r} from config 'modalities'")))
         if subject:
             if subject in first_row:
                 n0, line0 = first_row[subject]

@@ -6,7 +6,7 @@ For every subject of the sample sheet (see :mod:`brainsynth.sheet`):
 * every image is one 3D volume (4D with a single volume is accepted);
 * geometry (shape and affine, within :data:`AFFINE_ATOL_MM`) of the label map and
   the brain mask equals that of the image they were drawn on (column
-  ``label_space``, default t1); modalities may lie on grids of their own
+  ``label_space``, default t1, or the subject's first modality when it has no T1); modalities may lie on grids of their own
   (preprocessing co-registers them to the T1);
 * voxel values are finite (no NaN/Inf);
 * images have content: not constant (all-zero included), and a non-zero
@@ -27,6 +27,7 @@ import pandas as pd
 
 from .errors import InputError, InputErrors
 from .labels import LabelSchema
+from .sheet import anchor_modality, site_modalities_of
 
 AFFINE_ATOL_MM = 1e-3
 #: A head fills 30-60% of a typical field of view, a skull-stripped brain 10-20%; an
@@ -257,14 +258,16 @@ def _check_subject(row, modalities, schema, label_map=None):
     subject = _get(row, "subject") or "<no subject id>"
     site = _get(row, "site")
     errors = []
-    roles = ["t1"] + [m for m in (modalities or []) if m != "t1"]
+    anchor = anchor_modality(modalities or ["t1"])
+    roles = [anchor] + [m for m in (modalities or []) if m != anchor]
     files = []
     for role in roles:
         path = _get(row, role)
         if path is None:
             errors.append(InputError(f"no {role} image in the sample sheet, but {role!r} is a required modality",
                                      subject=subject, field=role,
-                                     fix=f"fill in the {role!r} path or remove {role!r} from config 'modalities'"))
+                                     fix=f"fill in the {role!r} path, remove {role!r} from config 'modalities', "
+                                         f"or list what site {site!r} delivers under config 'site_modalities'"))
         else:
             files.append((role, path))
     for role in ("label", "brain_mask"):
@@ -280,12 +283,12 @@ def _check_subject(row, modalities, schema, label_map=None):
         else:
             images[role] = im
 
-    label_space = _get(row, "label_space") or "t1"
+    label_space = _get(row, "label_space") or anchor
     if label_space not in roles:
         errors.append(InputError(
             f"label_space {label_space!r} is not one of the modalities {roles}", subject=subject,
             field="label_space", fix="name the modality whose grid the label map and brain mask were drawn on "
-                                     "(default t1), or leave the cell empty"))
+                                     f"(default {anchor}), or leave the cell empty"))
     ref = images.get(label_space)
     if ref is not None:
         for role in ("label", "brain_mask"):
@@ -303,7 +306,7 @@ def _check_subject(row, modalities, schema, label_map=None):
                     fix=f"{role} must lie on the grid of the image it was drawn on: set the sheet's label_space "
                         f"column to that modality, or resample {im.name} onto the {label_space} grid "
                         "(nearest-neighbour interpolation)"))
-    ref = images.get("t1")
+    ref = images.get(anchor)
 
     info = {"subject": subject, "site": site, "split": _get(row, "split"),
             "shape": _fmt_shape(ref.shape) if ref is not None else None,
@@ -405,11 +408,12 @@ def check_subject(row, modalities, schema, label_map=None):
     return _check_subject(row, modalities, schema, label_map)[0]
 
 
-def validate_cohort(df, modalities, schema, label_maps=None):
+def validate_cohort(df, modalities, schema, label_maps=None, site_modalities=None):
     """Check every subject of the sheet; raise InputErrors listing every problem.
 
     ``label_maps`` is ``{site: label_map}`` (``label_map`` as for
-    :func:`apply_label_map`). Returns a summary DataFrame (subject, site,
+    :func:`apply_label_map`); ``site_modalities`` is ``{site: [modalities]}`` for sites that
+    deliver a subset of ``modalities`` (:func:`brainsynth.sheet.site_modalities_of`). Returns a summary DataFrame (subject, site,
     split, shape, voxel_mm, label_values, n_problems) when all is well.
     """
     schema = schema if schema is not None else LabelSchema()
@@ -425,7 +429,7 @@ def validate_cohort(df, modalities, schema, label_maps=None):
     for row in rows:
         site = _get(row, "site")
         lm = None if site in bad_sites else label_maps.get(site)
-        errs, info = _check_subject(row, modalities, schema, lm)
+        errs, info = _check_subject(row, site_modalities_of(site, modalities, site_modalities), schema, lm)
         errors.extend(errs)
         infos.append(info)
     if errors:

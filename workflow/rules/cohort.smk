@@ -26,37 +26,47 @@ rule build_template:
         "../scripts/build_template.py"
 
 
-rule synthesize_subject:
-    """One demo subject in its own native space: T1/T2/FLAIR with skull, bias, noise, lesions."""
-    output:
-        **{m: f"{R}/cohort/{{subject}}/{m}.nii.gz" for m in MODALITIES},
-        label=f"{R}/cohort/{{subject}}/label.nii.gz",
-        brain_mask=f"{R}/cohort/{{subject}}/brain_mask.nii.gz",
-    params:
-        row=lambda wc: SUBJECTS.loc[wc.subject].to_dict(),
-        demo=config["demo"],
-        labels=config["labels"],
-        seed=config["seed"],
-    conda:
-        "../../envs/preprocessing.yaml"
-    log:
-        f"{LOGS}/cohort/synthesize_subject/{{subject}}.log",
-    resources:
-        mem_mb=3000,
-        runtime=5,
-    script:
-        "../scripts/synthesize_subject.py"
+# One rule per set of modalities the demo's sites deliver (config site_modalities): a T1-only
+# site's subjects get no T2 or FLAIR file. The full set keeps the name synthesize_subject.
+_DEMO_GROUPS = modality_groups(SUBJECT_MODALITIES) if DEMO else {tuple(MODALITIES): []}
+for _mods, _subjects in _DEMO_GROUPS.items():
+
+    rule:
+        """One demo subject in its own native space: T1/T2/FLAIR with skull, bias, noise, lesions."""
+        name:
+            modality_rule_name("synthesize_subject", _mods)
+        output:
+            **{m: f"{R}/cohort/{{subject}}/{m}.nii.gz" for m in _mods},
+            label=f"{R}/cohort/{{subject}}/label.nii.gz",
+            brain_mask=f"{R}/cohort/{{subject}}/brain_mask.nii.gz",
+        params:
+            row=lambda wc: SUBJECTS.loc[wc.subject].to_dict(),
+            demo=config["demo"],
+            labels=config["labels"],
+            seed=config["seed"],
+        wildcard_constraints:
+            subject=one_of(_subjects) if len(_DEMO_GROUPS) > 1 else "[^/]+",
+        conda:
+            "../../envs/preprocessing.yaml"
+        log:
+            f"{LOGS}/cohort/synthesize_subject/{{subject}}.log",
+        resources:
+            mem_mb=3000,
+            runtime=5,
+        script:
+            "../scripts/synthesize_subject.py"
 
 
 rule cohort_sheet:
     """The demo cohort as a sample sheet (same format a user writes for real data)."""
     input:
-        expand(f"{R}/cohort/{{subject}}/t1.nii.gz", subject=SUBJECT_IDS),
+        expand(f"{R}/cohort/{{subject}}/label.nii.gz", subject=SUBJECT_IDS),
     output:
         f"{R}/cohort/subjects.tsv",
     params:
         subjects=SUBJECTS,
         modalities=MODALITIES,
+        site_modalities=SITE_MODALITIES,
     conda:
         "../../envs/preprocessing.yaml"
     log:

@@ -13,13 +13,15 @@ from brainsynth.errors import InputError
 from brainsynth.labels import LabelSchema
 from brainsynth import demo as demo_cohort
 from brainsynth.preprocess import SUBJECT_LAYOUT
-from brainsynth.sheet import load_sheet
+from brainsynth.sheet import anchor_modality, check_site_modalities, load_sheet, site_modalities_of
 from brainsynth.validate import check_files_exist
 
 EXP = config["experiment"]
 R = f"results/{EXP}"
 LOGS = f"logs/{EXP}"
 MODALITIES = list(config["modalities"])
+# sites delivering a subset of MODALITIES (a T1-only or FLAIR-only dataset); the rest deliver all
+SITE_MODALITIES = dict(config.get("site_modalities") or {})
 DEMO = config.get("samples") is None
 USER_TEMPLATE = bool(config["template"].get("t1"))
 
@@ -28,8 +30,9 @@ try:
     if DEMO:
         SUBJECTS = demo_cohort.plan_cohort(config["demo"], config["seed"])
     else:
-        SUBJECTS = load_sheet(config["samples"], MODALITIES)
+        SUBJECTS = load_sheet(config["samples"], MODALITIES, site_modalities=SITE_MODALITIES)
         check_files_exist(SUBJECTS, MODALITIES)
+    check_site_modalities(SITE_MODALITIES, MODALITIES, SUBJECTS["site"].unique())
 except InputError as exc:
     raise WorkflowError(f"Invalid input: {exc}") from None
 
@@ -38,6 +41,10 @@ SUBJECT_IDS = list(SUBJECTS.index)
 # The per-subject lookups below run for every job Snakemake builds (input functions,
 # params): plain dicts, built once, instead of DataFrame.loc (about 50x slower per call).
 SUBJECT_ROWS = SUBJECTS.astype(object).where(SUBJECTS.notna(), None).to_dict("index")
+# the modalities each subject has (its site's, brainsynth.sheet.site_modalities_of), in run order
+SUBJECT_MODALITIES = {
+    s: site_modalities_of(row["site"], MODALITIES, SITE_MODALITIES) for s, row in SUBJECT_ROWS.items()
+}
 
 
 def _nonempty(value):
@@ -46,16 +53,37 @@ def _nonempty(value):
 
 def _raw_inputs(s):
     if DEMO:
-        files = {m: f"{R}/cohort/{s}/{m}.nii.gz" for m in MODALITIES}
+        files = {m: f"{R}/cohort/{s}/{m}.nii.gz" for m in SUBJECT_MODALITIES[s]}
         files.update({k: f"{R}/cohort/{s}/{k}.nii.gz" for k in ("label", "brain_mask")})
         return files
     row = SUBJECT_ROWS[s]
-    files = {m: row[m] for m in MODALITIES}
+    files = {m: row[m] for m in SUBJECT_MODALITIES[s]}
     files.update({k: row[k] for k in ("label", "brain_mask") if _nonempty(row.get(k))})
     return files
 
 
 RAW_INPUTS = {s: _raw_inputs(s) for s in SUBJECT_IDS}
+
+
+def modality_groups(modalities_by_key):
+    """``{key: [modalities]}`` -> ``{tuple of modalities: [keys]}``: one rule per group where a
+    rule's output files depend on the modalities (a T1-only site writes no FLAIR)."""
+    groups = {}
+    for key, mods in modalities_by_key.items():
+        groups.setdefault(tuple(mods), []).append(key)
+    return groups
+
+
+def modality_rule_name(base, mods):
+    """``base`` for the run's full set of modalities, ``base_<m1>_<m2>`` for a subset."""
+    return base if list(mods) == MODALITIES else "_".join([base, *mods])
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly ``names``."""
+    import re
+
+    return "|".join(re.escape(str(n)) for n in names) or "no-match"
 
 
 wildcard_constraints:
@@ -332,6 +360,27 @@ def _seg_design():
             for a in task_arms[t]
         },
     }
+    for t in tasks:
+        for a in task_arms[t]:
+            seg_design.check_modalities_available(
+                f"arm {a} of task {t}",
+                design["cases"][a]["real"],
+                design["modalities"][(t, a)],
+                SUBJECT_MODALITIES,
+                f"segmentation.recipes.{a}",
+                "draw the arm's real_pool from sites delivering those modalities (config site_modalities), "
+                "or give the recipe the modalities its subjects have",
+            )
+        for ts, mods in task_inputs[t][1].items():
+            seg_design.check_modalities_available(
+                f"test set {ts} of task {t}",
+                test_sets[ts],
+                mods,
+                SUBJECT_MODALITIES,
+                f"segmentation.task_definitions.{t}.test_modalities.{ts}",
+                "feed the test set the modalities its subjects have (test_modalities), or narrow "
+                f"segmentation.test_sets.{ts} to sites delivering {mods}",
+            )
     if tasks and arms and not design["test_sets"]:
         raise InputError(
             "no test subjects (split == test)",
@@ -379,7 +428,7 @@ def _seg_case_files(arm):
         cases[s] = {
             "source": "real",
             "label": grid_file(s, "label"),
-            "images": {m: grid_file(s, m) for m in MODALITIES},
+            "images": {m: grid_file(s, m) for m in SUBJECT_MODALITIES[s]},
         }
     style_set, sample_set = SEG_DESIGN["style_sets"][arm], SEG_DESIGN["sample_sets"][arm]
     labels = sample_set_folder(sample_set)
@@ -388,7 +437,7 @@ def _seg_case_files(arm):
         cases[s] = {
             "source": "synthetic",
             "label": f"{labels}/{s}/label.nii.gz",
-            "images": {m: f"{images}/{s}/{m}.nii.gz" for m in MODALITIES},
+            "images": {m: f"{images}/{s}/{m}.nii.gz" for m in style_set_modalities(style_set)},
             **({"style_set": style_set} if style_set else {}),
             **({"sample_set": sample_set} if sample_set else {}),
         }
@@ -403,6 +452,11 @@ def seg_training_cases(task, arm):
         cid: {**spec, "images": {str(k): spec["images"][m] for k, m in enumerate(mods)}}
         for cid, spec in seg_case_files(arm).items()
     }
+
+
+def style_set_modalities(name=None):
+    """The modalities a style set images (None: the main set, every modality of the run)."""
+    return MODALITIES if name is None else STYLE_SET_MODALITIES[name]
 
 
 def sample_set_root(name=None):
@@ -596,7 +650,24 @@ def _generator_training_subjects():
             f"Invalid input: synthesis.training_pool {pool} selects no training subject with a label map "
             "(fix: name roles / sites / phenotypes of the subject table)"
         )
+    if synthesis_enabled():
+        _require_all_modalities(found, "synthesis.training_pool", "the generators learn from")
     return found
+
+
+def _require_all_modalities(subjects, field, role):
+    """The image generator learns and styles every modality of the run from these subjects."""
+    try:
+        seg_design.check_modalities_available(
+            f"{field} ({role})",
+            subjects,
+            MODALITIES,
+            SUBJECT_MODALITIES,
+            field,
+            "select sites that deliver every modality of the run (config site_modalities lists those that do not)",
+        )
+    except InputError as exc:
+        raise WorkflowError(f"Invalid input: {exc}") from None
 
 
 GENERATOR_TRAINING_SUBJECTS = _generator_training_subjects()
@@ -639,6 +710,10 @@ def style_subjects():
     return generator_training_subjects()
 
 
+if synthesis_enabled():
+    _require_all_modalities(style_subjects(), "synthesis.style_roles", "the main set's styles")
+
+
 def style_set_subjects():
     """brainsynth.experiment.style_set_subjects; a set no subject matches is left out, an
     error when arms use it."""
@@ -662,6 +737,29 @@ def style_set_subjects():
 
 
 STYLE_SET_SUBJECTS = style_set_subjects() if synthesis_enabled() else {}
+# what a style set can image: the modalities any of its subjects has (a T1-only near-OOD
+# dataset styles T1 only; each modality's styles come from the subjects that have it)
+STYLE_SET_MODALITIES = {
+    name: [m for m in MODALITIES if any(m in SUBJECT_MODALITIES[s] for s in subjects)]
+    for name, subjects in STYLE_SET_SUBJECTS.items()
+}
+
+
+def _check_style_set_modalities():
+    for t in SEG_TASKS:
+        for a in seg_task_arms(t):
+            name, mods = SEG_DESIGN["style_sets"][a], SEG_DESIGN["modalities"][(t, a)]
+            lacking = [m for m in mods if name in STYLE_SET_MODALITIES and m not in STYLE_SET_MODALITIES[name]]
+            if lacking and SEG_DESIGN["cases"][a]["synthetic"]:
+                raise WorkflowError(
+                    f"Invalid input: arm {a} of task {t} feeds {mods}, but no subject of style set {name!r} "
+                    f"has {lacking} (it images {STYLE_SET_MODALITIES[name]}) (field: segmentation.recipes.{a}; "
+                    "fix: give the recipe modalities the style set has, or add sites with them to "
+                    f"synthesis.style_sets.{name})"
+                )
+
+
+_check_style_set_modalities()
 
 
 def tissue_maps(subjects):
@@ -669,12 +767,13 @@ def tissue_maps(subjects):
 
 
 def style_table(subjects):
-    """Style subjects for the image generator: ``[{subject, <modality>: working-grid image}]``."""
-    return [{"subject": s, **{m: grid_file(s, m) for m in MODALITIES}} for s in subjects]
+    """Style subjects for the image generator: ``[{subject, <modality>: working-grid image}]``
+    (the modalities each subject has)."""
+    return [{"subject": s, **{m: grid_file(s, m) for m in SUBJECT_MODALITIES[s]}} for s in subjects]
 
 
 def style_files(subjects):
-    return [grid_file(s, m) for s in subjects for m in MODALITIES]
+    return [grid_file(s, m) for s in subjects for m in SUBJECT_MODALITIES[s]]
 
 
 # ============================================================ end generator stage helpers

@@ -146,45 +146,53 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
             "../scripts/sample_synthetic.py"
 
 
-rule restyle_synthetic:
-    """The synthetic label maps imaged again in the styles of other sites (domain-shift arms)."""
-    input:
-        image_generator=IMAGE_GENERATOR,
-        reference=template_file("t1"),
-        labels=[f"{SYN}/samples/{sid}/labelprob.nii.gz" for sid in synthetic_ids()],
-        splits=lambda wc: split_tables(STYLE_SET_SUBJECTS[wc.style_set]),
-    output:
-        samples=[
-            f"{SYN}/style_sets/{{style_set}}/samples/{sid}/{m}.nii.gz"
-            for sid in synthetic_ids()
-            for m in MODALITIES
-        ],
-        manifest=f"{SYN}/style_sets/{{style_set}}/manifest.tsv",
-        montage=report(
-            f"{SYN}/style_sets/{{style_set}}/montage.png",
-            category="Generators",
-            caption="../report/synthetic_montage.rst",
-        ),
-    params:
-        subjects=synthetic_ids(),
-        styles=lambda wc: style_table(STYLE_SET_SUBJECTS[wc.style_set]),
-        preprocessed=lambda wc: style_files(STYLE_SET_SUBJECTS[wc.style_set]),
-        seed=SYNCFG["seed"],
-        # the samples folder of the input label maps: <samples>/<id>/labelprob.nii.gz (n_samples >= 1)
-        samples=lambda wc, input: os.path.dirname(os.path.dirname(input.labels[0])),
-        out=lambda wc, output: os.path.dirname(output.manifest),
-    wildcard_constraints:
-        style_set="|".join(STYLE_SET_SUBJECTS) or "no-style-set",
-    conda:
-        "../../envs/generators.yaml"
-    log:
-        f"{LOGS}/synthesis/restyle_synthetic_{{style_set}}.log",
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=60,
-    script:
-        "../scripts/restyle_synthetic.py"
+# One rule per set of modalities the style sets image (STYLE_SET_MODALITIES: a T1-only
+# near-OOD set images T1 only); sets with every modality share the rule restyle_synthetic.
+for _mods, _sets in modality_groups(STYLE_SET_MODALITIES).items():
+
+    rule:
+        """The synthetic label maps imaged again in the styles of other sites (domain-shift arms)."""
+        name:
+            modality_rule_name("restyle_synthetic", _mods)
+        input:
+            image_generator=IMAGE_GENERATOR,
+            reference=template_file("t1"),
+            labels=[f"{SYN}/samples/{sid}/labelprob.nii.gz" for sid in synthetic_ids()],
+            splits=lambda wc: split_tables(STYLE_SET_SUBJECTS[wc.style_set]),
+        output:
+            samples=[
+                f"{SYN}/style_sets/{{style_set}}/samples/{sid}/{m}.nii.gz"
+                for sid in synthetic_ids()
+                for m in _mods
+            ],
+            manifest=f"{SYN}/style_sets/{{style_set}}/manifest.tsv",
+            montage=report(
+                f"{SYN}/style_sets/{{style_set}}/montage.png",
+                category="Generators",
+                caption="../report/synthetic_montage.rst",
+            ),
+        params:
+            subjects=synthetic_ids(),
+            styles=lambda wc: style_table(STYLE_SET_SUBJECTS[wc.style_set]),
+            preprocessed=lambda wc: style_files(STYLE_SET_SUBJECTS[wc.style_set]),
+            # only a subset is named (a new key for every set would rerun them all)
+            **({} if list(_mods) == MODALITIES else {"modalities": list(_mods)}),
+            seed=SYNCFG["seed"],
+            # the samples folder of the input label maps: <samples>/<id>/labelprob.nii.gz (n_samples >= 1)
+            samples=lambda wc, input: os.path.dirname(os.path.dirname(input.labels[0])),
+            out=lambda wc, output: os.path.dirname(output.manifest),
+        wildcard_constraints:
+            style_set=one_of(_sets),
+        conda:
+            "../../envs/generators.yaml"
+        log:
+            f"{LOGS}/synthesis/restyle_synthetic_{{style_set}}.log",
+        threads: 2
+        resources:
+            mem_mb=8000,
+            runtime=60,
+        script:
+            "../scripts/restyle_synthetic.py"
 
 
 rule synthesis_quality:

@@ -1,6 +1,6 @@
 # Preprocessing: input check of the whole cohort (and of the segmentation design against
 # the label maps); then per subject, in one job, N4 -> rigid co-registration of each
-# modality to the T1 -> registration to the template -> skull stripping (template-mask
+# modality to the T1 (a subject without one: to its first modality) -> registration to the template -> skull stripping (template-mask
 # propagation, or the non-zero support of pre-stripped data) -> working grid (normalised
 # images, labels, probabilistic tissue maps) -> QC montage; then per-split tables of the
 # preprocessed subjects and the cohort tables (QC, lesion proportions).
@@ -38,6 +38,7 @@ rule validate_inputs:
             for s in SUBJECT_IDS
         ],
         modalities=MODALITIES,
+        site_modalities=SITE_MODALITIES,
         labels=config["labels"],
         label_maps=config.get("label_maps"),
     conda:
@@ -102,7 +103,7 @@ rule inputs_validated:
 # preprocessing setting reruns the subject's whole chain.
 SUBJECT_INPUTS = {
     s: {
-        "images": [files[m] for m in MODALITIES],
+        "images": [files[m] for m in SUBJECT_MODALITIES[s]],
         **{k: files[c] for k, c in (("label", "label"), ("truth", "brain_mask")) if c in files},
     }
     for s, files in RAW_INPUTS.items()
@@ -112,7 +113,7 @@ SUBJECT_INPUTS = {
 SUBJECT_SETTINGS = {
     s: {
         "label_map": label_map(s),
-        "label_space": subject_value(s, "label_space") or "t1",
+        "label_space": subject_value(s, "label_space") or anchor_modality(SUBJECT_MODALITIES[s]),
         "pre_stripped": str(SUBJECT_ROWS[s]["site"]) in SKULL_STRIPPED_SITES,
     }
     for s in SUBJECT_IDS
@@ -145,7 +146,8 @@ rule preprocess_subject:
         # later stages use; pre_stripped per subject, so listing a site reruns its subjects only
         preprocessing=PREPROCESS_SETTINGS,
         subject=lambda wc: SUBJECT_SETTINGS[wc.subject],
-        modalities=MODALITIES,
+        # the subject's own (its site's): a T1-only or FLAIR-only dataset preprocesses what it has
+        modalities=lambda wc: SUBJECT_MODALITIES[wc.subject],
         labels=config["labels"],
         seed=config["seed"],
     conda:
@@ -176,6 +178,9 @@ rule preprocessed_subjects:
             {
                 "subject": s,
                 "folder": subject_folder(s),
+                # only a subject short of the run's modalities says which it has (the rows are
+                # params: a new key for every subject would rerun the table and what reads it)
+                **({"modalities": SUBJECT_MODALITIES[s]} if SUBJECT_MODALITIES[s] != MODALITIES else {}),
                 **{
                     c: str(SUBJECT_ROWS[s][c])
                     for c in ("site", "split", "role")

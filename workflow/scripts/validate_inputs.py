@@ -10,7 +10,8 @@ from brainsynth.validate import validate_cohort
 def main(sm):
     df = pd.DataFrame.from_records(sm.params.subjects)
     schema = LabelSchema.from_config({"labels": sm.params.labels})
-    summary = validate_cohort(df, sm.params.modalities, schema, label_maps=sm.params.label_maps)
+    summary = validate_cohort(df, sm.params.modalities, schema, label_maps=sm.params.label_maps,
+                              site_modalities=sm.params.site_modalities)
     save_table(summary, sm.output[0])
 
 

@@ -185,7 +185,7 @@ def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n
 
 
 def restyle_synthetic(*, image_generator, samples_dir, subjects, style_subjects, out_dir, reference, seed=0,
-                      device="auto", montage=True):
+                      device="auto", montage=True, modalities=None):
     """Images in other styles for synthetic label maps already drawn; returns the manifest.
 
     The domain-shift experiment: the same synthetic labels (``samples_dir/<id>/labelprob.nii.gz``
@@ -193,7 +193,8 @@ def restyle_synthetic(*, image_generator, samples_dir, subjects, style_subjects,
     out-of-distribution site), so arms that differ only in style share their labels.
     Writes ``out_dir/samples/<id>/<modality>.nii.gz``, ``out_dir/manifest.tsv``
     (subject, seed, style_<modality>) and ``out_dir/montage.png``; style draws and
-    images are seeded as in :func:`sample_synthetic`.
+    images are seeded as in :func:`sample_synthetic`. ``modalities``: those to image (default:
+    every modality of the generator; a T1-only style set images T1 only).
     """
     out_dir, samples_dir = Path(out_dir), Path(samples_dir)
     subjects = [str(s) for s in subjects]
@@ -202,7 +203,7 @@ def restyle_synthetic(*, image_generator, samples_dir, subjects, style_subjects,
     dev = C.get_device(device)
     affine = nib.load(str(reference)).affine
     net, gpay = load_generator(image_generator, dev)
-    modalities = list(gpay["modalities"])
+    modalities = list(gpay["modalities"] if modalities is None else modalities)
     styles = _style_table(style_subjects, modalities)
     paths = [samples_dir / sid / "labelprob.nii.gz" for sid in subjects]
     missing = [p for p in paths if not p.exists()]
