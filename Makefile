@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make demo   install, then run the whole workflow on the embedded demo cohort
+#   make demo   install, then run the study's four experiments (E1-E4) on the embedded demo cohort
 #   make test   install, then run the test suite (what .ci/run calls)
 
 PYTHON ?= python3
@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 CORES  ?= 2
 SNAKEMAKE := $(BIN)/snakemake
 
-.PHONY: install demo experiments test test-fast dag clean-demo
+.PHONY: install demo demo-generic test test-fast dag clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,16 +25,18 @@ $(VENV)/.installed: $(BIN)/python envs/requirements.lock pyproject.toml
 
 install: $(VENV)/.installed
 
+# The study's four experiments (E1-E4) at demo scale, one run sharing preprocessing and generators
+EXPERIMENTS := --configfile config/experiments/brainspade_demo.yaml
 demo: install
+	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete $(EXPERIMENTS)
+	$(SNAKEMAKE) --report results/brainspade-demo/report.html $(EXPERIMENTS)
+	@echo "demo finished: tables in results/brainspade-demo/tables/<experiment>/, figures in results/brainspade-demo/figures/<experiment>/, report results/brainspade-demo/report.html"
+
+# The default config alone (config/config.yaml): generic arms R, S, H, Hfar on the tumour and WMH tasks
+demo-generic: install
 	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete
 	$(SNAKEMAKE) --report results/demo/report.html
-	@echo "demo finished: tables in results/demo/tables/, figures in results/demo/figures/, report results/demo/report.html"
-
-# The study's four experiments (E1-E4) at demo scale, one run sharing preprocessing and generators
-experiments: install
-	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete --configfile config/experiments/brainspade_demo.yaml
-	$(SNAKEMAKE) --report results/brainspade-demo/report.html --configfile config/experiments/brainspade_demo.yaml
-	@echo "experiments finished: results/brainspade-demo/tables/<experiment>/, figures in results/brainspade-demo/figures/<experiment>/"
+	@echo "generic demo finished: tables in results/demo/tables/, figures in results/demo/figures/, report results/demo/report.html"
 
 test: install
 	$(BIN)/python -m pytest -ra
@@ -46,4 +48,4 @@ dag: install
 	$(SNAKEMAKE) --rulegraph | dot -Tpng > resources/rulegraph.png
 
 clean-demo:
-	rm -rf results/demo logs/demo .snakemake
+	rm -rf results/demo logs/demo results/brainspade-demo logs/brainspade-demo .snakemake
