@@ -71,12 +71,21 @@ def test_plan_depends_on_seed():
 
 def test_plan_small_groups_get_minimum_phenotypes():
     cfg = copy.deepcopy(SMALL)
-    cfg["lesions"] = {"tumour": 0.0, "wmh": 0.0, "both": 0.0}  # all healthy unless forced
+    cfg["lesions"] = {"tumour": 0.01, "wmh": 0.01, "both": 0.01}  # all healthy unless forced
     p = demo.plan_cohort(cfg, SEED)
     tr = p[(p.site == "site_a") & (p.split == "train")]
     assert set(tr["phenotype"]) == {"tumour", "wmh", "both"}
     b = p[p.site == "site_b"]
     assert sorted(b["phenotype"]) == ["tumour", "wmh"]
+    # a phenotype a site's fractions rule out is never forced in (a BraTS-like tumour-only site)
+    cfg["sites"]["site_b"]["lesions"] = {"tumour": 1.0, "wmh": 0.0, "both": 0.0}
+    cfg["lesions"] = {"tumour": 0.0, "wmh": 0.0, "both": 0.0}
+    p = demo.plan_cohort(cfg, SEED)
+    assert set(p.loc[p.site == "site_a", "phenotype"]) == {"healthy"}
+    assert set(p.loc[p.site == "site_b", "phenotype"]) == {"tumour"}
+    cfg["sites"]["site_b"]["lesions"] = {"tumour": 0.9, "wmh": 0.2}
+    with pytest.raises(InputError, match="demo.sites.site_b.lesions"):
+        demo.plan_cohort(cfg, SEED)
 
 
 @pytest.mark.parametrize("mutate,field", [

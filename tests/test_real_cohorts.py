@@ -377,9 +377,9 @@ def test_coregistration_mode_always_registers_modalities_on_the_t1_grid(tmp_path
     for m in images:  # the N4 images the step reads
         f("n4", m).parent.mkdir(parents=True, exist_ok=True)
         f("n4", m).write_bytes(pp.subject_file(out["raw"], "n4", m).read_bytes())
-    used = pp._coregister_modalities("demo001", images, f, {"mode": "auto"}, CONFIG["seed"])
+    used = pp._coregister_modalities("demo001", images, "t1", f, {"mode": "auto"}, CONFIG["seed"])
     assert used == {}
-    used = pp._coregister_modalities("demo001", images, f, {"mode": "always", "iterations": [200, 100, 50]},
+    used = pp._coregister_modalities("demo001", images, "t1", f, {"mode": "always", "iterations": [200, 100, 50]},
                                      CONFIG["seed"])
     assert sorted(used) == ["flair", "t2"]
     rec = json.loads(f("coregistration_qc").read_text())

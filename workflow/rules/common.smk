@@ -749,7 +749,9 @@ def _check_style_set_modalities():
     for t in SEG_TASKS:
         for a in seg_task_arms(t):
             name, mods = SEG_DESIGN["style_sets"][a], SEG_DESIGN["modalities"][(t, a)]
-            lacking = [m for m in mods if name in STYLE_SET_MODALITIES and m not in STYLE_SET_MODALITIES[name]]
+            lacking = [
+                m for m in mods if name in STYLE_SET_MODALITIES and m not in STYLE_SET_MODALITIES[name]
+            ]
             if lacking and SEG_DESIGN["cases"][a]["synthetic"]:
                 raise WorkflowError(
                     f"Invalid input: arm {a} of task {t} feeds {mods}, but no subject of style set {name!r} "
