@@ -290,12 +290,14 @@ PAPER_COHORT = [  # site, role, phenotype, train, test (the study's Table 1.1 si
     ("brats", "in_distribution", "tumour", 103, 30),
     ("nood", "near_ood", "healthy", 25, 5), ("food", "far_ood", "healthy", 25, 5),
 ]
+# the OOD datasets deliver what the study had of them: T1 only (near), FLAIR only (far)
+PAPER_SITE_MODALITIES = {"nood": ["t1"], "food": ["flair"]}
 PAPER_JOBS = {  # config -> planned jobs of the segmentation stage and the sampling it needs
     "e1_tissue_2d": {"train_segmentation": 2, "predict_segmentation": 2, "experiment_table": 1},
     "e1_tissue_3d_2mm": {"train_segmentation": 2, "predict_segmentation": 2, "experiment_table": 1},
     "e1_tissue_3d_1mm": {"train_segmentation": 2, "predict_segmentation": 2, "experiment_table": 1},
     "e2_domain_shift": {"train_segmentation": 6, "predict_segmentation": 12, "experiment_table": 1,
-                        "restyle_synthetic": 2},
+                        "restyle_synthetic_t1": 1, "restyle_synthetic_flair": 1},
     "e3_fewshot_tumour": {"train_segmentation": 3, "predict_segmentation": 3, "experiment_table": 1},
     "e4_wmh_with_tumours": {"train_segmentation": 5, "predict_segmentation": 10, "experiment_table": 1,
                             "sample_synthetic_unseen": 1},
@@ -320,6 +322,9 @@ def _paper_sheet(root):
                 (root / subject).mkdir()
                 files = {}
                 for kind, path in src.items():
+                    if kind != "label" and kind not in PAPER_SITE_MODALITIES.get(site, [kind]):
+                        files[kind] = ""
+                        continue
                     os.link(path, root / subject / path.name)
                     files[kind] = str(root / subject / path.name)
                 rows.append({"subject": subject, "site": site, "role": role, "split": split,
@@ -339,6 +344,7 @@ def test_paper_scale_config_plans_the_study_cohort(tmp_path_factory, name):
     cfg = yaml.safe_load((REPO / "config" / "experiments" / "paper" / f"{name}.yaml").read_text())
     assert cfg["experiment"] == name and cfg["label_generator"]["preset"] == "paper"
     cfg["samples"] = str(root / "subjects.tsv")
+    cfg["site_modalities"] = PAPER_SITE_MODALITIES
     work = tmp_path_factory.mktemp(name)
     code, out = run_snakemake(work, "-n", "--quiet", "rules", config=cfg, timeout=600)
     assert code == 0, out[-3000:]
