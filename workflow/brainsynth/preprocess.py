@@ -671,10 +671,9 @@ def preprocessed_manifest(rows, modalities, out_tsv):
                                      f"e.g. {missing[0]}", file=folder,
                                      fix="delete the folder and run snakemake again to rebuild it"))
             continue
-        rec = dict(row)
-        rec.update({m: (str(subject_file(folder, "image", m)) if m in own else None) for m in modalities})
-        rec.update({k: str(subject_file(folder, k)) for k in ("brain_mask", "label", "tissue_prob")})
-        records.append(rec)
+        row.update({m: (str(subject_file(folder, "image", m)) if m in own else None) for m in modalities})
+        row.update({k: str(subject_file(folder, k)) for k in ("brain_mask", "label", "tissue_prob")})
+        records.append(row)
     if len(errors) == 1:
         raise errors[0]
     if errors:

@@ -7,13 +7,13 @@ Columns (see ``config/schemas/subjects.schema.yaml``):
 ``split``    ``train``, ``val`` or ``test``
 ``t1``       T1-weighted NIfTI (the reference grid)
 ``t2``, ``flair``, ``t1ce``   further modalities (optional unless in config ``modalities``)
+``label``    label map NIfTI (optional)
+``brain_mask``  brain mask NIfTI (optional)
 
 Every subject needs every modality of config ``modalities``, unless its site is listed in
 config ``site_modalities`` (e.g. a T1-only or a FLAIR-only dataset): then it needs exactly
 those (:func:`site_modalities_of`); its first one anchors preprocessing when it has no T1
 (:func:`anchor_modality`).
-``label``    label map NIfTI (optional)
-``brain_mask``  brain mask NIfTI (optional)
 
 Any other column is kept as metadata. Empty cells mean "not available".
 Relative paths are relative to the sheet's directory. Lines starting with

@@ -172,11 +172,11 @@ for _mods, _sets in modality_groups(STYLE_SET_MODALITIES).items():
                 caption="../report/synthetic_montage.rst",
             ),
         params:
+            # only a subset is named (a new key for every set would rerun them all)
             **({} if list(_mods) == MODALITIES else {"modalities": list(_mods)}),
             subjects=synthetic_ids(),
             styles=lambda wc: style_table(STYLE_SET_SUBJECTS[wc.style_set]),
             preprocessed=lambda wc: style_files(STYLE_SET_SUBJECTS[wc.style_set]),
-            # only a subset is named (a new key for every set would rerun them all)
             seed=SYNCFG["seed"],
             # the samples folder of the input label maps: <samples>/<id>/labelprob.nii.gz (n_samples >= 1)
             samples=lambda wc, input: os.path.dirname(os.path.dirname(input.labels[0])),
