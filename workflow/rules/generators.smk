@@ -16,6 +16,16 @@ LABEL_VAE = f"{GEN}/label_generator/label_vae.pt"
 LABEL_LDM = f"{GEN}/label_generator/label_ldm.pt"
 IMAGE_GENERATOR = f"{GEN}/image_generator/image_generator.pt"
 
+# torch CPU threads per generator job (num_threads in each section; a GPU run uses the GPU).
+# One by default: on 2 cores two one-thread jobs do more work than one two-thread job (label
+# VAE 0.79 s/step on one thread, 0.43 on two: 0.86 core-s; image generator 0.112 and 0.103 s,
+# benchmarks/generators.py), and a two-thread job waits while one-thread jobs hold a core.
+LABEL_THREADS = LGCFG.get("num_threads") or 1
+IMAGE_THREADS = IGCFG.get("num_threads") or 1
+# The label generator chain (VAE -> LDM -> samples) is the run's critical path: its jobs go
+# first whenever they are ready.
+GENERATOR_PRIORITY = 10
+
 
 rule train_label_vae:
     """KL autoencoder over the probabilistic label maps (dice_ce or focal [+ LSGAN] + KL [+ perceptual])."""
@@ -34,7 +44,8 @@ rule train_label_vae:
         "../../envs/generators.yaml"
     log:
         f"{LOGS}/generators/train_label_vae.log",
-    threads: 2
+    threads: LABEL_THREADS
+    priority: GENERATOR_PRIORITY
     resources:
         mem_mb=8000,
         runtime=240,
@@ -63,7 +74,8 @@ rule train_label_ldm:
         "../../envs/generators.yaml"
     log:
         f"{LOGS}/generators/train_label_ldm.log",
-    threads: 2
+    threads: LABEL_THREADS
+    priority: GENERATOR_PRIORITY
     resources:
         mem_mb=8000,
         runtime=480,
@@ -90,7 +102,7 @@ rule train_image_generator:
         "../../envs/generators.yaml"
     log:
         f"{LOGS}/generators/train_image_generator.log",
-    threads: 2
+    threads: IMAGE_THREADS
     resources:
         mem_mb=8000,
         runtime=720,
@@ -138,7 +150,8 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
             "../../envs/generators.yaml"
         log:
             f"{LOGS}/synthesis/sample_synthetic{'' if _set is None else '_' + _set}.log",
-        threads: 2
+        threads: LABEL_THREADS
+        priority: GENERATOR_PRIORITY
         resources:
             mem_mb=8000,
             runtime=240,
@@ -187,7 +200,7 @@ for _mods, _sets in modality_groups(STYLE_SET_MODALITIES).items():
             "../../envs/generators.yaml"
         log:
             f"{LOGS}/synthesis/restyle_synthetic_{{style_set}}.log",
-        threads: 2
+        threads: IMAGE_THREADS
         resources:
             mem_mb=8000,
             runtime=60,
@@ -275,7 +288,7 @@ rule label_generator_fidelity:
         "../../envs/generators.yaml"
     log:
         f"{LOGS}/synthesis/label_generator_fidelity.log",
-    threads: 2
+    threads: LABEL_THREADS
     resources:
         mem_mb=6000,
         runtime=60,

@@ -132,7 +132,8 @@ rule plan_nnunet:
     log:
         f"{LOGS}/segmentation/{{task}}/{{arm}}/plan_nnunet.log",
         nnunet=f"{LOGS}/segmentation/{{task}}/{{arm}}/plan_nnunet.nnunet.log",
-    threads: 2
+    # nnU-Net's worker processes: the demo's R_id plans in 20 s with one, 18 s with two
+    threads: NNCFG.get("threads", 2)
     resources:
         mem_mb=4000,
         runtime=30,
