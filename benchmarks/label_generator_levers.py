@@ -6,7 +6,7 @@ results folder that has been preprocessed (e.g. after `snakemake --until lesion_
 training subjects = split train, held-out = split test, from the input-check table.
 
     .venv/bin/python benchmarks/label_generator_levers.py --results results/demo --out /tmp/levers/base \
-        --vae '{"vae": {"steps": 1500}}' --ldm '{"ldm": {"steps": 1500}}' --guidance 1,3 --per-mode 50
+        --vae '{"vae": {"steps": 1500}}' --ldm '{"ldm": {"steps": 1500}}' --guidance 1,3 --inference-steps 10,25 --per-mode 50
 """
 
 import argparse
@@ -33,6 +33,7 @@ def main(argv=None):
     ap.add_argument("--vae", default="{}", help="label_generator overrides for the VAE (JSON)")
     ap.add_argument("--ldm", default=None, help="label_generator overrides for the LDM (JSON); none: VAE only")
     ap.add_argument("--guidance", default="1", help="guidance scales to audit, comma separated")
+    ap.add_argument("--inference-steps", default="25", help="DDIM steps to audit, comma separated")
     ap.add_argument("--per-mode", type=int, default=50)
     ap.add_argument("--voxel-mm", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
@@ -72,17 +73,18 @@ def main(argv=None):
                            {**base, **json.loads(args.ldm)}, ldm_dir, subjects=list(train))
     print(f"label LDM {args.ldm}: trained in {time.time() - t0:.0f} s")
     for g in (float(x) for x in args.guidance.split(",")):
-        t0 = time.time()
-        paths = {k: out / f"guidance{g:g}" / f"{k}.tsv" for k in ("reconstruction", "gate", "adherence", "samples",
-                                                                      "fidelity")}
-        paths["figure"] = out / f"guidance{g:g}" / "adherence.png"
-        fid = LQ.evaluate_label_generator(vae_path, ldm_dir / "label_ldm.pt", train, held, paths,
-                                          n_per_mode=args.per_mode, schema=schema, voxel_mm=args.voxel_mm,
-                                          sampling={"guidance_scale": g}, device="cpu")
-        print(f"guidance {g:g}: audit in {time.time() - t0:.0f} s")
-        with pd.option_context("display.width", 200):
-            print(fid[fid["group"] != "reconstruction"][["measure", "value", "target", "pass", "n", "note"]]
-                  .to_string(index=False))
+        for k in (int(x) for x in args.inference_steps.split(",")):
+            t0 = time.time()
+            where = out / f"guidance{g:g}_ddim{k}"
+            paths = {n: where / f"{n}.tsv" for n in ("reconstruction", "gate", "adherence", "samples", "fidelity")}
+            paths["figure"] = where / "adherence.png"
+            fid = LQ.evaluate_label_generator(vae_path, ldm_dir / "label_ldm.pt", train, held, paths,
+                                              n_per_mode=args.per_mode, schema=schema, voxel_mm=args.voxel_mm,
+                                              sampling={"guidance_scale": g, "inference_steps": k}, device="cpu")
+            print(f"guidance {g:g}, DDIM {k} steps: audit in {time.time() - t0:.0f} s")
+            with pd.option_context("display.width", 200):
+                print(fid[fid["group"] != "reconstruction"][["measure", "value", "target", "pass", "n", "note"]]
+                      .to_string(index=False))
 
 
 if __name__ == "__main__":
