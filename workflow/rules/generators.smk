@@ -18,12 +18,12 @@ IMAGE_GENERATOR = f"{GEN}/image_generator/image_generator.pt"
 
 # torch CPU threads per generator job (num_threads in each section; a GPU run uses the GPU).
 # The label networks are 3D convolutions that use a second core (label VAE 0.79 s/step on one
-# thread, 0.43 on two; LDM 1.24 and 0.69, benchmarks/generators.py) and lie on the run's
-# critical path; the slice-wise image generator does not (0.112 and 0.103 s/step), so it
+# thread, 0.43 on two; LDM 1.24 and 0.69, benchmarks/generators.py) and lie on the critical
+# path of the run; the slice-wise image generator does not (0.112 and 0.103 s/step), so it
 # runs on one core and leaves the other to another job.
 LABEL_THREADS = LGCFG.get("num_threads") or 2
 IMAGE_THREADS = IGCFG.get("num_threads") or 1
-# The label generator chain (VAE -> LDM -> samples) is the run's critical path: its jobs go
+# The label generator chain (VAE -> LDM -> samples) is the critical path of the run: its jobs go
 # first whenever they are ready.
 GENERATOR_PRIORITY = 10
 
