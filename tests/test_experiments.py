@@ -12,7 +12,7 @@ from brainsynth import study_tables
 from brainsynth.errors import InputError
 from brainsynth.metrics import hd95
 
-from workflow_support import REPO, planned_jobs, run_snakemake
+from workflow_support import REPO, job_blocks, planned_jobs, run_snakemake
 
 ROWS = {
     "a1": {"split": "train", "site": "A", "role": "in_distribution", "phenotype": "wmh"},
@@ -250,6 +250,39 @@ def test_each_experiment_plans_the_study_protocol(planned):
     for phenotypes, name in (({"tumour", "both"}, "tumour"), ({"wmh"}, "wmh")):
         assert (test["role"].eq("in_distribution") & test["phenotype"].isin(phenotypes)).sum() >= 10, name
     assert test["role"].value_counts().min() >= 10
+
+
+def _threads_and_priority(out, rules):
+    """rule -> the set of (threads, priority) its planned jobs carry."""
+    found = {}
+    for rule, threads, priority in job_blocks(out):
+        if rule in rules:
+            found.setdefault(rule, set()).add((threads, priority))
+    return found
+
+
+GENERATOR_JOBS = ["train_label_vae", "train_label_ldm", "sample_synthetic", "sample_synthetic_unseen",
+                  "train_image_generator", "restyle_synthetic_t1", "restyle_synthetic_flair", "plan_nnunet"]
+
+
+def test_generator_jobs_threads_and_priority(planned, tmp_path):
+    """The demo's critical path: the 3D label networks on 2 threads and first in line (priority),
+    the slice-wise image generator and nnU-Net planning on 1; num_threads moves them."""
+    cfg, _, out = planned
+    label = {(2, 10)}
+    expected = {"train_label_vae": label, "train_label_ldm": label, "sample_synthetic": label,
+                "sample_synthetic_unseen": label, "train_image_generator": {(1, 0)},
+                "restyle_synthetic_t1": {(1, 0)}, "restyle_synthetic_flair": {(1, 0)}, "plan_nnunet": {(1, 0)}}
+    assert _threads_and_priority(out, GENERATOR_JOBS) == expected
+
+    cfg = yaml.safe_load(yaml.safe_dump(cfg))
+    cfg.setdefault("label_generator", {})["num_threads"] = 1
+    cfg.setdefault("image_generator", {})["num_threads"] = 2
+    code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
+    assert code == 0, out[-3000:]
+    found = _threads_and_priority(out, GENERATOR_JOBS)
+    assert found["train_label_vae"] == found["sample_synthetic"] == {(1, 10)}
+    assert found["train_image_generator"] == found["restyle_synthetic_flair"] == {(2, 0)}
 
 
 def test_generator_pool_without_subjects_is_named(tmp_path):

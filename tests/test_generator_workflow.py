@@ -153,6 +153,19 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert fid.loc["synthetic", "fid"] > 0 and np.isnan(fid.loc["held_out_real (in_distribution)", "fid"])  # 1 case
     assert "encoder" in fid.loc["synthetic", "extractor"]
 
+    # the gmm generator on the same label maps (run for real, no training): the sample contract
+    gmm = syn / "gmm"
+    run_snakemake(tmp_path, str(gmm.relative_to(tmp_path) / "manifest.tsv"), config=cfg, check=True)
+    gmm_manifest = pd.read_csv(gmm / "manifest.tsv", sep="\t")
+    assert list(gmm_manifest["subject"]) == list(manifest["subject"]) and set(gmm_manifest["generator"]) == {"gmm"}
+    for sid in manifest["subject"]:
+        label = nib.load(syn / "samples" / sid / "label.nii.gz").get_fdata()
+        assert np.array_equal(nib.load(gmm / "samples" / sid / "label.nii.gz").get_fdata(), label)
+        for m in ("t1", "t2", "flair"):
+            img = nib.load(gmm / "samples" / sid / f"{m}.nii.gz").get_fdata()
+            assert img.shape == label.shape and img.min() >= 0 and img.max() <= 1
+            assert not img[label == 0].any() and img[label > 0].std() > 0
+
 
 def test_drop_flagged_samples_feeds_the_sample_qc_to_synthetic_arms_only(tmp_path):
     import copy
@@ -176,6 +189,40 @@ def test_drop_flagged_samples_feeds_the_sample_qc_to_synthetic_arms_only(tmp_pat
     assert "synthesis/sample_sets/u/samples/synth0003/label.nii.gz" in blocks["task=tumour, arm=Su"]
     assert "synthesis/samples/" not in blocks["task=tumour, arm=Su"]
     assert "rule sample_synthetic_u:" in out
+
+
+def test_gmm_arms_draw_their_images_from_the_gmm_generator(tmp_path):
+    """An arm naming generator: gmm trains on the gmm images of its sample set's label maps; the
+    gmm rules run for those arms only."""
+    import copy
+    import re
+
+    cfg = copy.deepcopy(TINY_GEN)
+    cfg["segmentation"] = {"tasks": ["tumour"], "arms": ["S", "Sg", "Sgu"], "task_definitions": {"tumour": {}},
+                           "recipes": {"Sg": {"synthetic": 1.0, "generator": "gmm"},
+                                       "Sgu": {"synthetic": 1.0, "sample_set": "u", "generator": "gmm"}}}
+    cfg["synthesis"]["sample_sets"] = {"u": {"conditioning": "unseen", "n_samples": 2}}
+    code, out = run_snakemake(tmp_path, "-n", "--printshellcmds", config=cfg)
+    assert code == 0, out[-3000:]
+    jobs = planned_jobs(out)
+    assert jobs.get("synthesize_gmm") == 1 and jobs.get("synthesize_gmm_u") == 1, jobs
+    blocks = {re.search(r"wildcards: (.*)", b).group(1): b
+              for b in re.split(r"\n(?=rule |localrule )", out) if b.startswith("rule assemble_nnunet_dataset")}
+    assert "synthesis/gmm/samples/synth0003/flair.nii.gz" in blocks["task=tumour, arm=Sg"]
+    assert "synthesis/samples/" not in blocks["task=tumour, arm=Sg"]
+    assert "synthesis/sample_sets/u/gmm/samples/synth0002/t1.nii.gz" in blocks["task=tumour, arm=Sgu"]
+    assert "gmm/" not in blocks["task=tumour, arm=S"]
+    design = tmp_path / "results" / EXP / "segmentation" / "design.tsv"
+    run_snakemake(tmp_path, str(design.relative_to(tmp_path)), config=cfg, check=True)
+    table = pd.read_csv(design, sep="\t", keep_default_na=False).set_index("arm")
+    assert table["generator"].to_dict() == {"S": "brainspade", "Sg": "gmm", "Sgu": "gmm"}
+
+    cfg["segmentation"]["recipes"]["Sg"]["style_set"] = "far-ood"
+    code, out = run_snakemake(tmp_path, "-n", config=cfg)
+    assert code != 0 and "segmentation.recipes.Sg" in out and "Traceback" not in out, out[-3000:]
+    # without a gmm arm the gmm rules stay out of the DAG
+    code, out = run_snakemake(tmp_path, "-n", config=TINY_GEN)
+    assert code == 0 and "synthesize_gmm" not in out
 
 
 def test_drop_flagged_samples_unit(tmp_path):

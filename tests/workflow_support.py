@@ -148,6 +148,21 @@ def jobs_by_rule(out):
     return {k: sorted(v) for k, v in found.items()}
 
 
+def job_blocks(out):
+    """(rule, threads, priority) of each job a dry run plans; Snakemake prints threads and
+    priority only where they differ from 1 and 0."""
+    jobs = []
+    for block in re.split(r"\n(?=rule |localrule )", out):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        if not m:
+            continue
+        threads = re.search(r"^\s+threads: (\d+)", block, re.M)
+        priority = re.search(r"^\s+priority: (-?\d+)", block, re.M)
+        jobs.append((m.group(1), int(threads.group(1)) if threads else 1,
+                     int(priority.group(1)) if priority else 0))
+    return jobs
+
+
 # Preprocessing + both generators + sampling, at the smallest settings that still run
 # every generator rule for real (networks train for a few dozen steps; samples are not
 # meant to look good at this budget).

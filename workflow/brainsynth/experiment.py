@@ -33,7 +33,9 @@ run's default real pool (``segmentation.real_pool``); ``n_real`` is an absolute 
 instead of the ``real`` fraction; ``modalities`` are the images fed to the task's input
 channels for this arm's training cases (R_fOD learns the tissue task from FLAIR);
 ``sample_set`` names a ``synthesis.sample_sets`` entry (label maps sampled with other
-conditioning, e.g. the unseen WMH + tumour phenotype).
+conditioning, e.g. the unseen WMH + tumour phenotype); ``generator`` (default ``brainspade``)
+names the generator the synthetic cases come from: ``gmm`` takes the same label maps imaged
+with domain-randomised Gaussian intensities per class (SynthSeg's generative model).
 
 Tasks
 -----
@@ -63,7 +65,10 @@ import numpy as np
 from .errors import InputError, InputErrors
 
 POOLS = ("real", "synthetic")
-RECIPE_KEYS = ("relative_to", "n_real", "real_pool", "modalities", "sample_set", "style_set")
+RECIPE_KEYS = ("relative_to", "n_real", "real_pool", "modalities", "sample_set", "style_set", "generator")
+# where an arm's synthetic cases come from: brainspade = the label generator's maps imaged by the
+# SPADE image generator; gmm = the same maps imaged with domain-randomised Gaussian intensities
+GENERATORS = ("brainspade", "gmm")
 SELECTOR_KEYS = {"roles": "role", "sites": "site", "phenotypes": "phenotype"}
 RELATIVE_TO = ("pool", "real")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -156,6 +161,22 @@ def style_set(recipe, style_sets, arm="?"):
         raise InputError(f"style_set {name!r} restyles the main synthetic set, not sample_set "
                          f"{recipe['sample_set']!r}", field=f"segmentation.recipes.{arm}",
                          fix="use either style_set or sample_set")
+    return name
+
+
+def generator(recipe, arm="?"):
+    """The generator an arm's synthetic cases come from (one of :data:`GENERATORS`)."""
+    name = recipe.get("generator", GENERATORS[0])
+    field = f"segmentation.recipes.{arm}"
+    if name not in GENERATORS:
+        raise InputError(f"generator {name!r} is not known", field=f"{field}.generator",
+                         fix=f"use one of {list(GENERATORS)} or drop the key (default {GENERATORS[0]})")
+    if name != GENERATORS[0] and not uses_synthetic(recipe):
+        raise InputError(f"generator {name!r} given but the arm uses no synthetic case", field=field,
+                         fix="give a synthetic fraction > 0 or drop generator")
+    if name != GENERATORS[0] and recipe.get("style_set") is not None:
+        raise InputError(f"style_set {recipe['style_set']!r} restyles with the SPADE image generator, not "
+                         f"generator {name!r}", field=field, fix="use either style_set or generator")
     return name
 
 

@@ -343,6 +343,7 @@ def _seg_design():
         },
         "style_sets": {a: seg_design.style_set(recipes[a], synth_cfg.get("style_sets"), a) for a in arms},
         "sample_sets": {a: recipes[a].get("sample_set") for a in arms},
+        "generators": {a: seg_design.generator(recipes[a], a) for a in arms},
         # per (task, arm): the images of the training cases, one per input channel
         "modalities": {
             (t, a): seg_design.arm_modalities(recipes[a], task_inputs[t][0], MODALITIES, a)
@@ -432,6 +433,8 @@ def _seg_case_files(arm):
         }
     style_set, sample_set = SEG_DESIGN["style_sets"][arm], SEG_DESIGN["sample_sets"][arm]
     labels = sample_set_folder(sample_set)
+    if SEG_DESIGN["generators"][arm] == "gmm":
+        labels = gmm_folder(sample_set)
     images = f"{STYLE_SETS}/{style_set}/samples" if style_set else labels
     for s in SEG_DESIGN["cases"][arm]["synthetic"]:
         cases[s] = {
@@ -468,6 +471,11 @@ def sample_set_root(name=None):
 def sample_set_folder(name=None):
     """Samples folder of the main synthetic set (None) or of a synthesis.sample_sets entry."""
     return f"{sample_set_root(name)}/samples"
+
+
+def gmm_folder(name=None):
+    """Samples folder of the domain-randomised (GMM) images of a sample set's label maps."""
+    return f"{sample_set_root(name)}/gmm/samples"
 
 
 def sample_set_files(name=None):

@@ -56,6 +56,7 @@ rule segmentation_design:
                 "synthetic_cases": " ".join(SEG_DESIGN["cases"][a]["synthetic"]),
                 "sample_set": SEG_DESIGN["sample_sets"][a] or "",
                 "style_set": SEG_DESIGN["style_sets"][a] or "",
+                "generator": SEG_DESIGN["generators"][a] if SEG_DESIGN["cases"][a]["synthetic"] else "",
                 "modalities": " ".join(SEG_DESIGN["modalities"][(t, a)]),
                 "test_sets": " ".join(
                     f"{ts}:{'+'.join(mods)}" for ts, mods in SEG_DESIGN["task_inputs"][t][1].items()

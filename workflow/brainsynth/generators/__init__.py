@@ -1,4 +1,5 @@
-"""brainSPADE generators: label generator (VAE + latent diffusion), image generator (SPADE VAE-GAN).
+"""Generators: brainSPADE (label generator: VAE + latent diffusion; image generator: SPADE VAE-GAN)
+and gmm (domain-randomised images of the label maps, SynthSeg).
 
 Modules
 -------
@@ -7,6 +8,8 @@ label_generator  :func:`train_label_vae`, :func:`train_label_ldm`, :func:`sample
 image_generator  :func:`train_image_generator`, :func:`generate_images`
 sampling         :func:`sample_synthetic` (labels -> images -> NIfTI + manifest + montage)
 quality          MS-SSIM diversity, MMD, memorisation check, class volume fractions
+contract         :func:`check_samples`: the sample files and manifest every generator writes
+gmm              :func:`synthesize_gmm`: domain-randomised images of label maps (SynthSeg), no training
 
 Importing this package does not import torch-heavy submodules eagerly; import
 the submodule you need.

@@ -29,6 +29,7 @@ from ..errors import InputError
 from ..io import save_figure, save_nifti, save_table
 from ..qc import label_cmap
 from . import common as C
+from .contract import check_samples
 from .image_generator import generate_images, load_generator
 from .label_generator import make_conditioning, sample_labels, training_conditioning
 
@@ -181,6 +182,7 @@ def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n
     save_table(manifest, out_dir / "manifest.tsv")
     if montage:
         write_montage(montage_rows, modalities, probs.shape[1], out_dir / "montage.png")
+    check_samples(out_dir, list(manifest["subject"]), modalities, "brainspade")
     return manifest
 
 
