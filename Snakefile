@@ -23,6 +23,7 @@ include: "workflow/rules/cohort.smk"
 include: "workflow/rules/preprocessing.smk"
 include: "workflow/rules/generators.smk"
 include: "workflow/rules/generator_gmm.smk"
+include: "workflow/rules/generator_lesion_insertion.smk"
 include: "workflow/rules/segmentation.smk"
 
 

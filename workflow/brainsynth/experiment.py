@@ -35,7 +35,8 @@ channels for this arm's training cases (R_fOD learns the tissue task from FLAIR)
 ``sample_set`` names a ``synthesis.sample_sets`` entry (label maps sampled with other
 conditioning, e.g. the unseen WMH + tumour phenotype); ``generator`` (default ``brainspade``)
 names the generator the synthetic cases come from: ``gmm`` takes the same label maps imaged
-with domain-randomised Gaussian intensities per class (SynthSeg's generative model).
+with domain-randomised Gaussian intensities per class (SynthSeg's generative model);
+``lesion_insertion`` real healthy training subjects with lesions grown in.
 
 Tasks
 -----
@@ -67,8 +68,9 @@ from .errors import InputError, InputErrors
 POOLS = ("real", "synthetic")
 RECIPE_KEYS = ("relative_to", "n_real", "real_pool", "modalities", "sample_set", "style_set", "generator")
 # where an arm's synthetic cases come from: brainspade = the label generator's maps imaged by the
-# SPADE image generator; gmm = the same maps imaged with domain-randomised Gaussian intensities
-GENERATORS = ("brainspade", "gmm")
+# SPADE image generator; gmm = the same maps imaged with domain-randomised Gaussian intensities;
+# lesion_insertion = real healthy training subjects with lesions grown in
+GENERATORS = ("brainspade", "gmm", "lesion_insertion")
 SELECTOR_KEYS = {"roles": "role", "sites": "site", "phenotypes": "phenotype"}
 RELATIVE_TO = ("pool", "real")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")

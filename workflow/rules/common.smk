@@ -432,9 +432,7 @@ def _seg_case_files(arm):
             "images": {m: grid_file(s, m) for m in SUBJECT_MODALITIES[s]},
         }
     style_set, sample_set = SEG_DESIGN["style_sets"][arm], SEG_DESIGN["sample_sets"][arm]
-    labels = sample_set_folder(sample_set)
-    if SEG_DESIGN["generators"][arm] == "gmm":
-        labels = gmm_folder(sample_set)
+    labels = generator_folder(sample_set, SEG_DESIGN["generators"][arm])
     images = f"{STYLE_SETS}/{style_set}/samples" if style_set else labels
     for s in SEG_DESIGN["cases"][arm]["synthetic"]:
         cases[s] = {
@@ -473,9 +471,14 @@ def sample_set_folder(name=None):
     return f"{sample_set_root(name)}/samples"
 
 
-def gmm_folder(name=None):
-    """Samples folder of the domain-randomised (GMM) images of a sample set's label maps."""
-    return f"{sample_set_root(name)}/gmm/samples"
+def generator_folder(name=None, generator="brainspade"):
+    """Samples folder of one generator for a sample set: brainSPADE's is the set's own; every
+    other generator writes under <set root>/<generator>/."""
+    return (
+        sample_set_folder(name)
+        if generator == "brainspade"
+        else f"{sample_set_root(name)}/{generator}/samples"
+    )
 
 
 def sample_set_files(name=None):
@@ -696,12 +699,14 @@ SAMPLE_QC = f"{SYN}/quality/sample_qc.tsv"
 
 def drops_flagged_samples(arm):
     """synthesis.qc.drop_flagged and the arm trains on synthetic cases of the main set (the QC
-    table flags those; a synthesis.sample_sets entry has its own ids and no QC table yet)."""
+    table flags those; a synthesis.sample_sets entry has its own ids and no QC table yet) with
+    the label generator's maps (brainspade, gmm: lesion insertion makes maps of its own)."""
     qc = SYNCFG.get("qc") or {}
     return (
         bool(qc.get("drop_flagged"))
         and bool(SEG_DESIGN["cases"][arm]["synthetic"])
         and SEG_DESIGN["sample_sets"][arm] is None
+        and SEG_DESIGN["generators"][arm] in ("brainspade", "gmm")
     )
 
 

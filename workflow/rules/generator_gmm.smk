@@ -6,6 +6,7 @@ GMMCFG = config.get("gmm_generator") or {}
 
 # One rule per label set (the main samples, each synthesis.sample_sets entry), as in sampling.
 for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
+    _suffix = "" if _set is None else f"_{_set}"
 
     rule:
         """Domain-randomised images of the label maps of one sample set, every modality of the run."""
@@ -15,13 +16,13 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
             labels=[f"{sample_set_folder(_set)}/{sid}/label.nii.gz" for sid in sample_set_ids(_set)],
         output:
             samples=[
-                f"{gmm_folder(_set)}/{sid}/{f}.nii.gz"
+                f"{generator_folder(_set, 'gmm')}/{sid}/{f}.nii.gz"
                 for sid in sample_set_ids(_set)
                 for f in ["label", *MODALITIES]
             ],
-            manifest=f"{os.path.dirname(gmm_folder(_set))}/manifest.tsv",
+            manifest=f"{os.path.dirname(generator_folder(_set, 'gmm'))}/manifest.tsv",
             montage=report(
-                f"{os.path.dirname(gmm_folder(_set))}/montage.png",
+                f"{os.path.dirname(generator_folder(_set, 'gmm'))}/montage.png",
                 category="Synthesis",
                 caption="../report/gmm_montage.rst",
             ),
@@ -34,7 +35,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
         conda:
             "../../envs/generators.yaml"
         log:
-            f"{LOGS}/synthesis/synthesize_gmm{'' if _set is None else '_' + _set}.log",
+            f"{LOGS}/synthesis/synthesize_gmm{_suffix}.log",
         threads: 1
         resources:
             mem_mb=4000,

@@ -1,5 +1,6 @@
-"""Generators: brainSPADE (label generator: VAE + latent diffusion; image generator: SPADE VAE-GAN)
-and gmm (domain-randomised images of the label maps, SynthSeg).
+"""Generators: brainSPADE (label generator: VAE + latent diffusion; image generator: SPADE VAE-GAN),
+gmm (domain-randomised images of the label maps, SynthSeg) and lesion_insertion (lesions grown
+into real healthy subjects).
 
 Modules
 -------
@@ -10,6 +11,7 @@ sampling         :func:`sample_synthetic` (labels -> images -> NIfTI + manifest 
 quality          MS-SSIM diversity, MMD, memorisation check, class volume fractions
 contract         :func:`check_samples`: the sample files and manifest every generator writes
 gmm              :func:`synthesize_gmm`: domain-randomised images of label maps (SynthSeg), no training
+lesion_insertion :func:`insert_lesions`: tumours / WMH grown into real healthy subjects, no training
 
 Importing this package does not import torch-heavy submodules eagerly; import
 the submodule you need.
