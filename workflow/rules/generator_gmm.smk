@@ -36,6 +36,8 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
             "../../envs/generators.yaml"
         log:
             f"{LOGS}/synthesis/synthesize_gmm{_suffix}.log",
+        benchmark:
+            f"{BENCH}/synthesize_gmm{_suffix}.tsv"
         threads: 1
         resources:
             mem_mb=4000,

@@ -58,6 +58,8 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
             "../../envs/generators.yaml"
         log:
             f"{LOGS}/synthesis/insert_lesions{_suffix}.log",
+        benchmark:
+            f"{BENCH}/insert_lesions{_suffix}.tsv"
         threads: 1
         resources:
             mem_mb=4000,

@@ -12,6 +12,9 @@ IGCFG = config["image_generator"]
 # Plain paths of the trained models and samples: consumers list them next to long file
 # lists, and a `rules.<name>.output` reference there costs Snakemake a scan of those lists
 # per file when the DAG is built (quadratic in the number of subjects).
+# Wall time and peak memory of each generator job (Snakemake benchmark files), for the
+# generator benchmark's compute columns
+BENCH = f"{R}/benchmarks/generators"
 LABEL_VAE = f"{GEN}/label_generator/label_vae.pt"
 LABEL_LDM = f"{GEN}/label_generator/label_ldm.pt"
 IMAGE_GENERATOR = f"{GEN}/image_generator/image_generator.pt"
@@ -45,6 +48,8 @@ rule train_label_vae:
         "../../envs/generators.yaml"
     log:
         f"{LOGS}/generators/train_label_vae.log",
+    benchmark:
+        f"{BENCH}/train_label_vae.tsv"
     threads: LABEL_THREADS
     priority: GENERATOR_PRIORITY
     resources:
@@ -75,6 +80,8 @@ rule train_label_ldm:
         "../../envs/generators.yaml"
     log:
         f"{LOGS}/generators/train_label_ldm.log",
+    benchmark:
+        f"{BENCH}/train_label_ldm.tsv"
     threads: LABEL_THREADS
     priority: GENERATOR_PRIORITY
     resources:
@@ -103,6 +110,8 @@ rule train_image_generator:
         "../../envs/generators.yaml"
     log:
         f"{LOGS}/generators/train_image_generator.log",
+    benchmark:
+        f"{BENCH}/train_image_generator.tsv"
     threads: IMAGE_THREADS
     resources:
         mem_mb=8000,
@@ -118,6 +127,7 @@ rule train_image_generator:
 # name them (E4: WMH + tumour together, unseen in training). One rule per set: its file list
 # is its own.
 for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
+    _suffix = "" if _set is None else f"_{_set}"
 
     rule:
         name:
@@ -150,7 +160,9 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
         conda:
             "../../envs/generators.yaml"
         log:
-            f"{LOGS}/synthesis/sample_synthetic{'' if _set is None else '_' + _set}.log",
+            f"{LOGS}/synthesis/sample_synthetic{_suffix}.log",
+        benchmark:
+            f"{BENCH}/sample_synthetic{_suffix}.tsv"
         threads: LABEL_THREADS
         priority: GENERATOR_PRIORITY
         resources:
