@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   install, then run the study's four experiments (E1-E4) on the embedded demo cohort
 #   make test   install, then run the test suite (what .ci/run calls)
+# and make benchmark: the generator benchmark (brainspade, gmm, lesion_insertion) over make demo's run
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +9,7 @@ BIN    := $(VENV)/bin
 CORES  ?= 2
 SNAKEMAKE := $(BIN)/snakemake
 
-.PHONY: install demo demo-generic test test-fast dag clean-demo
+.PHONY: install demo benchmark demo-generic test test-fast dag clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,13 @@ demo: install
 	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete $(EXPERIMENTS)
 	$(SNAKEMAKE) --report results/brainspade-demo/report.html $(EXPERIMENTS)
 	@echo "demo finished: tables in results/brainspade-demo/tables/<experiment>/, figures in results/brainspade-demo/figures/<experiment>/, report results/brainspade-demo/report.html"
+
+# The generator benchmark over the four experiments' run: brainspade, gmm and lesion_insertion
+# arms against the real ones (after make demo only the new arms run)
+BENCHMARK := $(EXPERIMENTS) config/experiments/generator_benchmark_demo.yaml
+benchmark: install
+	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete $(BENCHMARK)
+	@echo "benchmark finished: results/brainspade-demo/benchmark/generators.{csv,md,tex,png}"
 
 # The default config alone (config/config.yaml): generic arms R, S, H, Hfar on the tumour and WMH tasks
 demo-generic: install

@@ -25,10 +25,12 @@ include: "workflow/rules/generators.smk"
 include: "workflow/rules/generator_gmm.smk"
 include: "workflow/rules/generator_lesion_insertion.smk"
 include: "workflow/rules/segmentation.smk"
+include: "workflow/rules/benchmark.smk"
 
 
 rule all:
     input:
         all_targets(),
         segmentation_targets(),
+        benchmark_targets(),
     default_target: True

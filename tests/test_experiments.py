@@ -385,3 +385,24 @@ def test_paper_scale_config_plans_the_study_cohort(tmp_path_factory, name):
     assert jobs["preprocess_subject"] == n_subjects == 853
     assert jobs["sample_synthetic"] == 1 and jobs["train_label_ldm"] == 1 and jobs["train_image_generator"] == 1
     assert {k: jobs.get(k, 0) for k in PAPER_JOBS[name]} == PAPER_JOBS[name], jobs
+
+
+def test_generator_benchmark_config_adds_its_arms_and_table(tmp_path):
+    """make benchmark's config over the four experiments': the other generators' arms, their
+    generators' rules and the benchmark table; a comparison naming a test set the task lacks stops
+    before any work, naming the field."""
+    from snakemake.utils import update_config
+
+    cfg = yaml.safe_load(CONFIG.read_text())
+    update_config(cfg, yaml.safe_load((REPO / "config" / "experiments" / "generator_benchmark_demo.yaml").read_text()))
+    code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
+    assert code == 0, out[-3000:]
+    jobs = planned_jobs(out)
+    assert jobs["train_segmentation"] == 20 and jobs["generator_benchmark"] == 1
+    assert jobs["synthesize_gmm"] == 1 and jobs["insert_lesions"] == 1
+    block = next(b for b in out.split("\n\n") if "rule generator_benchmark:" in b)
+    for task, arm in (("tissue3", "R_id"), ("tissue3", "S_id_li"), ("tumour", "H_les_gmm")):
+        assert f"segmentation/{task}/{arm}/scores.tsv" in block
+    cfg["generator_benchmark"]["comparisons"][0]["test_set"] = "wmh"
+    code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
+    assert code != 0 and "generator_benchmark.comparisons[0].test_set" in out and "Traceback" not in out, out[-2000:]

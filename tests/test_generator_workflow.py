@@ -153,9 +153,14 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert fid.loc["synthetic", "fid"] > 0 and np.isnan(fid.loc["held_out_real (in_distribution)", "fid"])  # 1 case
     assert "encoder" in fid.loc["synthetic", "extractor"]
 
-    # the gmm generator on the same label maps (run for real, no training): the sample contract
+    # a second generator on the same label maps (gmm: no training) and the generator benchmark:
+    # an arm drawing from it trains, and the benchmark scores it against the real arm R
+    bench_cfg = {**cfg, "segmentation": {
+        **cfg["segmentation"], "arms": ["R", "Sg"], "recipes": {"Sg": {"synthetic": 1.0, "generator": "gmm"}}}}
+    bench_cfg["generator_benchmark"] = {"comparisons": [
+        {"task": "tissue3", "test_set": "in_distribution", "reference": "R", "arms": ["Sg"]}]}
+    run_snakemake(tmp_path, f"results/{EXP}/benchmark/generators.csv", config=bench_cfg, check=True)
     gmm = syn / "gmm"
-    run_snakemake(tmp_path, str(gmm.relative_to(tmp_path) / "manifest.tsv"), config=cfg, check=True)
     gmm_manifest = pd.read_csv(gmm / "manifest.tsv", sep="\t")
     assert list(gmm_manifest["subject"]) == list(manifest["subject"]) and set(gmm_manifest["generator"]) == {"gmm"}
     for sid in manifest["subject"]:
@@ -165,6 +170,19 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
             img = nib.load(gmm / "samples" / sid / f"{m}.nii.gz").get_fdata()
             assert img.shape == label.shape and img.min() >= 0 and img.max() <= 1
             assert not img[label == 0].any() and img[label > 0].std() > 0
+    bench = pd.read_csv(res / "benchmark" / "generators.csv").set_index("arm")
+    assert list(bench.index) == ["R", "Sg"] and list(bench["generator"]) == ["real", "gmm"]
+    assert bench.loc["Sg", "n_synthetic"] == n and bench.loc["R", "n_synthetic"] == 0
+    sg = pd.read_csv(res / "segmentation" / "tissue3" / "Sg" / "scores.tsv", sep="\t")
+    sg = sg[(sg["metric"] == "dice") & (sg["test_set"] == "in_distribution")]
+    assert bench.loc["Sg", "dice_mean"] == pytest.approx(sg.groupby("subject")["value"].mean().mean())
+    bench_dir = res / "benchmarks" / "generators"
+    timed = {r: pd.read_csv(bench_dir / f"{r}.tsv", sep="\t")["s"].iloc[0]
+             for r in ("train_label_vae", "train_label_ldm", "synthesize_gmm")}
+    assert bench.loc["Sg", "training_s"] == pytest.approx(timed["train_label_vae"] + timed["train_label_ldm"])
+    assert bench.loc["Sg", "sampling_s_per_volume"] == pytest.approx(timed["synthesize_gmm"] / n)
+    assert bench.loc["Sg", "peak_rss_mb"] > 0
+    assert (res / "benchmark" / "generators.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_drop_flagged_samples_feeds_the_sample_qc_to_synthetic_arms_only(tmp_path):

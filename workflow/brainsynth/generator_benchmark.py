@@ -1,0 +1,177 @@
+"""Generator benchmark: which generator's synthetic data helps segmentation, on one protocol.
+
+Each comparison names a task, a test set, a real reference arm and arms that draw their
+synthetic cases from the generators under test (their recipes' ``generator``). Per arm the
+table gives the per-subject mean Dice over the task's classes (mean (std) over the test
+subjects), the per-class means, the difference to the reference arm and the two-sided
+Wilcoxon signed-rank p-value against it (paired by subject: every arm of a task is scored on
+the same test subjects); per generator its compute, read from the Snakemake benchmark files
+of its jobs: training wall time (its own training and the training of what it draws from),
+sampling wall time per volume and the peak resident memory of those jobs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import InputError
+from .io import atomic_path, save_figure
+from .tables import _to_latex, _to_markdown, _write_text, compare
+
+REAL = "real"
+FOOTNOTE = ("Dice: per-subject mean over the task's classes, mean (std) over the test subjects; "
+            "delta: against the reference arm; p: two-sided Wilcoxon signed-rank test paired by subject; "
+            "compute from Snakemake benchmark files (training: wall time of the generator's training jobs "
+            "and of those it draws from; sampling: wall time of its sampling job per volume; peak memory: "
+            "largest max_rss of those jobs); n/a: not recorded.")
+
+
+def read_benchmark(path):
+    """``{"s", "max_rss"}`` of a Snakemake benchmark file (first repeat), None when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    row = pd.read_csv(path, sep="\t").iloc[0]
+    rss = pd.to_numeric(row.get("max_rss"), errors="coerce")
+    return {"s": float(row["s"]), "max_rss": float(rss) if pd.notna(rss) else math.nan}
+
+
+def generator_compute(training, sampling, n_volumes, bench_dir):
+    """Compute of one generator from the benchmark files of its ``training`` jobs (names) and
+    ``sampling`` job; NaN where a file is missing."""
+    bench_dir = Path(bench_dir)
+    records = {name: read_benchmark(bench_dir / f"{name}.tsv") for name in [*training, sampling]}
+    train = [records[n] for n in training]
+    sample = records[sampling]
+    rss = [r["max_rss"] for r in records.values() if r is not None and not math.isnan(r["max_rss"])]
+    complete = all(r is not None for r in records.values())
+    return {
+        "training_s": sum(r["s"] for r in train) if all(r is not None for r in train) else math.nan,
+        "sampling_s_per_volume": sample["s"] / n_volumes if sample is not None and n_volumes else math.nan,
+        # a job too short for the memory probe records NA; the others still bound the peak
+        "peak_rss_mb": max(rss) if complete and rss else math.nan,
+    }
+
+
+def _subject_dice(scores, arm, test_set):
+    rows = scores[(scores["arm"] == arm) & (scores["test_set"] == test_set) & (scores["metric"] == "dice")]
+    if rows.empty:
+        raise InputError(f"no Dice of arm {arm!r} on test set {test_set!r} in the scores",
+                         field="generator_benchmark.comparisons", fix="name arms and test sets of the task")
+    return rows.groupby("subject")["value"].mean(), rows.groupby("class", sort=False)["value"].mean()
+
+
+def benchmark_table(scores, comparisons, arms, compute):
+    """One row per (comparison, arm): the reference arm first, then the compared arms.
+
+    ``scores``: long scores of every arm named (columns arm, test_set, subject, class, metric,
+    value); ``arms``: arm -> {"generator", "n_real", "n_synthetic"}; ``compute``: generator ->
+    :func:`generator_compute`."""
+    rows = []
+    for comp in comparisons:
+        ref, _ = _subject_dice(scores, comp["reference"], comp["test_set"])
+        for arm in [comp["reference"], *comp["arms"]]:
+            per_subject, per_class = _subject_dice(scores, arm, comp["test_set"])
+            info = arms[arm]
+            generator = info["generator"] if info["n_synthetic"] else REAL
+            row = {"task": comp["task"], "test_set": comp["test_set"], "arm": arm, "generator": generator,
+                   "n_real": info["n_real"], "n_synthetic": info["n_synthetic"], "n_test": int(per_subject.size),
+                   "dice_mean": float(per_subject.mean()),
+                   "dice_std": float(per_subject.std(ddof=1)) if per_subject.size > 1 else 0.0,
+                   "delta_vs_reference": float(per_subject.mean() - ref.mean()),
+                   "p_vs_reference": (math.nan if arm == comp["reference"]
+                                      else compare(per_subject, ref, test="wilcoxon")),
+                   **{f"dice_{c}": float(v) for c, v in per_class.items()}}
+            row.update(compute.get(generator, dict.fromkeys(("training_s", "sampling_s_per_volume",
+                                                              "peak_rss_mb"), math.nan)))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _display(table):
+    def fmt(x, d=3):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
+
+    out = pd.DataFrame({
+        "task / test set": table["task"] + " / " + table["test_set"],
+        "generator": table["generator"],
+        "real + synthetic": table["n_real"].astype(str) + " + " + table["n_synthetic"].astype(str),
+        "Dice": [f"{m:.3f} ({s:.3f})" for m, s in zip(table["dice_mean"], table["dice_std"])],
+        "delta": [fmt(d) if g != REAL else "" for d, g in zip(table["delta_vs_reference"], table["generator"])],
+        "p": [fmt(p, 4) if g != REAL else "" for p, g in zip(table["p_vs_reference"], table["generator"])],
+        "training (s)": [fmt(v, 0) if g != REAL else "" for v, g in zip(table["training_s"], table["generator"])],
+        "sampling (s/volume)": [fmt(v, 2) if g != REAL else ""
+                                for v, g in zip(table["sampling_s_per_volume"], table["generator"])],
+        "peak memory (MB)": [fmt(v, 0) if g != REAL else "" for v, g in zip(table["peak_rss_mb"], table["generator"])],
+    }, index=pd.Index(table["arm"], name="arm"))
+    return out
+
+
+def benchmark_figure(scores, comparisons, arms, path):
+    """Per comparison, per-subject mean Dice of each arm, coloured by generator."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    generators = sorted({arms[a]["generator"] if arms[a]["n_synthetic"] else REAL
+                         for c in comparisons for a in [c["reference"], *c["arms"]]})
+    colours = dict(zip(generators, plt.get_cmap("tab10").colors))
+    fig, axes = plt.subplots(1, len(comparisons), figsize=(3.2 * len(comparisons) + 1, 3.4), squeeze=False)
+    for ax, comp in zip(axes[0], comparisons):
+        names = [comp["reference"], *comp["arms"]]
+        data = [_subject_dice(scores, a, comp["test_set"])[0].to_numpy() for a in names]
+        box = ax.boxplot(data, patch_artist=True, widths=0.6)
+        for patch, a in zip(box["boxes"], names):
+            patch.set_facecolor(colours[arms[a]["generator"] if arms[a]["n_synthetic"] else REAL])
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{comp['task']} / {comp['test_set']}", fontsize=8)
+        ax.set_ylim(0, 1)
+    axes[0, 0].set_ylabel("Dice (mean over classes)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[g]) for g in generators]
+    fig.legend(handles, generators, loc="upper right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    return save_figure(fig, path, dpi=120)
+
+
+def write_benchmark(scores, comparisons, arms, compute, paths):
+    """The table as csv / md / tex and the figure (``paths``: csv, md, tex, figure)."""
+    if not comparisons:
+        raise InputError("no comparison to benchmark", field="generator_benchmark.comparisons",
+                         fix="list {task, test_set, reference, arms} entries")
+    table = benchmark_table(scores, comparisons, arms, compute)
+    with atomic_path(paths["csv"]) as tmp:
+        table.to_csv(tmp, index=False)
+    shown = _display(table)
+    title = "Generator benchmark: downstream Dice against the real reference arm, and compute"
+    _write_text(paths["md"], _to_markdown(shown, FOOTNOTE, title=title))
+    _write_text(paths["tex"], _to_latex(shown, FOOTNOTE, caption=title))
+    benchmark_figure(scores, comparisons, arms, paths["figure"])
+    return table
+
+
+def check_comparisons(comparisons, task_arms, task_test_sets):
+    """Parse-time check of ``generator_benchmark.comparisons``; returns the problems found."""
+    problems = []
+    for i, comp in enumerate(comparisons or []):
+        field = f"generator_benchmark.comparisons[{i}]"
+        missing = [k for k in ("task", "test_set", "reference", "arms") if k not in comp]
+        if missing:
+            problems.append(InputError(f"lacks {missing}", field=field, fix="give task, test_set, reference, arms"))
+            continue
+        if comp["task"] not in task_arms:
+            problems.append(InputError(f"task {comp['task']!r} does not run", field=f"{field}.task",
+                                       fix=f"use one of {sorted(task_arms)}"))
+            continue
+        stray = [a for a in [comp["reference"], *comp["arms"]] if a not in task_arms[comp["task"]]]
+        if stray:
+            problems.append(InputError(f"arms {stray} are not arms of task {comp['task']!r}", field=f"{field}.arms",
+                                       fix=f"use arms of the task: {task_arms[comp['task']]}"))
+        if comp["test_set"] not in task_test_sets[comp["task"]]:
+            problems.append(InputError(f"test set {comp['test_set']!r} is not one of task {comp['task']!r}",
+                                       field=f"{field}.test_set", fix=f"use one of {task_test_sets[comp['task']]}"))
+    return problems
+

@@ -1,0 +1,17 @@
+"""Rule generator_benchmark: downstream Dice and compute per generator, one table and figure."""
+
+import pandas as pd
+
+from brainsynth import generator_benchmark as gen_bench
+from brainsynth.io import run_main
+
+
+def main(sm):
+    scores = pd.concat([pd.read_csv(p, sep="\t", dtype={"subject": str}) for p in sm.input.scores])
+    compute = {g: gen_bench.generator_compute(j["training"], j["sampling"], j["n"], sm.params.benchmarks)
+               for g, j in sm.params.generators.items()}
+    gen_bench.write_benchmark(scores, list(sm.params.comparisons), dict(sm.params.arms), compute,
+                              {k: sm.output[k] for k in ("csv", "md", "tex", "figure")})
+
+
+run_main(main, snakemake)  # noqa: F821
