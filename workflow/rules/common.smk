@@ -842,3 +842,51 @@ def check_task_pools_at_parse_time():
 
 
 check_task_pools_at_parse_time()
+
+
+# ============================================================ generator benchmark helpers
+# (workflow/rules/benchmark.smk: the comparisons, checked at parse time, and each generator's jobs)
+from brainsynth import generator_benchmark as gen_bench
+from brainsynth.errors import InputErrors
+
+BENCH_COMPARISONS = (config.get("generator_benchmark") or {}).get("comparisons") or []
+_problems = gen_bench.check_comparisons(
+    BENCH_COMPARISONS,
+    {t: seg_task_arms(t) for t in SEG_TASKS},
+    {t: list(SEG_DESIGN["task_inputs"][t][1]) for t in SEG_TASKS},
+)
+if _problems:
+    raise WorkflowError(f"Invalid input: {InputErrors(_problems)}")
+BENCH_ARMS = list(dict.fromkeys(a for c in BENCH_COMPARISONS for a in [c["reference"], *c["arms"]]))
+
+
+def generator_jobs(generator, sample_set):
+    """The jobs whose benchmark files give a generator's compute: what it trains (and what it
+    draws from) and the job that samples the arm's set."""
+    suffix = "" if sample_set is None else f"_{sample_set}"
+    label = ["train_label_vae", "train_label_ldm"]
+    return {
+        "brainspade": {
+            "training": [*label, "train_image_generator"],
+            "sampling": f"sample_synthetic{suffix}",
+        },
+        "gmm": {"training": label, "sampling": f"synthesize_gmm{suffix}"},
+        "lesion_insertion": {"training": [], "sampling": f"insert_lesions{suffix}"},
+    }[generator]
+
+
+def benchmark_generators():
+    """generator -> its jobs and volume count, for the generators the compared arms draw from
+    (the first arm's sample set where arms of one generator differ)."""
+    found = {}
+    for a in BENCH_ARMS:
+        if SEG_DESIGN["cases"][a]["synthetic"]:
+            gen, sample_set = SEG_DESIGN["generators"][a], SEG_DESIGN["sample_sets"][a]
+            found.setdefault(gen, {**generator_jobs(gen, sample_set), "n": len(sample_set_ids(sample_set))})
+    return found
+
+
+def benchmark_targets():
+    if not BENCH_COMPARISONS:
+        return []
+    return [f"{R}/benchmark/generators.{ext}" for ext in ("csv", "png")]
