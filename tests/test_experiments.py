@@ -400,9 +400,12 @@ def test_generator_benchmark_config_adds_its_arms_and_table(tmp_path):
     jobs = planned_jobs(out)
     assert jobs["train_segmentation"] == 20 and jobs["generator_benchmark"] == 1
     assert jobs["synthesize_gmm"] == 1 and jobs["insert_lesions"] == 1
+    assert jobs["generator_image_fid"] == 4  # gmm and lesion_insertion images on the tissue and tumour encoders
     block = next(b for b in out.split("\n\n") if "rule generator_benchmark:" in b)
     for task, arm in (("tissue3", "R_id"), ("tissue3", "S_id_li"), ("tumour", "H_les_gmm")):
         assert f"segmentation/{task}/{arm}/scores.tsv" in block
+    for fid in ("synthesis/quality/image_fid_tissue3.tsv", "benchmark/quality/image_fid_tumour_lesion_insertion.tsv"):
+        assert fid in block
     cfg["generator_benchmark"]["comparisons"][0]["test_set"] = "wmh"
     code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
     assert code != 0 and "generator_benchmark.comparisons[0].test_set" in out and "Traceback" not in out, out[-2000:]

@@ -49,6 +49,16 @@ def test_table_by_hand():
     assert math.isnan(table.loc["R", "p_vs_reference"])
     assert table.loc["R", "generator"] == "real" and math.isnan(table.loc["R", "training_s"])
     assert table.loc["Sg", "training_s"] == 10.0 and table.loc["Sg", "n_test"] == 6
+    assert math.isnan(table.loc["Sg", "image_fid"])  # not measured: no FID table given
+
+
+def test_image_quality_joins_per_task_and_generator():
+    fid = {("t", "gmm"): pd.DataFrame([
+        {"set": "held_out_real (id)", "fid": 0.1, "precision": 0.9, "recall": 0.8},
+        {"set": "synthetic", "fid": 2.5, "precision": 0.3, "recall": 0.2}])}
+    table = gb.benchmark_table(SCORES, COMPARISONS, ARMS, {}, fid).set_index("arm")
+    assert table.loc["Sg", ["image_fid", "image_precision", "image_recall"]].tolist() == [2.5, 0.3, 0.2]
+    assert table.loc["R", ["image_fid", "image_precision", "image_recall"]].tolist() == [0.1, 0.9, 0.8]
 
 
 def _bench(path, s, rss):

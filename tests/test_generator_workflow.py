@@ -182,6 +182,8 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert bench.loc["Sg", "training_s"] == pytest.approx(timed["train_label_vae"] + timed["train_label_ldm"])
     assert bench.loc["Sg", "sampling_s_per_volume"] == pytest.approx(timed["synthesize_gmm"] / n)
     assert bench.loc["Sg", "peak_rss_mb"] > 0
+    fid = pd.read_csv(res / "benchmark" / "quality" / "image_fid_tissue3_gmm.tsv", sep="\t").set_index("set")
+    assert bench.loc["Sg", "image_fid"] == pytest.approx(fid.loc["synthetic", "fid"]) and fid.loc["synthetic", "fid"] > 0
     assert (res / "benchmark" / "generators.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

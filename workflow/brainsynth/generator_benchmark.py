@@ -5,9 +5,11 @@ synthetic cases from the generators under test (their recipes' ``generator``). P
 table gives the per-subject mean Dice over the task's classes (mean (std) over the test
 subjects), the per-class means, the difference to the reference arm and the two-sided
 Wilcoxon signed-rank p-value against it (paired by subject: every arm of a task is scored on
-the same test subjects); per generator its compute, read from the Snakemake benchmark files
-of its jobs: training wall time (its own training and the training of what it draws from),
-sampling wall time per volume and the peak resident memory of those jobs.
+the same test subjects); per generator the image FID and k-NN precision / recall of its images
+on the task's real-data nnU-Net encoder (as the synthesis audit's image FID) and its compute,
+read from the Snakemake benchmark files of its jobs: training wall time (its own training and
+the training of what it draws from), sampling wall time per volume and the peak resident
+memory of those jobs.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from .tables import _to_latex, _to_markdown, _write_text, compare
 REAL = "real"
 FOOTNOTE = ("Dice: per-subject mean over the task's classes, mean (std) over the test subjects; "
             "delta: against the reference arm; p: two-sided Wilcoxon signed-rank test paired by subject; "
+            "image FID, k-NN precision / recall: the generator's main-set images against the reference arm's "
+            "real training images on the features of the task's real-data nnU-Net encoder (real rows: the "
+            "held-out real images, the baseline); "
             "compute from Snakemake benchmark files (training: wall time of the generator's training jobs "
             "and of those it draws from; sampling: wall time of its sampling job per volume; peak memory: "
             "largest max_rss of those jobs); n/a: not recorded.")
@@ -64,12 +69,34 @@ def _subject_dice(scores, arm, test_set):
     return rows.groupby("subject")["value"].mean(), rows.groupby("class", sort=False)["value"].mean()
 
 
-def benchmark_table(scores, comparisons, arms, compute):
+QUALITY = ("image_fid", "image_precision", "image_recall")
+
+
+def _quality(fid, task, generator):
+    """FID / precision / recall of a generator's images on the task's real-data encoder; for the
+    real reference arm, the held-out real images' (the baseline); NaN where not measured."""
+    nan = dict.fromkeys(QUALITY, math.nan)
+    if generator == REAL:
+        tables = [t for (tk, _), t in fid.items() if tk == task]
+        rows = tables[0][tables[0]["set"].str.startswith("held_out_real")] if tables else []
+    else:
+        table = fid.get((task, generator))
+        rows = table[table["set"] == "synthetic"] if table is not None else []
+    if len(rows) == 0:
+        return nan
+    row = rows.iloc[0]
+    return {"image_fid": float(row["fid"]), "image_precision": float(row["precision"]),
+            "image_recall": float(row["recall"])}
+
+
+def benchmark_table(scores, comparisons, arms, compute, fid=None):
     """One row per (comparison, arm): the reference arm first, then the compared arms.
 
     ``scores``: long scores of every arm named (columns arm, test_set, subject, class, metric,
     value); ``arms``: arm -> {"generator", "n_real", "n_synthetic"}; ``compute``: generator ->
-    :func:`generator_compute`."""
+    :func:`generator_compute`; ``fid``: (task, generator) -> the image FID table of that
+    generator's main-set images (rows held_out_real ..., synthetic)."""
+    fid = fid or {}
     rows = []
     for comp in comparisons:
         ref, _ = _subject_dice(scores, comp["reference"], comp["test_set"])
@@ -85,6 +112,7 @@ def benchmark_table(scores, comparisons, arms, compute):
                    "p_vs_reference": (math.nan if arm == comp["reference"]
                                       else compare(per_subject, ref, test="wilcoxon")),
                    **{f"dice_{c}": float(v) for c, v in per_class.items()}}
+            row.update(_quality(fid, comp["task"], generator))
             row.update(compute.get(generator, dict.fromkeys(("training_s", "sampling_s_per_volume",
                                                               "peak_rss_mb"), math.nan)))
             rows.append(row)
@@ -102,6 +130,9 @@ def _display(table):
         "Dice": [f"{m:.3f} ({s:.3f})" for m, s in zip(table["dice_mean"], table["dice_std"])],
         "delta": [fmt(d) if g != REAL else "" for d, g in zip(table["delta_vs_reference"], table["generator"])],
         "p": [fmt(p, 4) if g != REAL else "" for p, g in zip(table["p_vs_reference"], table["generator"])],
+        "image FID": [fmt(v, 3) for v in table["image_fid"]],
+        "precision / recall": [f"{fmt(p, 2)} / {fmt(r, 2)}" for p, r in zip(table["image_precision"],
+                                                                          table["image_recall"])],
         "training (s)": [fmt(v, 0) if g != REAL else "" for v, g in zip(table["training_s"], table["generator"])],
         "sampling (s/volume)": [fmt(v, 2) if g != REAL else ""
                                 for v, g in zip(table["sampling_s_per_volume"], table["generator"])],
@@ -137,12 +168,12 @@ def benchmark_figure(scores, comparisons, arms, path):
     return save_figure(fig, path, dpi=120)
 
 
-def write_benchmark(scores, comparisons, arms, compute, paths):
+def write_benchmark(scores, comparisons, arms, compute, paths, fid=None):
     """The table as csv / md / tex and the figure (``paths``: csv, md, tex, figure)."""
     if not comparisons:
         raise InputError("no comparison to benchmark", field="generator_benchmark.comparisons",
                          fix="list {task, test_set, reference, arms} entries")
-    table = benchmark_table(scores, comparisons, arms, compute)
+    table = benchmark_table(scores, comparisons, arms, compute, fid)
     with atomic_path(paths["csv"]) as tmp:
         table.to_csv(tmp, index=False)
     shown = _display(table)

@@ -10,6 +10,7 @@ rule generator_benchmark:
                 (c["task"], a) for c in BENCH_COMPARISONS for a in [c["reference"], *c["arms"]]
             )
         ],
+        fid=list(benchmark_fid_files().values()),
     output:
         csv=report(
             f"{R}/benchmark/generators.csv",
@@ -35,6 +36,7 @@ rule generator_benchmark:
         },
         generators=benchmark_generators(),
         benchmarks=BENCH,
+        fid=benchmark_fid_files(),
     conda:
         "../../envs/segmentation.yaml"
     log:
@@ -45,3 +47,48 @@ rule generator_benchmark:
         runtime=10,
     script:
         "../scripts/generator_benchmark.py"
+
+
+rule generator_image_fid:
+    """FID and k-NN precision / recall of another generator's images on the features of the task's
+    real-data nnU-Net encoder, beside the held-out real images' (as synthetic_image_fid)."""
+    input:
+        model=lambda wc: f"{SEG}/{wc.task}/{consistency_arm(wc.task)}/model.json",
+        samples=lambda wc: [
+            f
+            for spec in image_audit_cases(wc.task, wc.generator)["synthetic"].values()
+            for f in spec["images"].values()
+        ],
+        splits=lambda wc: split_tables(
+            [s for name in ("training_real", "held_out_real") for s in image_audit_cases(wc.task)[name]]
+        ),
+    output:
+        f"{R}/benchmark/quality/image_fid_{{task}}_{{generator}}.tsv",
+    params:
+        arm=lambda wc: consistency_arm(wc.task),
+        real_test_set=lambda wc: consistency_test_set(wc.task),
+        sets=lambda wc: {
+            name: {case: spec["images"] for case, spec in cases.items()}
+            for name, cases in image_audit_cases(wc.task, wc.generator).items()
+        },
+        preprocessed=lambda wc: [
+            f
+            for name in ("training_real", "held_out_real")
+            for spec in image_audit_cases(wc.task)[name].values()
+            for f in spec["images"].values()
+        ],
+        k=3,
+        device=NNCFG.get("device", "auto"),
+    wildcard_constraints:
+        task=one_of(SEG_TASKS),
+        generator=one_of([g for g in seg_design.GENERATORS if g != "brainspade"]),
+    conda:
+        "../../envs/segmentation.yaml"
+    log:
+        f"{LOGS}/benchmark/image_fid_{{task}}_{{generator}}.log",
+    threads: NNCFG.get("threads", 2)
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/synthetic_image_fid.py"

@@ -588,13 +588,13 @@ def consistency_arm(task):
     return None
 
 
-def image_audit_cases(task):
+def image_audit_cases(task, generator="brainspade"):
     """What the image audit of ``task`` reads, per set: the consistency arm's real training
     subjects, its real test set (consistency_test_set) and the main sample set's synthetic
-    subjects, each ``{case: {"label": path, "images": {channel: path}}}`` with the images the
-    task feeds its channels."""
+    subjects of ``generator``, each ``{case: {"label": path, "images": {channel: path}}}`` with
+    the images the task feeds its channels."""
     channels = SEG_DESIGN["task_inputs"][task][0]
-    synth = sample_set_folder()
+    synth = generator_folder(None, generator)
 
     def real(s):
         return {
@@ -884,6 +884,28 @@ def benchmark_generators():
             gen, sample_set = SEG_DESIGN["generators"][a], SEG_DESIGN["sample_sets"][a]
             found.setdefault(gen, {**generator_jobs(gen, sample_set), "n": len(sample_set_ids(sample_set))})
     return found
+
+
+def generator_image_fid(task, generator):
+    """The image FID table of one generator's main-set samples on ``task``'s real-data encoder
+    (brainSPADE's is the synthesis audit's own); None without a real-data model."""
+    if not consistency_arm(task):
+        return None
+    if generator == "brainspade":
+        return f"{SYN}/quality/image_fid_{task}.tsv"
+    return f"{R}/benchmark/quality/image_fid_{task}_{generator}.tsv"
+
+
+def benchmark_fid_files():
+    """(task, generator) -> image FID table, for every generator a comparison's arms draw from."""
+    pairs = {
+        (c["task"], SEG_DESIGN["generators"][a])
+        for c in BENCH_COMPARISONS
+        for a in c["arms"]
+        if SEG_DESIGN["cases"][a]["synthetic"]
+    }
+    found = {f"{t}/{g}": generator_image_fid(t, g) for t, g in sorted(pairs)}
+    return {k: v for k, v in found.items() if v}
 
 
 def benchmark_targets():

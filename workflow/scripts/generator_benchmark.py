@@ -10,8 +10,9 @@ def main(sm):
     scores = pd.concat([pd.read_csv(p, sep="\t", dtype={"subject": str}) for p in sm.input.scores])
     compute = {g: gen_bench.generator_compute(j["training"], j["sampling"], j["n"], sm.params.benchmarks)
                for g, j in sm.params.generators.items()}
+    fid = {tuple(key.split("/")): pd.read_csv(path, sep="\t") for key, path in sm.params.fid.items()}
     gen_bench.write_benchmark(scores, list(sm.params.comparisons), dict(sm.params.arms), compute,
-                              {k: sm.output[k] for k in ("csv", "md", "tex", "figure")})
+                              {k: sm.output[k] for k in ("csv", "md", "tex", "figure")}, fid=fid)
 
 
 run_main(main, snakemake)  # noqa: F821
