@@ -24,6 +24,7 @@ include: "workflow/rules/preprocessing.smk"
 include: "workflow/rules/generators.smk"
 include: "workflow/rules/generator_gmm.smk"
 include: "workflow/rules/generator_lesion_insertion.smk"
+include: "workflow/rules/generator_spade_diffusion.smk"
 include: "workflow/rules/segmentation.smk"
 include: "workflow/rules/benchmark.smk"
 

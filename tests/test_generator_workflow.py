@@ -218,16 +218,19 @@ def test_arms_draw_from_the_generator_their_recipe_names(tmp_path):
     import re
 
     cfg = copy.deepcopy(TINY_GEN)
-    cfg["segmentation"] = {"tasks": ["tumour"], "arms": ["S", "Sg", "Sgu", "Sl"], "task_definitions": {"tumour": {}},
+    cfg["segmentation"] = {"tasks": ["tumour"], "arms": ["S", "Sg", "Sgu", "Sl", "Sd"],
+                           "task_definitions": {"tumour": {}},
                            "recipes": {"Sg": {"synthetic": 1.0, "generator": "gmm"},
                                        "Sgu": {"synthetic": 1.0, "sample_set": "u", "generator": "gmm"},
-                                       "Sl": {"synthetic": 1.0, "generator": "lesion_insertion"}}}
+                                       "Sl": {"synthetic": 1.0, "generator": "lesion_insertion"},
+                                       "Sd": {"synthetic": 1.0, "generator": "spade_diffusion"}}}
     cfg["synthesis"]["sample_sets"] = {"u": {"conditioning": "unseen", "n_samples": 2}}
     code, out = run_snakemake(tmp_path, "-n", "--printshellcmds", config=cfg)
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
     assert jobs.get("synthesize_gmm") == 1 and jobs.get("synthesize_gmm_u") == 1, jobs
     assert jobs.get("insert_lesions") == 1 and "insert_lesions_u" not in jobs, jobs
+    assert jobs.get("train_spade_diffusion") == 1 and jobs.get("sample_spade_diffusion") == 1, jobs
     blocks = {re.search(r"wildcards: (.*)", b).group(1): b
               for b in re.split(r"\n(?=rule |localrule )", out) if b.startswith("rule assemble_nnunet_dataset")}
     assert "synthesis/gmm/samples/synth0003/flair.nii.gz" in blocks["task=tumour, arm=Sg"]
@@ -236,10 +239,12 @@ def test_arms_draw_from_the_generator_their_recipe_names(tmp_path):
     assert "gmm/" not in blocks["task=tumour, arm=S"]
     assert "synthesis/lesion_insertion/samples/synth0003/t1.nii.gz" in blocks["task=tumour, arm=Sl"]
     assert "synthesis/lesion_insertion/samples/synth0003/label.nii.gz" in blocks["task=tumour, arm=Sl"]
+    assert "synthesis/spade_diffusion/samples/synth0001/flair.nii.gz" in blocks["task=tumour, arm=Sd"]
     design = tmp_path / "results" / EXP / "segmentation" / "design.tsv"
     run_snakemake(tmp_path, str(design.relative_to(tmp_path)), config=cfg, check=True)
     table = pd.read_csv(design, sep="\t", keep_default_na=False).set_index("arm")
-    assert table["generator"].to_dict() == {"S": "brainspade", "Sg": "gmm", "Sgu": "gmm", "Sl": "lesion_insertion"}
+    assert table["generator"].to_dict() == {"S": "brainspade", "Sg": "gmm", "Sgu": "gmm", "Sl": "lesion_insertion",
+                                            "Sd": "spade_diffusion"}
 
     explicit = copy.deepcopy(cfg)
     explicit["synthesis"].update(conditioning="explicit", conditioning_values=[[0.2, 0.0]])
@@ -251,7 +256,7 @@ def test_arms_draw_from_the_generator_their_recipe_names(tmp_path):
     assert code != 0 and "segmentation.recipes.Sg" in out and "Traceback" not in out, out[-3000:]
     # without such arms their rules stay out of the DAG
     code, out = run_snakemake(tmp_path, "-n", config=TINY_GEN)
-    assert code == 0 and "synthesize_gmm" not in out and "insert_lesions" not in out
+    assert code == 0 and not {"synthesize_gmm", "insert_lesions", "train_spade_diffusion"} & set(planned_jobs(out))
 
 
 def test_drop_flagged_samples_unit(tmp_path):

@@ -36,7 +36,8 @@ channels for this arm's training cases (R_fOD learns the tissue task from FLAIR)
 conditioning, e.g. the unseen WMH + tumour phenotype); ``generator`` (default ``brainspade``)
 names the generator the synthetic cases come from: ``gmm`` takes the same label maps imaged
 with domain-randomised Gaussian intensities per class (SynthSeg's generative model);
-``lesion_insertion`` real healthy training subjects with lesions grown in.
+``lesion_insertion`` real healthy training subjects with lesions grown in; ``spade_diffusion``
+the label maps imaged by a SPADE-normalised diffusion model.
 
 Tasks
 -----
@@ -69,8 +70,9 @@ POOLS = ("real", "synthetic")
 RECIPE_KEYS = ("relative_to", "n_real", "real_pool", "modalities", "sample_set", "style_set", "generator")
 # where an arm's synthetic cases come from: brainspade = the label generator's maps imaged by the
 # SPADE image generator; gmm = the same maps imaged with domain-randomised Gaussian intensities;
-# lesion_insertion = real healthy training subjects with lesions grown in
-GENERATORS = ("brainspade", "gmm", "lesion_insertion")
+# lesion_insertion = real healthy training subjects with lesions grown in; spade_diffusion = the
+# label generator's maps imaged by a SPADE-normalised diffusion model
+GENERATORS = ("brainspade", "gmm", "lesion_insertion", "spade_diffusion")
 SELECTOR_KEYS = {"roles": "role", "sites": "site", "phenotypes": "phenotype"}
 RELATIVE_TO = ("pool", "real")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")

@@ -700,13 +700,13 @@ SAMPLE_QC = f"{SYN}/quality/sample_qc.tsv"
 def drops_flagged_samples(arm):
     """synthesis.qc.drop_flagged and the arm trains on synthetic cases of the main set (the QC
     table flags those; a synthesis.sample_sets entry has its own ids and no QC table yet) with
-    the label generator's maps (brainspade, gmm: lesion insertion makes maps of its own)."""
+    the label generator's maps (every generator but lesion insertion, which makes its own)."""
     qc = SYNCFG.get("qc") or {}
     return (
         bool(qc.get("drop_flagged"))
         and bool(SEG_DESIGN["cases"][arm]["synthetic"])
         and SEG_DESIGN["sample_sets"][arm] is None
-        and SEG_DESIGN["generators"][arm] in ("brainspade", "gmm")
+        and SEG_DESIGN["generators"][arm] != "lesion_insertion"
     )
 
 
@@ -872,6 +872,10 @@ def generator_jobs(generator, sample_set):
         },
         "gmm": {"training": label, "sampling": f"synthesize_gmm{suffix}"},
         "lesion_insertion": {"training": [], "sampling": f"insert_lesions{suffix}"},
+        "spade_diffusion": {
+            "training": [*label, "train_spade_diffusion"],
+            "sampling": f"sample_spade_diffusion{suffix}",
+        },
     }[generator]
 
 
