@@ -1,7 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   install, then run the study's four experiments (E1-E4) on the embedded demo cohort
 #   make test   install, then run the test suite (what .ci/run calls)
-# and make benchmark: the generator benchmark (brainspade, gmm, lesion_insertion) over make demo's run
+# and make benchmark: the generator benchmark (four generators) over make demo's run
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -33,8 +33,8 @@ demo: install
 	$(SNAKEMAKE) --report results/brainspade-demo/report.html $(EXPERIMENTS)
 	@echo "demo finished: tables in results/brainspade-demo/tables/<experiment>/, figures in results/brainspade-demo/figures/<experiment>/, report results/brainspade-demo/report.html"
 
-# The generator benchmark over the four experiments' run: brainspade, gmm and lesion_insertion
-# arms against the real ones (after make demo only the new arms run)
+# The generator benchmark over the four experiments' run: brainspade, gmm, lesion_insertion and
+# spade_diffusion arms against the real ones (after make demo only the new arms run)
 BENCHMARK := $(EXPERIMENTS) config/experiments/generator_benchmark_demo.yaml
 benchmark: install
 	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete $(BENCHMARK)

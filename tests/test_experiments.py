@@ -398,9 +398,9 @@ def test_generator_benchmark_config_adds_its_arms_and_table(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
-    assert jobs["train_segmentation"] == 20 and jobs["generator_benchmark"] == 1
-    assert jobs["synthesize_gmm"] == 1 and jobs["insert_lesions"] == 1
-    assert jobs["generator_image_fid"] == 4  # gmm and lesion_insertion images on the tissue and tumour encoders
+    assert jobs["train_segmentation"] == 23 and jobs["generator_benchmark"] == 1
+    assert jobs["synthesize_gmm"] == jobs["insert_lesions"] == jobs["train_spade_diffusion"] == 1
+    assert jobs["generator_image_fid"] == 6  # three generators' images on the tissue and tumour encoders
     block = next(b for b in out.split("\n\n") if "rule generator_benchmark:" in b)
     for task, arm in (("tissue3", "R_id"), ("tissue3", "S_id_li"), ("tumour", "H_les_gmm")):
         assert f"segmentation/{task}/{arm}/scores.tsv" in block
