@@ -11,16 +11,16 @@ from brainsynth import generator_benchmark as gb
 from brainsynth.errors import InputError
 
 
-def _scores(values):
+def _scores(values, task="t"):
     """values: arm -> {subject: (dice class a, dice class b)} on test set 'id'."""
     rows = []
     for arm, per_subject in values.items():
         for subject, dices in per_subject.items():
             for cls, v in zip(("a", "b"), dices):
-                rows.append({"arm": arm, "test_set": "id", "subject": subject, "class": cls, "metric": "dice",
-                             "value": v})
-                rows.append({"arm": arm, "test_set": "id", "subject": subject, "class": cls, "metric": "hd95",
-                             "value": 9.0})
+                rows.append({"task": task, "arm": arm, "test_set": "id", "subject": subject, "class": cls,
+                             "metric": "dice", "value": v})
+                rows.append({"task": task, "arm": arm, "test_set": "id", "subject": subject, "class": cls,
+                             "metric": "hd95", "value": 9.0})
     return pd.DataFrame(rows)
 
 
@@ -59,6 +59,13 @@ def test_image_quality_joins_per_task_and_generator():
     table = gb.benchmark_table(SCORES, COMPARISONS, ARMS, {}, fid).set_index("arm")
     assert table.loc["Sg", ["image_fid", "image_precision", "image_recall"]].tolist() == [2.5, 0.3, 0.2]
     assert table.loc["R", ["image_fid", "image_precision", "image_recall"]].tolist() == [0.1, 0.9, 0.8]
+
+
+def test_an_arm_of_the_same_name_in_another_task_is_not_mixed_in():
+    other = _scores({"R": {"s1": (0.1, 0.1), "s2": (0.1, 0.1)}, "Sg": {"s1": (0.0, 0.0)}}, task="u")
+    table = gb.benchmark_table(pd.concat([SCORES, other]), COMPARISONS, ARMS, {}).set_index("arm")
+    assert table.loc["R", "dice_mean"] == pytest.approx(4.25 / 6) and table.loc["Sg", "n_test"] == 6
+    assert list(table["reference"]) == [True, False]
 
 
 def _bench(path, s, rss):

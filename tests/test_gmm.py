@@ -55,6 +55,8 @@ def test_bias_field_and_noise_change_a_constant_class():
     assert inner.std() > 0.01
     # smooth: neighbours differ far less than the field varies
     assert np.abs(np.diff(inner, axis=0)).mean() < 0.2 * inner.std()
+    other = gmm_image(label, {**base, "bias_coeff": 0.3, "bias_seed": 5}, GMMParameters(), np.random.default_rng(0))
+    assert not np.allclose(other, biased)  # the field's shape follows its seed
     noisy = gmm_image(label, {**base, "noise_std": 0.05}, GMMParameters(), np.random.default_rng(0))
     assert np.abs(np.diff(noisy[4:20, 4:20, 4:20], axis=0)).mean() > 0.01
 

@@ -79,21 +79,35 @@ def test_lesion_contrasts_follow_the_modality_and_leave_the_rest():
     far &= np.asarray(li.gaussian_filter((inserted > 0).astype(np.float32), 0.7) == 0)
     assert np.array_equal(out["t1"][far], imgs["t1"][far])
     assert not out["t1"][label == 0].any() and out["flair"].max() <= 1
+    # a soft border: brain voxels just outside the oedema move towards its (FLAIR-bright) intensity
+    from scipy.ndimage import binary_dilation
+
+    ring = binary_dilation(lesions == 8) & (inserted == 0) & (label == 3)
+    assert ring.any() and (out["flair"][ring] - imgs["flair"][ring]).mean() > 0.02
 
 
 def test_volumes_per_conditioning_mode():
     import pandas as pd
 
     volumes = pd.DataFrame([{"subject": "a", "wmh": 50, "necrotic": 0, "oedema": 0, "enhancing": 0},
-                            {"subject": "b", "wmh": 0, "necrotic": 20, "oedema": 100, "enhancing": 30}])
+                            {"subject": "b", "wmh": 0, "necrotic": 20, "oedema": 100, "enhancing": 30},
+                            {"subject": "c", "wmh": 0, "necrotic": 0, "oedema": 0, "enhancing": 0}])
     unseen = li.draw_volumes("unseen", 5, volumes, LESION_TYPES, 0)
     assert all(v["wmh"] == 50 and v["oedema"] == 100 for v in unseen)
     assert all(sum(v.values()) == 0 for v in li.draw_volumes("healthy", 3, volumes, LESION_TYPES, 0))
     random = li.draw_volumes("random", 20, volumes, LESION_TYPES, 0)
-    assert all((v["wmh"] > 0) != (v["oedema"] > 0) for v in random)  # one training phenotype each
+    # one training subject's phenotype each, the healthy one's included (brainSPADE's random too)
+    assert all(not (v["wmh"] > 0 and v["oedema"] > 0) for v in random)
+    assert {sum(v.values()) > 0 for v in random} == {True, False}
     assert random == li.draw_volumes("random", 20, volumes, LESION_TYPES, 0)
     with pytest.raises(InputError, match="synthesis.conditioning"):
         li.draw_volumes("explicit", 2, volumes, LESION_TYPES, 0)
+    with pytest.raises(InputError, match="no training subject has a lesion"):
+        li.draw_volumes("random", 2, volumes.iloc[2:], LESION_TYPES, 0)
+    with pytest.raises(InputError, match="lesion_insertion.contrasts.flair"):
+        li.check_contrasts({"flair": {"oedma": 1.5}}, ["t1", "flair"], ["wmh", "oedema"])
+    with pytest.raises(InputError, match="lesion_insertion.contrasts.pd"):
+        li.check_contrasts({"pd": {"wmh": 1.5}}, ["t1", "flair"], ["wmh", "oedema"])
 
 
 def test_insert_lesions_uses_healthy_hosts_and_repeats_per_seed(tmp_path):

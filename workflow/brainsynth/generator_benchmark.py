@@ -28,9 +28,11 @@ FOOTNOTE = ("Dice: per-subject mean over the task's classes, mean (std) over the
             "delta: against the reference arm; p: two-sided Wilcoxon signed-rank test paired by subject; "
             "image FID, k-NN precision / recall: the generator's main-set images against the reference arm's "
             "real training images on the features of the task's real-data nnU-Net encoder (real rows: the "
-            "held-out real images, the baseline); "
+            "held-out real images, the baseline; lesion_insertion's images are real training subjects with "
+            "lesions, so they sit near that reference by construction); "
             "compute from Snakemake benchmark files (training: wall time of the generator's training jobs "
-            "and of those it draws from; sampling: wall time of its sampling job per volume; peak memory: "
+            "and of those it draws from; sampling: wall time of its sampling job per volume, for gmm and "
+            "spade_diffusion without the label maps they image, drawn by brainspade's sampling job; peak memory: "
             "largest max_rss of those jobs); n/a: not recorded.")
 
 
@@ -61,8 +63,9 @@ def generator_compute(training, sampling, n_volumes, bench_dir):
     }
 
 
-def _subject_dice(scores, arm, test_set):
-    rows = scores[(scores["arm"] == arm) & (scores["test_set"] == test_set) & (scores["metric"] == "dice")]
+def _subject_dice(scores, task, arm, test_set):
+    rows = scores[(scores["task"] == task) & (scores["arm"] == arm) & (scores["test_set"] == test_set)
+                  & (scores["metric"] == "dice")]
     if rows.empty:
         raise InputError(f"no Dice of arm {arm!r} on test set {test_set!r} in the scores",
                          field="generator_benchmark.comparisons", fix="name arms and test sets of the task")
@@ -99,12 +102,13 @@ def benchmark_table(scores, comparisons, arms, compute, fid=None):
     fid = fid or {}
     rows = []
     for comp in comparisons:
-        ref, _ = _subject_dice(scores, comp["reference"], comp["test_set"])
+        ref, _ = _subject_dice(scores, comp["task"], comp["reference"], comp["test_set"])
         for arm in [comp["reference"], *comp["arms"]]:
-            per_subject, per_class = _subject_dice(scores, arm, comp["test_set"])
+            per_subject, per_class = _subject_dice(scores, comp["task"], arm, comp["test_set"])
             info = arms[arm]
             generator = info["generator"] if info["n_synthetic"] else REAL
-            row = {"task": comp["task"], "test_set": comp["test_set"], "arm": arm, "generator": generator,
+            row = {"task": comp["task"], "test_set": comp["test_set"], "arm": arm,
+                   "reference": arm == comp["reference"], "generator": generator,
                    "n_real": info["n_real"], "n_synthetic": info["n_synthetic"], "n_test": int(per_subject.size),
                    "dice_mean": float(per_subject.mean()),
                    "dice_std": float(per_subject.std(ddof=1)) if per_subject.size > 1 else 0.0,
@@ -128,8 +132,8 @@ def _display(table):
         "generator": table["generator"],
         "real + synthetic": table["n_real"].astype(str) + " + " + table["n_synthetic"].astype(str),
         "Dice": [f"{m:.3f} ({s:.3f})" for m, s in zip(table["dice_mean"], table["dice_std"])],
-        "delta": [fmt(d) if g != REAL else "" for d, g in zip(table["delta_vs_reference"], table["generator"])],
-        "p": [fmt(p, 4) if g != REAL else "" for p, g in zip(table["p_vs_reference"], table["generator"])],
+        "delta": ["" if r else fmt(d) for d, r in zip(table["delta_vs_reference"], table["reference"])],
+        "p": ["" if r else fmt(p, 4) for p, r in zip(table["p_vs_reference"], table["reference"])],
         "image FID": [fmt(v, 3) for v in table["image_fid"]],
         "precision / recall": [f"{fmt(p, 2)} / {fmt(r, 2)}" for p, r in zip(table["image_precision"],
                                                                           table["image_recall"])],
@@ -154,7 +158,7 @@ def benchmark_figure(scores, comparisons, arms, path):
     fig, axes = plt.subplots(1, len(comparisons), figsize=(3.2 * len(comparisons) + 1, 3.4), squeeze=False)
     for ax, comp in zip(axes[0], comparisons):
         names = [comp["reference"], *comp["arms"]]
-        data = [_subject_dice(scores, a, comp["test_set"])[0].to_numpy() for a in names]
+        data = [_subject_dice(scores, comp["task"], a, comp["test_set"])[0].to_numpy() for a in names]
         box = ax.boxplot(data, patch_artist=True, widths=0.6)
         for patch, a in zip(box["boxes"], names):
             patch.set_facecolor(colours[arms[a]["generator"] if arms[a]["n_synthetic"] else REAL])

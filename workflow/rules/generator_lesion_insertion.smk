@@ -1,13 +1,19 @@
 # Generator lesion_insertion: tumours and WMH grown into the real healthy subjects of the
 # generators' training pool, intensities from each subject's own tissue statistics (no
 # training). An arm draws from it with segmentation.recipes.<arm>.generator: lesion_insertion;
-# nothing here runs otherwise. Lesion volumes follow the training subjects with lesions, per
+# nothing here runs otherwise. Lesion volumes follow the training subjects, per
 # the conditioning of the sample set (random, unseen or healthy).
+from brainsynth.generators.lesion_insertion import check_contrasts as lesion_insertion_check_contrasts
+
 LICFG = config.get("lesion_insertion") or {}
 
 # Lesion volumes are drawn per conditioning mode; explicit dc values have no volume meaning here.
-for _arm in (a for a in SEG_ARMS if SEG_DESIGN["generators"][a] == "lesion_insertion"):
-    _set = SEG_DESIGN["sample_sets"][_arm]
+# The arms' sample sets are checked, and the main set when the benchmark audits its images.
+_LESION_ARMS = [a for a in SEG_ARMS if SEG_DESIGN["generators"][a] == "lesion_insertion"]
+_LESION_SETS = {SEG_DESIGN["sample_sets"][a]: a for a in _LESION_ARMS}
+if any(a in BENCH_ARMS for a in _LESION_ARMS):
+    _LESION_SETS.setdefault(None, next(a for a in _LESION_ARMS if a in BENCH_ARMS))
+for _set, _arm in _LESION_SETS.items():
     _mode = ((SYNCFG.get("sample_sets") or {}).get(_set) or {}).get(
         "conditioning", SYNCFG.get("conditioning")
     )
@@ -18,6 +24,16 @@ for _arm in (a for a in SEG_ARMS if SEG_DESIGN["generators"][a] == "lesion_inser
             f"(fix: set the conditioning of {'synthesis' if _set is None else f'synthesis.sample_sets.{_set}'} "
             "to one of those, or use another generator)"
         )
+
+if _LESION_ARMS:
+    try:
+        lesion_insertion_check_contrasts(
+            LICFG.get("contrasts"),
+            MODALITIES,
+            [c for t in config["labels"]["lesion_types"].values() for c in t],
+        )
+    except InputError as exc:
+        raise WorkflowError(f"Invalid input: {exc}") from None
 
 
 for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:

@@ -16,7 +16,8 @@ rule train_spade_diffusion:
         losses=f"{GEN}/spade_diffusion/spade_diffusion_losses.tsv",
         curve=report(f"{GEN}/spade_diffusion/spade_diffusion_losses.png", category="Generators"),
     params:
-        cfg=canonical(SDCFG),
+        # inference_steps is the sampling rule's: changing it retrains nothing
+        cfg=canonical({k: v for k, v in SDCFG.items() if k != "inference_steps"}),
         tissue=tissue_maps(generator_training_subjects()),
         images={m: [grid_file(s, m) for s in generator_training_subjects()] for m in MODALITIES},
         preprocessed=tissue_maps(generator_training_subjects()) + style_files(generator_training_subjects()),

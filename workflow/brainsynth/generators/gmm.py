@@ -100,7 +100,9 @@ def gmm_image(label, drawn, params, rng):
         voxels = label == c
         image[voxels] = mean + std * rng.standard_normal(int(voxels.sum()))
     if drawn["bias_coeff"] > 0:
-        field = RandBiasField(degree=params.bias_field_degree, coeff_range=(drawn["bias_coeff"],) * 2, prob=1.0)
+        # zero-mean coefficients of magnitude up to the drawn one: the field's shape differs per seed
+        c = drawn["bias_coeff"]
+        field = RandBiasField(degree=params.bias_field_degree, coeff_range=(-c, c), prob=1.0)
         field.set_random_state(drawn["bias_seed"])
         image = np.asarray(field(image[None]), dtype=np.float32)[0]
     if drawn["blur_sigma"] > 0:

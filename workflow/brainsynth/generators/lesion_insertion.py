@@ -126,25 +126,32 @@ def lesion_intensities(image, label, lesions, classes, contrasts, rng):
     texture, blended at the border; values kept in [0, 1] like the preprocessed images."""
     wm = label == classes["wm"]
     wm_mean, wm_std = float(image[wm].mean()), float(image[wm].std())
-    target = image.copy()
+    inside = lesions > 0
+    target = np.zeros(image.shape, dtype=np.float32)
     for name, ratio in contrasts.items():
         voxels = lesions == classes[name]
         target[voxels] = ratio * wm_mean + wm_std * rng.standard_normal(int(voxels.sum()))
-    weight = np.clip(gaussian_filter((lesions > 0).astype(np.float32), 0.7) * 1.5, 0, 1)
-    weight[lesions > 0] = 1.0
-    out = image * (1 - weight) + target * weight
+    # a soft border: just outside a lesion the image moves part of the way towards the lesion's
+    # intensity there (normalised convolution of the lesion intensities), inside it is the lesion
+    mask = inside.astype(np.float32)
+    spread = gaussian_filter(mask, 0.7)
+    halo = np.divide(gaussian_filter(target * mask, 0.7), spread, out=np.zeros_like(spread), where=spread > 1e-3)
+    weight = np.clip(spread * 1.5, 0, 1)
+    weight[inside] = 1.0
+    halo[inside] = target[inside]
+    out = image * (1 - weight) + halo * weight
     out[label == 0] = image[label == 0]
     return np.clip(out, 0, 1).astype(np.float32)
 
 
 def training_volumes(label_paths, classes, lesion_types):
-    """Per training subject with a lesion: its voxel count of each lesion class."""
+    """Per training subject (healthy ones too: ``random`` keeps their share of healthy samples,
+    as brainSPADE's ``random`` conditioning does): its voxel count of each lesion class."""
     rows = []
     for subject, path in label_paths.items():
         label = np.asarray(nib.load(str(path)).dataobj)
-        counts = {c: int((label == classes[c]).sum()) for t in lesion_types.values() for c in t}
-        if sum(counts.values()):
-            rows.append({"subject": subject, **counts})
+        rows.append({"subject": subject,
+                     **{c: int((label == classes[c]).sum()) for t in lesion_types.values() for c in t}})
     return pd.DataFrame(rows)
 
 
@@ -153,11 +160,11 @@ def draw_volumes(mode, n, volumes, lesion_types, seed):
     if mode not in MODES:
         raise InputError(f"lesion insertion draws volumes for conditioning {list(MODES)}, not {mode!r}",
                          field="synthesis.conditioning", fix=f"use one of {list(MODES)} for lesion insertion arms")
-    rng = np.random.default_rng([int(seed), 11])
+    rng = np.random.default_rng([int(seed), 11, 1])  # not the stream of any sample ([seed, i])
     classes = [c for t in lesion_types.values() for c in t]
     if mode == "healthy":
         return [dict.fromkeys(classes, 0) for _ in range(n)]
-    if volumes.empty:
+    if volumes.empty or not volumes[classes].to_numpy().any():
         raise InputError("no training subject has a lesion to take volumes from", field="synthesis.training_pool",
                          fix="include subjects with lesions in the generators' training pool")
     if mode == "random":
@@ -177,14 +184,27 @@ def draw_volumes(mode, n, volumes, lesion_types, seed):
     return out
 
 
+def check_contrasts(contrasts, modalities, lesion_classes):
+    """Contrast overrides name modalities of the run and lesion classes of the schema."""
+    for m, per_class in (contrasts or {}).items():
+        if m not in modalities:
+            raise InputError(f"contrasts for {m!r}, not a modality of the run", field=f"lesion_insertion.contrasts.{m}",
+                             fix=f"use one of {list(modalities)}")
+        unknown = sorted(set(per_class or {}) - set(lesion_classes))
+        if unknown:
+            raise InputError(f"{unknown} are not lesion classes", field=f"lesion_insertion.contrasts.{m}",
+                             fix=f"use {lesion_classes}")
+
+
 def insert_lesions(*, hosts, training_labels, subjects, out_dir, modalities, classes, lesion_types,
                    conditioning="random", seed=0, contrasts=None, montage=True):
     """Samples ``subjects`` (ids) as real healthy ``hosts`` ({subject: {"label", <modality>: path}})
     with lesions inserted; volumes from ``training_labels`` ({subject: label path}). Returns the
     manifest (subject, seed, generator, host, requested and inserted voxels per lesion class)."""
     out_dir = Path(out_dir)
-    contrasts = {m: {**CONTRASTS.get(m, {}), **((contrasts or {}).get(m) or {})} for m in modalities}
     lesion_classes = [c for t in lesion_types.values() for c in t]
+    check_contrasts(contrasts, modalities, lesion_classes)
+    contrasts = {m: {**CONTRASTS.get(m, {}), **((contrasts or {}).get(m) or {})} for m in modalities}
     for m in modalities:
         missing = [c for c in lesion_classes if c not in contrasts[m]]
         if missing:

@@ -86,17 +86,19 @@ def train_spade_diffusion(label_paths, image_paths, cfg, out_dir, *, max_steps_t
     scheduler = DDPMScheduler(num_train_timesteps=int(cfg["num_train_timesteps"]))
     opt = torch.optim.Adam(net.parameters(), lr=float(cfg["lr"]))
     scaler = C.make_scaler(device, amp)
-    rng = np.random.default_rng([int(cfg["seed"]), 31])
+    # draws from numpy's global state, seeded above and saved / restored with each checkpoint, so a
+    # resumed run continues the uninterrupted run's draws
+    rng = np.random
 
     def step_fn(step):
-        pick = rng.integers(len(slices), size=int(cfg["batch_size"]))
-        mods = rng.integers(len(modalities), size=pick.size)
+        pick = rng.randint(len(slices), size=int(cfg["batch_size"]))
+        mods = rng.randint(len(modalities), size=pick.size)
         seg = np.stack([cohort.labels[slices[k][0], ..., slices[k][1]] for k in pick])
         img = np.stack([cohort.images[slices[k][0], m, ..., slices[k][1]] for k, m in zip(pick, mods)])[:, None]
         seg = C.pad_background(torch.from_numpy(seg.astype(np.float32)), padded).to(device)
         x0 = C.pad_to(torch.from_numpy(img.astype(np.float32)) * 2 - 1, padded, value=-1.0).to(device)
         noise = torch.randn_like(x0)
-        t = torch.from_numpy(rng.integers(scheduler.num_train_timesteps, size=pick.size)).long().to(device)
+        t = torch.from_numpy(rng.randint(scheduler.num_train_timesteps, size=pick.size)).long().to(device)
         with C.autocast(device, amp):
             pred = net(scheduler.add_noise(x0, noise, t), t, seg=seg,
                        class_labels=torch.from_numpy(mods).long().to(device))
@@ -107,7 +109,8 @@ def train_spade_diffusion(label_paths, image_paths, cfg, out_dir, *, max_steps_t
         scaler.update()
         return {"mse": loss.item()}
 
-    fingerprint = C.config_hash(C.training_fingerprint_config(cfg), C.files_fingerprint(
+    training_cfg = {k: v for k, v in cfg.items() if k != "inference_steps"}  # a sampling setting
+    fingerprint = C.config_hash(C.training_fingerprint_config(training_cfg), C.files_fingerprint(
         list(label_paths) + [p for ps in image_paths.values() for p in ps]))
     history, completed, _ = C.train_loop(
         name="spade_diffusion", total_steps=int(cfg["steps"]), step_fn=step_fn, modules={"net": net},
