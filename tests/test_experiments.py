@@ -262,7 +262,8 @@ def _threads_and_priority(out, rules):
 
 
 GENERATOR_JOBS = ["train_label_vae", "train_label_ldm", "sample_synthetic", "sample_synthetic_unseen",
-                  "train_image_generator", "restyle_synthetic_t1", "restyle_synthetic_flair", "plan_nnunet"]
+                  "label_generator_fidelity", "train_image_generator", "restyle_synthetic_t1",
+                  "restyle_synthetic_flair", "plan_nnunet"]
 
 
 def test_generator_jobs_threads_and_priority(planned, tmp_path):
@@ -271,7 +272,8 @@ def test_generator_jobs_threads_and_priority(planned, tmp_path):
     cfg, _, out = planned
     label = {(2, 10)}
     expected = {"train_label_vae": label, "train_label_ldm": label, "sample_synthetic": label,
-                "sample_synthetic_unseen": label, "train_image_generator": {(1, 0)},
+                "sample_synthetic_unseen": label, "label_generator_fidelity": label,
+                "train_image_generator": {(1, 0)},
                 "restyle_synthetic_t1": {(1, 0)}, "restyle_synthetic_flair": {(1, 0)}, "plan_nnunet": {(1, 0)}}
     assert _threads_and_priority(out, GENERATOR_JOBS) == expected
 

@@ -302,6 +302,8 @@ rule label_generator_fidelity:
     log:
         f"{LOGS}/synthesis/label_generator_fidelity.log",
     threads: LABEL_THREADS
+    # first in line too: the 2026-12-04 demo ran it last, alone on the machine for its 10 minutes
+    priority: GENERATOR_PRIORITY
     resources:
         mem_mb=6000,
         runtime=60,
