@@ -92,6 +92,8 @@ def test_outputs_and_an_unscored_arm(tmp_path):
     assert pd.read_csv(paths["csv"])["arm"].tolist() == ["R", "Sg"]
     md = paths["md"].read_text()
     assert "0.408 (0.074)" in md and "n/a" in md and "Wilcoxon" in md
+    row = next(line for line in md.splitlines() if line.startswith("| Sg"))
+    assert "t / id" in row and "gmm" in row and "0 + 6" in row and "nan" not in md
     with pytest.raises(InputError, match="Sx"):
         gb.benchmark_table(SCORES, [{**COMPARISONS[0], "arms": ["Sx"]}], {**ARMS, "Sx": ARMS["Sg"]}, {})
 

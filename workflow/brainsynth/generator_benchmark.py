@@ -128,9 +128,10 @@ def _display(table):
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
     out = pd.DataFrame({
-        "task / test set": table["task"] + " / " + table["test_set"],
-        "generator": table["generator"],
-        "real + synthetic": table["n_real"].astype(str) + " + " + table["n_synthetic"].astype(str),
+        # plain lists: Series would align on the table's index, not the arm index below
+        "task / test set": (table["task"] + " / " + table["test_set"]).tolist(),
+        "generator": table["generator"].tolist(),
+        "real + synthetic": (table["n_real"].astype(str) + " + " + table["n_synthetic"].astype(str)).tolist(),
         "Dice": [f"{m:.3f} ({s:.3f})" for m, s in zip(table["dice_mean"], table["dice_std"])],
         "delta": ["" if r else fmt(d) for d, r in zip(table["delta_vs_reference"], table["reference"])],
         "p": ["" if r else fmt(p, 4) for p, r in zip(table["p_vs_reference"], table["reference"])],
