@@ -59,24 +59,14 @@ rule generator_image_fid:
             for spec in image_audit_cases(wc.task, wc.generator)["synthetic"].values()
             for f in spec["images"].values()
         ],
-        splits=lambda wc: split_tables(
-            [s for name in ("training_real", "held_out_real") for s in image_audit_cases(wc.task)[name]]
-        ),
+        splits=lambda wc: image_audit_real_splits(wc.task),
     output:
         f"{R}/benchmark/quality/image_fid_{{task}}_{{generator}}.tsv",
     params:
         arm=lambda wc: consistency_arm(wc.task),
         real_test_set=lambda wc: consistency_test_set(wc.task),
-        sets=lambda wc: {
-            name: {case: spec["images"] for case, spec in cases.items()}
-            for name, cases in image_audit_cases(wc.task, wc.generator).items()
-        },
-        preprocessed=lambda wc: [
-            f
-            for name in ("training_real", "held_out_real")
-            for spec in image_audit_cases(wc.task)[name].values()
-            for f in spec["images"].values()
-        ],
+        sets=lambda wc: image_audit_sets(wc.task, wc.generator),
+        preprocessed=lambda wc: image_audit_real_files(wc.task),
         k=3,
         device=NNCFG.get("device", "auto"),
     wildcard_constraints:

@@ -615,6 +615,31 @@ def image_audit_cases(task, generator="brainspade"):
     }
 
 
+def image_audit_real_splits(task):
+    """The split tables of the real subjects an image audit of ``task`` reads."""
+    cases = image_audit_cases(task)
+    return split_tables([s for name in ("training_real", "held_out_real") for s in cases[name]])
+
+
+def image_audit_real_files(task):
+    """The real images an image audit of ``task`` reads (listed in params: preprocessed)."""
+    cases = image_audit_cases(task)
+    return [
+        f
+        for name in ("training_real", "held_out_real")
+        for spec in cases[name].values()
+        for f in spec["images"].values()
+    ]
+
+
+def image_audit_sets(task, generator="brainspade"):
+    """Per set of the image audit: case id -> images keyed by input channel."""
+    return {
+        name: {case: spec["images"] for case, spec in cases.items()}
+        for name, cases in image_audit_cases(task, generator).items()
+    }
+
+
 def image_audit_targets():
     """Label consistency and image FID of the synthetic images, per task with a real-data model."""
     return [

@@ -11,7 +11,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
     rule:
         """Domain-randomised images of the label maps of one sample set, every modality of the run."""
         name:
-            "synthesize_gmm" if _set is None else f"synthesize_gmm_{_set}"
+            f"synthesize_gmm{_suffix}"
         input:
             labels=[f"{sample_set_folder(_set)}/{sid}/label.nii.gz" for sid in sample_set_ids(_set)],
         output:

@@ -42,7 +42,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
     rule:
         """Samples of one sample set: real healthy subjects with lesions inserted."""
         name:
-            "insert_lesions" if _set is None else f"insert_lesions_{_set}"
+            f"insert_lesions{_suffix}"
         input:
             splits=split_tables(generator_training_subjects()),
         output:

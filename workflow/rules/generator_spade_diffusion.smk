@@ -42,7 +42,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
     rule:
         """Images of the label maps of one sample set, every modality of the run."""
         name:
-            "sample_spade_diffusion" if _set is None else f"sample_spade_diffusion_{_set}"
+            f"sample_spade_diffusion{_suffix}"
         input:
             model=SPADE_DIFFUSION,
             labels=[f"{sample_set_folder(_set)}/{sid}/labelprob.nii.gz" for sid in sample_set_ids(_set)],

@@ -9,12 +9,12 @@ IGCFG = config["image_generator"]
 # synthetic_ids, style_subjects, sample_set_files, tissue_maps, style_table, style_files) are
 # in common.smk (generator stage helpers).
 
-# Plain paths of the trained models and samples: consumers list them next to long file
-# lists, and a `rules.<name>.output` reference there costs Snakemake a scan of those lists
-# per file when the DAG is built (quadratic in the number of subjects).
 # Wall time and peak memory of each generator job (Snakemake benchmark files), for the
 # generator benchmark's compute columns
 BENCH = f"{R}/benchmarks/generators"
+# Plain paths of the trained models and samples: consumers list them next to long file
+# lists, and a `rules.<name>.output` reference there costs Snakemake a scan of those lists
+# per file when the DAG is built (quadratic in the number of subjects).
 LABEL_VAE = f"{GEN}/label_generator/label_vae.pt"
 LABEL_LDM = f"{GEN}/label_generator/label_ldm.pt"
 IMAGE_GENERATOR = f"{GEN}/image_generator/image_generator.pt"
@@ -131,7 +131,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
 
     rule:
         name:
-            "sample_synthetic" if _set is None else f"sample_synthetic_{_set}"
+            f"sample_synthetic{_suffix}"
         input:
             vae=LABEL_VAE,
             ldm=LABEL_LDM,

@@ -382,9 +382,7 @@ rule synthetic_image_fid:
     input:
         model=lambda wc: f"{SEG}/{wc.task}/{consistency_arm(wc.task)}/model.json",
         samples=sample_set_files(),
-        splits=lambda wc: split_tables(
-            [s for name in ("training_real", "held_out_real") for s in image_audit_cases(wc.task)[name]]
-        ),
+        splits=lambda wc: image_audit_real_splits(wc.task),
     output:
         report(
             f"{SYN}/quality/image_fid_{{task}}.tsv",
@@ -395,17 +393,8 @@ rule synthetic_image_fid:
     params:
         arm=lambda wc: consistency_arm(wc.task),
         real_test_set=lambda wc: consistency_test_set(wc.task),
-        # per set: case id -> images keyed by input channel
-        sets=lambda wc: {
-            name: {case: spec["images"] for case, spec in cases.items()}
-            for name, cases in image_audit_cases(wc.task).items()
-        },
-        preprocessed=lambda wc: [
-            f
-            for name in ("training_real", "held_out_real")
-            for spec in image_audit_cases(wc.task)[name].values()
-            for f in spec["images"].values()
-        ],
+        sets=lambda wc: image_audit_sets(wc.task),
+        preprocessed=lambda wc: image_audit_real_files(wc.task),
         k=3,
         device=NNCFG.get("device", "auto"),
     conda:
