@@ -2,8 +2,10 @@
 
 Not a test: prints a table. For each grid (demo 48x56x48 with the DEFAULTS networks,
 paper 96x128x96 with the PAPER networks) it runs the package's real training functions
-(label VAE, label LDM, SPADE image generator) for a few steps on smooth random label maps,
-then samples label maps with DDIM and DDPM and generates T1/T2/FLAIR from them. Every case
+(label VAE, label LDM, SPADE image generator, SPADE diffusion image generator) for a few
+steps on smooth random label maps, then samples label maps with DDIM and DDPM and generates
+T1/T2/FLAIR from them with both image generators. The two training-free generators (gmm,
+lesion_insertion) run on numpy only; the generator benchmark rule times them. Every case
 runs in its own process so that its peak resident memory (and, on a GPU, peak allocated
 GPU memory) is its own.
 
@@ -29,7 +31,8 @@ import numpy as np
 
 GRIDS = {"demo": (48, 56, 48), "paper": (96, 128, 96)}
 VOXEL_MM = {"demo": 4.0, "paper": 2.0}
-CASES = ("label_vae", "label_ldm", "image_generator", "sample_labels", "generate_images")
+CASES = ("label_vae", "label_ldm", "image_generator", "spade_diffusion", "sample_labels", "generate_images",
+         "spade_diffusion_images")
 
 
 def make_inputs(root, grid, n_subjects=4, seed=0):
@@ -98,6 +101,7 @@ def run_case(case, grid, device, steps, work, ddpm_measured):
     """One measurement in this process; returns a dict (printed as JSON by the child)."""
     from brainsynth.generators import image_generator as IG
     from brainsynth.generators import label_generator as LG
+    from brainsynth.generators import spade_diffusion as SD
 
     work = Path(work)
     inputs = json.loads((work / "inputs.json").read_text())
@@ -109,6 +113,8 @@ def run_case(case, grid, device, steps, work, ddpm_measured):
     icfg = _config(grid, IG)
     icfg.update(device=device, steps=steps, checkpoint_every=10**9, log_every=10**9)
     icfg["weights"] = dict(icfg["weights"], perceptual=0.0, modality=icfg["weights"].get("modality", 0.0))
+    scfg = SD.resolve_config({"preset": "paper" if grid == "paper" else "demo", "device": device, "steps": steps,
+                              "checkpoint_every": 10**9, "log_every": 10**9})
     out = {}
     if case == "label_vae":
         out = _timed_training(LG.train_label_vae, inputs["labels"], lcfg, work / "label")
@@ -118,6 +124,10 @@ def run_case(case, grid, device, steps, work, ddpm_measured):
     elif case == "image_generator":
         out = _timed_training(IG.train_image_generator, inputs["labels"], inputs["images"], icfg,
                               work / "image")
+    elif case == "spade_diffusion":
+        out = _timed_training(SD.train_spade_diffusion, inputs["labels"], inputs["images"], scfg,
+                              work / "spade_diffusion")
+        out["batch_size"] = scfg["batch_size"]
     elif case == "sample_labels":
         vae, ldm = work / "label" / "label_vae.pt", work / "label" / "label_ldm.pt"
         cond = np.array([[0.5, 0.5]], dtype=np.float32)
@@ -148,6 +158,18 @@ def run_case(case, grid, device, steps, work, ddpm_measured):
         IG.generate_images(work / "image" / "image_generator.pt", prob, styles, device=device)
         out["per_volume_s"] = time.perf_counter() - t0  # all modalities of one subject
         out["modalities"] = len(styles)
+    elif case == "spade_diffusion_images":
+        import nibabel as nib
+
+        net, payload = SD.load_model(work / "spade_diffusion" / "spade_diffusion.pt", device)
+        prob = np.moveaxis(np.asarray(nib.load(inputs["labels"][0]).dataobj, dtype=np.float32), -1, 0)
+        SD.generate_volume(net, payload, prob, "t1", 0, steps=2, device=device)  # warm-up
+        t0 = time.perf_counter()
+        for m in payload["modalities"]:
+            SD.generate_volume(net, payload, prob, m, 0, device=device)
+        out["per_volume_s"] = time.perf_counter() - t0
+        out["modalities"] = len(payload["modalities"])
+        out["ddim_steps"] = int(payload["config"]["inference_steps"])
     out.update(_peak())
     return out
 
@@ -166,12 +188,40 @@ def spawn(case, grid, device, steps, work, ddpm_measured):
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise SystemExit(f"{case} ({grid}) failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    print(f"[{grid}] {case} FAILED:\n{(proc.stdout + proc.stderr)[-4000:]}", flush=True)
+    return None
 
 
 def fmt_mem(r):
     gpu = f", GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""
     return f"RSS {r['peak_rss_mb']:.0f} MB{gpu}"
+
+
+def table_rows(shape, res):
+    """(grid, what, time, memory) rows of one grid's results; a failed case reads FAILED."""
+    def row(case, what, fmt, with_mem=True):
+        r = res.get(case)
+        if r is None:
+            return (shape, what if isinstance(what, str) else case, "FAILED", "")
+        label = what if isinstance(what, str) else what(r)
+        return (shape, label, fmt(r), fmt_mem(r) if with_mem else "")
+
+    rows = [row(name, lambda r, n=name: f"train {n}" + (f" (batch {r['batch_size']} slices)"
+                                                         if "batch_size" in r else ""),
+                lambda r: f"{r['step_s']:.3f} s/step")
+            for name in ("label_vae", "label_ldm", "image_generator", "spade_diffusion")]
+    rows += [row("sample_labels", "sample label map, DDIM 10 steps", lambda r: f"{r['ddim10_s']:.2f} s/volume"),
+             row("sample_labels", "sample label map, DDIM 50 steps", lambda r: f"{r['ddim50_s']:.2f} s/volume",
+                 False),
+             row("sample_labels", lambda r: f"sample label map, DDPM {r['ddpm_steps']} steps",
+                 lambda r: f"{r['ddpm_s']:.1f} s/volume" + (" (extrapolated)" if r["ddpm_extrapolated"] else ""),
+                 False),
+             row("generate_images", lambda r: f"generate images ({r['modalities']} modalities)",
+                 lambda r: f"{r['per_volume_s']:.2f} s/subject"),
+             row("spade_diffusion_images",
+                 lambda r: f"spade_diffusion images ({r['modalities']} modalities, DDIM {r['ddim_steps']})",
+                 lambda r: f"{r['per_volume_s']:.2f} s/subject")]
+    return rows
 
 
 def main():
@@ -207,24 +257,15 @@ def main():
             res = {}
             for case in CASES:
                 res[case] = spawn(case, grid, device, args.steps, work, extrapolate)
-                print(f"[{grid}] {case}: {json.dumps(res[case])}", flush=True)
-        shape = "x".join(map(str, GRIDS[grid]))
-        for name in ("label_vae", "label_ldm", "image_generator"):
-            r = res[name]
-            rows.append((shape, f"train {name}", f"{r['step_s']:.3f} s/step", fmt_mem(r)))
-        s = res["sample_labels"]
-        rows.append((shape, "sample label map, DDIM 10 steps", f"{s['ddim10_s']:.2f} s/volume", fmt_mem(s)))
-        rows.append((shape, "sample label map, DDIM 50 steps", f"{s['ddim50_s']:.2f} s/volume", ""))
-        note = " (extrapolated)" if s["ddpm_extrapolated"] else ""
-        rows.append((shape, f"sample label map, DDPM {s['ddpm_steps']} steps",
-                     f"{s['ddpm_s']:.1f} s/volume{note}", ""))
-        g = res["generate_images"]
-        rows.append((shape, f"generate images ({g['modalities']} modalities)", f"{g['per_volume_s']:.2f} s/subject",
-                     fmt_mem(g)))
+                if res[case] is not None:
+                    print(f"[{grid}] {case}: {json.dumps(res[case])}", flush=True)
+        rows += table_rows("x".join(map(str, GRIDS[grid])), res)
     widths = [max(len(r[i]) for r in rows + [("grid", "what", "time", "peak memory")]) for i in range(4)]
     print()
     for r in [("grid", "what", "time", "peak memory")] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    if any(r[2] == "FAILED" for r in rows):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,18 @@
 Not a test: prints a table. Builds a small labelled dataset on the chosen grid (demo
 48x56x48 at 4 mm, paper 96x128x96 at 2 mm), runs nnU-Net's fingerprint, planning and
 preprocessing for one configuration with its default planner and plans, then trains
-``--iterations`` iterations (one epoch) with the workflow's trainer plugin and reports the
-time per iteration (from nnU-Net's epoch time) and, on a GPU, the peak GPU memory in use
-(sampled with nvidia-smi while training runs).
+``--epochs`` epochs of ``--iterations`` iterations with the workflow's trainer plugin and
+reports the time per iteration from nnU-Net's time of the last epoch (the first holds
+torch.compile's compilation and cudnn's autotuning) and, on a GPU, the peak GPU memory in use
+(sampled with nvidia-smi while training runs). ``--compile off`` sets ``nnUNet_compile=false``
+(eager); ``nnunet`` leaves nnU-Net's default (torch.compile on CUDA, eager on CPU).
 
     .venv/bin/python benchmarks/nnunet_iterations.py --grid paper --device cuda --iterations 50
-    .venv/bin/python benchmarks/nnunet_iterations.py --grid demo --device cpu --iterations 2
+    .venv/bin/python benchmarks/nnunet_iterations.py --grid demo --device cpu --iterations 2 --epochs 1
 """
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -80,9 +83,16 @@ def main():
     ap.add_argument("--grid", choices=sorted(GRIDS), default="paper")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--configuration", default="3d_fullres")
-    ap.add_argument("--iterations", type=int, default=50)
+    ap.add_argument("--iterations", type=int, default=50, help="iterations per epoch")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs (the last one is timed)")
+    ap.add_argument("--compile", choices=["nnunet", "off"], default="nnunet",
+                    help="nnunet: nnU-Net's default (torch.compile on CUDA); off: nnUNet_compile=false")
     args = ap.parse_args()
     device = seg.resolve_device(args.device)
+    if args.compile == "off":
+        os.environ["nnUNet_compile"] = "false"
+    else:
+        os.environ.pop("nnUNet_compile", None)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         roots = seg.as_roots(root / "nnunet")
@@ -96,20 +106,25 @@ def main():
         log = root / "train.log"
         t0 = time.perf_counter()
         with GpuMemory() as gpu:
-            seg.train(901, roots, configuration=args.configuration, epochs=1, iterations_per_epoch=args.iterations,
+            seg.train(901, roots, configuration=args.configuration, epochs=args.epochs,
+                      iterations_per_epoch=args.iterations,
                       val_iterations_per_epoch=1, device=device, final_validation=False, log=log)
         train_s = time.perf_counter() - t0
-        text = "\n".join(p.read_text(errors="replace") for p in [log, *roots.results.rglob("training_log_*.txt")]
-                         if p.is_file())
+        # nnU-Net's own training log when there is one (the subprocess log repeats its lines)
+        logs = sorted(roots.results.rglob("training_log_*.txt")) or [log]
+        text = "\n".join(p.read_text(errors="replace") for p in logs if p.is_file())
         epoch = [float(x) for x in re.findall(r"Epoch time: ([0-9.]+) s", text)]
+        compiled = "Using torch.compile" in text
         patch = re.findall(r"'patch_size': \[([0-9, ]+)\]", text) or re.findall(r"patch_size.: \[([0-9, ]+)\]", text)
     shape = "x".join(map(str, GRIDS[args.grid][0]))
     per_it = f"{epoch[-1] / args.iterations:.3f} s/iteration" if epoch else "n/a (no epoch time in the log)"
     mem = f"{gpu.peak} MiB (nvidia-smi, whole GPU)" if gpu.peak is not None else ""
-    print(f"nnU-Net {args.configuration} on {device}, grid {shape}, nnU-Net's own plans"
+    mode = "torch.compile" if compiled else "eager"
+    print(f"nnU-Net {args.configuration} on {device} ({mode}), grid {shape}, nnU-Net's own plans"
           + (f" (patch {patch[0]})" if patch else ""))
-    print(f"plan + preprocess 4 cases: {plan_s:.1f} s; training {args.iterations} iterations: {train_s:.1f} s in all")
-    print(f"RESULT nnunet_{args.configuration}  {per_it}  {mem}")
+    print(f"plan + preprocess 4 cases: {plan_s:.1f} s; training {args.epochs} x {args.iterations} iterations: "
+          f"{train_s:.1f} s in all (epoch times {', '.join(f'{e:.1f}' for e in epoch)} s)")
+    print(f"RESULT nnunet_{args.configuration}_{mode.replace('torch.', '')}  {per_it}  {mem}")
 
 
 if __name__ == "__main__":

@@ -91,3 +91,18 @@ def test_unknown_modality_and_key_are_named(tmp_path):
     prob = np.moveaxis(nib.load(labels[0]).get_fdata().astype(np.float32), -1, 0)
     with pytest.raises(InputError, match="t2 was not trained"):
         sd.generate_volume(net, payload, prob, "t2", 0)
+
+
+def test_paper_preset_builds_the_wider_network():
+    paper = sd.resolve_config({"preset": "paper", "steps": 9})
+    assert paper["channels"] == sd.PAPER["channels"] and paper["steps"] == 9
+    assert sd.resolve_config({})["channels"] == sd.DEFAULTS["channels"]
+    net = sd._net(paper, n_classes=10, n_modalities=3)
+    small = sd._net(sd.resolve_config({}), n_classes=10, n_modalities=3)
+    assert sum(p.numel() for p in net.parameters()) > 10 * sum(p.numel() for p in small.parameters())
+    with torch.no_grad():
+        out = net(torch.zeros(2, 1, 96, 128), torch.tensor([1, 500]), seg=torch.zeros(2, 10, 96, 128),
+                  class_labels=torch.tensor([0, 2]))
+    assert out.shape == (2, 1, 96, 128)
+    with pytest.raises(InputError, match="spade_diffusion.preset"):
+        sd.resolve_config({"preset": "huge"})

@@ -50,9 +50,26 @@ DEFAULTS = {
     "min_brain_voxels": 1,
 }
 
+# Paper-scale network and budget for 2 mm slices (96x128): the widths, attention levels and
+# residual blocks of MONAI's SPADE latent-diffusion brain tutorial, in pixel space.
+PAPER = {
+    "steps": 50000,
+    "batch_size": 32,
+    "lr": 1e-4,
+    "channels": [64, 128, 256],
+    "attention_levels": [False, True, True],
+    "num_res_blocks": 2,
+    "norm_num_groups": 32,
+    "num_head_channels": 32,
+    "spade_intermediate_channels": 128,
+    "inference_steps": 50,
+    "checkpoint_every": 1000,
+    "log_every": 250,
+}
+
 
 def resolve_config(cfg):
-    return C.merge_config(DEFAULTS, cfg or {}, where="spade_diffusion")
+    return C.resolve_preset(DEFAULTS, PAPER, cfg, where="spade_diffusion")
 
 
 def _net(cfg, n_classes, n_modalities):
@@ -66,7 +83,7 @@ def _net(cfg, n_classes, n_modalities):
         spade_intermediate_channels=int(cfg["spade_intermediate_channels"]))
 
 
-def train_spade_diffusion(label_paths, image_paths, cfg, out_dir, *, max_steps_this_run=None):
+def train_spade_diffusion(label_paths, image_paths, cfg, out_dir, *, max_steps_this_run=None, callback=None):
     """Train on axial brain slices. ``label_paths``: probabilistic maps; ``image_paths``:
     modality -> paths aligned with them. Returns the output paths of :func:`common.finish_training`."""
     from monai.networks.schedulers import DDPMScheduler
@@ -116,7 +133,7 @@ def train_spade_diffusion(label_paths, image_paths, cfg, out_dir, *, max_steps_t
         name="spade_diffusion", total_steps=int(cfg["steps"]), step_fn=step_fn, modules={"net": net},
         optimizers={"opt": opt}, scalers={"scaler": scaler}, out_dir=out_dir, fingerprint=fingerprint,
         checkpoint_every=int(cfg["checkpoint_every"]), log_every=int(cfg["log_every"]),
-        max_steps_this_run=max_steps_this_run, device=device)
+        max_steps_this_run=max_steps_this_run, callback=callback, device=device)
     if not completed:
         return {"completed": False}
     payload = {"state_dict": C.state_dict_cpu(net), "config": cfg, "n_classes": int(n_classes),
