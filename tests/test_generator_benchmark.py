@@ -110,3 +110,52 @@ def test_comparisons_are_checked_with_the_field_named():
     assert any("comparisons[1].arms" in t and "Sz" in t for t in text)
     assert any("comparisons[1].test_set" in t for t in text)
     assert any("comparisons[2]" in t and "lacks" in t for t in text)
+
+
+CURVE = {"task": "t", "test_set": "id", "generators": ["gmm", "lesion_insertion"], "ratios": [0, 1, 2],
+         "real_fractions": [0.25, 1.0], "seeds": [0, 1]}
+
+
+def test_value_curve_arms_cover_both_curves_once_per_seed():
+    arms = gb.value_curve_arms(CURVE)
+    # points (real fraction, synthetic ratio): (1, 0) (1, 1) (1, 2) from the ratios, (0.25, 0) (0.25, 1)
+    # from the fractions; (1, 0) and (1, 1) shared; real-only points once, not per generator
+    assert len(arms) == (2 + 3 * 2) * 2
+    assert arms["VC_R100_S000_seed1"]["recipe"] == {"real": 1.0, "synthetic": 0.0, "relative_to": "real",
+                                                    "nnunet_seed": 1}
+    assert arms["VC_R025_S100_gmm_seed0"]["recipe"] == {"real": 0.25, "synthetic": 1.0, "relative_to": "real",
+                                                        "nnunet_seed": 0, "generator": "gmm"}
+    assert arms["VC_R100_S200_lesion_insertion_seed1"]["synthetic_ratio"] == 2.0
+    assert {a["generator"] for a in arms.values()} == {"real", "gmm", "lesion_insertion"}
+    defaults = gb.value_curve_arms({"task": "t", "test_set": "id", "generators": ["gmm"]})
+    # defaults: ratios 0, .5, 1, 2, 4 and fractions .05, .25, 1 with 1x synthetic, 2 seeds
+    assert len(defaults) == (3 + 4 + 2) * 2 and "VC_R005_S100_gmm_seed1" in defaults
+
+
+@pytest.mark.parametrize("bad, field", [({"real_fractions": [0]}, "real_fractions"),
+                                        ({"seeds": [1, 1]}, "seeds"), ({"generators": []}, "value_curve")])
+def test_value_curve_config_errors_name_the_field(bad, field):
+    with pytest.raises(InputError, match=f"generator_benchmark.value_curve.*{field}|{field}"):
+        gb.value_curve_arms({**CURVE, **bad})
+
+
+def test_value_curve_table_by_hand(tmp_path):
+    arms = {a: v for a, v in gb.value_curve_arms(CURVE).items()}
+    per_arm = {}
+    for i, (arm, info) in enumerate(arms.items()):
+        base = 0.5 + 0.1 * info["synthetic_ratio"] + 0.2 * info["real_fraction"] + 0.01 * info["seed"]
+        per_arm[arm] = {"s1": (base, base - 0.1), "s2": (base + 0.1, base)}
+    scores = _scores(per_arm)
+    table = gb.value_curve_table(scores, arms, "t", "id").set_index(["generator", "real_fraction", "synthetic_ratio"])
+    row = table.loc[("gmm", 1.0, 2.0)]
+    # per seed: mean over subjects of the class means = base; base = 0.5 + 0.2 + 0.2 + 0.01 seed
+    assert row["n_seeds"] == 2 and row["n_test"] == 2
+    assert row["dice_mean"] == pytest.approx(0.905)
+    assert row["dice_seed_std"] == pytest.approx(np.std([0.9, 0.91], ddof=1))
+    assert (row["dice_seed_min"], row["dice_seed_max"]) == (pytest.approx(0.9), pytest.approx(0.91))
+    assert table.loc[("real", 0.25, 0.0), "dice_mean"] == pytest.approx(0.555)
+    assert len(table) == 2 + 3 * 2
+    paths = {k: tmp_path / f"curve.{k}" for k in ("csv", "md", "tex")} | {"figure": tmp_path / "curve.png"}
+    gb.write_value_curve(scores, arms, "t", "id", paths)
+    assert pd.read_csv(paths["csv"]).shape[0] == 8 and paths["figure"].stat().st_size > 0
+    assert "seed" in paths["md"].read_text() and "\\begin{tabular}" in paths["tex"].read_text()

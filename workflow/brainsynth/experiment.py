@@ -37,7 +37,9 @@ conditioning, e.g. the unseen WMH + tumour phenotype); ``generator`` (default ``
 names the generator the synthetic cases come from: ``gmm`` takes the same label maps imaged
 with domain-randomised Gaussian intensities per class (SynthSeg's generative model);
 ``lesion_insertion`` real healthy training subjects with lesions grown in; ``spade_diffusion``
-the label maps imaged by a SPADE-normalised diffusion model.
+the label maps imaged by a SPADE-normalised diffusion model. ``nnunet_seed`` (default the
+run's seed) seeds the arm's nnU-Net training only: arms that differ in it alone train on the
+same cases (replicates for a spread over seeds).
 
 Tasks
 -----
@@ -67,7 +69,8 @@ import numpy as np
 from .errors import InputError, InputErrors
 
 POOLS = ("real", "synthetic")
-RECIPE_KEYS = ("relative_to", "n_real", "real_pool", "modalities", "sample_set", "style_set", "generator")
+RECIPE_KEYS = ("relative_to", "n_real", "real_pool", "modalities", "sample_set", "style_set", "generator",
+               "nnunet_seed")
 # where an arm's synthetic cases come from: brainspade = the label generator's maps imaged by the
 # SPADE image generator; gmm = the same maps imaged with domain-randomised Gaussian intensities;
 # lesion_insertion = real healthy training subjects with lesions grown in; spade_diffusion = the
@@ -182,6 +185,16 @@ def generator(recipe, arm="?"):
         raise InputError(f"style_set {recipe['style_set']!r} restyles with the SPADE image generator, not "
                          f"generator {name!r}", field=field, fix="use either style_set or generator")
     return name
+
+
+def training_seed(recipe, default, arm="?"):
+    """The nnU-Net training seed of an arm: its recipe's ``nnunet_seed`` (replicate arms on the
+    same cases), else the run's seed."""
+    seed = recipe.get("nnunet_seed", default)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"nnunet_seed must be a non-negative integer, got {seed!r}",
+                         field=f"segmentation.recipes.{arm}.nnunet_seed", fix="e.g. 1")
+    return seed
 
 
 def style_set_subjects(rows, style_sets):

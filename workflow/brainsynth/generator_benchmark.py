@@ -211,3 +211,133 @@ def check_comparisons(comparisons, task_arms, task_test_sets):
                                        field=f"{field}.test_set", fix=f"use one of {task_test_sets[comp['task']]}"))
     return problems
 
+
+
+# --------------------------------------------------------------------------- value of synthetic data
+VALUE_CURVE_DEFAULTS = {"ratios": [0, 0.5, 1, 2, 4], "real_fractions": [0.05, 0.25, 1.0],
+                        "fraction_synthetic": 1.0, "seeds": [0, 1]}
+VALUE_CURVE_FOOTNOTE = (
+    "Dice: per-subject mean over the task's classes, averaged over the test subjects, per nnU-Net seed; "
+    "mean, std, min and max over the seeds (the training cases are the same for every seed, so the spread "
+    "is nnU-Net's own); synthetic_ratio: synthetic cases per real case of the whole real pool; "
+    "real_fraction: share of the real pool in the arm; real rows: no synthetic case.")
+
+
+def _pct(x):
+    return f"{int(round(float(x) * 100)):03d}"
+
+
+def value_curve_config(curve):
+    """``generator_benchmark.value_curve`` over :data:`VALUE_CURVE_DEFAULTS` (task, test_set and
+    generators have no default)."""
+    out = {**VALUE_CURVE_DEFAULTS, **(curve or {})}
+    field = "generator_benchmark.value_curve"
+    missing = [k for k in ("task", "test_set", "generators") if not out.get(k)]
+    if missing:
+        raise InputError(f"lacks {missing}", field=field, fix="give task, test_set and generators")
+    if any(float(f) <= 0 or float(f) > 1 for f in out["real_fractions"]):
+        raise InputError(f"real_fractions {out['real_fractions']} must lie in (0, 1]", field=f"{field}.real_fractions",
+                         fix="e.g. [0.05, 0.25, 1.0]")
+    if any(float(r) < 0 for r in out["ratios"]) or float(out["fraction_synthetic"]) <= 0:
+        raise InputError("ratios must be >= 0 and fraction_synthetic > 0", field=field, fix="e.g. ratios [0, 1, 2]")
+    if len(set(out["seeds"])) != len(out["seeds"]) or not out["seeds"]:
+        raise InputError(f"seeds {out['seeds']} must be distinct and at least one", field=f"{field}.seeds",
+                         fix="e.g. [0, 1]")
+    return out
+
+
+def value_curve_arms(curve):
+    """arm -> {"recipe", "generator", "real_fraction", "synthetic_ratio", "seed"}: the arms of the
+    value-of-synthetic-data curve. At the whole real pool, synthetic cases at each ratio of the real
+    count; at each real fraction, real only and with ``fraction_synthetic`` x the pool's real count
+    synthetic; each per generator (real-only arms once) and per nnU-Net seed, drawn from the
+    curve's ``sample_set`` when it names one. Points the two curves share are one arm."""
+    curve = value_curve_config(curve)
+    points = [(1.0, float(r)) for r in curve["ratios"]]
+    for f in curve["real_fractions"]:
+        points += [(float(f), 0.0), (float(f), float(curve["fraction_synthetic"]))]
+    arms = {}
+    for f, s in dict.fromkeys(points):
+        for gen in ([REAL] if s == 0 else curve["generators"]):
+            for seed in curve["seeds"]:
+                name = f"VC_R{_pct(f)}_S{_pct(s)}" + ("" if gen == REAL else f"_{gen}") + f"_seed{seed}"
+                recipe = {"real": f, "synthetic": s, "relative_to": "real", "nnunet_seed": int(seed)}
+                if gen != REAL:
+                    recipe["generator"] = gen
+                    if curve.get("sample_set"):
+                        recipe["sample_set"] = curve["sample_set"]
+                arms[name] = {"recipe": recipe, "generator": gen, "real_fraction": f, "synthetic_ratio": s,
+                              "seed": int(seed)}
+    return arms
+
+
+def value_curve_table(scores, curve_arms, task, test_set):
+    """One row per curve point (generator, real_fraction, synthetic_ratio): Dice over the seeds."""
+    per_arm = []
+    for arm, info in curve_arms.items():
+        per_subject, _ = _subject_dice(scores, task, arm, test_set)
+        per_arm.append({"generator": info["generator"], "real_fraction": info["real_fraction"],
+                        "synthetic_ratio": info["synthetic_ratio"], "seed": info["seed"],
+                        "n_test": int(per_subject.size), "dice": float(per_subject.mean())})
+    per_arm = pd.DataFrame(per_arm)
+    rows = []
+    for (gen, f, s), grp in per_arm.groupby(["generator", "real_fraction", "synthetic_ratio"], sort=True):
+        d = grp["dice"]
+        rows.append({"task": task, "test_set": test_set, "generator": gen, "real_fraction": f,
+                     "synthetic_ratio": s, "n_seeds": int(d.size), "n_test": int(grp["n_test"].iloc[0]),
+                     "dice_mean": float(d.mean()), "dice_seed_std": float(d.std(ddof=1)) if d.size > 1 else 0.0,
+                     "dice_seed_min": float(d.min()), "dice_seed_max": float(d.max())})
+    return pd.DataFrame(rows)
+
+
+def value_curve_figure(table, path):
+    """Dice vs synthetic:real ratio at the whole real pool, and Dice vs real fraction, per generator
+    (the real-only points shared); error bars: min-max over the nnU-Net seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    real = table[table["generator"] == REAL]
+    gens = [g for g in table["generator"].unique() if g != REAL]
+
+    def plot(ax, rows, x, label, style="-o"):
+        rows = rows.sort_values(x)
+        err = [rows["dice_mean"] - rows["dice_seed_min"], rows["dice_seed_max"] - rows["dice_mean"]]
+        ax.errorbar(rows[x], rows["dice_mean"], yerr=err, fmt=style, capsize=3, label=label)
+
+    full_real = real[real["real_fraction"] == 1.0]
+    for g in gens:
+        rows = table[(table["generator"] == g) & (table["real_fraction"] == 1.0)]
+        plot(axes[0], pd.concat([full_real, rows]), "synthetic_ratio", g)
+    axes[0].set(xlabel="synthetic : real cases (whole real pool)", ylabel="Dice (mean over classes)",
+                title="more synthetic data")
+    plot(axes[1], real, "real_fraction", "real only", "--ks")
+    synthetic_at = table[(table["generator"] != REAL)]
+    fixed = synthetic_at[synthetic_at["real_fraction"] < 1.0]["synthetic_ratio"]
+    s = float(fixed.iloc[0]) if len(fixed) else 1.0
+    for g in gens:
+        plot(axes[1], table[(table["generator"] == g) & (table["synthetic_ratio"] == s)], "real_fraction",
+             f"{g} (+{s:g}x synthetic)")
+    axes[1].set(xscale="log", xlabel="share of the real pool", title="less real data")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Value of synthetic data: {table['task'].iloc[0]} on {table['test_set'].iloc[0]}", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
+def write_value_curve(scores, curve_arms, task, test_set, paths):
+    """The curve as csv / md / tex and the figure (``paths``: csv, md, tex, figure)."""
+    table = value_curve_table(scores, curve_arms, task, test_set)
+    with atomic_path(paths["csv"]) as tmp:
+        table.to_csv(tmp, index=False)
+    shown = table.drop(columns=["task", "test_set"]).round(
+        {c: 3 for c in table.columns if c.startswith("dice")}).set_index("generator")
+    title = f"Value of synthetic data: {task} on {test_set}"
+    _write_text(paths["md"], _to_markdown(shown, VALUE_CURVE_FOOTNOTE, title=title))
+    _write_text(paths["tex"], _to_latex(shown, VALUE_CURVE_FOOTNOTE, caption=title))
+    value_curve_figure(table, paths["figure"])
+    return table

@@ -82,3 +82,37 @@ rule generator_image_fid:
         runtime=30,
     script:
         "../scripts/synthetic_image_fid.py"
+
+
+rule value_curve:
+    """Value of synthetic data: Dice of the VC_* arms against the synthetic:real ratio and the
+    real fraction, per generator, with the spread over nnU-Net seeds."""
+    input:
+        scores=[f"{SEG}/{VALUE_CURVE['task']}/{a}/scores.tsv" for a in VALUE_CURVE_ARMS],
+    output:
+        csv=report(
+            f"{R}/benchmark/value_curve.csv",
+            caption="../report/value_curve.rst",
+            category="Benchmark",
+        ),
+        md=f"{R}/benchmark/value_curve.md",
+        tex=f"{R}/benchmark/value_curve.tex",
+        figure=report(
+            f"{R}/benchmark/value_curve.png",
+            caption="../report/value_curve.rst",
+            category="Benchmark",
+        ),
+    params:
+        task=(VALUE_CURVE or {}).get("task"),
+        test_set=(VALUE_CURVE or {}).get("test_set"),
+        arms=VALUE_CURVE_ARMS,
+    conda:
+        "../../envs/segmentation.yaml"
+    log:
+        f"{LOGS}/benchmark/value_curve.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/value_curve.py"

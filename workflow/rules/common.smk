@@ -12,6 +12,7 @@ from snakemake.exceptions import WorkflowError
 from brainsynth.errors import InputError
 from brainsynth.labels import LabelSchema
 from brainsynth import demo as demo_cohort
+from brainsynth import generator_benchmark as gen_bench
 from brainsynth.preprocess import SUBJECT_LAYOUT
 from brainsynth.sheet import anchor_modality, check_site_modalities, load_sheet, site_modalities_of
 from brainsynth.validate import check_files_exist
@@ -344,6 +345,7 @@ def _seg_design():
         "style_sets": {a: seg_design.style_set(recipes[a], synth_cfg.get("style_sets"), a) for a in arms},
         "sample_sets": {a: recipes[a].get("sample_set") for a in arms},
         "generators": {a: seg_design.generator(recipes[a], a) for a in arms},
+        "seeds": {a: seg_design.training_seed(recipes[a], config["seed"], a) for a in arms},
         # per (task, arm): the images of the training cases, one per input channel
         "modalities": {
             (t, a): seg_design.arm_modalities(recipes[a], task_inputs[t][0], MODALITIES, a)
@@ -395,7 +397,34 @@ def _seg_design():
     return design
 
 
+def _add_value_curve_arms():
+    """The value-of-synthetic-data curve (generator_benchmark.value_curve) as arms: its VC_* recipes
+    join segmentation.recipes and arms, run by the curve's task only. Returns them."""
+    curve = (config.get("generator_benchmark") or {}).get("value_curve")
+    if not curve:
+        return {}
+    arms = gen_bench.value_curve_arms(curve)
+    task_defs = SEGCFG.get("task_definitions") or {}
+    if curve["task"] not in SEGCFG.get("tasks", []):
+        raise InputError(
+            f"task {curve['task']!r} does not run",
+            field="generator_benchmark.value_curve.task",
+            fix=f"use one of segmentation.tasks {SEGCFG.get('tasks', [])}",
+        )
+    SEGCFG["recipes"] = {**(SEGCFG.get("recipes") or {}), **{a: v["recipe"] for a, v in arms.items()}}
+    SEGCFG["arms"] = list(dict.fromkeys([*SEGCFG.get("arms", []), *arms]))
+    for t in SEGCFG["tasks"]:
+        tdef = task_defs[t]
+        if t == curve["task"]:
+            if tdef.get("arms") is not None:
+                tdef["arms"] = list(dict.fromkeys([*tdef["arms"], *arms]))
+        elif tdef.get("arms") is None:
+            tdef["exclude_arms"] = list(dict.fromkeys([*(tdef.get("exclude_arms") or []), *arms]))
+    return arms
+
+
 try:
+    VALUE_CURVE_ARMS = _add_value_curve_arms()
     SEG_DESIGN = _seg_design()
 except InputError as exc:
     raise WorkflowError(f"Invalid input: {exc}") from None
@@ -871,7 +900,6 @@ check_task_pools_at_parse_time()
 
 # ============================================================ generator benchmark helpers
 # (workflow/rules/benchmark.smk: the comparisons, checked at parse time, and each generator's jobs)
-from brainsynth import generator_benchmark as gen_bench
 from brainsynth.errors import InputErrors
 
 BENCH_COMPARISONS = (config.get("generator_benchmark") or {}).get("comparisons") or []
@@ -883,6 +911,22 @@ _problems = gen_bench.check_comparisons(
 if _problems:
     raise WorkflowError(f"Invalid input: {InputErrors(_problems)}")
 BENCH_ARMS = list(dict.fromkeys(a for c in BENCH_COMPARISONS for a in [c["reference"], *c["arms"]]))
+VALUE_CURVE = (
+    gen_bench.value_curve_config((config.get("generator_benchmark") or {}).get("value_curve"))
+    if VALUE_CURVE_ARMS
+    else None
+)
+if VALUE_CURVE and VALUE_CURVE["test_set"] not in SEG_DESIGN["task_inputs"][VALUE_CURVE["task"]][1]:
+    raise WorkflowError(
+        "Invalid input: "
+        + str(
+            InputError(
+                f"test set {VALUE_CURVE['test_set']!r} is not one of task {VALUE_CURVE['task']!r}",
+                field="generator_benchmark.value_curve.test_set",
+                fix=f"use one of {list(SEG_DESIGN['task_inputs'][VALUE_CURVE['task']][1])}",
+            )
+        )
+    )
 
 
 def generator_jobs(generator, sample_set):
@@ -938,6 +982,7 @@ def benchmark_fid_files():
 
 
 def benchmark_targets():
-    if not BENCH_COMPARISONS:
-        return []
-    return [f"{R}/benchmark/generators.{ext}" for ext in ("csv", "png")]
+    out = [f"{R}/benchmark/generators.{ext}" for ext in ("csv", "png")] if BENCH_COMPARISONS else []
+    if VALUE_CURVE:
+        out += [f"{R}/benchmark/value_curve.{ext}" for ext in ("csv", "png")]
+    return out

@@ -57,6 +57,7 @@ rule segmentation_design:
                 "sample_set": SEG_DESIGN["sample_sets"][a] or "",
                 "style_set": SEG_DESIGN["style_sets"][a] or "",
                 "generator": SEG_DESIGN["generators"][a] if SEG_DESIGN["cases"][a]["synthetic"] else "",
+                "nnunet_seed": SEG_DESIGN["seeds"][a],
                 "modalities": " ".join(SEG_DESIGN["modalities"][(t, a)]),
                 "test_sets": " ".join(
                     f"{ts}:{'+'.join(mods)}" for ts, mods in SEG_DESIGN["task_inputs"][t][1].items()
@@ -160,7 +161,7 @@ rule train_segmentation:
         val_iterations_per_epoch=lambda wc: seg_train_setting(wc.task, "val_iterations_per_epoch"),
         final_validation=NNCFG.get("final_validation", False),
         device=NNCFG.get("device", "auto"),
-        seed=config["seed"],
+        seed=lambda wc: SEG_DESIGN["seeds"][wc.arm],
     conda:
         "../../envs/segmentation.yaml"
     log:
