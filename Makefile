@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 CORES  ?= 2
 SNAKEMAKE := $(BIN)/snakemake
 
-.PHONY: install demo benchmark demo-generic test test-fast dag clean-demo
+.PHONY: install demo benchmark value-curve demo-generic test test-fast dag clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ BENCHMARK := $(EXPERIMENTS) config/experiments/generator_benchmark_demo.yaml
 benchmark: install
 	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete $(BENCHMARK)
 	@echo "benchmark finished: results/brainspade-demo/benchmark/generators.{csv,md,tex,png}"
+
+# The value-of-synthetic-data curve over the four experiments' run: E1's tissue task at synthetic:real
+# ratios and real fractions, per generator, two nnU-Net seeds (54 arms; see the config's header)
+CURVE := $(EXPERIMENTS) config/experiments/value_curve_demo.yaml
+value-curve: install
+	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete $(CURVE)
+	@echo "value curve finished: results/brainspade-demo/benchmark/value_curve.{csv,md,tex,png}"
 
 # The default config alone (config/config.yaml): generic arms R, S, H, Hfar on the tumour and WMH tasks
 demo-generic: install

@@ -2,6 +2,8 @@
 the demo config that encodes E1-E4 (planned by dry run and by the segmentation_design rule,
 which needs no image work)."""
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -411,3 +413,48 @@ def test_generator_benchmark_config_adds_its_arms_and_table(tmp_path):
     cfg["generator_benchmark"]["comparisons"][0]["test_set"] = "wmh"
     code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
     assert code != 0 and "generator_benchmark.comparisons[0].test_set" in out and "Traceback" not in out, out[-2000:]
+
+
+def test_training_seed_defaults_to_the_run_seed_and_is_checked():
+    assert design.training_seed({"real": 1.0}, 7) == 7
+    assert design.training_seed({"real": 1.0, "nnunet_seed": 2}, 7) == 2
+    assert design.arm_counts({"real": 1.0, "nnunet_seed": 2}, 10, 0) == (10, 0)
+    with pytest.raises(InputError, match="segmentation.recipes.A.nnunet_seed"):
+        design.training_seed({"nnunet_seed": -1}, 0, "A")
+
+
+def test_value_curve_config_adds_its_arms_to_its_task(tmp_path):
+    """config/experiments/value_curve_demo.yaml over the four experiments': 54 VC arms (27 points x 2
+    seeds) run by the tissue task only, the seeds' replicates on the same cases, the curve rule reading
+    every one of them; a curve naming a task or test set that does not run stops before any work."""
+    from snakemake.utils import update_config
+
+    cfg = yaml.safe_load(CONFIG.read_text())
+    update_config(cfg, yaml.safe_load((REPO / "config" / "experiments" / "value_curve_demo.yaml").read_text()))
+    run_snakemake(tmp_path, "results/brainspade-demo/segmentation/design.tsv", config=cfg, check=True, timeout=300)
+    table = pd.read_csv(tmp_path / "results" / "brainspade-demo" / "segmentation" / "design.tsv", sep="\t",
+                        dtype=str, keep_default_na=False)
+    vc = table[table["arm"].str.startswith("VC_")].set_index("arm")
+    assert len(vc) == 54 and set(vc["task"]) == {"tissue3"}
+    n_pool = len(_cases(vc, "VC_R100_S000_seed0", "real"))
+    assert n_pool == 28 and vc.loc["VC_R100_S000_seed1", "nnunet_seed"] == "1"
+    assert len(_cases(vc, "VC_R005_S100_gmm_seed0", "real")) == 1          # 5% of 28, rounded
+    assert len(_cases(vc, "VC_R005_S100_gmm_seed0", "synthetic")) == n_pool
+    assert len(_cases(vc, "VC_R100_S400_spade_diffusion_seed1", "synthetic")) == 4 * n_pool
+    assert vc.loc["VC_R100_S050_lesion_insertion_seed0", "sample_set"] == "curve"
+    for pool in ("real", "synthetic"):
+        assert _cases(vc, "VC_R025_S100_brainspade_seed0", pool) == _cases(vc, "VC_R025_S100_brainspade_seed1", pool)
+    run_seed = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["seed"]
+    assert table.loc[table["arm"] == "R_id", "nnunet_seed"].tolist() == [str(run_seed)]
+    code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
+    assert code == 0, out[-3000:]
+    jobs = planned_jobs(out)
+    assert jobs["train_segmentation"] == 14 + 54 and jobs["value_curve"] == 1
+    block = next(b for b in re.split(r"\n(?=rule |localrule )", out) if b.startswith("rule value_curve:"))
+    assert block.split("output:")[0].count("segmentation/tissue3/VC_") == 54
+    for key, value, field in (("task", "wmh_missing", "value_curve.task"),
+                              ("test_set", "tumour", "value_curve.test_set")):
+        bad = yaml.safe_load(yaml.safe_dump(cfg))
+        bad["generator_benchmark"]["value_curve"][key] = value
+        code, out = run_snakemake(tmp_path, "-n", config=bad, timeout=300)
+        assert code != 0 and field in out and "Traceback" not in out, out[-2000:]

@@ -334,6 +334,15 @@ def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path)
         assert jobs[rule] == ["task=wmh, arm=Rhalf"], jobs
     assert all(j.startswith("task=wmh, arm=Rhalf, test_set=") for j in jobs["predict_segmentation"])
 
+    # an arm's nnU-Net seed (a replicate): that arm retrains on its dataset and plans as they are
+    changed = seg_config(recipes={"Rhalf": {**TINY_SEG["segmentation"]["recipes"]["Rhalf"], "nnunet_seed": 5}})
+    code, out = run_snakemake(tmp_path, "-n", config=changed)
+    assert code == 0, out[-3000:]
+    assert planned_jobs(out) == {"train_segmentation": 1, "predict_segmentation": 3, "score_segmentation": 1,
+                                 "segmentation_design": 1, "segmentation_table": 3, "experiment_table": 1,
+                                 "all": 1}, out[-3000:]
+    assert jobs_by_rule(out)["train_segmentation"] == ["task=wmh, arm=Rhalf"]
+
     # a training setting: every arm retrains (and predicts, scores), no dataset or plan reruns
     changed = seg_config(nnunet=dict(TINY_SEG["segmentation"]["nnunet"], iterations_per_epoch=5))
     code, out = run_snakemake(tmp_path, "-n", config=changed)
