@@ -99,8 +99,8 @@ def _timed_training(train, *args, **kwargs):
 
 def run_case(case, grid, device, steps, work, ddpm_measured):
     """One measurement in this process; returns a dict (printed as JSON by the child)."""
-    from brainsynth.generators import image_generator as IG
-    from brainsynth.generators import label_generator as LG
+    from brainsynth.generators.brainspade import image_generator as IG
+    from brainsynth.generators.brainspade import label_generator as LG
     from brainsynth.generators import spade_diffusion as SD
 
     work = Path(work)

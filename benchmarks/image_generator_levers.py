@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
 from brainsynth.generators import common as C  # noqa: E402
-from brainsynth.generators import image_generator as IG  # noqa: E402
+from brainsynth.generators.brainspade import image_generator as IG  # noqa: E402
 from brainsynth.labels import LabelSchema  # noqa: E402
 
 LESIONS = ("wmh", "necrotic", "oedema", "enhancing")

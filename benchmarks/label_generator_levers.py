@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
-from brainsynth.generators import label_generator as LG  # noqa: E402
+from brainsynth.generators.brainspade import label_generator as LG  # noqa: E402
 from brainsynth.generators import label_quality as LQ  # noqa: E402
 from brainsynth.labels import LabelSchema  # noqa: E402
 

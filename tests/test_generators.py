@@ -14,10 +14,10 @@ import torch
 
 from brainsynth.errors import InputError
 from brainsynth.generators import common as C
-from brainsynth.generators import image_generator as IG
-from brainsynth.generators import label_generator as LG
+from brainsynth.generators.brainspade import image_generator as IG
+from brainsynth.generators.brainspade import label_generator as LG
 from brainsynth.generators import quality as Q
-from brainsynth.generators import sampling as S
+from brainsynth.generators.brainspade import sampling as S
 
 torch.set_num_threads(1)
 

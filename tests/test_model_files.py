@@ -17,8 +17,8 @@ import torch
 from brainsynth import segmentation as seg
 from brainsynth.errors import InputError
 from brainsynth.generators import common as C
-from brainsynth.generators import image_generator as IG
-from brainsynth.generators import label_generator as LG
+from brainsynth.generators.brainspade import image_generator as IG
+from brainsynth.generators.brainspade import label_generator as LG
 from test_generators import AFFINE, IMAGE_CFG, LABEL_CFG, T1, T2, K, _brain, _cfg
 
 torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Rule restyle_synthetic: the synthetic label maps imaged in another style set's styles."""
 
-from brainsynth.generators.sampling import restyle_synthetic
+from brainsynth.generators.brainspade.sampling import restyle_synthetic
 from brainsynth.io import run_main
 
 

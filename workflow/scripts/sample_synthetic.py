@@ -1,6 +1,6 @@
 """Rule sample_synthetic: draw synthetic (label, multi-modal image) subjects."""
 
-from brainsynth.generators.sampling import sample_synthetic
+from brainsynth.generators.brainspade.sampling import sample_synthetic
 from brainsynth.io import run_main
 
 

@@ -1,6 +1,6 @@
 """Rule train_image_generator: train (or resume) the SPADE VAE-GAN."""
 
-from brainsynth.generators.image_generator import train_image_generator
+from brainsynth.generators.brainspade.image_generator import train_image_generator
 from brainsynth.io import run_main
 
 

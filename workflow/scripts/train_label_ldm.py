@@ -1,6 +1,6 @@
 """Rule train_label_ldm: train (or resume) the conditioned latent diffusion model."""
 
-from brainsynth.generators.label_generator import train_label_ldm
+from brainsynth.generators.brainspade.label_generator import train_label_ldm
 from brainsynth.io import run_main
 from brainsynth.labels import LabelSchema
 

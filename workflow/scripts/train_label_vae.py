@@ -1,6 +1,6 @@
 """Rule train_label_vae: train (or resume) the label autoencoder."""
 
-from brainsynth.generators.label_generator import train_label_vae
+from brainsynth.generators.brainspade.label_generator import train_label_vae
 from brainsynth.io import run_main
 
 

@@ -7,7 +7,8 @@ A generator's output folder holds::
     manifest.tsv                       one row per sample: subject, seed, then what the generator records
 
 :func:`check_samples` is run by each generator on what it wrote, so a generator that leaves a
-file out fails naming it instead of handing a segmentation arm half a sample.
+file out fails naming it instead of handing a segmentation arm half a sample;
+:func:`write_montage` draws the montage every generator writes beside its samples.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..io import save_figure
+from ..qc import label_cmap
 
 MANIFEST_COLUMNS = ("subject", "seed")
 
@@ -52,3 +56,31 @@ def check_samples(out_dir, subjects, modalities, generator):
             if nib.load(str(image)).shape[:3] != shape:
                 raise InputError(f"generator {generator!r}: sample {sid}'s {m} image is not on its label's grid "
                                  f"({nib.load(str(image)).shape[:3]} vs {shape})", subject=sid, file=image, fix=fix)
+
+
+def write_montage(rows, modalities, n_classes, path, max_rows=8):
+    """``rows``: list of (id, hard label (X,Y,Z), {modality: (X,Y,Z)}); mid-axial slices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rows[:max_rows]
+    ncol = 1 + len(modalities)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.9 * ncol, 1.9 * len(rows)), squeeze=False)
+    cmap = label_cmap(n_classes, background=(0, 0, 0, 1))
+    for r, (sid, lab, imgs) in enumerate(rows):
+        z = lab.shape[-1] // 2
+        axes[r, 0].imshow(np.rot90(lab[..., z]), cmap=cmap, vmin=0, vmax=n_classes - 1, interpolation="nearest")
+        axes[r, 0].set_ylabel(sid, fontsize=7)
+        for c, m in enumerate(modalities, start=1):
+            axes[r, c].imshow(np.rot90(imgs[m][..., z]), cmap="gray", vmin=0, vmax=1)
+            if r == 0:
+                axes[r, c].set_title(m, fontsize=8)
+        if r == 0:
+            axes[r, 0].set_title("label", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=100)

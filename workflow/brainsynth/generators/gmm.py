@@ -33,7 +33,7 @@ from scipy.ndimage import gaussian_filter
 from ..errors import InputError
 from ..io import save_nifti, save_table
 from ..preprocess import normalise_intensity
-from .contract import check_samples
+from .contract import check_samples, write_montage
 
 log = logging.getLogger("brainsynth.generators.gmm")
 
@@ -143,8 +143,6 @@ def synthesize_gmm(*, label_paths, out_dir, modalities, params, seed=0, label_so
     manifest = pd.DataFrame(rows)
     save_table(manifest, out_dir / "manifest.tsv")
     if montage:
-        from .sampling import write_montage
-
         write_montage(montage_rows, list(modalities), n_classes, out_dir / "montage.png")
     check_samples(out_dir, list(label_paths), modalities, "gmm")
     log.info("%d domain-randomised samples (%s) in %s", len(rows), ", ".join(modalities), out_dir)

@@ -218,7 +218,7 @@ def label_features(vae_path, hard, n_classes, device="cpu", batch=8):
     import torch
 
     from . import common as C
-    from .label_generator import load_vae
+    from .brainspade.label_generator import load_vae
 
     vae, pay = load_vae(vae_path, device)
     out = []
@@ -295,7 +295,7 @@ def adherence_conditioning(lesion_types, train_values, n_per_mode, seed=0):
     alone (``<type>_only``: that type's dc drawn from its non-zero training values) and
     ``unseen`` (every type at once). Returns a DataFrame with ``mode``. (The ``random`` rows
     the arms train on are audited sample by sample by :func:`synthetic_sample_qc`.)"""
-    from .label_generator import make_conditioning
+    from .brainspade.label_generator import make_conditioning
 
     types = list(lesion_types)
     tv = np.asarray(train_values, dtype=np.float32)
@@ -343,7 +343,7 @@ def reconstruct(vae_path, paths, names, split, device="cpu"):
     import torch
 
     from . import common as C
-    from .label_generator import load_vae
+    from .brainspade.label_generator import load_vae
 
     vae, pay = load_vae(vae_path, device)
     rows, given = [], []
@@ -378,7 +378,7 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
     """
     from ..io import save_table
     from ..labels import LabelSchema
-    from .label_generator import sample_labels, training_conditioning
+    from .brainspade.label_generator import sample_labels, training_conditioning
 
     schema = schema or LabelSchema()
     names = schema.names

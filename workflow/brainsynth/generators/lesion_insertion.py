@@ -36,7 +36,7 @@ from scipy.ndimage import label as connected_components
 
 from ..errors import InputError
 from ..io import save_nifti, save_table
-from .contract import check_samples
+from .contract import check_samples, write_montage
 
 log = logging.getLogger("brainsynth.generators.lesion_insertion")
 
@@ -246,8 +246,6 @@ def insert_lesions(*, hosts, training_labels, subjects, out_dir, modalities, cla
     manifest = pd.DataFrame(rows)
     save_table(manifest, out_dir / "manifest.tsv")
     if montage:
-        from .sampling import write_montage
-
         write_montage(montage_rows, list(modalities), max(classes.values()) + 1, out_dir / "montage.png")
     check_samples(out_dir, list(subjects), modalities, "lesion_insertion")
     return manifest

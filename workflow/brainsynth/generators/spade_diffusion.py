@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..io import save_nifti, save_table
 from . import common as C
-from .contract import check_samples
+from .contract import check_samples, write_montage
 
 log = logging.getLogger("brainsynth.generators.spade_diffusion")
 
@@ -214,8 +214,6 @@ def sample_spade_diffusion(*, model, label_paths, out_dir, modalities, seed=0, s
     manifest = pd.DataFrame(rows)
     save_table(manifest, out_dir / "manifest.tsv")
     if montage:
-        from .sampling import write_montage
-
         write_montage(montage_rows, list(modalities), payload["n_classes"], out_dir / "montage.png")
     check_samples(out_dir, list(label_paths), modalities, "spade_diffusion")
     return manifest

@@ -25,15 +25,14 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
-from ..io import save_figure, save_nifti, save_table
-from ..qc import label_cmap
-from . import common as C
-from .contract import check_samples
+from ...errors import InputError
+from ...io import save_nifti, save_table
+from .. import common as C
+from ..contract import check_samples, write_montage
 from .image_generator import generate_images, load_generator
 from .label_generator import make_conditioning, sample_labels, training_conditioning
 
-log = logging.getLogger("brainsynth.generators.sampling")
+log = logging.getLogger("brainsynth.generators.brainspade.sampling")
 
 
 def _style_table(style_subjects, modalities):
@@ -86,34 +85,6 @@ def _style_drawer(styles, modalities, spatial):
         return style_src, style_imgs
 
     return draw
-
-
-def write_montage(rows, modalities, n_classes, path, max_rows=8):
-    """``rows``: list of (id, hard label (X,Y,Z), {modality: (X,Y,Z)}); mid-axial slices."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = rows[:max_rows]
-    ncol = 1 + len(modalities)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.9 * ncol, 1.9 * len(rows)), squeeze=False)
-    cmap = label_cmap(n_classes, background=(0, 0, 0, 1))
-    for r, (sid, lab, imgs) in enumerate(rows):
-        z = lab.shape[-1] // 2
-        axes[r, 0].imshow(np.rot90(lab[..., z]), cmap=cmap, vmin=0, vmax=n_classes - 1, interpolation="nearest")
-        axes[r, 0].set_ylabel(sid, fontsize=7)
-        for c, m in enumerate(modalities, start=1):
-            axes[r, c].imshow(np.rot90(imgs[m][..., z]), cmap="gray", vmin=0, vmax=1)
-            if r == 0:
-                axes[r, c].set_title(m, fontsize=8)
-        if r == 0:
-            axes[r, 0].set_title("label", fontsize=8)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    return save_figure(fig, path, dpi=100)
 
 
 def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n, out_dir, reference,

@@ -121,9 +121,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
-from ..labels import LabelSchema
-from . import common as C
+from ...errors import InputError
+from ...labels import LabelSchema
+from .. import common as C
 
 log = logging.getLogger("brainsynth.generators.label")
 

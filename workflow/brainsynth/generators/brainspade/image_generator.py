@@ -89,8 +89,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import InputError
-from . import common as C
+from ...errors import InputError
+from .. import common as C
 
 log = logging.getLogger("brainsynth.generators.image")
 

@@ -1,0 +1,7 @@
+"""brainSPADE, the study's generator: label maps from a latent diffusion model conditioned on
+lesion proportions, imaged by a SPADE VAE-GAN styled by real slices.
+
+label_generator  :func:`train_label_vae`, :func:`train_label_ldm`, :func:`sample_labels`, conditioning helpers
+image_generator  :func:`train_image_generator`, :func:`generate_images`
+sampling         :func:`sample_synthetic` (labels -> images -> the sample contract), :func:`restyle_synthetic`
+"""
