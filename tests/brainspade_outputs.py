@@ -1,0 +1,59 @@
+"""Train the brainSPADE generators at the unit tests' tiny settings, sample three subjects and
+print the sha256 of every file written (run by test_brainspade_plugin.py on two source trees).
+
+    python tests/brainspade_outputs.py OUT_DIR     (PYTHONPATH: a tree's workflow/, TESTS_DIR: its tests/)
+"""
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, os.environ["TESTS_DIR"])
+try:
+    from brainsynth.generators.brainspade import image_generator as IG
+    from brainsynth.generators.brainspade import label_generator as LG
+    from brainsynth.generators.brainspade import sampling as S
+except ImportError:  # the layout before generators/brainspade/
+    from brainsynth.generators import image_generator as IG
+    from brainsynth.generators import label_generator as LG
+    from brainsynth.generators import sampling as S
+import test_generators as T  # noqa: E402
+
+
+def main(out):
+    cohort = out / "cohort"
+    cohort.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels, images, rows = [], {"t1": [], "t2": []}, []
+    for i in range(4):
+        lab = T._brain(i, rng)
+        p = cohort / f"sub{i}_labelprob.nii.gz"
+        nib.save(nib.Nifti1Image(np.eye(T.K, dtype=np.float32)[lab], T.AFFINE), p)
+        labels.append(str(p))
+        for m, lut in (("t1", T.T1), ("t2", T.T2)):
+            q = cohort / f"sub{i}_{m}.nii.gz"
+            nib.save(nib.Nifti1Image(lut[lab], T.AFFINE), q)
+            images[m].append(str(q))
+        rows.append({"subject": f"sub{i}", "dc_wmh": float((lab == 6).sum()), "dc_tumour": float((lab >= 7).sum())})
+    cond = pd.DataFrame(rows)
+    for c in ("dc_wmh", "dc_tumour"):
+        cond[c] = cond[c] / cond[c].max()
+    cond.to_csv(cohort / "cond.tsv", sep="\t", index=False)
+    vae = LG.train_label_vae(labels, T.LABEL_CFG, out / "vae")
+    ldm = LG.train_label_ldm(vae["model"], labels, cohort / "cond.tsv", T.LABEL_CFG, out / "ldm")
+    img = IG.train_image_generator(labels, images, T.IMAGE_CFG, out / "img")
+    styles = [{"subject": f"sub{i}", "t1": images["t1"][i], "t2": images["t2"][i]} for i in range(4)]
+    S.sample_synthetic(label_vae=vae["model"], label_ldm=ldm["model"], image_generator=img["model"],
+                       style_subjects=styles, n=3, reference=labels[0], conditioning="random", seed=4, steps=3,
+                       out_dir=out / "samples")
+    for f in sorted(p for p in out.rglob("*") if p.is_file() and "cohort" not in p.parts):
+        print(hashlib.sha256(f.read_bytes()).hexdigest(), f.relative_to(out))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
