@@ -148,6 +148,16 @@ def make_scaler(device, enabled):
     return torch.amp.GradScaler(torch.device(device).type, enabled=bool(enabled))
 
 
+def optimizer_step(loss, opt, scaler):
+    """One (mixed-precision) update of ``opt``'s parameters from ``loss``: the gradients are cleared
+    first, so whatever an earlier backward left in them (a generator loss flowing through the
+    discriminator) does not count."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 def seed_everything(seed):
     """Seed torch (CPU+CUDA), numpy and random; logged."""
     seed = int(seed)

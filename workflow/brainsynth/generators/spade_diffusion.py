@@ -120,10 +120,7 @@ def train_spade_diffusion(label_paths, image_paths, cfg, out_dir, *, max_steps_t
             pred = net(scheduler.add_noise(x0, noise, t), t, seg=seg,
                        class_labels=torch.from_numpy(mods).long().to(device))
             loss = F.mse_loss(pred.float(), noise)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        C.optimizer_step(loss, opt, scaler)
         return {"mse": loss.item()}
 
     training_cfg = {k: v for k, v in cfg.items() if k != "inference_steps"}  # a sampling setting

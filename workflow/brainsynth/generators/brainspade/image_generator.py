@@ -414,7 +414,6 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
         net.train()
         seg, tgt, sty, mlab = batch()
         sty_aug = random_affine(sty, aug["rotate_deg"], aug["scale"], aug["translate"])
-        opt_g.zero_grad(set_to_none=True)
         zero = torch.zeros((), device=device)
         with C.autocast(device, amp):
             fake, mu, logvar = net(seg, sty)
@@ -434,11 +433,7 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
             loss_g = (float(w["adv"]) * g_adv + float(w["feature_matching"]) * fm + float(w["kld"]) * kld
                       + float(w["slice_consistency"]) * sc + float(w["l1"]) * l1 + float(w["class_l1"]) * cl1
                       + float(w["perceptual"]) * p_loss + float(w["modality"]) * cls)
-        sc_g.scale(loss_g).backward()
-        sc_g.step(opt_g)
-        sc_g.update()
-
-        opt_d.zero_grad(set_to_none=True)
+        C.optimizer_step(loss_g, opt_g, sc_g)
         with C.autocast(device, amp):
             d_fake, _ = disc(torch.cat([seg, fake.detach()], 1))
             d_real, _ = disc(torch.cat([seg, tgt], 1))
@@ -446,9 +441,7 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
                             + adv(d_real, target_is_real=True, for_discriminator=True))
             cls_real = F.cross_entropy(clf(tgt), mlab) if use_cls else zero
             loss_d = d_loss + cls_real
-        sc_d.scale(loss_d).backward()
-        sc_d.step(opt_d)
-        sc_d.update()
+        C.optimizer_step(loss_d, opt_d, sc_d)
         return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in {
             "loss_g": loss_g, "adv": g_adv, "feature_matching": fm, "kld": kld, "slice_consistency": sc,
             "l1": l1, "class_l1": cl1, "perceptual": p_loss, "modality_cls": cls, "disc": d_loss, "cls_real": cls_real}.items()}

@@ -475,6 +475,40 @@ def reconstruction_loss(kind, gamma, weight):
                      fix="use focal or dice_ce")
 
 
+def _vae_batch(data, bs, padded, patch, centres, oversample):
+    """``bs`` training maps drawn at random, cropped to ``patch`` (centred on a rare-class voxel
+    with probability ``oversample`` where the map has one) when patches are used."""
+    idx = torch.randint(data.shape[0], (bs,))
+    x = data[idx]
+    if patch is None:
+        return x
+    crops = []
+    for b in range(bs):
+        pos = patch_origin(padded, patch, centres.get(int(idx[b])), oversample)
+        crops.append(x[(b, slice(None)) + tuple(slice(o, o + p) for o, p in zip(pos, patch))])
+    return torch.stack(crops)
+
+
+def _vae_generator_losses(v, logits, z_mu, z_sigma, x, recon, disc, adv_loss, perc):
+    """The autoencoder's loss terms (``loss``: their weighted sum) and the decoded probabilities:
+    reconstruction + KL, the adversarial term when ``disc`` is given (after the warm-up), the
+    perceptual term when ``perc`` is. (The order of the terms fixes autograd's summation order,
+    so a run's weights stay bit for bit what they were.)"""
+    zero = torch.zeros((), device=logits.device)
+    out = {"reconstruction": recon(logits.float(), x), "kl": kl_loss(z_mu.float(), z_sigma.float())}
+    loss = out["reconstruction"] + float(v["kl_weight"]) * out["kl"]
+    prob = torch.softmax(logits.float(), dim=1)
+    out["gen_adv"] = zero
+    if disc is not None:
+        out["gen_adv"] = adv_loss(disc(prob.contiguous())[-1], target_is_real=True, for_discriminator=False)
+        loss = loss + float(v["adv_weight"]) * out["gen_adv"]
+    out["perceptual"] = zero
+    if perc is not None:
+        out["perceptual"] = _channelwise_perceptual(perc, prob, x)
+        loss = loss + float(v["perceptual_weight"]) * out["perceptual"]
+    return {"loss": loss, **out}, prob
+
+
 def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callback=None):
     """Train the label autoencoder. Returns a dict of output paths (``model``, ``config``,
     ``losses_tsv``, ``losses_png``) or, when stopped by ``max_steps_this_run``, ``{"completed": False}``.
@@ -533,46 +567,21 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
 
     def step_fn(step):
         vae.train()
-        idx = torch.randint(data.shape[0], (bs,))
-        x = data[idx]
-        if patch is not None:
-            crops = []
-            for b in range(bs):
-                pos = patch_origin(padded, patch, centres.get(int(idx[b])), float(v["rare_class_oversample"]))
-                crops.append(x[(b, slice(None)) + tuple(slice(o, o + p) for o, p in zip(pos, patch))])
-            x = torch.stack(crops)
-        x = x.to(device).float()
-        opt_g.zero_grad(set_to_none=True)
+        x = _vae_batch(data, bs, padded, patch, centres, float(v["rare_class_oversample"])).to(device).float()
+        adversarial = use_adv and step > warmup
         with C.autocast(device, amp):
             logits, z_mu, z_sigma = vae(x)
-            rec = recon(logits.float(), x)
-            kl = kl_loss(z_mu.float(), z_sigma.float())
-            loss_g = rec + float(v["kl_weight"]) * kl
-            prob = torch.softmax(logits.float(), dim=1)
-            g_adv = torch.zeros((), device=device)
-            if use_adv and step > warmup:
-                g_adv = adv_loss(disc(prob.contiguous())[-1], target_is_real=True, for_discriminator=False)
-                loss_g = loss_g + float(v["adv_weight"]) * g_adv
-            p_loss = torch.zeros((), device=device)
-            if perc is not None:
-                p_loss = _channelwise_perceptual(perc, prob, x)
-                loss_g = loss_g + float(v["perceptual_weight"]) * p_loss
-        sc_g.scale(loss_g).backward()
-        sc_g.step(opt_g)
-        sc_g.update()
-        d_loss = torch.zeros((), device=device)
-        if use_adv and step > warmup:
-            opt_d.zero_grad(set_to_none=True)
+            losses, prob = _vae_generator_losses(v, logits, z_mu, z_sigma, x, recon, disc if adversarial else None,
+                                                 adv_loss, perc)
+        C.optimizer_step(losses["loss"], opt_g, sc_g)
+        losses["disc"] = torch.zeros((), device=device)
+        if adversarial:
             with C.autocast(device, amp):
                 fake = adv_loss(disc(prob.detach().contiguous())[-1], target_is_real=False, for_discriminator=True)
                 real = adv_loss(disc(x.contiguous())[-1], target_is_real=True, for_discriminator=True)
-                d_loss = 0.5 * (fake + real)
-                loss_d = float(v["adv_weight"]) * d_loss
-            sc_d.scale(loss_d).backward()
-            sc_d.step(opt_d)
-            sc_d.update()
-        return {"loss": loss_g.item(), "reconstruction": rec.item(), "kl": kl.item(), "gen_adv": g_adv.item(),
-                "disc": d_loss.item(), "perceptual": p_loss.item()}
+                losses["disc"] = 0.5 * (fake + real)
+            C.optimizer_step(float(v["adv_weight"]) * losses["disc"], opt_d, sc_d)
+        return {k: losses[k].item() for k in ("loss", "reconstruction", "kl", "gen_adv", "disc", "perceptual")}
 
     fp = C.config_hash(_fingerprint_cfg(cfg, "vae"), C.files_fingerprint(label_paths), "label_vae")
     history, completed, _ = C.train_loop(
@@ -743,15 +752,12 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
         ctx = condition_context(cond_t[idx], keep).to(device)
         noise = torch.randn(z.shape).to(device)
         t = torch.randint(0, T, (bs,)).long().to(device)
-        opt.zero_grad(set_to_none=True)
         with C.autocast(device, amp):
             noisy = sched.add_noise(original_samples=z, noise=noise, timesteps=t)
             pred = unet(x=with_condition_channels(noisy, ctx, concat), timesteps=t, context=ctx)
             se = (pred.float() - target(z, noise, t).float()) ** 2
             loss = se.mean() if weights is None else (se * C.pad_to(weights[idx], lpad).to(device)).mean()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        C.optimizer_step(loss, opt, scaler)
         if ema is not None:
             C.ema_update(ema, unet, ema_decay, step)
         return {"mse": loss.item()}
