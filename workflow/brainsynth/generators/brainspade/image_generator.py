@@ -314,6 +314,91 @@ def _crop(x, pos, patch):
 # --------------------------------------------------------------------------- training
 
 
+def _check_disc_size(dcfg, net_shape):
+    """The deepest discriminator halves its input num_layers_d * num_d times; instance norm needs
+    maps of at least 2x2 there."""
+    need = 2 ** (int(dcfg["num_layers_d"]) * int(dcfg["num_d"]))
+    if str(dcfg["norm"]).upper().startswith("INSTANCE"):
+        need *= 3
+    if min(net_shape) < need:
+        raise InputError(f"slices/patches of {net_shape} are too small for {dcfg['num_d']} discriminators "
+                         f"with {dcfg['num_layers_d']} layers (need >= {need} voxels per side)",
+                         field="image_generator.disc", fix="reduce disc.num_d or disc.num_layers_d")
+
+
+def _batch(data, bs, device):
+    """``bs`` training slices: (label map, target image, style slice of the same subject and
+    modality at another level, modality index), padded (and cropped to the patch); a share
+    ``oversample`` of them from slices holding a rare class."""
+    padded, patch, rare_slices = data["padded"], data["patch"], data["rare_slices"]
+    rare_subjects = list(rare_slices)
+    segs, tgts, stys, ms = [], [], [], []
+    for _ in range(bs):
+        zc = None
+        if rare_subjects and float(torch.rand(())) < data["oversample"]:
+            s = rare_subjects[int(torch.randint(len(rare_subjects), (1,)))]
+            zc = rare_slices[s][int(torch.randint(len(rare_slices[s]), (1,)))]
+        else:
+            s = int(torch.randint(data["labels"].shape[0], (1,)))
+        m = int(torch.randint(data["n_modalities"], (1,)))
+        zs = data["brain"][s]
+        zc = zs if zc is None else zc
+        z = int(zc[torch.randint(len(zc), (1,))])
+        others = zs[zs != z] if len(zs) > 1 else zs
+        z2 = int(others[torch.randint(len(others), (1,))])
+        seg = C.pad_background(data["labels"][s, :, :, :, z][None].float(), padded)[0]
+        tgt = C.pad_to(data["images"][s, m, :, :, z][None, None].float(), padded)[0]
+        sty = C.pad_to(data["images"][s, m, :, :, z2][None, None].float(), padded)[0]
+        if patch is not None:
+            pos = _random_crop_pos(padded, patch)
+            seg, tgt = _crop(seg, pos, patch), _crop(tgt, pos, patch)
+            sty = _crop(sty, _random_crop_pos(padded, patch), patch)
+        segs.append(seg)
+        tgts.append(tgt)
+        stys.append(sty)
+        ms.append(m)
+    return (torch.stack(segs).to(device), torch.stack(tgts).to(device), torch.stack(stys).to(device),
+            torch.tensor(ms, device=device))
+
+
+def _generator_losses(net, disc, clf, adv, perc, w, seg, tgt, sty, sty_aug, mlab):
+    """The generated slices and the generator's loss terms (``loss_g``: their weighted sum):
+    hinge adversarial, discriminator feature matching, KL of the style code, slice consistency
+    of the style code under augmentation, L1 / class-balanced L1 / perceptual where weighted, and
+    the modality classifier's cross-entropy when ``clf`` is given."""
+    zero = torch.zeros((), device=seg.device)
+    fake, mu, logvar = net(seg, sty)
+    fake = fake.float()
+    d_fake, f_fake = disc(torch.cat([seg, fake], 1))
+    with torch.no_grad():
+        _, f_real = disc(torch.cat([seg, tgt], 1))
+    g_adv = adv(d_fake, target_is_real=True, for_discriminator=False)
+    fm = feature_matching(f_fake, f_real)
+    kld = kld_loss(mu.float(), logvar.float())
+    mu_aug, _ = net.encoder(sty_aug)
+    sc = (1 - F.cosine_similarity(mu.float(), mu_aug.float(), dim=1, eps=1e-6)).mean()
+    l1 = F.l1_loss(fake, tgt) if float(w["l1"]) > 0 else zero
+    cl1 = class_balanced_l1(fake, tgt, seg) if float(w["class_l1"]) > 0 else zero
+    p_loss = perc(fake, tgt) if perc is not None else zero
+    cls = F.cross_entropy(clf(fake), mlab) if clf is not None else zero
+    loss_g = (float(w["adv"]) * g_adv + float(w["feature_matching"]) * fm + float(w["kld"]) * kld
+              + float(w["slice_consistency"]) * sc + float(w["l1"]) * l1 + float(w["class_l1"]) * cl1
+              + float(w["perceptual"]) * p_loss + float(w["modality"]) * cls)
+    return fake, {"loss_g": loss_g, "adv": g_adv, "feature_matching": fm, "kld": kld, "slice_consistency": sc,
+                  "l1": l1, "class_l1": cl1, "perceptual": p_loss, "modality_cls": cls}
+
+
+def _discriminator_losses(disc, clf, adv, seg, tgt, fake, mlab):
+    """Hinge loss of the discriminator on real and generated slices, and the modality
+    classifier's cross-entropy on the real slices when ``clf`` is given."""
+    d_fake, _ = disc(torch.cat([seg, fake.detach()], 1))
+    d_real, _ = disc(torch.cat([seg, tgt], 1))
+    d_loss = 0.5 * (adv(d_fake, target_is_real=False, for_discriminator=True)
+                    + adv(d_real, target_is_real=True, for_discriminator=True))
+    cls_real = F.cross_entropy(clf(tgt), mlab) if clf is not None else torch.zeros((), device=seg.device)
+    return d_loss, cls_real
+
+
 def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_this_run=None, callback=None):
     """Train the SPADE VAE-GAN. ``image_paths``: dict modality -> list of paths aligned with
     ``label_paths``. Returns a dict of output paths (``model``, ``config``, ``losses_tsv``,
@@ -343,14 +428,7 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
     w = cfg["weights"]
     dcfg = cfg["disc"]
     min_size = min(net_shape)
-    # the deepest discriminator halves the input num_layers_d*num_d times; instance norm needs >= 2x2 maps
-    need = 2 ** (int(dcfg["num_layers_d"]) * int(dcfg["num_d"]))
-    if str(dcfg["norm"]).upper().startswith("INSTANCE"):
-        need *= 3
-    if min_size < need:
-        raise InputError(f"slices/patches of {net_shape} are too small for {dcfg['num_d']} discriminators "
-                         f"with {dcfg['num_layers_d']} layers (need >= {need} voxels per side)",
-                         field="image_generator.disc", fix="reduce disc.num_d or disc.num_layers_d")
+    _check_disc_size(dcfg, net_shape)
     log.info("image generator: %d subjects, modalities %s, %d classes, slice %s (padded %s), patch %s, "
              "device %s, amp %s", n_sub, mods, n_classes, slice_shape, padded, patch, device, amp)
 
@@ -379,72 +457,22 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
     if oversample > 0:
         log.info("rare classes %s: %.0f%% of the batch from slices holding one (%d of %d subjects hold one)",
                  rare, 100 * oversample, len(rare_slices), n_sub)
-    rare_subjects = list(rare_slices)
-
-    def batch():
-        segs, tgts, stys, ms = [], [], [], []
-        for _ in range(bs):
-            zc = None
-            if rare_subjects and float(torch.rand(())) < oversample:
-                s = rare_subjects[int(torch.randint(len(rare_subjects), (1,)))]
-                zc = rare_slices[s][int(torch.randint(len(rare_slices[s]), (1,)))]
-            else:
-                s = int(torch.randint(n_sub, (1,)))
-            m = int(torch.randint(len(mods), (1,)))
-            zs = brain[s]
-            zc = zs if zc is None else zc
-            z = int(zc[torch.randint(len(zc), (1,))])
-            others = zs[zs != z] if len(zs) > 1 else zs
-            z2 = int(others[torch.randint(len(others), (1,))])
-            seg = C.pad_background(labels[s, :, :, :, z][None].float(), padded)[0]
-            tgt = C.pad_to(images[s, m, :, :, z][None, None].float(), padded)[0]
-            sty = C.pad_to(images[s, m, :, :, z2][None, None].float(), padded)[0]
-            if patch is not None:
-                pos = _random_crop_pos(padded, patch)
-                seg, tgt = _crop(seg, pos, patch), _crop(tgt, pos, patch)
-                sty = _crop(sty, _random_crop_pos(padded, patch), patch)
-            segs.append(seg)
-            tgts.append(tgt)
-            stys.append(sty)
-            ms.append(m)
-        return (torch.stack(segs).to(device), torch.stack(tgts).to(device), torch.stack(stys).to(device),
-                torch.tensor(ms, device=device))
+    data = {"labels": labels, "images": images, "brain": brain, "n_modalities": len(mods), "padded": padded,
+            "patch": patch, "rare_slices": rare_slices, "oversample": oversample}
 
     def step_fn(step):
         net.train()
-        seg, tgt, sty, mlab = batch()
+        seg, tgt, sty, mlab = _batch(data, bs, device)
         sty_aug = random_affine(sty, aug["rotate_deg"], aug["scale"], aug["translate"])
-        zero = torch.zeros((), device=device)
         with C.autocast(device, amp):
-            fake, mu, logvar = net(seg, sty)
-            fake = fake.float()
-            d_fake, f_fake = disc(torch.cat([seg, fake], 1))
-            with torch.no_grad():
-                _, f_real = disc(torch.cat([seg, tgt], 1))
-            g_adv = adv(d_fake, target_is_real=True, for_discriminator=False)
-            fm = feature_matching(f_fake, f_real)
-            kld = kld_loss(mu.float(), logvar.float())
-            mu_aug, _ = net.encoder(sty_aug)
-            sc = (1 - F.cosine_similarity(mu.float(), mu_aug.float(), dim=1, eps=1e-6)).mean()
-            l1 = F.l1_loss(fake, tgt) if float(w["l1"]) > 0 else zero
-            cl1 = class_balanced_l1(fake, tgt, seg) if float(w["class_l1"]) > 0 else zero
-            p_loss = perc(fake, tgt) if perc is not None else zero
-            cls = F.cross_entropy(clf(fake), mlab) if use_cls else zero
-            loss_g = (float(w["adv"]) * g_adv + float(w["feature_matching"]) * fm + float(w["kld"]) * kld
-                      + float(w["slice_consistency"]) * sc + float(w["l1"]) * l1 + float(w["class_l1"]) * cl1
-                      + float(w["perceptual"]) * p_loss + float(w["modality"]) * cls)
-        C.optimizer_step(loss_g, opt_g, sc_g)
+            fake, terms = _generator_losses(net, disc, clf if use_cls else None, adv, perc, w, seg, tgt, sty, sty_aug,
+                                            mlab)
+        C.optimizer_step(terms["loss_g"], opt_g, sc_g)
         with C.autocast(device, amp):
-            d_fake, _ = disc(torch.cat([seg, fake.detach()], 1))
-            d_real, _ = disc(torch.cat([seg, tgt], 1))
-            d_loss = 0.5 * (adv(d_fake, target_is_real=False, for_discriminator=True)
-                            + adv(d_real, target_is_real=True, for_discriminator=True))
-            cls_real = F.cross_entropy(clf(tgt), mlab) if use_cls else zero
-            loss_d = d_loss + cls_real
-        C.optimizer_step(loss_d, opt_d, sc_d)
-        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in {
-            "loss_g": loss_g, "adv": g_adv, "feature_matching": fm, "kld": kld, "slice_consistency": sc,
-            "l1": l1, "class_l1": cl1, "perceptual": p_loss, "modality_cls": cls, "disc": d_loss, "cls_real": cls_real}.items()}
+            d_loss, cls_real = _discriminator_losses(disc, clf if use_cls else None, adv, seg, tgt, fake, mlab)
+        C.optimizer_step(d_loss + cls_real, opt_d, sc_d)
+        terms.update(disc=d_loss, cls_real=cls_real)
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
 
     fp = C.config_hash(C.training_fingerprint_config(cfg),
                        C.files_fingerprint(label_paths + [p for m in mods for p in image_paths[m]]), mods,

@@ -642,6 +642,43 @@ def _encode_all(vae, data, device, batch=4):
     return torch.cat(mus), torch.cat(sigmas)
 
 
+def _check_ldm_settings(m):
+    """Refuse LDM settings outside their ranges before any work, naming the key."""
+    p_drop = float(m["condition_dropout"])
+    if not 0.0 <= p_drop < 1.0:
+        raise InputError(f"ldm.condition_dropout must be in [0, 1), got {p_drop}",
+                         field="label_generator.ldm.condition_dropout", fix="use e.g. 0.15, or 0 to disable")
+    ema_decay = float(m["ema_decay"])
+    if not 0.0 <= ema_decay < 1.0:
+        raise InputError(f"ldm.ema_decay must be in [0, 1), got {ema_decay}",
+                         field="label_generator.ldm.ema_decay",
+                         fix="use e.g. 0.999, or 0 to sample from the last weights")
+    if m["latents"] not in ("mean", "sample"):
+        raise InputError(f"ldm.latents must be mean or sample, got {m['latents']!r}",
+                         field="label_generator.ldm.latents")
+    if m["latent_norm"] not in ("global", "channel"):
+        raise InputError(f"ldm.latent_norm must be global or channel, got {m['latent_norm']!r}",
+                         field="label_generator.ldm.latent_norm")
+
+
+def _latent_normalisation(mu, sigma, m, seed):
+    """``(z_sample, scale_factor, shift, scale)``: the latents the LDM learns (posterior means, or
+    one seeded draw from the posterior) and the per-channel shift and scale that standardise them
+    (``global``: MONAI tutorials' one scale factor, no shift; ``channel``: per-channel mean / std)."""
+    g = C.generator(seed + 1)
+    z_sample = mu if m["latents"] == "mean" else mu + sigma * torch.randn(mu.shape, generator=g)
+    scale_factor = float(1.0 / z_sample.flatten().std().clamp_min(1e-6))
+    nc = mu.shape[1]
+    if m["latent_norm"] == "global":
+        shift = torch.zeros(nc)
+        scale = torch.full((nc,), scale_factor)
+    else:
+        zc = z_sample.transpose(0, 1).reshape(nc, -1)
+        shift = zc.mean(1)
+        scale = 1.0 / zc.std(1).clamp_min(1e-6)
+    return z_sample, scale_factor, shift, scale
+
+
 def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects=None, schema=None,
                     max_steps_this_run=None, callback=None):
     """Train the conditioned latent diffusion model on the frozen VAE's latents.
@@ -658,15 +695,8 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     schema = schema or LabelSchema()
     C.seed_everything(cfg["seed"])
 
-    p_drop = float(m["condition_dropout"])
-    if not 0.0 <= p_drop < 1.0:
-        raise InputError(f"ldm.condition_dropout must be in [0, 1), got {p_drop}",
-                         field="label_generator.ldm.condition_dropout", fix="use e.g. 0.15, or 0 to disable")
-    ema_decay = float(m["ema_decay"])
-    if not 0.0 <= ema_decay < 1.0:
-        raise InputError(f"ldm.ema_decay must be in [0, 1), got {ema_decay}",
-                         field="label_generator.ldm.ema_decay",
-                         fix="use e.g. 0.999, or 0 to sample from the last weights")
+    _check_ldm_settings(m)
+    p_drop, ema_decay = float(m["condition_dropout"]), float(m["ema_decay"])
 
     vae, vpay = load_vae(vae_path, device)
     for p in vae.parameters():
@@ -697,24 +727,9 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
         weights = 1.0 + lesion_w * latent_lesion_mask(data, schema, mu.shape[2:])
         log.info("label LDM: loss weight 1 + %g on latent voxels over lesions (%.2f%% of the latent voxels)",
                  lesion_w, 100 * float((weights > 1).float().mean()))
-    g = C.generator(int(cfg["seed"]) + 1)
     use_mean = m["latents"] == "mean"
-    if m["latents"] not in ("mean", "sample"):
-        raise InputError(f"ldm.latents must be mean or sample, got {m['latents']!r}",
-                         field="label_generator.ldm.latents")
-    z_sample = mu if use_mean else mu + sigma * torch.randn(mu.shape, generator=g)
-    scale_factor = float(1.0 / z_sample.flatten().std().clamp_min(1e-6))
+    z_sample, scale_factor, shift, scale = _latent_normalisation(mu, sigma, m, int(cfg["seed"]))
     nc = mu.shape[1]
-    if m["latent_norm"] == "global":  # MONAI tutorials: one scale factor, no shift
-        shift = torch.zeros(nc)
-        scale = torch.full((nc,), scale_factor)
-    elif m["latent_norm"] == "channel":  # per-channel standardisation (shift + scale)
-        zc = z_sample.transpose(0, 1).reshape(nc, -1)
-        shift = zc.mean(1)
-        scale = 1.0 / zc.std(1).clamp_min(1e-6)
-    else:
-        raise InputError(f"ldm.latent_norm must be global or channel, got {m['latent_norm']!r}",
-                         field="label_generator.ldm.latent_norm")
     bshape = (1, nc) + (1,) * (mu.ndim - 2)
     shift_b, scale_b = shift.view(bshape), scale.view(bshape)
     log.info("label LDM: VAE posterior sigma mean %.3g vs latent mean std %.3g; training on %s latents",
