@@ -10,6 +10,7 @@ consistency, image FID).
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -190,7 +191,6 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
 def test_drop_flagged_samples_feeds_the_sample_qc_to_synthetic_arms_only(tmp_path):
     import copy
 
-    import re
 
     cfg = copy.deepcopy(TINY_GEN)
     # Su draws from a sample set (other conditioning): the QC table does not cover its samples
@@ -215,7 +215,6 @@ def test_arms_draw_from_the_generator_their_recipe_names(tmp_path):
     """An arm naming generator: gmm trains on the gmm images of its sample set's label maps, one
     naming lesion_insertion on that generator's samples; their rules run for those arms only."""
     import copy
-    import re
 
     cfg = copy.deepcopy(TINY_GEN)
     cfg["segmentation"] = {"tasks": ["tumour"], "arms": ["S", "Sg", "Sgu", "Sl", "Sd"],
@@ -257,6 +256,27 @@ def test_arms_draw_from_the_generator_their_recipe_names(tmp_path):
     # without such arms their rules stay out of the DAG
     code, out = run_snakemake(tmp_path, "-n", config=TINY_GEN)
     assert code == 0 and not {"synthesize_gmm", "insert_lesions", "train_spade_diffusion"} & set(planned_jobs(out))
+
+
+def test_spade_diffusion_images_only_the_modalities_its_arms_read(tmp_path):
+    """Each SPADE diffusion image is a full DDIM chain: a FLAIR-only task's arm gets FLAIR images
+    and no T1 / T2 is drawn; an arm on the T1 + FLAIR task adds T1."""
+    import copy
+
+    cfg = copy.deepcopy(TINY_GEN)
+    cfg["segmentation"] = {"tasks": ["tumour"], "arms": ["Sd"],
+                           "task_definitions": {"tumour": {"modalities": ["flair"]}},
+                           "recipes": {"Sd": {"synthetic": 1.0, "generator": "spade_diffusion"}}}
+
+    def drawn(config):
+        code, out = run_snakemake(tmp_path, "-n", config=config)
+        assert code == 0, out[-3000:]
+        block = next(b for b in re.split(r"\n(?=rule |localrule )", out) if b.startswith("rule sample_spade_diffusion:"))
+        return sorted({m for m in ("t1", "t2", "flair") if f"synth0001/{m}.nii.gz" in block})
+
+    assert drawn(cfg) == ["flair"]
+    cfg["segmentation"]["task_definitions"]["tumour"]["modalities"] = ["t1", "flair"]
+    assert drawn(cfg) == ["flair", "t1"]
 
 
 def test_drop_flagged_samples_unit(tmp_path):

@@ -981,6 +981,28 @@ def benchmark_fid_files():
     return {k: v for k, v in found.items() if v}
 
 
+def generator_modalities(generator, sample_set=None):
+    """The modalities a generator images for a sample set, in run order: those its arms feed
+    their tasks and, for the main set, those the benchmark image FID reads; every modality of
+    the run when nothing names them (a generator run for its samples alone)."""
+    needed = {
+        m
+        for (t, a), mods in SEG_DESIGN["modalities"].items()
+        if SEG_DESIGN["cases"][a]["synthetic"]
+        and SEG_DESIGN["generators"][a] == generator
+        and SEG_DESIGN["sample_sets"][a] == sample_set
+        for m in mods
+    }
+    if sample_set is None:
+        needed |= {
+            m
+            for key in benchmark_fid_files()
+            if key.split("/")[1] == generator
+            for m in SEG_DESIGN["task_inputs"][key.split("/")[0]][0]
+        }
+    return [m for m in MODALITIES if m in needed] or MODALITIES
+
+
 def benchmark_targets():
     out = [f"{R}/benchmark/generators.{ext}" for ext in ("csv", "png")] if BENCH_COMPARISONS else []
     if VALUE_CURVE:

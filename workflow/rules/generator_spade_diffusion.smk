@@ -40,7 +40,8 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
     _suffix = "" if _set is None else f"_{_set}"
 
     rule:
-        """Images of the label maps of one sample set, every modality of the run."""
+        """Images of the label maps of one sample set, in the modalities its arms read (each image
+        is a full DDIM chain: a modality no arm reads is not drawn)."""
         name:
             f"sample_spade_diffusion{_suffix}"
         input:
@@ -50,7 +51,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
             samples=[
                 f"{generator_folder(_set, 'spade_diffusion')}/{sid}/{f}.nii.gz"
                 for sid in sample_set_ids(_set)
-                for f in ["label", *MODALITIES]
+                for f in ["label", *generator_modalities("spade_diffusion", _set)]
             ],
             manifest=f"{os.path.dirname(generator_folder(_set, 'spade_diffusion'))}/manifest.tsv",
             montage=report(
@@ -63,7 +64,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
             inference_steps=SDCFG.get("inference_steps"),
             device=SDCFG.get("device", "auto"),
             subjects=sample_set_ids(_set),
-            modalities=MODALITIES,
+            modalities=generator_modalities("spade_diffusion", _set),
             out=lambda wc, output: os.path.dirname(output.manifest),
         conda:
             "../../envs/generators.yaml"

@@ -37,12 +37,15 @@ DEFAULTS = {
     "steps": 1500,
     "batch_size": 8,
     "lr": 2.5e-4,
-    "channels": [32, 64, 64],
+    # the full-resolution level holds most of the compute (its SPADE convolutions above all):
+    # 16 channels there and 16 in the SPADE branch halve sampling and training time on a CPU
+    # against 32 / 32 (0.83 vs 1.99 s per forward of 38 slices at 48x56, 2026-12-04)
+    "channels": [16, 32, 64],
     "attention_levels": [False, False, True],
     "num_res_blocks": 1,
-    "norm_num_groups": 16,
+    "norm_num_groups": 8,
     "num_head_channels": 16,
-    "spade_intermediate_channels": 32,
+    "spade_intermediate_channels": 16,
     "num_train_timesteps": 1000,
     "inference_steps": 25,
     "checkpoint_every": 50,
