@@ -186,6 +186,14 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     fid = pd.read_csv(res / "benchmark" / "quality" / "image_fid_tissue3_gmm.tsv", sep="\t").set_index("set")
     assert bench.loc["Sg", "image_fid"] == pytest.approx(fid.loc["synthetic", "fid"]) and fid.loc["synthetic", "fid"] > 0
     assert (res / "benchmark" / "generators.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the quality of the generator's samples, beside the real baselines in the real row
+    quality = pd.read_csv(res / "benchmark" / "quality" / "generator_quality_gmm.tsv", sep="\t")
+    quality = quality.set_index(["measure", "item"])
+    assert bench.loc["Sg", "ms_ssim"] == pytest.approx(quality.loc[("ms_ssim", "t1"), "synthetic"])
+    assert bench.loc["R", "ms_ssim"] == pytest.approx(quality.loc[("ms_ssim", "t1"), "real"])
+    assert 0 <= bench.loc["Sg", "conditioning_adherence"] <= 1 and bench.loc["Sg", "volume_abs_d"] >= 0
+    assert bench.loc["Sg", "nearest_training_dice"] == pytest.approx(
+        quality.loc[("nearest_training_dice", "mean"), "synthetic"])
 
 
 def test_drop_flagged_samples_feeds_the_sample_qc_to_synthetic_arms_only(tmp_path):

@@ -10,6 +10,7 @@ and the task's tables, and that a training setting reruns training but not the d
 
 import json
 import re
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -112,9 +113,12 @@ def test_test_sets_and_dataset_ids():
         "role": ["far_ood", "in_distribution", "in_distribution", "near_ood", "in_distribution"]})
     assert design.test_sets(subjects) == {"in_distribution": ["s2", "s5"], "near_ood": ["s3"], "far_ood": ["s4"]}
     assert design.test_sets(subjects.drop(columns="role")) == {"a": ["s2", "s5"], "c": ["s4"], "b": ["s3"]}
-    tasks, recipes = ["tissue", "tumour", "wmh"], ["R", "S", "H"]
-    ids = {(t, a): design.dataset_id(t, a, tasks, recipes) for t in tasks for a in recipes}
-    assert ids[("tissue", "R")] == 100 and ids[("wmh", "H")] == 302 and len(set(ids.values())) == 9
+    # the id follows the (task, arm) name, not list positions: adding an arm moves no other
+    assert design.dataset_id("tissue", "R") == 100 + zlib.crc32(b"tissue/R") % 900
+    ids = [design.dataset_id(t, a, base=500) for t in ("tissue", "wmh") for a in ("R", "S", "VC_R100_S200_gmm_seed1")]
+    assert all(500 <= i <= 999 for i in ids) and len(set(ids)) > 1
+    with pytest.raises(InputError, match="dataset_id_base"):
+        design.dataset_id("tissue", "R", base=0)
     assert design.dataset_name("tumour", "R50S50") == "tumour-R50S50"
 
 
@@ -262,7 +266,8 @@ def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path)
     ds = {a: json.loads((seg_dir / a / "dataset.json").read_text()) for a in ("R", "Rhalf")}
     assert (ds["R"]["n_real"], ds["Rhalf"]["n_real"]) == (3, 2)
     assert {c["case_id"] for c in ds["Rhalf"]["cases"]} < {c["case_id"] for c in ds["R"]["cases"]}
-    assert ds["R"]["labels"] == {"background": 0, "wmh": 1} and ds["R"]["dataset_id"] != ds["Rhalf"]["dataset_id"]
+    assert ds["R"]["labels"] == {"background": 0, "wmh": 1}
+    assert [ds[a]["dataset_id"] for a in ("R", "Rhalf")] == [design.dataset_id("wmh", a) for a in ("R", "Rhalf")]
     raw = seg_dir / "R" / "nnunet" / "raw" / ds["R"]["dataset_name"]
     for case in ds["R"]["cases"]:
         lab = raw / "labelsTr" / f"{case['case_id']}.nii.gz"

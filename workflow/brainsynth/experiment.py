@@ -76,6 +76,8 @@ RECIPE_KEYS = ("relative_to", "n_real", "real_pool", "modalities", "sample_set",
 # lesion_insertion = real healthy training subjects with lesions grown in; spade_diffusion = the
 # label generator's maps imaged by a SPADE-normalised diffusion model
 GENERATORS = ("brainspade", "gmm", "lesion_insertion", "spade_diffusion")
+# generators that image another generator's label maps: that one's manifest holds the conditioning
+LABEL_MAPS_FROM = {"gmm": "brainspade", "spade_diffusion": "brainspade"}
 SELECTOR_KEYS = {"roles": "role", "sites": "site", "phenotypes": "phenotype"}
 RELATIVE_TO = ("pool", "real")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -310,21 +312,17 @@ def task_inputs(task_cfg, modalities, test_set_names, task="?"):
     return channels, out
 
 
-def dataset_id(task, arm, tasks, arms, base=100, stride=100):
-    """nnU-Net dataset id ``base + stride * task_index + arm_index`` (positions in the run lists).
+def dataset_id(task, arm, base=100):
+    """nnU-Net dataset id of a (task, arm): ``base`` + a checksum of the pair's name, in ``base..999``.
 
-    Every arm has its own nnU-Net roots, so the id only has to be unique within
-    them; distinct ids per (task, arm) keep logs and result folders unambiguous.
+    Every arm has its own nnU-Net roots, so the id only has to be valid there; derived from the
+    name, it does not move when arms are added, removed or reordered (a moved id renames the
+    arm's nnU-Net folders and retrains it).
     """
-    t = list(tasks).index(task)
-    a = list(arms).index(arm)
-    if a >= stride:
-        raise InputError(f"more than {stride} arms", field="segmentation.arms", fix="run fewer arms at once")
-    value = int(base) + stride * t + a
-    if not 1 <= value <= 999:
-        raise InputError(f"dataset id {value} for {task}/{arm} is outside 1..999",
-                         field="segmentation.nnunet.dataset_id_base", fix="lower dataset_id_base")
-    return value
+    if not 1 <= int(base) <= 999:
+        raise InputError(f"dataset id base {base} is outside 1..999", field="segmentation.nnunet.dataset_id_base",
+                         fix="use a base between 1 and 999")
+    return int(base) + zlib.crc32(f"{task}/{arm}".encode()) % (1000 - int(base))
 
 
 def dataset_name(task, arm):

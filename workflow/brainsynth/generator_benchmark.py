@@ -6,7 +6,11 @@ table gives the per-subject mean Dice over the task's classes (mean (std) over t
 subjects), the per-class means, the difference to the reference arm and the two-sided
 Wilcoxon signed-rank p-value against it (paired by subject: every arm of a task is scored on
 the same test subjects); per generator the image FID and k-NN precision / recall of its images
-on the task's real-data nnU-Net encoder (as the synthesis audit's image FID) and its compute,
+on the task's real-data nnU-Net encoder (as the synthesis audit's image FID), the quality of its
+main-set samples (``generators.benchmark_quality``: MS-SSIM diversity in the task's modalities,
+mean |Cohen's d| of tissue volumes against the training subjects, conditioning adherence,
+nearest-training Dice and the share of samples closer to a training map than any held-out
+subject) and its compute,
 read from the Snakemake benchmark files of its jobs: training wall time (its own training and
 the training of what it draws from), sampling wall time per volume and the peak resident
 memory of those jobs.
@@ -30,6 +34,12 @@ FOOTNOTE = ("Dice: per-subject mean over the task's classes, mean (std) over the
             "real training images on the features of the task's real-data nnU-Net encoder (real rows: the "
             "held-out real images, the baseline; lesion_insertion's images are real training subjects with "
             "lesions, so they sit near that reference by construction); "
+            "MS-SSIM: mean pairwise MS-SSIM among the generator's main-set images in the task's modalities "
+            "(real rows: among the generators' real training images; lower = more diverse); |d| volumes: mean "
+            "|Cohen's d| of the tissue volume fractions against the training subjects'; adherence: share of "
+            "samples holding every requested lesion type and no other; nearest Dice: mean Dice of each "
+            "sample to its nearest training map (real rows: held-out real subjects, the memorisation "
+            "baseline), in brackets the share of samples closer to a training map than any held-out subject; "
             "compute from Snakemake benchmark files (training: wall time of the generator's training jobs "
             "and of those it draws from; sampling: wall time of its sampling job per volume, for gmm and "
             "spade_diffusion without the label maps they image, drawn by brainspade's sampling job; peak memory: "
@@ -92,14 +102,42 @@ def _quality(fid, task, generator):
             "image_recall": float(row["recall"])}
 
 
-def benchmark_table(scores, comparisons, arms, compute, fid=None):
+SAMPLE_QUALITY = ("ms_ssim", "volume_abs_d", "conditioning_adherence", "nearest_training_dice",
+                  "closer_than_held_out")
+
+
+def _sample_quality(quality, generator, modalities):
+    """The :mod:`generators.benchmark_quality` figures of a generator's samples (MS-SSIM over
+    ``modalities``); for the real reference arm, the real baselines of the same tables."""
+    nan = dict.fromkeys(SAMPLE_QUALITY, math.nan)
+    table = next(iter(quality.values()), None) if generator == REAL else quality.get(generator)
+    if table is None:
+        return nan
+    col = "real" if generator == REAL else "synthetic"
+
+    def pick(measure, items=None):
+        rows = table[table["measure"] == measure]
+        if items is not None:
+            rows = rows[rows["item"].isin(list(items))]
+        return float(rows[col].mean()) if len(rows) else math.nan
+
+    out = {"ms_ssim": pick("ms_ssim", modalities), "nearest_training_dice": pick("nearest_training_dice")}
+    if generator != REAL:
+        out.update(volume_abs_d=pick("mean_abs_cohens_d"), conditioning_adherence=pick("conditioning_adherence"),
+                   closer_than_held_out=pick("closer_than_held_out"))
+    return {**nan, **out}
+
+
+def benchmark_table(scores, comparisons, arms, compute, fid=None, quality=None, task_modalities=None):
     """One row per (comparison, arm): the reference arm first, then the compared arms.
 
     ``scores``: long scores of every arm named (columns arm, test_set, subject, class, metric,
     value); ``arms``: arm -> {"generator", "n_real", "n_synthetic"}; ``compute``: generator ->
     :func:`generator_compute`; ``fid``: (task, generator) -> the image FID table of that
-    generator's main-set images (rows held_out_real ..., synthetic)."""
-    fid = fid or {}
+    generator's main-set images (rows held_out_real ..., synthetic); ``quality``: generator ->
+    its :func:`generators.benchmark_quality.generator_quality` table; ``task_modalities``: task
+    -> the modalities its MS-SSIM is read in (default: all in the table)."""
+    fid, quality, task_modalities = fid or {}, quality or {}, task_modalities or {}
     rows = []
     for comp in comparisons:
         ref, _ = _subject_dice(scores, comp["task"], comp["reference"], comp["test_set"])
@@ -117,6 +155,7 @@ def benchmark_table(scores, comparisons, arms, compute, fid=None):
                                       else compare(per_subject, ref, test="wilcoxon")),
                    **{f"dice_{c}": float(v) for c, v in per_class.items()}}
             row.update(_quality(fid, comp["task"], generator))
+            row.update(_sample_quality(quality, generator, task_modalities.get(comp["task"])))
             row.update(compute.get(generator, dict.fromkeys(("training_s", "sampling_s_per_volume",
                                                               "peak_rss_mb"), math.nan)))
             rows.append(row)
@@ -138,6 +177,13 @@ def _display(table):
         "image FID": [fmt(v, 3) for v in table["image_fid"]],
         "precision / recall": [f"{fmt(p, 2)} / {fmt(r, 2)}" for p, r in zip(table["image_precision"],
                                                                           table["image_recall"])],
+        "MS-SSIM": [fmt(v, 3) for v in table["ms_ssim"]],
+        "|d| volumes": [fmt(v, 2) if g != REAL else "" for v, g in zip(table["volume_abs_d"], table["generator"])],
+        "adherence": [fmt(v, 2) if g != REAL else "" for v, g in zip(table["conditioning_adherence"],
+                                                                    table["generator"])],
+        "nearest Dice (closer)": [fmt(d, 3) + ("" if g == REAL else f" ({fmt(c, 2)})") for d, c, g in
+                                  zip(table["nearest_training_dice"], table["closer_than_held_out"],
+                                      table["generator"])],
         "training (s)": [fmt(v, 0) if g != REAL else "" for v, g in zip(table["training_s"], table["generator"])],
         "sampling (s/volume)": [fmt(v, 2) if g != REAL else ""
                                 for v, g in zip(table["sampling_s_per_volume"], table["generator"])],
@@ -173,12 +219,12 @@ def benchmark_figure(scores, comparisons, arms, path):
     return save_figure(fig, path, dpi=120)
 
 
-def write_benchmark(scores, comparisons, arms, compute, paths, fid=None):
+def write_benchmark(scores, comparisons, arms, compute, paths, fid=None, quality=None, task_modalities=None):
     """The table as csv / md / tex and the figure (``paths``: csv, md, tex, figure)."""
     if not comparisons:
         raise InputError("no comparison to benchmark", field="generator_benchmark.comparisons",
                          fix="list {task, test_set, reference, arms} entries")
-    table = benchmark_table(scores, comparisons, arms, compute, fid)
+    table = benchmark_table(scores, comparisons, arms, compute, fid, quality, task_modalities)
     with atomic_path(paths["csv"]) as tmp:
         table.to_csv(tmp, index=False)
     shown = _display(table)

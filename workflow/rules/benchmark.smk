@@ -11,6 +11,7 @@ rule generator_benchmark:
             )
         ],
         fid=list(benchmark_fid_files().values()),
+        quality=list(generator_quality_files().values()),
     output:
         csv=report(
             f"{R}/benchmark/generators.csv",
@@ -37,6 +38,8 @@ rule generator_benchmark:
         generators=benchmark_generators(),
         benchmarks=BENCH,
         fid=benchmark_fid_files(),
+        quality=generator_quality_files(),
+        task_modalities={t: list(SEG_DESIGN["task_inputs"][t][0]) for t in SEG_TASKS},
     conda:
         "../../envs/segmentation.yaml"
     log:
@@ -82,6 +85,54 @@ rule generator_image_fid:
         runtime=30,
     script:
         "../scripts/synthetic_image_fid.py"
+
+
+rule generator_quality:
+    """One generator's main-set samples on the synthesis audit's measures: MS-SSIM diversity beside
+    the real training images', Cohen's d of tissue volumes, conditioning adherence, tissue range,
+    nearest-training Dice beside the held-out real subjects' (memorisation)."""
+    input:
+        samples=lambda wc: [
+            f"{generator_folder(None, wc.generator)}/{sid}/{f}.nii.gz"
+            for sid in sample_set_ids()
+            for f in ["label", *drawn_modalities(wc.generator)]
+        ],
+        manifest=lambda wc: label_manifest(wc.generator),
+        splits=split_tables(generator_training_subjects() + held_out_label_subjects()),
+    output:
+        f"{R}/benchmark/quality/generator_quality_{{generator}}.tsv",
+    params:
+        samples=lambda wc: {
+            sid: {
+                f: f"{generator_folder(None, wc.generator)}/{sid}/{f}.nii.gz"
+                for f in ["label", *drawn_modalities(wc.generator)]
+            }
+            for sid in sample_set_ids()
+        },
+        training=lambda wc: {
+            s: {
+                "labelprob": grid_file(s, "tissue_prob"),
+                **{m: grid_file(s, m) for m in drawn_modalities(wc.generator)},
+            }
+            for s in generator_training_subjects()
+        },
+        held_out={s: grid_file(s, "tissue_prob") for s in held_out_label_subjects()},
+        modalities=lambda wc: drawn_modalities(wc.generator),
+        preprocessed=tissue_maps(generator_training_subjects() + held_out_label_subjects())
+        + style_files(generator_training_subjects()),
+        labels=config["labels"],
+    wildcard_constraints:
+        generator=one_of(seg_design.GENERATORS),
+    conda:
+        "../../envs/generators.yaml"
+    log:
+        f"{LOGS}/benchmark/generator_quality_{{generator}}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/generator_quality.py"
 
 
 rule value_curve:

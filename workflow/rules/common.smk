@@ -354,11 +354,9 @@ def _seg_design():
         },
         "groups": {t: seg_design.task_classes(task_defs[t], SCHEMA, t) for t in tasks},
         "test_sets": test_sets,
-        # positions in the run lists (lists are replaced, never merged, by --configfile)
+        # from the names: adding or reordering arms moves no id
         "ids": {
-            (t, a): seg_design.dataset_id(
-                t, a, tasks, SEGCFG.get("arms", []), (SEGCFG.get("nnunet") or {}).get("dataset_id_base", 100)
-            )
+            (t, a): seg_design.dataset_id(t, a, (SEGCFG.get("nnunet") or {}).get("dataset_id_base", 100))
             for t in tasks
             for a in task_arms[t]
         },
@@ -1001,6 +999,24 @@ def generator_modalities(generator, sample_set=None):
             for m in SEG_DESIGN["task_inputs"][key.split("/")[0]][0]
         }
     return [m for m in MODALITIES if m in needed] or MODALITIES
+
+
+def drawn_modalities(generator, sample_set=None):
+    """The modalities a generator's sample set holds images of (spade_diffusion draws only those
+    its arms read; the others image every modality of the run)."""
+    return generator_modalities(generator, sample_set) if generator == "spade_diffusion" else MODALITIES
+
+
+def label_manifest(generator, sample_set=None):
+    """The manifest with the conditioning of a generator's label maps (brainSPADE's for the
+    generators that image its maps)."""
+    source = seg_design.LABEL_MAPS_FROM.get(generator, generator)
+    return f"{os.path.dirname(generator_folder(sample_set, source))}/manifest.tsv"
+
+
+def generator_quality_files():
+    """generator -> its quality table, for the generators the compared arms draw from."""
+    return {g: f"{R}/benchmark/quality/generator_quality_{g}.tsv" for g in benchmark_generators()}
 
 
 def benchmark_targets():

@@ -51,7 +51,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
             samples=[
                 f"{generator_folder(_set, 'spade_diffusion')}/{sid}/{f}.nii.gz"
                 for sid in sample_set_ids(_set)
-                for f in ["label", *generator_modalities("spade_diffusion", _set)]
+                for f in ["label", *drawn_modalities("spade_diffusion", _set)]
             ],
             manifest=f"{os.path.dirname(generator_folder(_set, 'spade_diffusion'))}/manifest.tsv",
             montage=report(
@@ -64,7 +64,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
             inference_steps=SDCFG.get("inference_steps"),
             device=SDCFG.get("device", "auto"),
             subjects=sample_set_ids(_set),
-            modalities=generator_modalities("spade_diffusion", _set),
+            modalities=drawn_modalities("spade_diffusion", _set),
             out=lambda wc, output: os.path.dirname(output.manifest),
         conda:
             "../../envs/generators.yaml"
