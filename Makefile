@@ -1,7 +1,8 @@
 # Two commands on a fresh machine:
 #   make demo   install, then run the study's four experiments (E1-E4) on the embedded demo cohort
 #   make test   install, then run the test suite (what .ci/run calls)
-# and make benchmark: the generator benchmark (four generators) over make demo's run
+# and make benchmark: the generator benchmark (four generators: table and value-of-synthetic-data
+# curve) over make demo's run
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -34,14 +35,15 @@ demo: install
 	@echo "demo finished: tables in results/brainspade-demo/tables/<experiment>/, figures in results/brainspade-demo/figures/<experiment>/, report results/brainspade-demo/report.html"
 
 # The generator benchmark over the four experiments' run: brainspade, gmm, lesion_insertion and
-# spade_diffusion arms against the real ones (after make demo only the new arms run)
-BENCHMARK := $(EXPERIMENTS) config/experiments/generator_benchmark_demo.yaml
+# spade_diffusion arms against the real ones (table), and the value-of-synthetic-data curve of E1's
+# tissue task per generator (54 arms; see value_curve_demo.yaml); after make demo only the new arms run
+BENCHMARK := $(EXPERIMENTS) config/experiments/generator_benchmark_demo.yaml config/experiments/value_curve_demo.yaml
 benchmark: install
 	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete $(BENCHMARK)
-	@echo "benchmark finished: results/brainspade-demo/benchmark/generators.{csv,md,tex,png}"
+	@echo "benchmark finished: results/brainspade-demo/benchmark/generators.{csv,md,tex,png} and value_curve.{csv,md,tex,png}"
 
-# The value-of-synthetic-data curve over the four experiments' run: E1's tissue task at synthetic:real
-# ratios and real fractions, per generator, two nnU-Net seeds (54 arms; see the config's header)
+# The curve alone over the four experiments' run: E1's tissue task at synthetic:real ratios and real
+# fractions, per generator, two nnU-Net seeds
 CURVE := $(EXPERIMENTS) config/experiments/value_curve_demo.yaml
 value-curve: install
 	$(SNAKEMAKE) --cores $(CORES) --printshellcmds --rerun-incomplete $(CURVE)

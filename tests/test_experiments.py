@@ -405,14 +405,36 @@ def test_generator_benchmark_config_adds_its_arms_and_table(tmp_path):
     assert jobs["train_segmentation"] == 23 and jobs["generator_benchmark"] == 1
     assert jobs["synthesize_gmm"] == jobs["insert_lesions"] == jobs["train_spade_diffusion"] == 1
     assert jobs["generator_image_fid"] == 6  # three generators' images on the tissue and tumour encoders
+    assert jobs["generator_quality"] == 4  # every generator's samples, brainspade's included
     block = next(b for b in out.split("\n\n") if "rule generator_benchmark:" in b)
     for task, arm in (("tissue3", "R_id"), ("tissue3", "S_id_li"), ("tumour", "H_les_gmm")):
         assert f"segmentation/{task}/{arm}/scores.tsv" in block
-    for fid in ("synthesis/quality/image_fid_tissue3.tsv", "benchmark/quality/image_fid_tumour_lesion_insertion.tsv"):
+    for fid in ("synthesis/quality/image_fid_tissue3.tsv", "benchmark/quality/image_fid_tumour_lesion_insertion.tsv",
+                "benchmark/quality/generator_quality_spade_diffusion.tsv"):
         assert fid in block
     cfg["generator_benchmark"]["comparisons"][0]["test_set"] = "wmh"
     code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
     assert code != 0 and "generator_benchmark.comparisons[0].test_set" in out and "Traceback" not in out, out[-2000:]
+
+
+def test_make_benchmark_plans_the_table_and_the_curve(tmp_path):
+    """make benchmark's configs (read from the Makefile) plan the benchmark table, the curve and
+    every arm of both: the four experiments' 14, the benchmark's 9 and the curve's 54."""
+    import re
+
+    from snakemake.utils import update_config
+
+    line = next(x for x in (REPO / "Makefile").read_text().splitlines() if x.startswith("BENCHMARK :="))
+    extra = re.findall(r"config/experiments/\S+\.yaml", line)
+    assert extra == ["config/experiments/generator_benchmark_demo.yaml", "config/experiments/value_curve_demo.yaml"]
+    cfg = yaml.safe_load(CONFIG.read_text())
+    for path in extra:
+        update_config(cfg, yaml.safe_load((REPO / path).read_text()))
+    code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=600)
+    assert code == 0, out[-3000:]
+    jobs = planned_jobs(out)
+    assert jobs["train_segmentation"] == 14 + 9 + 54
+    assert jobs["generator_benchmark"] == jobs["value_curve"] == 1
 
 
 def test_training_seed_defaults_to_the_run_seed_and_is_checked():
