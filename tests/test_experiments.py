@@ -402,12 +402,12 @@ def test_generator_benchmark_config_adds_its_arms_and_table(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
-    assert jobs["train_segmentation"] == 23 and jobs["generator_benchmark"] == 1
+    assert jobs["train_segmentation"] == 27 and jobs["generator_benchmark"] == 1
     assert jobs["synthesize_gmm"] == jobs["insert_lesions"] == jobs["train_spade_diffusion"] == 1
     assert jobs["generator_image_fid"] == 6  # three generators' images on the tissue and tumour encoders
     assert jobs["generator_quality"] == 4  # every generator's samples, brainspade's included
     block = next(b for b in out.split("\n\n") if "rule generator_benchmark:" in b)
-    for task, arm in (("tissue3", "R_id"), ("tissue3", "S_id_li"), ("tumour", "H_les_gmm")):
+    for task, arm in (("tissue3", "R_id"), ("tissue3", "S_id_li"), ("tissue3", "H_id_sd"), ("tumour", "H_les_gmm")):
         assert f"segmentation/{task}/{arm}/scores.tsv" in block
     for fid in ("synthesis/quality/image_fid_tissue3.tsv", "benchmark/quality/image_fid_tumour_lesion_insertion.tsv",
                 "benchmark/quality/generator_quality_spade_diffusion.tsv"):
@@ -419,7 +419,7 @@ def test_generator_benchmark_config_adds_its_arms_and_table(tmp_path):
 
 def test_make_benchmark_plans_the_table_and_the_curve(tmp_path):
     """make benchmark's configs (read from the Makefile) plan the benchmark table, the curve and
-    every arm of both: the four experiments' 14, the benchmark's 9 and the curve's 54."""
+    every arm of both: the four experiments' 14, the benchmark's 13 and the curve's 54."""
     import re
 
     from snakemake.utils import update_config
@@ -433,7 +433,7 @@ def test_make_benchmark_plans_the_table_and_the_curve(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=600)
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
-    assert jobs["train_segmentation"] == 14 + 9 + 54
+    assert jobs["train_segmentation"] == 14 + 13 + 54
     assert jobs["generator_benchmark"] == jobs["value_curve"] == 1
 
 
