@@ -126,3 +126,6 @@ def test_benchmark_rows_carry_sample_quality():
     assert table.loc["S", "nearest_training_dice"] == 0.55 and table.loc["R", "nearest_training_dice"] == 0.64
     both = gen_bench.benchmark_table(scores, comp, arms, {}, quality=quality).set_index("arm")
     assert both.loc["S", "ms_ssim"] == pytest.approx(0.85)
+    unscored = gen_bench.benchmark_table(scores, comp, arms, {}, quality=quality,
+                                         task_modalities={"t": ["t2"]}).set_index("arm")
+    assert unscored["ms_ssim"].isna().all()  # no table scored T2: no figure, not a partial one

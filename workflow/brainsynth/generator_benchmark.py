@@ -110,7 +110,11 @@ def _sample_quality(quality, generator, modalities):
     """The :mod:`generators.benchmark_quality` figures of a generator's samples (MS-SSIM over
     ``modalities``); for the real reference arm, the real baselines of the same tables."""
     nan = dict.fromkeys(SAMPLE_QUALITY, math.nan)
-    table = next(iter(quality.values()), None) if generator == REAL else quality.get(generator)
+    if generator == REAL:  # the real baselines: from a table that scored every modality asked
+        table = next((t for t in quality.values() if modalities is None
+                      or set(modalities) <= set(t.loc[t["measure"] == "ms_ssim", "item"])), None)
+    else:
+        table = quality.get(generator)
     if table is None:
         return nan
     col = "real" if generator == REAL else "synthetic"
