@@ -63,6 +63,33 @@ def test_trains_resumes_and_samples_deterministically(tmp_path):
     assert not np.array_equal(a, flair)  # the modality embedding changes the image
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_each_prediction_type_trains_and_samples(tmp_path, prediction_type):
+    """The training target and the sampler follow prediction_type (the model records it)."""
+    labels, images = _subjects(tmp_path)
+    paths = sd.train_spade_diffusion(labels, images, {**TINY, "steps": 2, "prediction_type": prediction_type},
+                                     tmp_path / "m")
+    net, payload = sd.load_model(paths["model"], torch.device("cpu"))
+    assert payload["config"]["prediction_type"] == prediction_type
+    prob = np.moveaxis(nib.load(labels[0]).get_fdata().astype(np.float32), -1, 0)
+    img = sd.generate_volume(net, payload, prob, "t1", 0)
+    assert img.shape == (12, 16, 6) and np.isfinite(img).all()
+
+
+def test_diffusion_target_hand_case():
+    """v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x0 (MONAI's get_velocity)."""
+    from monai.networks.schedulers import DDPMScheduler
+
+    from brainsynth.generators import common as C
+
+    sched = DDPMScheduler(num_train_timesteps=10)
+    x0, noise, t = torch.full((1, 1, 2, 2), 0.5), torch.full((1, 1, 2, 2), -1.0), torch.tensor([3])
+    a = sched.alphas_cumprod[3]
+    assert torch.allclose(C.diffusion_target(sched, "v_prediction", x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0)
+    assert torch.equal(C.diffusion_target(sched, "epsilon", x0, noise, t), noise)
+    assert torch.equal(C.diffusion_target(sched, "sample", x0, noise, t), x0)
+
+
 def test_resume_continues_from_the_checkpoint(tmp_path, caplog):
     labels, images = _subjects(tmp_path)
     out = tmp_path / "model"
@@ -86,6 +113,8 @@ def test_unknown_modality_and_key_are_named(tmp_path):
     labels, images = _subjects(tmp_path, n=1)
     with pytest.raises(InputError, match="spade_diffusion.lr_g"):
         sd.train_spade_diffusion(labels, images, {**TINY, "lr_g": 1e-3}, tmp_path / "x")
+    with pytest.raises(InputError, match="spade_diffusion.prediction_type"):
+        sd.train_spade_diffusion(labels, images, {**TINY, "prediction_type": "x0"}, tmp_path / "x")
     paths = sd.train_spade_diffusion(labels, images, {**TINY, "steps": 1}, tmp_path / "m")
     net, payload = sd.load_model(paths["model"], torch.device("cpu"))
     prob = np.moveaxis(nib.load(labels[0]).get_fdata().astype(np.float32), -1, 0)
@@ -96,6 +125,7 @@ def test_unknown_modality_and_key_are_named(tmp_path):
 def test_paper_preset_builds_the_wider_network():
     paper = sd.resolve_config({"preset": "paper", "steps": 9})
     assert paper["channels"] == sd.PAPER["channels"] and paper["steps"] == 9
+    assert paper["prediction_type"] == "epsilon" and sd.resolve_config({})["prediction_type"] == "v_prediction"
     assert sd.resolve_config({})["channels"] == sd.DEFAULTS["channels"]
     net = sd._net(paper, n_classes=10, n_modalities=3)
     small = sd._net(sd.resolve_config({}), n_classes=10, n_modalities=3)

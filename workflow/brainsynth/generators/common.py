@@ -170,6 +170,17 @@ def seed_everything(seed):
     return seed
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def diffusion_target(scheduler, prediction_type, x0, noise, t):
+    """What a diffusion network learns to predict: the noise (epsilon), the velocity (v: usable
+    x0 estimates at high noise after a short training) or the clean sample."""
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0 if prediction_type == "sample" else noise
+
+
 def set_threads(n=None):
     """Limit torch intra-op threads (default: $OMP_NUM_THREADS or 1)."""
     n = int(n or os.environ.get("OMP_NUM_THREADS") or 1)

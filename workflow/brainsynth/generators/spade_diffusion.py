@@ -3,7 +3,8 @@
 An alternative image generator for the label generator's maps: MONAI's
 ``SPADEDiffusionModelUNet`` denoises an axial slice whose normalisation layers are modulated
 by the slice's probabilistic label map (SPADE), with the modality as a class embedding, so one
-model draws T1, T2 and FLAIR. DDPM training (epsilon prediction, L2), DDIM sampling; no style
+model draws T1, T2 and FLAIR. DDPM training (v prediction in the demo, the tutorials' epsilon in
+``PAPER``; L2), DDIM sampling; no style
 image: the contrast is the model's learnt one per modality. Sampling is deterministic per seed.
 
 :func:`train_spade_diffusion` trains on the brain slices of the generators' training subjects
@@ -47,6 +48,9 @@ DEFAULTS = {
     "num_head_channels": 16,
     "spade_intermediate_channels": 16,
     "num_train_timesteps": 1000,
+    # v, not the study's epsilon: after a demo-length training epsilon prediction draws pure
+    # noise (its x0 estimate at high noise divides by sqrt(alpha_bar)), as the label LDM found
+    "prediction_type": "v_prediction",
     "inference_steps": 25,
     "checkpoint_every": 50,
     "log_every": 25,
@@ -65,6 +69,7 @@ PAPER = {
     "norm_num_groups": 32,
     "num_head_channels": 32,
     "spade_intermediate_channels": 128,
+    "prediction_type": "epsilon",
     "inference_steps": 50,
     "checkpoint_every": 1000,
     "log_every": 250,
@@ -72,7 +77,11 @@ PAPER = {
 
 
 def resolve_config(cfg):
-    return C.resolve_preset(DEFAULTS, PAPER, cfg, where="spade_diffusion")
+    cfg = C.resolve_preset(DEFAULTS, PAPER, cfg, where="spade_diffusion")
+    if cfg["prediction_type"] not in C.PREDICTION_TYPES:
+        raise InputError(f"prediction_type must be one of {C.PREDICTION_TYPES}, got {cfg['prediction_type']!r}",
+                         field="spade_diffusion.prediction_type", fix="use epsilon, v_prediction or sample")
+    return cfg
 
 
 def _net(cfg, n_classes, n_modalities):
@@ -103,7 +112,8 @@ def train_spade_diffusion(label_paths, image_paths, cfg, out_dir, *, max_steps_t
     log.info("spade diffusion: %d subjects, %d brain slices, modalities %s, %d classes, slice %s (padded %s), "
              "device %s", len(cohort), len(slices), modalities, n_classes, cohort.shape[:2], padded, device)
     net = _net(cfg, n_classes, len(modalities)).to(device)
-    scheduler = DDPMScheduler(num_train_timesteps=int(cfg["num_train_timesteps"]))
+    scheduler = DDPMScheduler(num_train_timesteps=int(cfg["num_train_timesteps"]),
+                              prediction_type=cfg["prediction_type"])
     opt = torch.optim.Adam(net.parameters(), lr=float(cfg["lr"]))
     scaler = C.make_scaler(device, amp)
     # draws from numpy's global state, seeded above and saved / restored with each checkpoint, so a
@@ -122,7 +132,7 @@ def train_spade_diffusion(label_paths, image_paths, cfg, out_dir, *, max_steps_t
         with C.autocast(device, amp):
             pred = net(scheduler.add_noise(x0, noise, t), t, seg=seg,
                        class_labels=torch.from_numpy(mods).long().to(device))
-            loss = F.mse_loss(pred.float(), noise)
+            loss = F.mse_loss(pred.float(), C.diffusion_target(scheduler, cfg["prediction_type"], x0, noise, t))
         C.optimizer_step(loss, opt, scaler)
         return {"mse": loss.item()}
 
@@ -138,7 +148,8 @@ def train_spade_diffusion(label_paths, image_paths, cfg, out_dir, *, max_steps_t
         return {"completed": False}
     payload = {"state_dict": C.state_dict_cpu(net), "config": cfg, "n_classes": int(n_classes),
                "modalities": list(modalities), "slice_shape": list(cohort.shape[:2]), "padded_shape": list(padded)}
-    return C.finish_training("spade_diffusion", out_dir, payload, cfg, history, "SPADE diffusion (epsilon MSE)")
+    return C.finish_training("spade_diffusion", out_dir, payload, cfg, history,
+                             f"SPADE diffusion ({cfg['prediction_type']} MSE)")
 
 
 def load_model(path, device):
@@ -163,7 +174,9 @@ def generate_volume(net, payload, prob_label, modality, seed, *, steps=None, dev
         raise InputError(f"label map {lab.shape} does not match the model's (K={payload['n_classes']}, "
                          f"slice {payload['slice_shape']})", field="label map",
                          fix="sample on the grid the model was trained on")
-    scheduler = DDIMScheduler(num_train_timesteps=int(cfg["num_train_timesteps"]))
+    # models trained before prediction_type was a setting predicted epsilon
+    scheduler = DDIMScheduler(num_train_timesteps=int(cfg["num_train_timesteps"]),
+                              prediction_type=cfg.get("prediction_type", "epsilon"))
     scheduler.set_timesteps(int(steps or cfg["inference_steps"]))
     m = payload["modalities"].index(modality)
     padded = payload["padded_shape"]

@@ -213,7 +213,7 @@ PAPER = {
 }
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = C.PREDICTION_TYPES
 
 
 def resolve_config(cfg):
@@ -753,9 +753,7 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     T = int(m["num_train_timesteps"])
 
     def target(z, noise, t):
-        if skw["prediction_type"] == "v_prediction":
-            return sched.get_velocity(z, noise, t)
-        return z if skw["prediction_type"] == "sample" else noise
+        return C.diffusion_target(sched, skw["prediction_type"], z, noise, t)
 
     def step_fn(step):
         unet.train()
