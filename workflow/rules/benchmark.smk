@@ -92,23 +92,13 @@ rule generator_quality:
     the real training images', Cohen's d of tissue volumes, conditioning adherence, tissue range,
     nearest-training Dice beside the held-out real subjects' (memorisation)."""
     input:
-        samples=lambda wc: [
-            f"{generator_folder(None, wc.generator)}/{sid}/{f}.nii.gz"
-            for sid in sample_set_ids()
-            for f in ["label", *drawn_modalities(wc.generator)]
-        ],
+        samples=lambda wc: [f for spec in generator_samples(wc.generator).values() for f in spec.values()],
         manifest=lambda wc: label_manifest(wc.generator),
         splits=split_tables(generator_training_subjects() + held_out_label_subjects()),
     output:
         f"{R}/benchmark/quality/generator_quality_{{generator}}.tsv",
     params:
-        samples=lambda wc: {
-            sid: {
-                f: f"{generator_folder(None, wc.generator)}/{sid}/{f}.nii.gz"
-                for f in ["label", *drawn_modalities(wc.generator)]
-            }
-            for sid in sample_set_ids()
-        },
+        samples=lambda wc: generator_samples(wc.generator),
         training=lambda wc: {
             s: {
                 "labelprob": grid_file(s, "tissue_prob"),

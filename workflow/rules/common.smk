@@ -1007,6 +1007,15 @@ def drawn_modalities(generator, sample_set=None):
     return generator_modalities(generator, sample_set) if generator == "spade_diffusion" else MODALITIES
 
 
+def generator_samples(generator):
+    """sample -> {"label" / modality: path} of a generator's main-set samples (what it wrote)."""
+    folder = generator_folder(None, generator)
+    return {
+        sid: {f: f"{folder}/{sid}/{f}.nii.gz" for f in ["label", *drawn_modalities(generator)]}
+        for sid in sample_set_ids()
+    }
+
+
 def label_manifest(generator, sample_set=None):
     """The manifest with the conditioning of a generator's label maps (brainSPADE's for the
     generators that image its maps)."""

@@ -9,7 +9,7 @@ those that do not (lesion_insertion) are read side by side:
 - ``cohens_d`` per tissue: Cohen's d of the synthetic tissue fractions against the training
   subjects' (anatomical plausibility of regional volumes), and ``mean_abs_cohens_d`` over them;
 - ``conditioning_adherence``: share of samples holding every requested lesion type and no other
-  (``label_quality.synthetic_sample_qc``'s missed-conditioning flag);
+  (the missed-conditioning flag of ``label_quality.synthetic_sample_qc``);
 - ``tissue_out_of_range``: share with a tissue fraction outside the widened training range;
 - ``nearest_training_dice``: mean Dice of each sample to its nearest training map, beside the
   held-out real subjects' figure (the memorisation baseline), and ``closer_than_held_out``: share
@@ -23,7 +23,7 @@ import pandas as pd
 
 from ..errors import InputError
 from . import common as C
-from .label_quality import _hard_maps, nearest_dice, synthetic_sample_qc, tissue_fraction_check, tissue_fractions
+from .label_quality import _hard_maps, sample_qc_of_maps, tissue_fraction_check
 from .quality import DEFAULTS as QUALITY_DEFAULTS
 from .quality import ms_ssim_diversity
 
@@ -77,11 +77,12 @@ def generator_quality(samples, conditioning, training, held_out, modalities, sch
         rows.append({"measure": "ms_ssim", "item": m, "synthetic": syn["ms_ssim_mean"], "real": real["ms_ssim_mean"],
                      "n_synthetic": syn["n_pairs"], "n_real": real["n_pairs"]})
     manifest = conditioning.set_index("subject").loc[ids].reset_index()
-    training_prob = {s: spec["labelprob"] for s, spec in training.items()}
-    qc = synthetic_sample_qc(manifest, {s: samples[s]["label"] for s in ids}, training_prob, dict(held_out), schema)
-    real_maps = _hard_maps(list(training_prob.values()), schema.n_classes)
+    hard = np.stack([C.load_image(samples[s]["label"]).round().astype(np.uint8) for s in ids])
+    real_maps = _hard_maps([spec["labelprob"] for spec in training.values()], schema.n_classes)
+    held = _hard_maps(list(held_out.values()), schema.n_classes) if held_out else None
+    qc, fr_real, near_held = sample_qc_of_maps(manifest, hard, real_maps, held, schema)
     syn_fr = qc[[f"fraction_{t}" for t in schema.tissues]].rename(columns=lambda c: c[len("fraction_"):])
-    fractions = tissue_fraction_check(syn_fr, tissue_fractions(real_maps, schema), schema.tissues)
+    fractions = tissue_fraction_check(syn_fr, fr_real, schema.tissues)
     n_syn, n_real = len(ids), len(training)
     for r in fractions.itertuples():
         rows.append({"measure": "cohens_d", "item": r.tissue, "synthetic": r.cohens_d, "real": 0.0,
@@ -92,8 +93,6 @@ def generator_quality(samples, conditioning, training, held_out, modalities, sch
                  "real": np.nan, "n_synthetic": n_syn, "n_real": 0})
     rows.append({"measure": "tissue_out_of_range", "item": "all", "synthetic": float(qc["tissue_out_of_range"].mean()),
                  "real": np.nan, "n_synthetic": n_syn, "n_real": 0})
-    held = _hard_maps(list(held_out.values()), schema.n_classes) if held_out else np.zeros((0,))
-    near_held = nearest_dice(held, real_maps, schema.n_classes) if len(held) else np.zeros(0)
     rows.append({"measure": "nearest_training_dice", "item": "mean", "synthetic": float(qc["nearest_training_dice"].mean()),
                  "real": float(near_held.mean()) if len(near_held) else np.nan, "n_synthetic": n_syn,
                  "n_real": len(near_held)})

@@ -173,6 +173,14 @@ def seed_everything(seed):
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def check_prediction_type(value, field):
+    """``value`` when it is one of :data:`PREDICTION_TYPES`; an error naming ``field`` otherwise."""
+    if value not in PREDICTION_TYPES:
+        raise InputError(f"{field} must be one of {PREDICTION_TYPES}, got {value!r}", field=field,
+                         fix="use epsilon, v_prediction or sample")
+    return value
+
+
 def diffusion_target(scheduler, prediction_type, x0, noise, t):
     """What a diffusion network learns to predict: the noise (epsilon), the velocity (v: usable
     x0 estimates at high noise after a short training) or the clean sample."""

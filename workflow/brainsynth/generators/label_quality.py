@@ -525,22 +525,29 @@ def synthetic_sample_qc(manifest, sample_labels, training, held_out, schema=None
     missing = [s for s in manifest["subject"] if s not in sample_labels]
     if missing:
         raise InputError(f"samples {missing[:5]} of the manifest have no label map", fix="rerun sample_synthetic")
-    ids = list(manifest["subject"])
-    hard = np.stack([C.load_image(sample_labels[s]).round().astype(np.uint8) for s in ids])
+    hard = np.stack([C.load_image(sample_labels[s]).round().astype(np.uint8) for s in manifest["subject"]])
+    real = _hard_maps(list(training.values()), schema.n_classes)
+    held = _hard_maps(list(held_out.values()), schema.n_classes) if held_out else None
+    return sample_qc_of_maps(manifest, hard, real, held, schema, min_voxels)[0]
+
+
+def sample_qc_of_maps(manifest, hard, real, held, schema, min_voxels=5):
+    """:func:`synthetic_sample_qc` on loaded hard maps (``hard`` in the manifest's order; ``held``
+    None without held-out maps). Returns ``(per-sample table, training tissue fractions,
+    nearest-training Dice of the held-out maps)``: the real baselines the benchmark reads beside it."""
+    ids = list(manifest["subject"].astype(str))
     cond = manifest.rename(columns={"conditioning_mode": "mode"})[
         ["mode"] + [c for c in manifest.columns if c.startswith("dc_")]]
     if cond.empty or not any(c.startswith("dc_") for c in cond.columns):
         raise InputError("the sampling manifest has no dc_<lesion type> column", fix="rerun sample_synthetic")
     _, per = conditioning_adherence(lesion_volumes(hard, schema, ids), cond, min_voxels)
     per.insert(0, "sample", ids)
-    real = _hard_maps(list(training.values()), schema.n_classes)
     fr_syn, fr_real = tissue_fractions(hard, schema), tissue_fractions(real, schema)
-    held = _hard_maps(list(held_out.values()), schema.n_classes) if held_out else None
-    near, _, closer = closeness_to_training(hard, real, held, schema.n_classes)
+    near, near_held, closer = closeness_to_training(hard, real, held, schema.n_classes)
     mem = pd.DataFrame({"synthetic": ids, "closer_than_held_out": closer})
     flags = sample_flags(per, fr_syn, fr_real, mem, schema.tissues)
     extra = per[["sample"] + [c for c in per.columns if c.startswith(("dc_", "voxels_"))]]
     out = extra.merge(flags, on="sample")
     out = pd.concat([out, fr_syn.add_prefix("fraction_")], axis=1)
     out["nearest_training_dice"] = near
-    return out
+    return out, fr_real, near_held

@@ -78,9 +78,7 @@ PAPER = {
 
 def resolve_config(cfg):
     cfg = C.resolve_preset(DEFAULTS, PAPER, cfg, where="spade_diffusion")
-    if cfg["prediction_type"] not in C.PREDICTION_TYPES:
-        raise InputError(f"prediction_type must be one of {C.PREDICTION_TYPES}, got {cfg['prediction_type']!r}",
-                         field="spade_diffusion.prediction_type", fix="use epsilon, v_prediction or sample")
+    C.check_prediction_type(cfg["prediction_type"], "spade_diffusion.prediction_type")
     return cfg
 
 

@@ -213,9 +213,6 @@ PAPER = {
 }
 
 
-PREDICTION_TYPES = C.PREDICTION_TYPES
-
-
 def resolve_config(cfg):
     return C.resolve_preset(DEFAULTS, PAPER, cfg, where="label_generator")
 
@@ -265,9 +262,7 @@ def _unet_kwargs(cfg, latent_channels, n_types):
 
 def _scheduler_kwargs(cfg):
     m = cfg["ldm"]
-    if m["prediction_type"] not in PREDICTION_TYPES:
-        raise InputError(f"ldm.prediction_type must be one of {PREDICTION_TYPES}, got {m['prediction_type']!r}",
-                         field="label_generator.ldm.prediction_type", fix="use epsilon, v_prediction or sample")
+    C.check_prediction_type(m["prediction_type"], "label_generator.ldm.prediction_type")
     return dict(num_train_timesteps=int(m["num_train_timesteps"]), schedule=m["schedule"],
                 beta_start=float(m["beta_start"]), beta_end=float(m["beta_end"]),
                 prediction_type=m["prediction_type"])
