@@ -44,9 +44,11 @@ def main(out):
     for c in ("dc_wmh", "dc_tumour"):
         cond[c] = cond[c] / cond[c].max()
     cond.to_csv(cohort / "cond.tsv", sep="\t", index=False)
-    vae = LG.train_label_vae(labels, T.LABEL_CFG, out / "vae")
-    ldm = LG.train_label_ldm(vae["model"], labels, cohort / "cond.tsv", T.LABEL_CFG, out / "ldm")
-    img = IG.train_image_generator(labels, images, T.IMAGE_CFG, out / "img")
+    # float32: the code before the move had no mixed precision on CPU
+    label_cfg, image_cfg = dict(T.LABEL_CFG, amp=False), dict(T.IMAGE_CFG, amp=False)
+    vae = LG.train_label_vae(labels, label_cfg, out / "vae")
+    ldm = LG.train_label_ldm(vae["model"], labels, cohort / "cond.tsv", label_cfg, out / "ldm")
+    img = IG.train_image_generator(labels, images, image_cfg, out / "img")
     styles = [{"subject": f"sub{i}", "t1": images["t1"][i], "t2": images["t2"][i]} for i in range(4)]
     S.sample_synthetic(label_vae=vae["model"], label_ldm=ldm["model"], image_generator=img["model"],
                        style_subjects=styles, n=3, reference=labels[0], conditioning="random", seed=4, steps=3,

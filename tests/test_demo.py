@@ -335,6 +335,26 @@ def test_template_rejects_too_small_grid(tmp_path):
     assert not (tmp_path / "t1.nii.gz").exists()
 
 
+def test_saved_atlas_gives_the_same_subject(cohort, tmp_path):
+    """The demo_atlas file holds the atlas exactly: a subject warped from it is the subject
+    warped from the atlas built in-process, file for file."""
+    path = tpl.save_atlas(tmp_path / "atlas.npz")
+    read, built = tpl.load_atlas(str(path)), tpl.load_atlas()
+    for k in ("affine", "label", "fractions", "sdist", "sdist_affine", "brain_lo", "brain_hi",
+              "tumour_centres", "wmh_centres"):
+        assert np.array_equal(getattr(read, k), getattr(built, k)), k
+    assert not read.label.flags.writeable
+    row = {"subject": "s_tumour", "site": "site_a", "phenotype": "tumour"}
+    out = {k: tmp_path / "s" / f"{k}.nii.gz" for k in OUT_KEYS}
+    demo.synthesize_subject(row, SMALL, SCHEMA, SEED, out, atlas=path)
+    for k in OUT_KEYS:
+        a, b = nib.load(str(out[k])), nib.load(str(cohort["tumour"][0][k]))
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)) and np.allclose(a.affine, b.affine), k
+    np.savez(tmp_path / "bad.npz", label=built.label)
+    with pytest.raises(InputError, match="atlas file lacks"):
+        tpl.load_atlas(str(tmp_path / "bad.npz"))
+
+
 def test_atlas_labels_and_fractions():
     atlas = tpl.load_atlas()
     assert atlas is tpl.load_atlas()  # cached

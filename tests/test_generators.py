@@ -494,6 +494,40 @@ def test_common_helpers(cohort, tmp_path):
     assert LG.subject_of_path("/x/sub-1_labelprob.nii.gz", ["sub-1", "sub-10"]) == "sub-1"
 
 
+def test_mixed_precision_follows_the_device(monkeypatch):
+    """amp: training in float16 on CUDA only (CPU training stays float32, reproducible);
+    sampling in bfloat16 on a CPU with oneDNN bfloat16 kernels, float32 where bfloat16 would run
+    emulated."""
+    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: True)
+    assert C.amp_dtype("cpu") == torch.bfloat16 and C.sampling_amp("cpu", True)
+    assert not C.amp_enabled("cpu", True) and not C.sampling_amp("cpu", False)
+    layer = torch.nn.Linear(4, 4)
+    with C.autocast("cpu", True):
+        assert layer(torch.ones(2, 4)).dtype == torch.bfloat16
+    with C.autocast("cpu", False):
+        assert layer(torch.ones(2, 4)).dtype == torch.float32
+    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: False)
+    assert C.amp_dtype("cpu") is None and not C.sampling_amp("cpu", True)
+    assert C.amp_dtype("cuda") == torch.float16 and C.amp_enabled("cuda", True)
+
+
+@pytest.mark.skipif(not C.cpu_bf16_supported(), reason="no native bfloat16 kernels on this CPU")
+def test_label_sampling_in_bfloat16_is_reproducible_and_close_to_float32(models, tmp_path):
+    """Sampling under amp (bfloat16 here) repeats exactly for a seed and draws the maps float32
+    draws, up to rounding."""
+    cond = np.array([[0.0, 0.0], [0.5, 0.0], [0.0, 1.0]], np.float32)
+    a = LG.sample_labels(models["vae"]["model"], models["ldm"]["model"], cond, seed=1, progress=False)
+    b = LG.sample_labels(models["vae"]["model"], models["ldm"]["model"], cond, seed=1, progress=False)
+    assert np.array_equal(a, b)
+    payload = torch.load(models["ldm"]["model"], map_location="cpu", weights_only=False)
+    payload["config"]["amp"] = False
+    fp32 = tmp_path / "ldm_fp32.pt"
+    torch.save(payload, fp32)
+    c = LG.sample_labels(models["vae"]["model"], fp32, cond, seed=1, progress=False)
+    assert not np.array_equal(a, c)
+    assert (a.argmax(1) == c.argmax(1)).mean() > 0.9
+
+
 @pytest.mark.slow
 def test_demo_networks_sample_plausible_tissue_fractions(tmp_path):
     """The demo-scale networks (DEFAULTS), trained briefly, give samples whose class volume

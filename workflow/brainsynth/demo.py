@@ -372,7 +372,7 @@ def _contrast_means(demo_cfg, site, seed, subject_rng, contrast):
     return out
 
 
-def synthesize_subject(subject_row, demo_cfg, schema, seed, out):
+def synthesize_subject(subject_row, demo_cfg, schema, seed, out, atlas=None):
     """Render one demo subject in its own native space and write it.
 
     ``subject_row``: mapping (or pandas row) with ``subject``, ``site`` and
@@ -381,6 +381,7 @@ def synthesize_subject(subject_row, demo_cfg, schema, seed, out):
     (the random draws do not depend on which). Images are float32, label and
     mask uint8 (schema values; mask = label > 0), all on one oblique affine.
     ``schema``: LabelSchema, the config's ``labels`` mapping, or None (default).
+    ``atlas``: a ``template.save_atlas`` file (None: built here from nilearn's maps).
     Returns a summary dict (affine, shape, voxel size, lesion voxel counts).
     """
     schema = tpl.as_schema(schema)
@@ -396,7 +397,7 @@ def synthesize_subject(subject_row, demo_cfg, schema, seed, out):
     if unknown:
         raise ValueError(f"unknown outputs {sorted(unknown)}")
     lut = tpl.label_lut(schema)
-    atlas = tpl.load_atlas()
+    atlas = tpl.load_atlas(None if atlas is None else str(atlas))
     site_cfg = demo_cfg["sites"][site]
     rng = _rng(seed, "subject", subject)
 

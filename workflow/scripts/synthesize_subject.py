@@ -8,7 +8,7 @@ from brainsynth.io import run_main
 
 def main(sm):
     info = synthesize_subject(sm.params.row, sm.params.demo, sm.params.labels, sm.params.seed,
-                              dict(sm.output.items()))
+                              dict(sm.output.items()), atlas=sm.input.atlas)
     logging.getLogger("brainsynth").info(
         "%s: shape %s, voxel %s mm, lesion voxels %s", sm.wildcards.subject, info["shape"],
         info["voxel_mm"], info["lesion_voxels"])

@@ -176,6 +176,7 @@ def generate_volume(net, payload, prob_label, modality, seed, *, steps=None, dev
     scheduler = DDIMScheduler(num_train_timesteps=int(cfg["num_train_timesteps"]),
                               prediction_type=cfg.get("prediction_type", "epsilon"))
     scheduler.set_timesteps(int(steps or cfg["inference_steps"]))
+    amp = C.sampling_amp(device, cfg.get("amp", False))
     m = payload["modalities"].index(modality)
     padded = payload["padded_shape"]
     zs = C.brain_slices(lab, min_brain_voxels=1)
@@ -188,7 +189,9 @@ def generate_volume(net, payload, prob_label, modality, seed, *, steps=None, dev
         x = torch.randn((len(zb), 1, *padded), generator=gen).to(device)
         cls = torch.full((len(zb),), m, dtype=torch.long, device=device)
         for t in scheduler.timesteps:
-            eps = net(x, torch.full((len(zb),), int(t), dtype=torch.long, device=device), seg=seg, class_labels=cls)
+            with C.autocast(device, amp):
+                eps = net(x, torch.full((len(zb),), int(t), dtype=torch.long, device=device), seg=seg,
+                          class_labels=cls).float()
             x, _ = scheduler.step(eps, t, x)
         x = C.crop_to(x.float().cpu(), lab.shape[1:3])[:, 0].numpy()
         vol[..., zb] = np.moveaxis(np.clip((x + 1) / 2, 0, 1), 0, -1)

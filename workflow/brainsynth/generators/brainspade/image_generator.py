@@ -40,7 +40,8 @@ Config (``image_generator:`` in config.yaml; defaults in :data:`DEFAULTS`)
 =========================  =============================================================
 key                        meaning
 =========================  =============================================================
-device / amp / seed        as for the label generator (AMP on CUDA only)
+device / amp / seed        as for the label generator (amp: float16 training and sampling on CUDA,
+                           bfloat16 sampling on CPUs with native bfloat16 kernels)
 num_threads                torch CPU threads
 checkpoint_every/log_every steps between checkpoints / progress lines
 steps / batch_size         optimisation steps / slices per step
@@ -558,6 +559,7 @@ def generate_images(model_path, prob_label_volume, style_slices, seed=0, *, devi
     padded = payload["padded_shape"]
     patch = payload.get("patch_size")
     bg = lab[0] >= 0.5
+    amp = C.sampling_amp(dev, cfg.get("amp", False))
     out = {}
     for mod in style_slices:
         mi = payload["modalities"].index(mod) if mod in payload["modalities"] else len(payload["modalities"])
@@ -569,22 +571,23 @@ def generate_images(model_path, prob_label_volume, style_slices, seed=0, *, devi
         for b0 in range(0, len(zs), batch_size):
             zb = zs[b0:b0 + batch_size]
             sty = np.stack([_style_slice_for(style_slices[mod], int(z), min_brain) for z in zb])
-            code = encode_style(net, sty, payload, mode, g)
             seg = torch.from_numpy(np.ascontiguousarray(np.moveaxis(lab[..., zb], -1, 0)))
             seg = C.pad_background(seg, padded).to(dev)
-            if patch:
-                from monai.inferers import sliding_window_inference
+            with C.autocast(dev, amp):
+                code = encode_style(net, sty, payload, mode, g)
+                if patch:
+                    from monai.inferers import sliding_window_inference
 
-                imgs = []
-                for j in range(seg.shape[0]):
-                    cj = code[j:j + 1]
-                    imgs.append(sliding_window_inference(
-                        seg[j:j + 1], roi_size=patch, sw_batch_size=int(cfg.get("sw_batch_size", 4)),
-                        predictor=lambda p, cj=cj: net.decode(p, cj.expand(p.shape[0], -1)),
-                        overlap=float(cfg.get("sw_overlap", 0.25)), mode="gaussian"))
-                img = torch.cat(imgs)
-            else:
-                img = net.decode(seg, code)
+                    imgs = []
+                    for j in range(seg.shape[0]):
+                        cj = code[j:j + 1]
+                        imgs.append(sliding_window_inference(
+                            seg[j:j + 1], roi_size=patch, sw_batch_size=int(cfg.get("sw_batch_size", 4)),
+                            predictor=lambda p, cj=cj: net.decode(p, cj.expand(p.shape[0], -1)),
+                            overlap=float(cfg.get("sw_overlap", 0.25)), mode="gaussian"))
+                    img = torch.cat(imgs)
+                else:
+                    img = net.decode(seg, code)
             img = C.crop_to(img.float(), payload["slice_shape"]).clamp(0, 1)[:, 0].cpu().numpy()
             vol[..., zb] = np.moveaxis(img, 0, -1)
         if cfg.get("mask_background", True):

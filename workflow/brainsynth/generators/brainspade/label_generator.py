@@ -47,7 +47,8 @@ key                             meaning
 ==============================  ===========================================================
 spatial_dims                    3 (volumes) or 2 (axial slices)
 device                          auto | cpu | cuda[:i]
-amp                             mixed precision (used on CUDA only)
+amp                             mixed precision: training on CUDA (float16), sampling on CUDA (float16)
+                                and on CPUs with native bfloat16 kernels (AVX-512 / AMX); false: float32
 seed                            training seed (torch, numpy, random)
 num_threads                     torch CPU threads (null: $OMP_NUM_THREADS or 1)
 checkpoint_every / log_every    steps between checkpoints / progress lines
@@ -883,6 +884,7 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     bs = int(batch_size or samp["batch_size"])
     eta = float(samp.get("ddim_eta", 0.0) if eta is None else eta)
     guidance = float(samp["guidance_scale"])
+    amp = C.sampling_amp(dev, lpay["config"].get("amp", False))
     concat = bool(lpay["config"]["ldm"].get("condition_channels", False))
     if int(lpay["unet_kwargs"]["cross_attention_dim"]) != len(lpay["lesion_types"]) + 1:
         raise InputError("this LDM model file predates the null context of classifier-free guidance",
@@ -927,20 +929,22 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
         x = noise
         for t in sched.timesteps:
             tt = torch.full((b1 - b0,), int(t), device=dev, dtype=torch.long)
-            if guidance == 1.0:
-                pred = unet(x=with_condition_channels(x, ctx, concat), timesteps=tt, context=ctx)
-            else:  # conditioned and null context in one batch
-                both = torch.cat([ctx, null])
-                out2 = unet(x=with_condition_channels(torch.cat([x, x]), both, concat), timesteps=torch.cat([tt, tt]),
-                            context=both)
-                pred, pred_null = out2.chunk(2)
-                pred = pred_null + guidance * (pred - pred_null)
+            with C.autocast(dev, amp):
+                if guidance == 1.0:
+                    pred = unet(x=with_condition_channels(x, ctx, concat), timesteps=tt, context=ctx).float()
+                else:  # conditioned and null context in one batch
+                    both = torch.cat([ctx, null])
+                    out2 = unet(x=with_condition_channels(torch.cat([x, x]), both, concat),
+                                timesteps=torch.cat([tt, tt]), context=both).float()
+                    pred, pred_null = out2.chunk(2)
+                    pred = pred_null + guidance * (pred - pred_null)
             if kind == "ddpm":
                 x, _ = sched.step(pred, int(t), x, generator=g)
             else:
                 x, _ = sched.step(pred, int(t), x, eta=eta, generator=g)
         z = C.crop_to(x, lshape) / lat_scale + lat_shift
-        logits = vae.decode_stage_2_outputs(z)
+        with C.autocast(dev, amp):
+            logits = vae.decode_stage_2_outputs(z)
         prob = torch.softmax(logits.float(), dim=1)
         prob = C.crop_to(prob, vpay["shape"])
         out.append(prob.cpu().numpy().astype(np.float32))
