@@ -78,6 +78,9 @@ RECIPE_KEYS = ("relative_to", "n_real", "real_pool", "modalities", "sample_set",
 GENERATORS = ("brainspade", "gmm", "lesion_insertion", "spade_diffusion")
 # generators that image another generator's label maps: that one's manifest holds the conditioning
 LABEL_MAPS_FROM = {"gmm": "brainspade", "spade_diffusion": "brainspade"}
+# generators whose sampling images only the modalities the run reads (a diffusion chain per
+# modality and volume is their cost); the others image every modality of the run
+IMAGES_ONLY_READ_MODALITIES = {"spade_diffusion"}
 SELECTOR_KEYS = {"roles": "role", "sites": "site", "phenotypes": "phenotype"}
 RELATIVE_TO = ("pool", "real")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")

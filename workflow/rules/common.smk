@@ -967,7 +967,7 @@ def generator_image_fid(task, generator):
     return f"{R}/benchmark/quality/image_fid_{task}_{generator}.tsv"
 
 
-def benchmark_fid_files():
+def benchmark_fid_pairs():
     """(task, generator) -> image FID table, for every generator a comparison's arms draw from."""
     pairs = {
         (c["task"], SEG_DESIGN["generators"][a])
@@ -975,8 +975,13 @@ def benchmark_fid_files():
         for a in c["arms"]
         if SEG_DESIGN["cases"][a]["synthetic"]
     }
-    found = {f"{t}/{g}": generator_image_fid(t, g) for t, g in sorted(pairs)}
+    found = {(t, g): generator_image_fid(t, g) for t, g in sorted(pairs)}
     return {k: v for k, v in found.items() if v}
+
+
+def benchmark_fid_files():
+    """The same tables keyed "task/generator" (the benchmark rules' named inputs)."""
+    return {f"{t}/{g}": f for (t, g), f in benchmark_fid_pairs().items()}
 
 
 def generator_modalities(generator, sample_set=None):
@@ -993,18 +998,17 @@ def generator_modalities(generator, sample_set=None):
     }
     if sample_set is None:
         needed |= {
-            m
-            for key in benchmark_fid_files()
-            if key.split("/")[1] == generator
-            for m in SEG_DESIGN["task_inputs"][key.split("/")[0]][0]
+            m for t, g in benchmark_fid_pairs() if g == generator for m in SEG_DESIGN["task_inputs"][t][0]
         }
     return [m for m in MODALITIES if m in needed] or MODALITIES
 
 
 def drawn_modalities(generator, sample_set=None):
-    """The modalities a generator's sample set holds images of (spade_diffusion draws only those
-    its arms read; the others image every modality of the run)."""
-    return generator_modalities(generator, sample_set) if generator == "spade_diffusion" else MODALITIES
+    """The modalities a generator's sample set holds images of: those read, for the generators
+    that image only those; every modality of the run for the others."""
+    if generator in seg_design.IMAGES_ONLY_READ_MODALITIES:
+        return generator_modalities(generator, sample_set)
+    return MODALITIES
 
 
 def generator_samples(generator):
