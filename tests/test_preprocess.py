@@ -134,6 +134,29 @@ def test_n4_register_skull_strip_and_grid(pair):
     assert grid_t1.get_fdata()[~gmask].max() == 0.0
 
 
+def test_deformable_registration_without_its_field_fails(pair, monkeypatch):
+    """A SyN registration whose warp ANTs does not return is an error, not identity fields."""
+    tmp, p = pair
+    pp.set_threads(1)
+    ants = pp._ants()
+    real = ants.registration
+
+    def without_warp(**kwargs):
+        reg = real(**kwargs)
+        reg["fwdtransforms"] = [t for t in reg["fwdtransforms"] if t.endswith(".mat")]
+        return reg
+
+    monkeypatch.setattr(ants, "registration", without_warp)
+    with pytest.raises(RuntimeError, match="returned no deformation field"):
+        pp.register(p["moving"], p["fixed"], tmp / "x_aff.mat", tmp / "x_warp.nii.gz", tmp / "x_iwarp.nii.gz",
+                    tmp / "x_warped.nii.gz", transform="SyN", syn_iterations=(2, 0, 0), affine_iterations=(10, 0),
+                    seed=1)
+    assert not (tmp / "x_warp.nii.gz").exists()
+    reg = pp.register(p["moving"], p["fixed"], tmp / "y_aff.mat", tmp / "y_warp.nii.gz", tmp / "y_iwarp.nii.gz",
+                      tmp / "y_warped.nii.gz", transform="Affine", affine_iterations=(10, 0), seed=1)
+    assert not np.asarray(nib.load(str(reg["warp"])).dataobj).any()
+
+
 def test_atropos_tissue_maps_use_template_priors(tmp_path):
     schema = LabelSchema()
     aff = np.diag([2.0, 2.0, 2.0, 1.0])

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 _AFFINE_SHRINK = (6, 4, 2, 1)
 _AFFINE_SMOOTH = (3, 2, 1, 0)
 _REG_TMP_PREFIX = ".reg_tmp_"
+# ANTs transforms without a deformation field (config registration.transform's linear values)
+LINEAR_TRANSFORMS = ("Translation", "Rigid", "Similarity", "Affine")
 
 
 def set_threads(n):
@@ -89,7 +91,8 @@ def register(moving_path, fixed_path, out_affine, out_warp, out_inverse_warp, ou
 
     Writes the affine (.mat), the forward and inverse SyN warps and the warped
     T1. For a linear ``transform`` (Rigid/Affine) the warp files hold identity
-    fields so downstream rules see the same file set whatever the transform.
+    fields so downstream rules see the same file set whatever the transform; a deformable
+    one whose field ANTs does not return is an error, never an identity field.
     """
     ants = _ants()
     n_aff = len(affine_iterations)
@@ -112,6 +115,11 @@ def register(moving_path, fixed_path, out_affine, out_warp, out_inverse_warp, ou
         inv_warps = [t for t in inv if t.endswith(".nii.gz")]
         if len(affine) != 1:
             raise RuntimeError(f"ANTs returned unexpected transforms: {fwd}")
+        if transform not in LINEAR_TRANSFORMS and not (warps and inv_warps):
+            # identity fields here would pass silently as a registration without its SyN stage
+            # (a 2026-12-04 demo run lost one subject's warp this way: skull strip 3.5% off)
+            raise RuntimeError(f"ANTs {transform} registration of {moving_path} returned no deformation field "
+                               f"(transforms: {fwd} / {inv}); rerun the subject")
         with atomic_path(out_affine) as tmp_aff:
             shutil.copyfile(affine[0], tmp_aff)
         if warps:
