@@ -10,7 +10,7 @@ import pytest
 from brainsynth import preprocess as pp
 from brainsynth.errors import InputError
 from brainsynth.labels import LabelSchema
-from brainsynth.io import save_nifti
+from brainsynth.io import atomic_dir, save_nifti
 
 
 def _ellipsoid(shape, centre, radii):
@@ -155,6 +155,21 @@ def test_deformable_registration_without_its_field_fails(pair, monkeypatch):
     reg = pp.register(p["moving"], p["fixed"], tmp / "y_aff.mat", tmp / "y_warp.nii.gz", tmp / "y_iwarp.nii.gz",
                       tmp / "y_warped.nii.gz", transform="Affine", affine_iterations=(10, 0), seed=1)
     assert not np.asarray(nib.load(str(reg["warp"])).dataobj).any()
+
+
+def test_field_paths_ants_would_misread_are_refused_before_work(pair, monkeypatch):
+    """ANTs treats a deformation field whose path holds ".h5" / ".mat" / ".txt" / ... as a
+    transform file: such a path is an error naming it, and the workflow's own temporary
+    folders never make one (their random part follows "tmp-", never a dot)."""
+    tmp, p = pair
+    bad = tmp / "sub.h5x"
+    with pytest.raises(InputError, match="contains '.h5'"):
+        pp.register(p["moving"], p["fixed"], bad / "a.mat", bad / "w.nii.gz", bad / "iw.nii.gz", bad / "t.nii.gz")
+    assert not bad.exists()
+    for _ in range(50):
+        with atomic_dir(tmp / "demo038") as d:
+            assert d.name.startswith(".demo038.tmp-")
+            assert not [m for m in (".h5", ".hdf", ".mat", ".txt", ".xfm") if m in d.name]
 
 
 def test_atropos_tissue_maps_use_template_priors(tmp_path):

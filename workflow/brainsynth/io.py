@@ -42,9 +42,16 @@ def current_umask():
     return mask
 
 
+# The random part of a temporary name never follows a dot: ANTs decides whether a transform path
+# is a displacement-field image or a transform file by looking for ".h5", ".mat", ".txt", ".xfm"
+# anywhere in it, so a folder ".demo038.h5imclqv.tmpdir" (1 in 1369 random names) made it drop a
+# subject's SyN warp (2026-12-04). Names of earlier versions (no "tmp-") are still recognised.
+_TMP_MARK = "tmp-"
+
+
 def _temporary_pattern(path, suffix):
     # tempfile.mkstemp names: prefix + 8 characters of [a-z0-9_] + suffix
-    return re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}" + re.escape(suffix) + "$")
+    return re.compile(re.escape(f".{path.name}.") + f"(?:{_TMP_MARK})?" + r"[a-z0-9_]{8}" + re.escape(suffix) + "$")
 
 
 def remove_stale_temporaries(path, suffix=None):
@@ -82,7 +89,7 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
     remove_stale_temporaries(path, suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_TMP_MARK}", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -108,7 +115,7 @@ def atomic_dir(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path, _DIR_SUFFIX)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_DIR_SUFFIX, dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_TMP_MARK}", suffix=_DIR_SUFFIX, dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~current_umask())

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from .errors import InputError
 from .io import atomic_path, save_json, save_nifti
 from .labels import LabelSchema
 from .sheet import anchor_modality
@@ -28,6 +29,18 @@ _AFFINE_SMOOTH = (3, 2, 1, 0)
 _REG_TMP_PREFIX = ".reg_tmp_"
 # ANTs transforms without a deformation field (config registration.transform's linear values)
 LINEAR_TRANSFORMS = ("Translation", "Rigid", "Similarity", "Affine")
+# ANTs reads and writes a deformation field as a transform file, not an image, when its path
+# holds one of these anywhere (itkantsReadWriteTransform.h), and then fails or drops the field
+_ANTS_TRANSFORM_MARKS = (".h5", ".hdf5", ".hdf4", ".mat", ".txt", ".xfm")
+
+
+def _check_field_path(path):
+    hit = [m for m in _ANTS_TRANSFORM_MARKS if m in str(path)]
+    if hit:
+        raise InputError(f"ANTs would read and write this deformation field as a transform file: its path "
+                         f"contains {hit[0]!r}", file=path,
+                         fix="rename the folders (subject id, experiment, results path) so that no part of the "
+                             "path contains .h5, .hdf, .mat, .txt or .xfm")
 
 
 def set_threads(n):
@@ -94,10 +107,13 @@ def register(moving_path, fixed_path, out_affine, out_warp, out_inverse_warp, ou
     fields so downstream rules see the same file set whatever the transform; a deformable
     one whose field ANTs does not return is an error, never an identity field.
     """
+    for p in (out_warp, out_inverse_warp):
+        _check_field_path(p)
     ants = _ants()
     n_aff = len(affine_iterations)
     fixed, moving, out_dir = _registration_inputs(fixed_path, moving_path, n_aff, "affine_iterations", out_affine)
     with tempfile.TemporaryDirectory(prefix=_REG_TMP_PREFIX, dir=out_dir) as tmp:
+        _check_field_path(Path(tmp) / "reg_1Warp.nii.gz")
         reg = ants.registration(
             fixed=fixed,
             moving=moving,
@@ -205,6 +221,7 @@ def coregister(moving_path, fixed_path, out_transform, iterations=(200, 100, 50)
                                                   out_transform)
     before = coregistration_qc(fixed, ants.resample_image_to_target(moving, fixed, interp_type="linear"))
     with tempfile.TemporaryDirectory(prefix=_REG_TMP_PREFIX, dir=out_dir) as tmp:
+        _check_field_path(Path(tmp) / "reg_1Warp.nii.gz")
         reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="Rigid", aff_metric="mattes",
                                 outprefix=str(Path(tmp) / "coreg_"),
                                 aff_iterations=tuple(int(i) for i in iterations),
