@@ -157,7 +157,7 @@ def test_deformable_registration_without_its_field_fails(pair, monkeypatch):
     assert not np.asarray(nib.load(str(reg["warp"])).dataobj).any()
 
 
-def test_field_paths_ants_would_misread_are_refused_before_work(pair, monkeypatch):
+def test_field_paths_ants_would_misread_are_refused_before_work(pair):
     """ANTs treats a deformation field whose path holds ".h5" / ".mat" / ".txt" / ... as a
     transform file: such a path is an error naming it, and the workflow's own temporary
     folders never make one (their random part follows "tmp-", never a dot)."""
