@@ -358,6 +358,71 @@ def test_sample_synthetic_writes_subjects(models, cohort, tmp_path):
     pd.testing.assert_frame_equal(man, pd.read_csv(tmp_path / "b" / "manifest.tsv", sep="\t"))
 
 
+def test_sample_synthetic_uses_the_configured_sampling(models, cohort, tmp_path):
+    # the rule passes label_generator.sampling (guidance, composition, ...) to the sampler; it
+    # once passed only scheduler and steps, and the arms were sampled at another guidance than
+    # the audit's
+    styles = [{"subject": f"sub{i}", "t1": cohort["image_paths"]["t1"][i], "t2": cohort["image_paths"]["t2"][i]}
+              for i in range(2)]
+    kw = dict(label_vae=models["vae"]["model"], label_ldm=models["ldm"]["model"],
+              image_generator=models["img"]["model"], style_subjects=styles, n=2, montage=False,
+              reference=cohort["label_paths"][0], conditioning="unseen", seed=4)
+    composed = {"inference_steps": 3, "compose_lesion_types": True}
+    man = S.sample_synthetic(out_dir=tmp_path / "composed", sampling=composed, **kw)
+    S.sample_synthetic(out_dir=tmp_path / "joint", sampling={"inference_steps": 3}, **kw)
+    cond = man[["dc_wmh", "dc_tumour"]].to_numpy(np.float32)
+    direct = LG.sample_labels(models["vae"]["model"], models["ldm"]["model"], cond, seed=4, sampling=composed)
+    read = lambda d, i: nib.load(tmp_path / d / "samples" / f"syn000{i + 1}" / "labelprob.nii.gz").get_fdata()  # noqa: E731
+    for i in range(2):
+        np.testing.assert_allclose(read("composed", i), np.moveaxis(direct[i], 0, -1), atol=1e-6)
+    assert not np.allclose(read("composed", 0), read("joint", 0))
+
+
+def test_composed_guidance_sums_what_each_lesion_type_adds():
+    # a U-Net of the demo's kind with random weights (a trained toy one barely reads its context)
+    unet = LG.build_unet(LG._unet_kwargs(LG.resolve_config(_cfg(LABEL_CFG, ldm={"condition_channels": True})), 2, 2)).eval()
+    g = torch.Generator().manual_seed(0)
+    for p in unet.parameters():
+        p.data = 0.2 * torch.randn(p.shape, generator=g)
+    cond = np.array([[0.4, 0.7], [0.0, 0.5], [0.3, 0.0], [0.0, 0.0]], np.float32)
+    contexts = LG.composed_contexts(cond)
+    assert [c.shape for c in contexts] == [(4, 1, 3)] * 4
+    np.testing.assert_array_equal(contexts[0].numpy(), 0)                         # null
+    np.testing.assert_array_equal(contexts[1][:, 0].numpy(), [[0, 0, 1]] * 4)       # healthy
+    np.testing.assert_array_equal(contexts[2][:, 0, :2].numpy(), np.stack([cond[:, 0], 0 * cond[:, 1]], 1))  # wmh alone
+    np.testing.assert_array_equal(contexts[3][:, 0, :2].numpy(), np.stack([0 * cond[:, 0], cond[:, 1]], 1))  # tumour
+    x = torch.randn((4, 2, 4, 4, 4), generator=g)
+    tt = torch.full((4,), 20, dtype=torch.long)
+    w = 2.5
+    with torch.no_grad():
+        pred = LG._composed_prediction(unet, x, tt, contexts, cond, w, True, "cpu")
+        eps = lambda ctx: unet(x=LG.with_condition_channels(x, ctx, True), timesteps=tt, context=ctx)  # noqa: E731
+        null, healthy = eps(contexts[0]), eps(contexts[1])
+        plain = null + w * (eps(LG.condition_context(cond)) - null)
+        both = null + w * (healthy + (eps(contexts[2]) - healthy) + (eps(contexts[3]) - healthy) - null)
+    scale = float(plain.abs().max())
+    np.testing.assert_allclose(pred[1:].numpy(), plain[1:].numpy(), atol=1e-5 * scale)   # one type or none: plain
+    np.testing.assert_allclose(pred[0].numpy(), both[0].numpy(), atol=1e-5 * scale)
+    assert float((pred[0] - plain[0]).abs().max()) > 1e-2 * scale
+
+
+def test_posterior_sigma_init_sets_the_starting_sigma(cohort, tmp_path):
+    vae = LG.build_vae(LG._vae_kwargs(LG.resolve_config(LABEL_CFG), K))
+    LG.init_posterior_sigma(vae, 0.1)
+    with torch.no_grad():
+        _, sigma = vae.encode(torch.rand((1, K, 8, 8, 8)))
+    np.testing.assert_allclose(sigma.numpy(), 0.1, rtol=1e-5)
+    with pytest.raises(InputError, match="posterior_sigma_init"):
+        LG.init_posterior_sigma(vae, 0.0)
+    cfg = _cfg(LABEL_CFG, vae={"posterior_sigma_init": 0.1, "steps": 3})
+    out = LG.train_label_vae(cohort["label_paths"], cfg, tmp_path)
+    vae2, _ = LG.load_vae(out["model"])
+    data, _, _ = LG._training_maps(cohort["label_paths"][:1], 3, K)
+    with torch.no_grad():
+        _, sigma2 = vae2.encode(C.pad_background(data, C.divisible_shape(SHAPE, 2)).float())
+    assert float(sigma2.mean()) < 0.2   # MONAI's initialisation: about 1
+
+
 def test_restyle_synthetic_keeps_labels_and_changes_styles(models, cohort, tmp_path):
     styles = [{"subject": f"sub{i}", "t1": cohort["image_paths"]["t1"][i], "t2": cohort["image_paths"]["t2"][i]}
               for i in range(4)]

@@ -89,7 +89,7 @@ def _style_drawer(styles, modalities, spatial):
 
 def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n, out_dir, reference,
                      conditioning="random", conditioning_values=None, seed=0, scheduler=None, steps=None,
-                     id_prefix="syn", device="auto", batch_size=None, montage=True):
+                     sampling=None, id_prefix="syn", device="auto", batch_size=None, montage=True):
     """Generate ``n`` synthetic subjects into ``out_dir``; returns the manifest DataFrame.
 
     Layout: ``out_dir/samples/<id>/{label,labelprob,<modality>}.nii.gz`` (ids
@@ -100,8 +100,10 @@ def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n
     subject -> {modality: path}); for every sample and modality one of them is
     drawn and its volume styles the synthetic volume slice by slice.
     ``conditioning``: ``random`` | ``unseen`` | ``healthy`` | ``explicit`` (with
-    ``conditioning_values``, see :func:`make_conditioning`). ``reference``: a
-    NIfTI on the working grid whose affine the outputs get.
+    ``conditioning_values``, see :func:`make_conditioning`). ``sampling``: the
+    ``label_generator.sampling`` settings (guidance scale, scheduler, ...) over those
+    stored with the LDM. ``reference``: a NIfTI on the working grid whose affine the
+    outputs get.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +121,7 @@ def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n
     cond = make_conditioning(conditioning, n, types, train_vals, conditioning_values, seed)
     log.info("sampling %d synthetic subjects (conditioning %s, seed %d) into %s", n, conditioning, seed, out_dir)
     probs = sample_labels(label_vae, label_ldm, cond, scheduler=scheduler, steps=steps, seed=seed,
-                          batch_size=batch_size, device=device)
+                          batch_size=batch_size, device=device, sampling=sampling)
     if probs.ndim == 4:  # 2-D label generator: one axial slice per subject
         probs = probs[..., None]
     spatial = probs.shape[2:]
