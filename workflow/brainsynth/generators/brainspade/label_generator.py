@@ -916,10 +916,10 @@ def _composed_prediction(unet, x, tt, contexts, cond, guidance, concat, dev):
                  context=allc).float().chunk(n)
     null, healthy, singles = preds[0], preds[1], preds[2:]
     bshape = (-1,) + (1,) * (x.ndim - 1)
-    out = healthy.clone()
+    out = healthy
     for j, single in enumerate(singles):
-        on = torch.as_tensor(cond[:, j] > 0, device=dev).view(bshape)
-        out = out + torch.where(on, single - healthy, torch.zeros_like(single))
+        on = torch.as_tensor(cond[:, j] > 0, dtype=single.dtype, device=dev).view(bshape)
+        out = out + on * (single - healthy)
     return null + guidance * (out - null)
 
 
