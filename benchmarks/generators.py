@@ -11,6 +11,10 @@ GPU memory) is its own.
 
     .venv/bin/python benchmarks/generators.py                 # both grids, auto device
     .venv/bin/python benchmarks/generators.py --grid demo --device cpu --steps 10
+    .venv/bin/python benchmarks/generators.py --grid demo --guidance 3   # as the demo samples
+
+Label sampling runs at ``--guidance`` (default 1: one U-Net pass per denoising step; above 1,
+classifier-free guidance adds the unconditioned pass, so a step costs about twice as much).
 
 Step times are medians over the measured steps (the first steps, which include warm-up,
 are dropped). DDPM runs all training timesteps; with ``--ddpm-steps-measured K`` (default on
@@ -97,7 +101,7 @@ def _timed_training(train, *args, **kwargs):
     return {"step_s": float(np.median(measured)), "steps": len(stamps), "total_s": total}
 
 
-def run_case(case, grid, device, steps, work, ddpm_measured):
+def run_case(case, grid, device, steps, work, ddpm_measured, guidance=1.0):
     """One measurement in this process; returns a dict (printed as JSON by the child)."""
     from brainsynth.generators.brainspade import image_generator as IG
     from brainsynth.generators.brainspade import label_generator as LG
@@ -131,10 +135,13 @@ def run_case(case, grid, device, steps, work, ddpm_measured):
     elif case == "sample_labels":
         vae, ldm = work / "label" / "label_vae.pt", work / "label" / "label_ldm.pt"
         cond = np.array([[0.5, 0.5]], dtype=np.float32)
-        LG.sample_labels(vae, ldm, cond, scheduler="ddim", steps=2, device=device, progress=False)  # warm-up
+        guided = {"guidance_scale": guidance}
+        LG.sample_labels(vae, ldm, cond, scheduler="ddim", steps=2, device=device, progress=False,
+                         sampling=guided)  # warm-up
         for kind, n_steps in (("ddim", 10), ("ddim", 50)):
             t0 = time.perf_counter()
-            LG.sample_labels(vae, ldm, cond, scheduler=kind, steps=n_steps, device=device, progress=False)
+            LG.sample_labels(vae, ldm, cond, scheduler=kind, steps=n_steps, device=device, progress=False,
+                             sampling=guided)
             out[f"{kind}{n_steps}_s"] = time.perf_counter() - t0
         per_step = (out["ddim50_s"] - out["ddim10_s"]) / 40
         T = int(lcfg["ldm"]["num_train_timesteps"])
@@ -143,11 +150,13 @@ def run_case(case, grid, device, steps, work, ddpm_measured):
             out["ddpm_extrapolated"] = True
         else:
             t0 = time.perf_counter()
-            LG.sample_labels(vae, ldm, cond, scheduler="ddpm", device=device, progress=False)
+            LG.sample_labels(vae, ldm, cond, scheduler="ddpm", device=device, progress=False,
+                             sampling=guided)
             out["ddpm_s"] = time.perf_counter() - t0
             out["ddpm_extrapolated"] = False
         out["denoise_step_s"] = per_step
         out["ddpm_steps"] = T
+        out["guidance"] = guidance
     elif case == "generate_images":
         import nibabel as nib
 
@@ -175,13 +184,14 @@ def run_case(case, grid, device, steps, work, ddpm_measured):
 
 
 def child(args):
-    res = run_case(args.case, args.grid, args.device, args.steps, args.work, args.ddpm_steps_measured)
+    res = run_case(args.case, args.grid, args.device, args.steps, args.work, args.ddpm_steps_measured,
+                   args.guidance)
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def spawn(case, grid, device, steps, work, ddpm_measured):
+def spawn(case, grid, device, steps, work, ddpm_measured, guidance):
     cmd = [sys.executable, __file__, "--child", case, "--grid", grid, "--device", device, "--steps", str(steps),
-           "--work", str(work)]
+           "--work", str(work), "--guidance", str(guidance)]
     if ddpm_measured:
         cmd.append("--ddpm-steps-measured")
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -197,6 +207,10 @@ def fmt_mem(r):
     return f"RSS {r['peak_rss_mb']:.0f} MB{gpu}"
 
 
+def _guided(r):
+    return f", guidance {r['guidance']:g}" if r.get("guidance", 1.0) != 1.0 else ""
+
+
 def table_rows(shape, res):
     """(grid, what, time, memory) rows of one grid's results; a failed case reads FAILED."""
     def row(case, what, fmt, with_mem=True):
@@ -210,10 +224,11 @@ def table_rows(shape, res):
                                                          if "batch_size" in r else ""),
                 lambda r: f"{r['step_s']:.3f} s/step")
             for name in ("label_vae", "label_ldm", "image_generator", "spade_diffusion")]
-    rows += [row("sample_labels", "sample label map, DDIM 10 steps", lambda r: f"{r['ddim10_s']:.2f} s/volume"),
-             row("sample_labels", "sample label map, DDIM 50 steps", lambda r: f"{r['ddim50_s']:.2f} s/volume",
-                 False),
-             row("sample_labels", lambda r: f"sample label map, DDPM {r['ddpm_steps']} steps",
+    rows += [row("sample_labels", lambda r: f"sample label map, DDIM 10 steps{_guided(r)}",
+                 lambda r: f"{r['ddim10_s']:.2f} s/volume"),
+             row("sample_labels", lambda r: f"sample label map, DDIM 50 steps{_guided(r)}",
+                 lambda r: f"{r['ddim50_s']:.2f} s/volume", False),
+             row("sample_labels", lambda r: f"sample label map, DDPM {r['ddpm_steps']} steps{_guided(r)}",
                  lambda r: f"{r['ddpm_s']:.1f} s/volume" + (" (extrapolated)" if r["ddpm_extrapolated"] else ""),
                  False),
              row("generate_images", lambda r: f"generate images ({r['modalities']} modalities)",
@@ -231,6 +246,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8, help="training steps per network (first 2 not timed)")
     ap.add_argument("--ddpm-steps-measured", action="store_true",
                     help="extrapolate DDPM from the DDIM per-step time instead of running all timesteps")
+    ap.add_argument("--guidance", type=float, default=1.0,
+                    help="classifier-free guidance scale of label sampling (config: label_generator.sampling)")
     ap.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -256,7 +273,7 @@ def main():
             print(f"[{grid}] inputs {GRIDS[grid]} written in {time.perf_counter() - t0:.1f} s", flush=True)
             res = {}
             for case in CASES:
-                res[case] = spawn(case, grid, device, args.steps, work, extrapolate)
+                res[case] = spawn(case, grid, device, args.steps, work, extrapolate, args.guidance)
                 if res[case] is not None:
                     print(f"[{grid}] {case}: {json.dumps(res[case])}", flush=True)
         rows += table_rows("x".join(map(str, GRIDS[grid])), res)

@@ -6,7 +6,8 @@ results folder that has been preprocessed (e.g. after `snakemake --until lesion_
 training subjects = split train, held-out = split test, from the input-check table.
 
     .venv/bin/python benchmarks/label_generator_levers.py --results results/demo --out /tmp/levers/base \
-        --vae '{"vae": {"steps": 1500}}' --ldm '{"ldm": {"steps": 1500}}' --guidance 1,3 --inference-steps 10,25 --per-mode 50
+        --vae '{"vae": {"steps": 1500}}' --ldm '{"ldm": {"steps": 1500}}' --guidance 1,3 --inference-steps 10,25 --per-mode 50 \
+        --sampling '{"compose_lesion_types": true}'
 """
 
 import argparse
@@ -34,6 +35,9 @@ def main(argv=None):
     ap.add_argument("--ldm", default=None, help="label_generator overrides for the LDM (JSON); none: VAE only")
     ap.add_argument("--guidance", default="1", help="guidance scales to audit, comma separated")
     ap.add_argument("--inference-steps", default="25", help="DDIM steps to audit, comma separated")
+    ap.add_argument("--sampling", default="{}",
+                    help="further label_generator.sampling settings for the audit (JSON), e.g. "
+                         "'{\"compose_lesion_types\": true}'")
     ap.add_argument("--per-mode", type=int, default=50)
     ap.add_argument("--voxel-mm", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
@@ -80,7 +84,8 @@ def main(argv=None):
             paths["figure"] = where / "adherence.png"
             fid = LQ.evaluate_label_generator(vae_path, ldm_dir / "label_ldm.pt", train, held, paths,
                                               n_per_mode=args.per_mode, schema=schema, voxel_mm=args.voxel_mm,
-                                              sampling={"guidance_scale": g, "inference_steps": k}, device="cpu")
+                                              sampling={**json.loads(args.sampling), "guidance_scale": g,
+                                                        "inference_steps": k}, device="cpu")
             print(f"guidance {g:g}, DDIM {k} steps: audit in {time.time() - t0:.0f} s")
             with pd.option_context("display.width", 200):
                 print(fid[fid["group"] != "reconstruction"][["measure", "value", "target", "pass", "n", "note"]]

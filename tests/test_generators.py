@@ -406,6 +406,50 @@ def test_composed_guidance_sums_what_each_lesion_type_adds():
     assert float((pred[0] - plain[0]).abs().max()) > 1e-2 * scale
 
 
+def test_negation_subtracts_each_lesion_type_not_asked_for():
+    unet = LG.build_unet(LG._unet_kwargs(LG.resolve_config(_cfg(LABEL_CFG, ldm={"condition_channels": True})), 2, 2)).eval()
+    g = torch.Generator().manual_seed(1)
+    for p in unet.parameters():
+        p.data = 0.2 * torch.randn(p.shape, generator=g)
+    typical = LG.typical_lesion_values(np.array([[0, 0], [0.2, 0], [0.6, 0], [0.4, 0], [0, 0.9]], np.float32))
+    np.testing.assert_allclose(typical, [0.4, 0.9])                     # median of the maps holding each type
+    np.testing.assert_allclose(LG.typical_lesion_values(np.zeros((3, 2))), [0.5, 0.5])
+    cond = np.array([[0.4, 0.7], [0.0, 0.5], [0.3, 0.0], [0.0, 0.0]], np.float32)
+    contexts = LG.composed_contexts(cond, typical)
+    np.testing.assert_allclose(contexts[2][:, 0, :2].numpy(), [[0.4, 0], [0.4, 0], [0.3, 0], [0.4, 0]])
+    np.testing.assert_allclose(contexts[3][:, 0, :2].numpy(), [[0, 0.7], [0, 0.5], [0, 0.9], [0, 0.9]])
+    x = torch.randn((4, 2, 4, 4, 4), generator=g)
+    tt = torch.full((4,), 20, dtype=torch.long)
+    w = 2.0
+    with torch.no_grad():
+        pred = LG._composed_prediction(unet, x, tt, contexts, cond, w, True, "cpu", negate=True)
+        composed = LG._composed_prediction(unet, x, tt, LG.composed_contexts(cond), cond, w, True, "cpu")
+        null, healthy, wmh, tumour = (unet(x=LG.with_condition_channels(x, c, True), timesteps=tt, context=c)
+                                      for c in contexts)
+    by_hand = [null + w * (healthy + (wmh - healthy) + (tumour - healthy) - null),   # both asked: nothing negated
+               null + w * (healthy - (wmh - healthy) + (tumour - healthy) - null),   # tumour, not WMH
+               null + w * (healthy + (wmh - healthy) - (tumour - healthy) - null),   # WMH, not tumour
+               null + w * (healthy - (wmh - healthy) - (tumour - healthy) - null)]   # healthy: neither
+    scale = float(pred.abs().max())
+    for i in range(4):
+        np.testing.assert_allclose(pred[i].numpy(), by_hand[i][i].numpy(), atol=1e-5 * scale)
+    np.testing.assert_allclose(pred[0].numpy(), composed[0].numpy(), atol=1e-5 * scale)
+    for i in range(1, 4):
+        assert float((pred[i] - composed[i]).abs().max()) > 1e-2 * scale
+
+
+def test_negated_sampling_is_deterministic_and_differs(models):
+    cond = np.array([[0.0, 0.0], [0.5, 0.0]], np.float32)
+    neg = {"inference_steps": 3, "negate_unrequested": True}
+    a = LG.sample_labels(models["vae"]["model"], models["ldm"]["model"], cond, seed=2, sampling=neg)
+    b = LG.sample_labels(models["vae"]["model"], models["ldm"]["model"], cond, seed=2, sampling=neg)
+    plain = LG.sample_labels(models["vae"]["model"], models["ldm"]["model"], cond, seed=2,
+                             sampling={"inference_steps": 3})
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a.sum(1), 1, atol=1e-4)
+    assert not np.allclose(a, plain)
+
+
 def test_posterior_sigma_init_sets_the_starting_sigma(cohort, tmp_path):
     vae = LG.build_vae(LG._vae_kwargs(LG.resolve_config(LABEL_CFG), K))
     LG.init_posterior_sigma(vae, 0.1)

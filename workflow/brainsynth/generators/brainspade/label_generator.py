@@ -115,6 +115,10 @@ sampling.guidance_scale         classifier-free guidance w: prediction = uncond 
 sampling.compose_lesion_types   a request for several lesion types at once is sampled as the composition of
                                 each type alone (composable diffusion): uncond + w (healthy - uncond) +
                                 w sum_j (type j alone - healthy); 2 + n_types passes per step for such batches
+sampling.negate_unrequested     every request is sampled by that composition, each lesion type it
+                                does not ask for subtracted (composable diffusion's NOT): - w (type j
+                                at its typical dc - healthy), typical = the median dc of the training
+                                maps holding type j; 2 + n_types passes per step for every batch
 ==============================  ===========================================================
 """
 
@@ -200,6 +204,7 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "clip_margin": 0.05,
         "guidance_scale": 1.0,
         "compose_lesion_types": False,
+        "negate_unrequested": False,
     },
 }
 
@@ -890,26 +895,41 @@ def make_conditioning(mode, n, lesion_types, train_values=None, values=None, see
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def composed_contexts(cond):
+def composed_contexts(cond, typical=None):
     """Contexts of a composed request: ``[null, healthy, type 1 alone, ..., type k alone]``, each
-    ``(B, 1, n_types + 1)``; type j alone keeps row i's value of type j and zeroes the others."""
+    ``(B, 1, n_types + 1)``; type j alone keeps row i's value of type j and zeroes the others.
+    With ``typical`` (one dc per type), a row that does not ask for type j gets type j alone at
+    its typical value instead: the context its prediction is steered away from."""
     cond = np.asarray(cond, dtype=np.float32)
     singles = []
     for j in range(cond.shape[1]):
         one = np.zeros_like(cond)
         one[:, j] = cond[:, j]
+        if typical is not None:
+            one[cond[:, j] <= 0, j] = typical[j]
         singles.append(condition_context(one))
     return [condition_context(cond, keep=np.zeros(len(cond))), condition_context(np.zeros_like(cond))] + singles
 
 
-def _composed_prediction(unet, x, tt, contexts, cond, guidance, concat, dev):
+def typical_lesion_values(train_conditioning):
+    """Median dc of the training maps holding each lesion type (0.5 for a type none holds)."""
+    tv = np.asarray(train_conditioning, dtype=np.float32)
+    return np.array([float(np.median(tv[tv[:, j] > 0, j])) if (tv[:, j] > 0).any() else 0.5
+                     for j in range(tv.shape[1])], dtype=np.float32)
+
+
+def _composed_prediction(unet, x, tt, contexts, cond, guidance, concat, dev, negate=False):
     """Guided prediction of a batch in which some rows ask for several lesion types at once.
 
     Composable diffusion (Liu et al. 2022), relative to the healthy context: null + w (healthy -
     null) + w sum_j (type j alone - healthy) for the requested types j, so each lesion type adds the
     change it learnt alone. A training set without any map holding two lesion types teaches
     the joint context nothing; each type alone it has seen. Rows asking for one type or none get
-    the plain guided prediction null + w (context - null), the same thing."""
+    the plain guided prediction null + w (context - null), the same thing.
+
+    ``negate`` (contexts from ``composed_contexts(cond, typical)``): each type a row does not ask
+    for is subtracted, - (type j typical - healthy), so a healthy or single-type request is
+    pushed away from the lesions the model would otherwise add unasked."""
     n = len(contexts)
     allc = torch.cat(contexts).to(dev)
     preds = unet(x=with_condition_channels(torch.cat([x] * n), allc, concat), timesteps=torch.cat([tt] * n),
@@ -919,7 +939,8 @@ def _composed_prediction(unet, x, tt, contexts, cond, guidance, concat, dev):
     out = healthy
     for j, single in enumerate(singles):
         on = torch.as_tensor(cond[:, j] > 0, dtype=single.dtype, device=dev).view(bshape)
-        out = out + on * (single - healthy)
+        sign = 2 * on - 1 if negate else on
+        out = out + sign * (single - healthy)
     return null + guidance * (out - null)
 
 
@@ -945,6 +966,7 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     eta = float(samp.get("ddim_eta", 0.0) if eta is None else eta)
     guidance = float(samp["guidance_scale"])
     compose = bool(samp.get("compose_lesion_types", False))
+    negate = bool(samp.get("negate_unrequested", False))
     amp = C.sampling_amp(dev, lpay["config"].get("amp", False))
     concat = bool(lpay["config"]["ldm"].get("condition_channels", False))
     if int(lpay["unet_kwargs"]["cross_attention_dim"]) != len(lpay["lesion_types"]) + 1:
@@ -958,6 +980,7 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     types = lpay["lesion_types"]
     if cond.ndim != 2 or cond.shape[1] != len(types):
         raise InputError(f"conditioning must be (N, {len(types)}) for lesion types {types}, got {cond.shape}")
+    typical = typical_lesion_values(lpay["train_conditioning"]) if negate else None
     clip = None
     if samp.get("clip_x0", True) and lpay.get("latent_range") is not None:
         lo, hi = lpay["latent_range"]
@@ -988,13 +1011,13 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
         ctx = condition_context(cond[b0:b1]).to(dev)
         null = torch.zeros_like(ctx)
         x = noise
-        composed = compose and bool((np.count_nonzero(cond[b0:b1], axis=1) > 1).any())
-        contexts = composed_contexts(cond[b0:b1]) if composed else None
+        composed = negate or (compose and bool((np.count_nonzero(cond[b0:b1], axis=1) > 1).any()))
+        contexts = composed_contexts(cond[b0:b1], typical if negate else None) if composed else None
         for t in sched.timesteps:
             tt = torch.full((b1 - b0,), int(t), device=dev, dtype=torch.long)
             with C.autocast(dev, amp):
                 if composed:
-                    pred = _composed_prediction(unet, x, tt, contexts, cond[b0:b1], guidance, concat, dev)
+                    pred = _composed_prediction(unet, x, tt, contexts, cond[b0:b1], guidance, concat, dev, negate)
                 elif guidance == 1.0:
                     pred = unet(x=with_condition_channels(x, ctx, concat), timesteps=tt, context=ctx).float()
                 else:  # conditioned and null context in one batch
