@@ -102,6 +102,7 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     fidelity = pd.read_csv(syn / "quality" / "label_fidelity.tsv", sep="\t")
     assert {"reconstruction", "adherence", "tissue", "diversity", "memorisation"} <= set(fidelity["group"])
     assert "healthy_any_lesion" in set(fidelity["measure"])
+    assert {"volume_ratio_wmh", "volume_ratio_tumour"} <= set(fidelity["measure"])
     recon = pd.read_csv(syn / "quality" / "label_reconstruction.tsv", sep="\t")
     assert {"train", "held_out"} == set(recon["split"])
     samples = pd.read_csv(syn / "quality" / "label_adherence_samples.tsv", sep="\t")

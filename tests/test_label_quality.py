@@ -77,6 +77,16 @@ def test_conditioning_adherence_and_spearman():
     assert list(per["requested_present"]) == [True] * 4 + [False, True, True, True]
 
 
+def test_lesion_volume_ratios_hand_case():
+    per = pd.DataFrame({"mode": ["wmh_only"] * 3 + ["tumour_only"] * 2 + ["healthy"],
+                        "voxels_wmh": [10, 30, 50, 0, 0, 400], "voxels_tumour": [0, 0, 0, 600, 1000, 0]})
+    training = pd.DataFrame({"voxels_wmh": [0, 10, 20, 0, 40], "voxels_tumour": [0, 0, 0, 400, 0]})
+    r = LQ.lesion_volume_ratios(per, training, ["wmh", "tumour"])
+    assert r["wmh"] == (pytest.approx(30 / 20), 3, 3)        # medians 30 (samples) and 20 (maps holding WMH)
+    assert r["tumour"] == (pytest.approx(800 / 400), 2, 1)
+    assert np.isnan(LQ.lesion_volume_ratios(per, training.assign(voxels_wmh=0), ["wmh"])["wmh"][0])
+
+
 def test_spearman_hand_case():
     assert LQ.spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
     assert LQ.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)

@@ -178,6 +178,21 @@ def conditioning_adherence(volumes, conditioning, min_voxels=5):
     return pd.DataFrame(rows), per
 
 
+def lesion_volume_ratios(per_sample, training_volumes, lesion_types):
+    """Per lesion type, ``(ratio, n_samples, n_training)``: median volume of the samples asking for
+    that type alone (mode ``<type>_only``, dc drawn from the training maps holding it) over the
+    median volume of the training maps holding it. 1: lesions of training size; guidance can
+    follow dc in rank (Spearman) and still draw every lesion at several times its size."""
+    out = {}
+    for t in lesion_types:
+        syn = per_sample.loc[per_sample["mode"] == f"{t}_only", f"voxels_{t}"]
+        real = training_volumes[f"voxels_{t}"]
+        real = real[real > 0]
+        ratio = float(syn.median() / real.median()) if len(syn) and len(real) else float("nan")
+        out[t] = (ratio, len(syn), len(real))
+    return out
+
+
 def pairwise_dice(hard, n_classes, max_pairs=None, seed=0):
     """Mean (std, number) over pairs of maps of their mean non-background class Dice."""
     hard = np.asarray(hard)
@@ -423,6 +438,10 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
         elif a["measure"] == "spearman":
             rows.append(_target_row("adherence", f"spearman_dc_volume_{a['lesion_type']}", a["value"], 0.7, ">=",
                                     a["n"]))
+    real_volumes = lesion_volumes(real, schema)
+    for t, (ratio, n_syn, n_real) in lesion_volume_ratios(per, real_volumes, types).items():
+        rows.append(_target_row("adherence", f"volume_ratio_{t}", ratio, n=n_syn,
+                                note=f"median voxels of {t}-only samples / of the {n_real} training maps holding {t}"))
     for _, t in tissue.iterrows():
         rows.append(_target_row("tissue", f"fraction_{t['tissue']}_relative_difference", t["relative_difference"],
                                 n=len(hard), note=f"synthetic {t['synthetic_mean']:.4f} vs training "
