@@ -139,6 +139,18 @@ def test_sample_flags_catch_tumour_asked_healthy_and_tissue_outliers():
     assert flags.loc["s3", "tissues_out_of_range"] == "csf"
     assert list(flags["near_copy"]) == [True, False, False]
     assert flags["flagged"].all()
+    assert not flags["lesion_out_of_range"].any()               # no training volumes given: not checked
+    # training tumours of 100-200 voxels: range widened by a quarter of its width, 75-225
+    vols = pd.DataFrame({"voxels_wmh": [0, 0, 0], "voxels_tumour": [0, 100, 200]})
+    for tumour, out in ((150, False), (225, False), (226, True), (74, True), (3, False)):  # 3: absent, missed
+        per.loc[2, ["voxels_tumour", "present_tumour"]] = tumour, tumour > 5
+        flags = LQ.sample_flags(per, fractions, training, mem, ["csf", "gm"], training_volumes=vols)
+        assert list(flags["lesion_out_of_range"]) == [False, False, out], tumour
+        assert flags.loc[2, "lesions_out_of_range"] == ("tumour" if out else "")
+    # an unrequested lesion is missed conditioning, not a size outlier (s2: 200 tumour voxels asked healthy)
+    per.loc[1, "voxels_tumour"] = 5000
+    assert not LQ.sample_flags(per, fractions, training, mem, ["csf", "gm"], training_volumes=vols).loc[
+        1, "lesion_out_of_range"]
 
 
 def test_cohens_d_hand_case():

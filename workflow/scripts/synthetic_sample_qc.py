@@ -19,8 +19,9 @@ def main(sm):
                              LabelSchema.from_config({"labels": sm.params.labels}))
     save_table(qc, sm.output.qc)
     log.info("synthetic sample QC: %d of %d flagged (missed conditioning %d, tissue out of range %d, "
-             "near copy %d)", int(qc["flagged"].sum()), len(qc), int(qc["missed_conditioning"].sum()),
-             int(qc["tissue_out_of_range"].sum()), int(qc["near_copy"].sum()))
+             "lesion volume out of range %d, near copy %d)", int(qc["flagged"].sum()), len(qc),
+             int(qc["missed_conditioning"].sum()), int(qc["tissue_out_of_range"].sum()),
+             int(qc["lesion_out_of_range"].sum()), int(qc["near_copy"].sum()))
 
 
 run_main(main, snakemake)  # noqa: F821

@@ -281,24 +281,46 @@ def tissue_fraction_check(synthetic, training, tissues, tolerance=0.15):
     return pd.DataFrame(rows)
 
 
-def sample_flags(per_sample, fractions, training_fractions, memorisation, tissues, range_margin=0.25):
+def _widened_range(values, margin):
+    """``(lo, hi)`` of ``values`` (per column of a DataFrame) widened by ``margin`` x the width each side."""
+    lo, hi = values.min(), values.max()
+    width = np.maximum(hi - lo, 1e-6)
+    return lo - margin * width, hi + margin * width
+
+
+def sample_flags(per_sample, fractions, training_fractions, memorisation, tissues, range_margin=0.25,
+                 training_volumes=None):
     """Per synthetic sample: ``missed_conditioning`` (a requested lesion type absent or an
     unrequested one present), ``tissue_out_of_range`` (a tissue fraction outside the training
-    range widened by ``range_margin`` x its width on each side), ``near_copy`` (memorisation
-    audit) and ``flagged`` (any)."""
-    lo = training_fractions[tissues].min()
-    hi = training_fractions[tissues].max()
-    width = (hi - lo).clip(lower=1e-6)
-    lo, hi = lo - range_margin * width, hi + range_margin * width
+    range widened by ``range_margin`` x its width on each side), ``lesion_out_of_range`` (a
+    requested lesion type, drawn, with a volume outside the range of the training maps holding
+    it, widened the same way; needs ``training_volumes``, :func:`lesion_volumes` of the training
+    maps; an absent one is missed conditioning),
+    ``near_copy`` (memorisation audit) and ``flagged`` (any)."""
+    lo, hi = _widened_range(training_fractions[tissues], range_margin)
     out = pd.DataFrame({"sample": per_sample["sample"].to_numpy()})
     out["missed_conditioning"] = ~(per_sample["requested_present"].to_numpy() &
                                    per_sample["unrequested_absent"].to_numpy())
     bad = [[t for t in tissues if not lo[t] <= fractions.iloc[i][t] <= hi[t]] for i in range(len(fractions))]
     out["tissue_out_of_range"] = [bool(b) for b in bad]
     out["tissues_out_of_range"] = [",".join(b) for b in bad]
+    types = [c[len("voxels_"):] for c in per_sample.columns if c.startswith("voxels_")]
+    big = [[] for _ in range(len(out))]
+    for t in types if training_volumes is not None else []:
+        held = training_volumes[f"voxels_{t}"][training_volumes[f"voxels_{t}"] > 0].astype(float)
+        if not len(held):
+            continue
+        vlo, vhi = _widened_range(held, range_margin)
+        vol = per_sample[f"voxels_{t}"].to_numpy()
+        drawn = per_sample[f"requested_{t}"].to_numpy() & per_sample[f"present_{t}"].to_numpy()
+        for i in np.flatnonzero(drawn & ((vol < vlo) | (vol > vhi))):
+            big[i].append(t)
+    out["lesion_out_of_range"] = [bool(b) for b in big]
+    out["lesions_out_of_range"] = [",".join(b) for b in big]
     near = memorisation.set_index("synthetic")["closer_than_held_out"] if memorisation is not None else None
     out["near_copy"] = [bool(near.get(s, False)) if near is not None else False for s in out["sample"]]
-    out["flagged"] = out["missed_conditioning"] | out["tissue_out_of_range"] | out["near_copy"]
+    out["flagged"] = out["missed_conditioning"] | out["tissue_out_of_range"] | out["lesion_out_of_range"] | \
+        out["near_copy"]
     return out
 
 
@@ -564,7 +586,7 @@ def sample_qc_of_maps(manifest, hard, real, held, schema, min_voxels=5):
     fr_syn, fr_real = tissue_fractions(hard, schema), tissue_fractions(real, schema)
     near, near_held, closer = closeness_to_training(hard, real, held, schema.n_classes)
     mem = pd.DataFrame({"synthetic": ids, "closer_than_held_out": closer})
-    flags = sample_flags(per, fr_syn, fr_real, mem, schema.tissues)
+    flags = sample_flags(per, fr_syn, fr_real, mem, schema.tissues, training_volumes=lesion_volumes(real, schema))
     extra = per[["sample"] + [c for c in per.columns if c.startswith(("dc_", "voxels_"))]]
     out = extra.merge(flags, on="sample")
     out = pd.concat([out, fr_syn.add_prefix("fraction_")], axis=1)
