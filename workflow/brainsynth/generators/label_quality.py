@@ -178,6 +178,12 @@ def conditioning_adherence(volumes, conditioning, min_voxels=5):
     return pd.DataFrame(rows), per
 
 
+def _volumes_holding(training_volumes, lesion_type):
+    """Voxel counts of the training maps that hold ``lesion_type`` (the reference of its size)."""
+    v = training_volumes[f"voxels_{lesion_type}"].astype(float)
+    return v[v > 0]
+
+
 def lesion_volume_ratios(per_sample, training_volumes, lesion_types):
     """Per lesion type, ``(ratio, n_samples, n_training)``: median volume of the samples asking for
     that type alone (mode ``<type>_only``, dc drawn from the training maps holding it) over the
@@ -186,8 +192,7 @@ def lesion_volume_ratios(per_sample, training_volumes, lesion_types):
     out = {}
     for t in lesion_types:
         syn = per_sample.loc[per_sample["mode"] == f"{t}_only", f"voxels_{t}"]
-        real = training_volumes[f"voxels_{t}"]
-        real = real[real > 0]
+        real = _volumes_holding(training_volumes, t)
         ratio = float(syn.median() / real.median()) if len(syn) and len(real) else float("nan")
         out[t] = (ratio, len(syn), len(real))
     return out
@@ -307,10 +312,10 @@ def sample_flags(per_sample, fractions, training_fractions, memorisation, tissue
     types = [c[len("voxels_"):] for c in per_sample.columns if c.startswith("voxels_")]
     big = [[] for _ in range(len(out))]
     for t in types if training_volumes is not None else []:
-        held = training_volumes[f"voxels_{t}"][training_volumes[f"voxels_{t}"] > 0].astype(float)
-        if not len(held):
+        holding = _volumes_holding(training_volumes, t)
+        if not len(holding):
             continue
-        vlo, vhi = _widened_range(held, range_margin)
+        vlo, vhi = _widened_range(holding, range_margin)
         vol = per_sample[f"voxels_{t}"].to_numpy()
         drawn = per_sample[f"requested_{t}"].to_numpy() & per_sample[f"present_{t}"].to_numpy()
         for i in np.flatnonzero(drawn & ((vol < vlo) | (vol > vhi))):
