@@ -810,6 +810,34 @@ def test_latent_lesion_mask_covers_lesions_only():
     assert mask[0, 0, 0, 0, 0] == 1 and mask.sum() == 1   # the latent voxel over it, nothing else
 
 
+def test_loss_weights_per_lesion_type():
+    schema = LG.LabelSchema()
+    data = torch.zeros(1, K, 8, 8, 8)
+    data[:, 0] = 1
+    data[0, 0, 1, 1, 1], data[0, schema.value("wmh"), 1, 1, 1] = 0, 1          # WMH: latent voxel (0, 0, 0)
+    data[0, 0, 7, 7, 7], data[0, schema.value("oedema"), 7, 7, 7] = 0, 1       # tumour: latent voxel (3, 3, 3)
+    data[0, 0, 6, 0, 0], data[0, schema.value("wmh"), 6, 0, 0] = 0, 1          # both types meet in (3, 0, 0)
+    data[0, 0, 7, 1, 1], data[0, schema.value("enhancing"), 7, 1, 1] = 0, 1
+    same = LG.latent_loss_weights(data, schema, (4, 4, 4), 10)
+    assert torch.equal(same, 1 + 10 * LG.latent_lesion_mask(data, schema, (4, 4, 4)))   # a number: as before
+    w = LG.latent_loss_weights(data, schema, (4, 4, 4), {"wmh": 10, "tumour": 2})
+    assert (w[0, 0, 0, 0, 0], w[0, 0, 3, 3, 3], w[0, 0, 3, 0, 0]) == (11, 3, 11)        # the larger where types meet
+    assert (w == 1).sum() == 64 - 3
+    only_wmh = LG.latent_loss_weights(data, schema, (4, 4, 4), {"wmh": 10, "tumour": 0})
+    assert only_wmh[0, 0, 3, 3, 3] == 1 and only_wmh[0, 0, 0, 0, 0] == 11
+    assert LG.latent_loss_weights(data, schema, (4, 4, 4), 0) is None
+    assert LG.latent_loss_weights(data, schema, (4, 4, 4), {"wmh": 0}) is None
+
+
+@pytest.mark.parametrize("weight, message", [({"lesions": 5}, "lesion types \\['lesions'\\]"),
+                                             ({"wmh": -1}, "number >= 0"), (True, "number >= 0")])
+def test_bad_lesion_weight_is_refused_before_training(models, cohort, tmp_path, weight, message):
+    cfg = _cfg(LABEL_CFG, ldm={"lesion_weight": weight, "steps": 2})
+    with pytest.raises(InputError, match=message) as err:
+        LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"], cfg, tmp_path / "x")
+    assert err.value.field == "label_generator.ldm.lesion_weight" and not (tmp_path / "x").exists()
+
+
 def test_paper_preset_starts_from_the_study_settings():
     paper = LG.resolve_config({"preset": "paper", "vae": {"steps": 7}})
     assert paper["vae"]["channels"] == LG.PAPER["vae"]["channels"] and paper["vae"]["steps"] == 7

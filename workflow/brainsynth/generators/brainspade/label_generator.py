@@ -94,7 +94,9 @@ ldm.latents                     mean: the VAE posterior means (robust when the V
 ldm.latent_norm                 global: latents x 1/std (MONAI tutorials) | channel: per-channel
                                 (z - mean_c) / std_c (removes the offsets an eps-predicting model
                                 must otherwise reproduce to 1/sqrt(alpha_bar) precision at high t)
-ldm.lesion_weight               L2 loss weight 1 + this on latent voxels over a lesion (0: plain L2)
+ldm.lesion_weight               L2 loss weight 1 + this on latent voxels over a lesion (0: plain L2);
+                                a mapping {lesion type: weight} weighs each type on its own
+                                (types left out: 0), e.g. {wmh: 10, tumour: 0}
 ldm.condition_channels          also append the context as constant input channels of the UNet (a direct
                                 path for the conditioning besides cross-attention)
 ldm.condition_dropout           share of training steps' samples whose conditioning is replaced by the
@@ -632,14 +634,33 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
 # --------------------------------------------------------------------------- LDM training
 
 
-def latent_lesion_mask(data, schema, latent_shape):
+def latent_lesion_mask(data, schema, latent_shape, classes=None):
     """``(N, 1, *latent)`` 1 where the latent voxel covers a lesion voxel of the map (max
     pooling of the lesion probability > 0.5): where the LDM loss weighs more, so that lesions,
-    1-3% of a brain, are not lost under the anatomy in a short training."""
-    idx = [schema.value(c) for c in schema.lesion_classes if c in schema.classes]
+    1-3% of a brain, are not lost under the anatomy in a short training. ``classes``: only
+    these lesion classes (default: all)."""
+    classes = schema.lesion_classes if classes is None else classes
+    idx = [schema.value(c) for c in classes if c in schema.classes]
     les = (data[:, idx].float().sum(1, keepdim=True) > 0.5).float()
     pooled = F.adaptive_max_pool3d(les, latent_shape) if les.ndim == 5 else F.adaptive_max_pool2d(les, latent_shape)
     return pooled
+
+
+def latent_loss_weights(data, schema, latent_shape, lesion_weight):
+    """``(N, 1, *latent)`` L2 weights of the LDM loss, or None for plain L2. A number weighs
+    every lesion alike (``1 + w`` over any lesion); a mapping ``{type: w}`` weighs each lesion
+    type on its own (the larger where types meet), because one weight that makes small WMH
+    learnable also makes the model overdraw large tumours."""
+    if not isinstance(lesion_weight, dict):
+        w = float(lesion_weight)
+        return None if w == 0 else 1.0 + w * latent_lesion_mask(data, schema, latent_shape)
+    extra = None
+    for lesion_type, w in lesion_weight.items():
+        if float(w) == 0:
+            continue
+        term = float(w) * latent_lesion_mask(data, schema, latent_shape, schema.lesion_types[lesion_type])
+        extra = term if extra is None else torch.maximum(extra, term)
+    return None if extra is None else 1.0 + extra
 
 
 def with_condition_channels(x, ctx, on):
@@ -670,7 +691,7 @@ def _encode_all(vae, data, device, batch=4):
     return torch.cat(mus), torch.cat(sigmas)
 
 
-def _check_ldm_settings(m):
+def _check_ldm_settings(m, schema):
     """Refuse LDM settings outside their ranges before any work, naming the key."""
     p_drop = float(m["condition_dropout"])
     if not 0.0 <= p_drop < 1.0:
@@ -687,6 +708,17 @@ def _check_ldm_settings(m):
     if m["latent_norm"] not in ("global", "channel"):
         raise InputError(f"ldm.latent_norm must be global or channel, got {m['latent_norm']!r}",
                          field="label_generator.ldm.latent_norm")
+    lw = m["lesion_weight"]
+    unknown = sorted(set(lw) - set(schema.lesion_types)) if isinstance(lw, dict) else []
+    if unknown:
+        raise InputError(f"ldm.lesion_weight names lesion types {unknown} the label schema does not have",
+                         field="label_generator.ldm.lesion_weight",
+                         fix=f"use the schema's lesion types {sorted(schema.lesion_types)}")
+    values = list(lw.values()) if isinstance(lw, dict) else [lw]
+    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in values):
+        raise InputError(f"ldm.lesion_weight must be a number >= 0 or a mapping of lesion types to such numbers, "
+                         f"got {lw!r}", field="label_generator.ldm.lesion_weight",
+                         fix="use e.g. 10, or {wmh: 10, tumour: 0}")
 
 
 def _latent_normalisation(mu, sigma, m, seed):
@@ -723,7 +755,7 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     schema = schema or LabelSchema()
     C.seed_everything(cfg["seed"])
 
-    _check_ldm_settings(m)
+    _check_ldm_settings(m, schema)
     p_drop, ema_decay = float(m["condition_dropout"]), float(m["ema_decay"])
 
     vae, vpay = load_vae(vae_path, device)
@@ -749,12 +781,10 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     cond_t = torch.from_numpy(np.asarray(cond, dtype=np.float32))
 
     mu, sigma = _encode_all(vae, data, device)
-    lesion_w = float(m["lesion_weight"])
-    weights = None
-    if lesion_w > 0:
-        weights = 1.0 + lesion_w * latent_lesion_mask(data, schema, mu.shape[2:])
-        log.info("label LDM: loss weight 1 + %g on latent voxels over lesions (%.2f%% of the latent voxels)",
-                 lesion_w, 100 * float((weights > 1).float().mean()))
+    weights = latent_loss_weights(data, schema, mu.shape[2:], m["lesion_weight"])
+    if weights is not None:
+        log.info("label LDM: loss weight 1 + %s on latent voxels over lesions (%.2f%% of the latent voxels)",
+                 m["lesion_weight"], 100 * float((weights > 1).float().mean()))
     use_mean = m["latents"] == "mean"
     z_sample, scale_factor, shift, scale = _latent_normalisation(mu, sigma, m, int(cfg["seed"]))
     nc = mu.shape[1]
