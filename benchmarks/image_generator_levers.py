@@ -83,7 +83,7 @@ def main(argv=None):
     ap.add_argument("--results", required=True, help="results/<experiment> folder with preprocessing done")
     ap.add_argument("--out", required=True, help="folder for the model and tables")
     ap.add_argument("--cfg", default="{}", help="image_generator overrides (JSON)")
-    ap.add_argument("--site", default=None, help="only subjects of this site (the generator's training pool)")
+    ap.add_argument("--site", default=None, help="only subjects of these sites, comma-separated (the generator's training pool)")
     ap.add_argument("--held-out", type=int, default=12, help="held-out subjects to re-image")
     ap.add_argument("--modalities", default="t1,t2,flair")
     ap.add_argument("--threads", type=int, default=2)
@@ -94,7 +94,7 @@ def main(argv=None):
     mods = args.modalities.split(",")
     table = pd.read_csv(res / "preprocessing" / "input_check.tsv", sep="\t", dtype={"subject": str})
     if args.site:
-        table = table[table["site"] == args.site]
+        table = table[table["site"].isin(args.site.split(","))]
     grid = lambda s, f: str(res / "preprocessing" / "subjects" / s / "grid" / f)  # noqa: E731
     train = list(table.loc[table["split"] == "train", "subject"])
     held = {s: {"tissue": grid(s, "tissue_prob.nii.gz"), **{m: grid(s, f"{m}.nii.gz") for m in mods}}
