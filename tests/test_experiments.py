@@ -216,6 +216,7 @@ def test_each_experiment_plans_the_study_protocol(planned):
     assert set(rows(_cases(table, "R_les", "real"))["phenotype"]) <= {"tumour", "both"}
     assert _cases(table, "H_les", "real") == _cases(table, "R_les", "real")
     assert _cases(table, "S_les", "synthetic") == _cases(table, "H_les", "synthetic") != []
+    assert set(table.loc[["S_les", "H_les"], "sample_set"]) == {"tumour"}   # tumour cases only
     assert set(table.loc[["R_les", "S_les", "H_les"], "modalities"]) == {"t1 flair"}
     assert set(table.loc[["R_les", "S_les", "H_les"], "test_sets"]) == {"tumour:t1+flair"}
     # E4: WMH on FLAIR; real WMH-only subjects vs the unseen (WMH + tumour) sample set, mixtures

@@ -250,10 +250,15 @@ def test_conditioning_helpers(models):
     assert (u > 0).all()  # both lesion types at once: never seen in training
     assert not ((train > 0).all(1)).any()
     assert (LG.make_conditioning("healthy", 2, types) == 0).all()
+    t = LG.make_conditioning("tumour_only", 30, types, train, seed=3)
+    # one disease only, at values the training maps with a tumour hold
+    assert (t[:, 0] == 0).all() and (t[:, 1] > 0).all() and set(t[:, 1]) <= set(train[train[:, 1] > 0, 1])
     with pytest.raises(InputError):
         LG.make_conditioning("explicit", 2, types, values={"glioma": 1.0})
     with pytest.raises(InputError):
         LG.make_conditioning("bogus", 2, types)
+    with pytest.raises(InputError, match="glioma_only"):
+        LG.make_conditioning("glioma_only", 2, types, train)
 
 
 def test_label_generator_2d_mode(cohort, tmp_path):

@@ -95,6 +95,10 @@ def test_volumes_per_conditioning_mode():
     unseen = li.draw_volumes("unseen", 5, volumes, LESION_TYPES, 0)
     assert all(v["wmh"] == 50 and v["oedema"] == 100 for v in unseen)
     assert all(sum(v.values()) == 0 for v in li.draw_volumes("healthy", 3, volumes, LESION_TYPES, 0))
+    tumour = li.draw_volumes("tumour_only", 4, volumes, LESION_TYPES, 0)
+    assert all(v["wmh"] == 0 and (v["necrotic"], v["oedema"], v["enhancing"]) == (20, 100, 30) for v in tumour)
+    with pytest.raises(InputError, match="tumour_only"):
+        li.draw_volumes("glioma_only", 2, volumes, LESION_TYPES, 0)
     random = li.draw_volumes("random", 20, volumes, LESION_TYPES, 0)
     # one training subject's phenotype each, the healthy one's included (brainSPADE's random too)
     assert all(not (v["wmh"] > 0 and v["oedema"] > 0) for v in random)

@@ -256,6 +256,20 @@ def test_bad_segmentation_config_is_named(tmp_path, change, expect):
     assert "Traceback" not in out
 
 
+@pytest.mark.parametrize("where", ["main", "sample_set"])
+def test_unknown_lesion_type_conditioning_is_named_before_any_work(tmp_path, where):
+    cfg = seg_config()
+    cfg["synthesis"] = {"enabled": True, "n_samples": 2, "sample_sets": {"u": {"conditioning": "unseen"}}}
+    if where == "main":
+        cfg["synthesis"]["conditioning"] = "glioma_only"
+    else:
+        cfg["synthesis"]["sample_sets"]["u"]["conditioning"] = "glioma_only"
+    code, out = run_snakemake(tmp_path, "-n", config=cfg)
+    field = "synthesis.conditioning" if where == "main" else "synthesis.sample_sets.u.conditioning"
+    assert code != 0 and field in out and "tumour_only" in out, out[-2000:]
+    assert "Traceback" not in out and not (tmp_path / "results").exists()
+
+
 # ----------------------------------------------------------------------------- real run
 @pytest.mark.slow
 def test_tiny_segmentation_runs_and_recipe_change_reruns_only_that_arm(tmp_path):

@@ -27,6 +27,18 @@ DEFAULT_CLASSES = {
 DEFAULT_TISSUES = ["csf", "gm", "wm", "deep_gm", "brainstem"]
 DEFAULT_LESION_TYPES = {"wmh": ["wmh"], "tumour": ["necrotic", "oedema", "enhancing"]}
 
+# conditioning of synthetic label maps; besides these, ``<lesion type>_only`` (e.g. tumour_only)
+CONDITIONING_MODES = ("random", "unseen", "healthy", "explicit")
+
+
+def check_conditioning_mode(mode, lesion_types, field="conditioning.mode"):
+    """Refuse a conditioning mode that is neither one of :data:`CONDITIONING_MODES` nor
+    ``<lesion type>_only`` for a lesion type of the schema (checked when the DAG is built)."""
+    single = [f"{t}_only" for t in lesion_types]
+    if mode not in CONDITIONING_MODES and mode not in single:
+        raise InputError(f"unknown conditioning mode {mode!r}", field=field,
+                         fix=f"use one of {list(CONDITIONING_MODES) + single}")
+
 
 @dataclass(frozen=True)
 class LabelSchema:

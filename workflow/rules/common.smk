@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from snakemake.exceptions import WorkflowError
 
 from brainsynth.errors import InputError
-from brainsynth.labels import LabelSchema
+from brainsynth.labels import LabelSchema, check_conditioning_mode
 from brainsynth import demo as demo_cohort
 from brainsynth import generator_benchmark as gen_bench
 from brainsynth.preprocess import SUBJECT_LAYOUT
@@ -287,6 +287,11 @@ def _seg_design():
     if dropped:
         sys.stderr.write(f"synthesis.enabled is false: arms {dropped} (synthetic data) are left out\n")
     sample_sets = synth_cfg.get("sample_sets") or {}
+    check_conditioning_mode(synth_cfg.get("conditioning", "random"), SCHEMA.lesion_types, "synthesis.conditioning")
+    for name, spec in sample_sets.items():
+        if spec.get("conditioning"):
+            check_conditioning_mode(spec["conditioning"], SCHEMA.lesion_types,
+                                    f"synthesis.sample_sets.{name}.conditioning")
     for a in arms:
         name = recipes[a].get("sample_set")
         if name is not None and name not in sample_sets:

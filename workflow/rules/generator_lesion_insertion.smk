@@ -2,7 +2,7 @@
 # generators' training pool, intensities from each subject's own tissue statistics (no
 # training). An arm draws from it with segmentation.recipes.<arm>.generator: lesion_insertion;
 # nothing here runs otherwise. Lesion volumes follow the training subjects, per
-# the conditioning of the sample set (random, unseen or healthy).
+# the conditioning of the sample set (random, unseen, healthy or <lesion type>_only).
 from brainsynth.generators.lesion_insertion import check_contrasts as lesion_insertion_check_contrasts
 
 LICFG = config.get("lesion_insertion") or {}
@@ -17,10 +17,11 @@ for _set, _arm in _LESION_SETS.items():
     _mode = ((SYNCFG.get("sample_sets") or {}).get(_set) or {}).get(
         "conditioning", SYNCFG.get("conditioning")
     )
-    if _mode not in ("random", "unseen", "healthy"):
+    _modes = ["random", "unseen", "healthy", *(f"{t}_only" for t in SCHEMA.lesion_types)]
+    if _mode not in _modes:
         raise WorkflowError(
             f"Invalid input: field 'segmentation.recipes.{_arm}': generator lesion_insertion draws lesion "
-            f"volumes for conditioning random, unseen or healthy, and its sample set has {_mode!r} "
+            f"volumes for conditioning {', '.join(_modes)}, and its sample set has {_mode!r} "
             f"(fix: set the conditioning of {'synthesis' if _set is None else f'synthesis.sample_sets.{_set}'} "
             "to one of those, or use another generator)"
         )

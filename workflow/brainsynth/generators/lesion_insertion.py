@@ -20,7 +20,8 @@ texture, blended into the image at the lesion border.
 
 Lesion volumes follow the training subjects that have lesions (conditioning ``random``: one
 subject's volumes per sample; ``unseen``: every lesion type at once, each volume drawn from the
-training volumes of that type; ``healthy``: none).
+training volumes of that type; ``<type>_only``: that type alone, drawn the same way;
+``healthy``: none).
 """
 
 from __future__ import annotations
@@ -157,9 +158,10 @@ def training_volumes(label_paths, classes, lesion_types):
 
 def draw_volumes(mode, n, volumes, lesion_types, seed):
     """Per sample {lesion class: voxels} of the conditioning mode (see the module docstring)."""
-    if mode not in MODES:
-        raise InputError(f"lesion insertion draws volumes for conditioning {list(MODES)}, not {mode!r}",
-                         field="synthesis.conditioning", fix=f"use one of {list(MODES)} for lesion insertion arms")
+    modes = list(MODES) + [f"{t}_only" for t in lesion_types]
+    if mode not in modes:
+        raise InputError(f"lesion insertion draws volumes for conditioning {modes}, not {mode!r}",
+                         field="synthesis.conditioning", fix=f"use one of {modes} for lesion insertion arms")
     rng = np.random.default_rng([int(seed), 11, 1])  # not the stream of any sample ([seed, i])
     classes = [c for t in lesion_types.values() for c in t]
     if mode == "healthy":
@@ -170,10 +172,11 @@ def draw_volumes(mode, n, volumes, lesion_types, seed):
     if mode == "random":
         rows = volumes.iloc[rng.integers(len(volumes), size=n)]
         return [{c: int(r[c]) for c in classes} for _, r in rows.iterrows()]
+    drawn = lesion_types if mode == "unseen" else {mode[:-len("_only")]: lesion_types[mode[:-len("_only")]]}
     out = []
     for _ in range(n):
-        draw = {}
-        for members in lesion_types.values():
+        draw = dict.fromkeys(classes, 0)
+        for members in drawn.values():
             having = volumes[volumes[members].sum(axis=1) > 0]
             if having.empty:
                 raise InputError(f"no training subject has {members} to take volumes from",

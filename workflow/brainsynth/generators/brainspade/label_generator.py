@@ -135,7 +135,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InputError
-from ...labels import LabelSchema
+from ...labels import LabelSchema, check_conditioning_mode
 from .. import common as C
 
 log = logging.getLogger("brainsynth.generators.label")
@@ -879,11 +879,19 @@ def make_conditioning(mode, n, lesion_types, train_values=None, values=None, see
     values or an ``(n, n_types)`` array. ``random``: rows of ``train_values`` drawn
     with replacement. ``unseen``: every type > 0 at once, each drawn from the
     non-zero training values of that type (uniform [0.1, 0.5] when a type never
-    occurs). ``healthy``: zeros.
+    occurs). ``<type>_only`` (e.g. ``tumour_only``): that type alone, drawn the same
+    way, the others 0 (a set of cases of one disease). ``healthy``: zeros.
     """
     types = list(lesion_types)
     k = len(types)
+    check_conditioning_mode(mode, types)
     rng = np.random.default_rng([int(seed), 7])
+
+    def nonzero_draws(j):
+        tv = np.zeros((0, k), np.float32) if train_values is None else np.asarray(train_values, np.float32)
+        pos = tv[:, j][tv[:, j] > 0] if len(tv) else np.zeros(0)
+        return rng.choice(pos, size=n) if len(pos) else rng.uniform(0.1, 0.5, size=n)
+
     if mode == "explicit":
         if values is None:
             raise InputError("explicit conditioning needs values", field="conditioning.values",
@@ -910,16 +918,15 @@ def make_conditioning(mode, n, lesion_types, train_values=None, values=None, see
         tv = np.asarray(train_values, dtype=np.float32)
         out = tv[rng.integers(0, len(tv), size=n)]
     elif mode == "unseen":
-        tv = np.zeros((0, k), np.float32) if train_values is None else np.asarray(train_values, np.float32)
         out = np.zeros((n, k), np.float32)
         for j in range(k):
-            pos = tv[:, j][tv[:, j] > 0] if len(tv) else np.zeros(0)
-            out[:, j] = rng.choice(pos, size=n) if len(pos) else rng.uniform(0.1, 0.5, size=n)
+            out[:, j] = nonzero_draws(j)
     elif mode == "healthy":
         out = np.zeros((n, k), np.float32)
     else:
-        raise InputError(f"unknown conditioning mode {mode!r}", field="conditioning.mode",
-                         fix="use explicit, random, unseen or healthy")
+        out = np.zeros((n, k), np.float32)
+        j = types.index(mode[:-len("_only")])
+        out[:, j] = nonzero_draws(j)
     if out.min() < 0 or out.max() > 1:
         raise InputError("conditioning values must lie in [0, 1]", field="conditioning.values")
     return np.ascontiguousarray(out, dtype=np.float32)
