@@ -44,8 +44,11 @@ def main(out):
     for c in ("dc_wmh", "dc_tumour"):
         cond[c] = cond[c] / cond[c].max()
     cond.to_csv(cohort / "cond.tsv", sep="\t", index=False)
-    # float32: the code before the move had no mixed precision on CPU
-    label_cfg, image_cfg = dict(T.LABEL_CFG, amp=False), dict(T.IMAGE_CFG, amp=False)
+    # float32: the code before the move had no mixed precision on CPU; the image generator's
+    # lesion levers at the defaults of the move (DEFAULTS changed them on 2026-12-05)
+    label_cfg = dict(T.LABEL_CFG, amp=False)
+    image_cfg = dict(T.IMAGE_CFG, amp=False, rare_class_oversample=0.5,
+                     weights={**T.IMAGE_CFG.get("weights", {}), "class_l1": 3.0})
     vae = LG.train_label_vae(labels, label_cfg, out / "vae")
     ldm = LG.train_label_ldm(vae["model"], labels, cohort / "cond.tsv", label_cfg, out / "ldm")
     img = IG.train_image_generator(labels, images, image_cfg, out / "img")
