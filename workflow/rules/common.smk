@@ -287,11 +287,14 @@ def _seg_design():
     if dropped:
         sys.stderr.write(f"synthesis.enabled is false: arms {dropped} (synthetic data) are left out\n")
     sample_sets = synth_cfg.get("sample_sets") or {}
-    check_conditioning_mode(synth_cfg.get("conditioning", "random"), SCHEMA.lesion_types, "synthesis.conditioning")
+    check_conditioning_mode(
+        synth_cfg.get("conditioning", "random"), SCHEMA.lesion_types, "synthesis.conditioning"
+    )
     for name, spec in sample_sets.items():
         if spec.get("conditioning"):
-            check_conditioning_mode(spec["conditioning"], SCHEMA.lesion_types,
-                                    f"synthesis.sample_sets.{name}.conditioning")
+            check_conditioning_mode(
+                spec["conditioning"], SCHEMA.lesion_types, f"synthesis.sample_sets.{name}.conditioning"
+            )
     for a in arms:
         name = recipes[a].get("sample_set")
         if name is not None and name not in sample_sets:
