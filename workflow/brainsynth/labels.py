@@ -31,10 +31,20 @@ DEFAULT_LESION_TYPES = {"wmh": ["wmh"], "tumour": ["necrotic", "oedema", "enhanc
 CONDITIONING_MODES = ("random", "unseen", "healthy", "explicit")
 
 
+def single_type_modes(lesion_types):
+    """``<lesion type>_only`` per lesion type: conditioning for a set of cases of one disease."""
+    return [f"{t}_only" for t in lesion_types]
+
+
+def single_type_of(mode):
+    """The lesion type a ``<lesion type>_only`` mode names (None for the other modes)."""
+    return mode[:-len("_only")] if mode.endswith("_only") else None
+
+
 def check_conditioning_mode(mode, lesion_types, field="conditioning.mode"):
     """Refuse a conditioning mode that is neither one of :data:`CONDITIONING_MODES` nor
     ``<lesion type>_only`` for a lesion type of the schema (checked when the DAG is built)."""
-    single = [f"{t}_only" for t in lesion_types]
+    single = single_type_modes(lesion_types)
     if mode not in CONDITIONING_MODES and mode not in single:
         raise InputError(f"unknown conditioning mode {mode!r}", field=field,
                          fix=f"use one of {list(CONDITIONING_MODES) + single}")

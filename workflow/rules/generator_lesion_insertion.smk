@@ -4,6 +4,7 @@
 # nothing here runs otherwise. Lesion volumes follow the training subjects, per
 # the conditioning of the sample set (random, unseen, healthy or <lesion type>_only).
 from brainsynth.generators.lesion_insertion import check_contrasts as lesion_insertion_check_contrasts
+from brainsynth.generators.lesion_insertion import conditioning_modes as lesion_insertion_modes
 
 LICFG = config.get("lesion_insertion") or {}
 
@@ -17,7 +18,7 @@ for _set, _arm in _LESION_SETS.items():
     _mode = ((SYNCFG.get("sample_sets") or {}).get(_set) or {}).get(
         "conditioning", SYNCFG.get("conditioning")
     )
-    _modes = ["random", "unseen", "healthy", *(f"{t}_only" for t in SCHEMA.lesion_types)]
+    _modes = lesion_insertion_modes(SCHEMA.lesion_types)
     if _mode not in _modes:
         raise WorkflowError(
             f"Invalid input: field 'segmentation.recipes.{_arm}': generator lesion_insertion draws lesion "

@@ -37,6 +37,7 @@ from scipy.ndimage import label as connected_components
 
 from ..errors import InputError
 from ..io import save_nifti, save_table
+from ..labels import single_type_modes, single_type_of
 from .contract import check_samples, write_montage
 
 log = logging.getLogger("brainsynth.generators.lesion_insertion")
@@ -156,9 +157,15 @@ def training_volumes(label_paths, classes, lesion_types):
     return pd.DataFrame(rows)
 
 
+def conditioning_modes(lesion_types):
+    """The conditioning modes lesion insertion draws volumes for (explicit dc values have no
+    volume meaning here)."""
+    return [*MODES, *single_type_modes(lesion_types)]
+
+
 def draw_volumes(mode, n, volumes, lesion_types, seed):
     """Per sample {lesion class: voxels} of the conditioning mode (see the module docstring)."""
-    modes = list(MODES) + [f"{t}_only" for t in lesion_types]
+    modes = conditioning_modes(lesion_types)
     if mode not in modes:
         raise InputError(f"lesion insertion draws volumes for conditioning {modes}, not {mode!r}",
                          field="synthesis.conditioning", fix=f"use one of {modes} for lesion insertion arms")
@@ -172,7 +179,8 @@ def draw_volumes(mode, n, volumes, lesion_types, seed):
     if mode == "random":
         rows = volumes.iloc[rng.integers(len(volumes), size=n)]
         return [{c: int(r[c]) for c in classes} for _, r in rows.iterrows()]
-    drawn = lesion_types if mode == "unseen" else {mode[:-len("_only")]: lesion_types[mode[:-len("_only")]]}
+    only = single_type_of(mode)
+    drawn = {only: lesion_types[only]} if only else lesion_types
     out = []
     for _ in range(n):
         draw = dict.fromkeys(classes, 0)

@@ -135,7 +135,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InputError
-from ...labels import LabelSchema, check_conditioning_mode
+from ...labels import LabelSchema, check_conditioning_mode, single_type_of
 from .. import common as C
 
 log = logging.getLogger("brainsynth.generators.label")
@@ -886,9 +886,9 @@ def make_conditioning(mode, n, lesion_types, train_values=None, values=None, see
     k = len(types)
     check_conditioning_mode(mode, types)
     rng = np.random.default_rng([int(seed), 7])
+    tv = np.zeros((0, k), np.float32) if train_values is None else np.asarray(train_values, np.float32)
 
     def nonzero_draws(j):
-        tv = np.zeros((0, k), np.float32) if train_values is None else np.asarray(train_values, np.float32)
         pos = tv[:, j][tv[:, j] > 0] if len(tv) else np.zeros(0)
         return rng.choice(pos, size=n) if len(pos) else rng.uniform(0.1, 0.5, size=n)
 
@@ -925,7 +925,7 @@ def make_conditioning(mode, n, lesion_types, train_values=None, values=None, see
         out = np.zeros((n, k), np.float32)
     else:
         out = np.zeros((n, k), np.float32)
-        j = types.index(mode[:-len("_only")])
+        j = types.index(single_type_of(mode))
         out[:, j] = nonzero_draws(j)
     if out.min() < 0 or out.max() > 1:
         raise InputError("conditioning values must lie in [0, 1]", field="conditioning.values")
