@@ -41,14 +41,20 @@ def main(argv=None):
     ap.add_argument("--per-mode", type=int, default=50)
     ap.add_argument("--voxel-mm", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sites", default=None,
+                    help="comma-separated sites whose train / test subjects are the training / held-out maps "
+                         "(the workflow's training pool, e.g. site_a,site_t); default: every site")
     ap.add_argument("--train-from", default=None,
                     help="a label_ldm.pt of the workflow: train on its subjects (the workflow's training pool) "
                          "instead of every training-split subject")
+    ap.add_argument("--verbose", action="store_true", help="the trainers' progress lines (e.g. the VAE's selection scores)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.set_num_threads(args.threads)
     res, out = Path(args.results), Path(args.out)
     split = pd.read_csv(res / "preprocessing" / "input_check.tsv", sep="\t", dtype={"subject": str})
+    if args.sites:
+        split = split[split["site"].isin(args.sites.split(","))]
     tissue = lambda s: str(res / "preprocessing" / "subjects" / s / "grid" / "tissue_prob.nii.gz")  # noqa: E731
     pool = (LG.training_subjects(args.train_from) if args.train_from
             else split.loc[split["split"] == "train", "subject"])

@@ -164,6 +164,83 @@ def test_changed_config_does_not_resume(cohort, tmp_path, caplog):
     assert "another configuration" in caplog.text
 
 
+def test_scheduled_lr_by_hand():
+    assert C.scheduled_lr(1e-3, 7, 10, "constant") == 1e-3
+    assert C.scheduled_lr(1e-3, 1, 10, "cosine") == pytest.approx(1e-3)  # first step: the full rate
+    assert C.scheduled_lr(1e-3, 6, 10, "cosine") == pytest.approx(0.5e-3)  # half way: half of it
+    assert C.scheduled_lr(1e-3, 10, 10, "cosine") == pytest.approx(0.5e-3 * (1 + np.cos(0.9 * np.pi)))
+    with pytest.raises(InputError, match="lr_schedule"):
+        C.scheduled_lr(1e-3, 1, 10, "step")
+
+
+def test_best_weights_keep_the_best_score():
+    live = torch.nn.Linear(1, 1, bias=False)
+    best = C.BestWeights(live)
+    for step, (w, score) in enumerate([(1.0, 0.2), (2.0, 0.7), (3.0, 0.5)], start=1):
+        with torch.no_grad():
+            live.weight.fill_(w)
+        best.offer(step, score, live)
+    assert float(best.model.weight) == 2.0 and float(best.score) == 0.7 and int(best.step) == 2
+    again = C.BestWeights(torch.nn.Linear(1, 1, bias=False))
+    again.load_state_dict(best.state_dict())  # what a checkpoint restores
+    assert float(again.model.weight) == 2.0 and int(again.step) == 2
+
+
+class _Decodes(torch.nn.Module):
+    """A stand-in autoencoder whose decoded logits are a fixed map's one-hot (hand-checkable score)."""
+
+    def __init__(self, decoded, n_classes):
+        super().__init__()
+        self.decoded = torch.nn.functional.one_hot(decoded.long(), n_classes).movedim(-1, 1).float()
+
+    def encode(self, x):
+        return x, x
+
+    def decode_stage_2_outputs(self, z):
+        return self.decoded[: z.shape[0]]
+
+
+def test_reconstruction_score_by_hand():
+    truth = torch.tensor([[[0, 1, 1, 2]], [[0, 1, 0, 0]]])  # two maps (1 x 4 voxels), classes 0-3
+    data = torch.nn.functional.one_hot(truth, 4).movedim(-1, 1).float()
+    assert LG.reconstruction_score(_Decodes(truth, 4), data, truth, "cpu")[0] == 1.0
+    decoded = torch.tensor([[[0, 1, 2, 2]], [[0, 1, 0, 3]]])  # class 3 decoded in a map without it
+    score, dice = LG.reconstruction_score(_Decodes(decoded, 4), data, truth, "cpu")
+    # pooled over the two maps: class 1: 2 * 2 / (3 + 2); class 2: 2 * 1 / (1 + 2); class 3: 0
+    assert dice == pytest.approx({1: 0.8, 2: 2 / 3, 3: 0.0})
+    assert score == pytest.approx((0.8 + 2 / 3 + 0.0) / 3)
+
+
+def test_vae_keeps_its_best_checkpoint_and_resumes(cohort, tmp_path):
+    cfg = _cfg(LABEL_CFG, checkpoint_every=3, vae={"steps": 8, "adv_weight": 0.0, "lr": 2e-2,
+                                                   "lr_schedule": "cosine", "select_every": 2})
+    paths = cohort["label_paths"]
+    ref = LG.train_label_vae(paths, cfg, tmp_path / "a")
+    p = torch.load(ref["model"], weights_only=False)
+    assert p["selected_step"] in (2, 4, 6, 8)
+    data = torch.from_numpy(np.stack([C.load_prob_label(x, K) for x in paths]))
+    data = C.pad_background(data, p["padded_shape"])
+    vae = LG.load_vae(ref["model"])[0]
+    assert LG.reconstruction_score(vae, data, data.argmax(1), "cpu")[0] == pytest.approx(p["selection_score"])
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "label_vae_last.pt", weights_only=False)["modules"]
+    _same_weights(p["state_dict"], {k[len("model."):]: v for k, v in ckpt["best"].items() if k.startswith("model.")})
+    if p["selected_step"] != 8:
+        assert any(not torch.allclose(p["state_dict"][k].float(), ckpt["vae"][k].float()) for k in ckpt["vae"])
+    assert LG.train_label_vae(paths, cfg, tmp_path / "b", max_steps_this_run=5)["completed"] is False
+    out = LG.train_label_vae(paths, cfg, tmp_path / "b")  # the selection survives the kill
+    q = torch.load(out["model"], weights_only=False)
+    assert (q["selected_step"], q["selection_score"]) == (p["selected_step"], p["selection_score"])
+    _same_weights(q["state_dict"], p["state_dict"])
+    # the cosine schedule spans the steps: more steps is another training, not a continuation
+    seen = []
+    LG.train_label_vae(paths, _cfg(cfg, vae={"steps": 10}), tmp_path / "a", callback=seen.append)
+    assert seen[0] == 1
+    with pytest.raises(InputError, match="select_every"):
+        LG.train_label_vae(paths, _cfg(cfg, vae={"select_every": -1}), tmp_path / "c")
+    with pytest.raises(InputError, match="lr_schedule"):
+        LG.train_label_vae(paths, _cfg(cfg, vae={"lr_schedule": "step"}), tmp_path / "c")
+
+
 # --------------------------------------------------------------------------- LDM + sampling
 
 

@@ -38,6 +38,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -278,6 +279,47 @@ def ema_update(ema, module, decay, step):
         pe.mul_(d).add_(pm.detach(), alpha=1.0 - d)
     for be, bm in zip(ema.buffers(), module.buffers()):
         be.copy_(bm)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(base, step, total, schedule):
+    """Learning rate of ``step`` (1..total): ``constant`` or ``cosine`` decay from ``base`` to 0 at
+    the last step (a short training then ends on settled weights, not on the noise of a large
+    step size). A function of the step alone, so a resumed training sets the same rates."""
+    if schedule == "constant":
+        return float(base)
+    if schedule == "cosine":
+        return 0.5 * float(base) * (1.0 + math.cos(math.pi * (step - 1) / max(1, int(total))))
+    raise InputError(f"unknown lr_schedule {schedule!r}", fix=f"use one of {list(LR_SCHEDULES)}")
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class BestWeights(torch.nn.Module):
+    """The weights of ``module`` at the best validation score seen so far (higher is better), with
+    that score and its step as buffers: held in a training's checkpoint like any module, so the
+    selection survives a kill."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.model = ema_copy(module)
+        self.register_buffer("score", torch.tensor(float("-inf"), dtype=torch.float64))
+        self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+
+    @torch.no_grad()
+    def offer(self, step, score, module):
+        """Keep ``module``'s weights when ``score`` beats the best so far; returns whether it did."""
+        if not float(score) > float(self.score):
+            return False
+        self.model.load_state_dict(module.state_dict())
+        self.score.fill_(float(score))
+        self.step.fill_(int(step))
+        return True
 
 
 # --------------------------------------------------------------------------- perceptual loss

@@ -62,6 +62,12 @@ vae.patch_size                  null (whole maps) or random crops of this size (
                                 convolutional: latents of whole maps are encoded after training)
 vae.steps / vae.batch_size      optimisation steps / volumes (or slices) per step
 vae.lr / vae.disc_lr            Adam learning rates of autoencoder / discriminator
+vae.lr_schedule                 constant | cosine (both rates decay to 0 at the last step)
+vae.select_every                > 0: every this many steps (and at the last) the whole training maps are
+                                encoded (posterior mean), decoded and scored (mean over classes of Dice
+                                after argmax, pooled over the maps, so lesion voxels decoded where there
+                                are none count against it); the model kept is the best-scoring one, not
+                                the last. 0: the last weights
 vae.reconstruction_loss         focal (the study) | dice_ce (soft-target cross-entropy + soft Dice)
 vae.focal_gamma                 focal loss gamma
 vae.class_weighting             focal-loss class weights: inverse_sqrt_frequency (rare classes such as
@@ -162,6 +168,8 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "batch_size": 2,
         "lr": 1e-3,
         "disc_lr": 1e-3,
+        "lr_schedule": "constant",
+        "select_every": 0,
         "reconstruction_loss": "dice_ce",
         "focal_gamma": 2.0,
         "class_weighting": "none",
@@ -339,9 +347,13 @@ def _channelwise_perceptual(perc, pred, target):
 
 
 def _fingerprint_cfg(cfg, part):
-    """The settings a ``part`` (vae | ldm) training step depends on."""
-    return C.training_fingerprint_config({"spatial_dims": cfg["spatial_dims"], "seed": cfg["seed"],
-                                          "amp": cfg["amp"], part: cfg[part]})
+    """The settings a ``part`` (vae | ldm) training step depends on (the number of steps too when
+    the learning rate is scheduled over them)."""
+    out = C.training_fingerprint_config({"spatial_dims": cfg["spatial_dims"], "seed": cfg["seed"],
+                                         "amp": cfg["amp"], part: cfg[part]})
+    if cfg[part].get("lr_schedule", "constant") != "constant":
+        out["scheduled_steps"] = int(cfg[part]["steps"])
+    return out
 
 
 def kl_loss(z_mu, z_sigma):
@@ -517,6 +529,31 @@ def _vae_batch(data, bs, padded, patch, centres, oversample):
     return torch.stack(crops)
 
 
+@torch.no_grad()
+def reconstruction_score(vae, data, truth, device, amp=False, batch=4):
+    """Dice after argmax per non-background class, pooled over the maps ``data`` (``(N, K, ...)``
+    probabilistic, ``truth`` their argmax), of the VAE's decoded posterior means; and their mean
+    over the classes present in either (the checkpoint selection's score). Pooling counts lesion
+    voxels decoded in maps without that lesion as errors."""
+    was_training = vae.training
+    vae.eval()
+    n_classes = data.shape[1]
+    inter = torch.zeros(n_classes, dtype=torch.float64)
+    total = torch.zeros(n_classes, dtype=torch.float64)
+    for i in range(0, data.shape[0], batch):
+        with C.autocast(device, amp):
+            mu, _ = vae.encode(data[i:i + batch].to(device).float())
+            pred = vae.decode_stage_2_outputs(mu).float().argmax(1).cpu()
+        ref = truth[i:i + batch]
+        for c in range(1, n_classes):
+            a, b = ref == c, pred == c
+            inter[c] += float((a & b).sum())
+            total[c] += float(a.sum() + b.sum())
+    vae.train(was_training)
+    dice = {c: 2.0 * float(inter[c]) / float(total[c]) for c in range(1, n_classes) if total[c] > 0}
+    return (float(np.mean(list(dice.values()))) if dice else 1.0), dice
+
+
 def _vae_generator_losses(v, logits, z_mu, z_sigma, x, recon, disc, adv_loss, perc):
     """The autoencoder's loss terms (``loss``: their weighted sum) and the decoded probabilities:
     reconstruction + KL, the adversarial term when ``disc`` is given (after the warm-up), the
@@ -594,9 +631,22 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     sc_g, sc_d = C.make_scaler(device, amp), C.make_scaler(device, amp)
     warmup = int(v["adv_warmup_steps"])
     bs = int(v["batch_size"])
+    total = int(v["steps"])
+    schedule = v["lr_schedule"]
+    if schedule not in C.LR_SCHEDULES:
+        raise InputError(f"unknown vae.lr_schedule {schedule!r}", field="label_generator.vae.lr_schedule",
+                         fix=f"use one of {list(C.LR_SCHEDULES)}")
+    select_every = int(v["select_every"])
+    if select_every < 0:
+        raise InputError(f"vae.select_every must be >= 0, got {select_every}", field="label_generator.vae.select_every",
+                         fix="give a number of steps, or 0 to keep the last weights")
+    best = C.BestWeights(vae) if select_every else None
+    truth = data.argmax(1) if select_every else None
 
     def step_fn(step):
         vae.train()
+        C.set_lr(opt_g, C.scheduled_lr(v["lr"], step, total, schedule))
+        C.set_lr(opt_d, C.scheduled_lr(v["disc_lr"], step, total, schedule))
         x = _vae_batch(data, bs, padded, patch, centres, float(v["rare_class_oversample"])).to(device).float()
         adversarial = use_adv and step > warmup
         with C.autocast(device, amp):
@@ -611,23 +661,35 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
                 real = adv_loss(disc(x.contiguous())[-1], target_is_real=True, for_discriminator=True)
                 losses["disc"] = 0.5 * (fake + real)
             C.optimizer_step(float(v["adv_weight"]) * losses["disc"], opt_d, sc_d)
+        if best is not None and (step % select_every == 0 or step == total):
+            score, dice = reconstruction_score(vae, data, truth, device, amp)
+            kept = best.offer(step, score, vae)
+            log.info("label VAE step %d: training-map reconstruction %.4f (per class %s)%s", step, score,
+                     {c: round(d, 3) for c, d in dice.items()}, " - best so far, kept" if kept else "")
         return {k: losses[k].item() for k in ("loss", "reconstruction", "kl", "gen_adv", "disc", "perceptual")}
 
     fp = C.config_hash(_fingerprint_cfg(cfg, "vae"), C.files_fingerprint(label_paths), "label_vae")
+    modules = {"vae": vae, "disc": disc} if best is None else {"vae": vae, "disc": disc, "best": best}
     history, completed, _ = C.train_loop(
-        name="label_vae", total_steps=int(v["steps"]), step_fn=step_fn,
-        modules={"vae": vae, "disc": disc}, optimizers={"g": opt_g, "d": opt_d},
+        name="label_vae", total_steps=total, step_fn=step_fn,
+        modules=modules, optimizers={"g": opt_g, "d": opt_d},
         scalers={"g": sc_g, "d": sc_d}, out_dir=out_dir, fingerprint=fp,
         checkpoint_every=cfg["checkpoint_every"], log_every=cfg["log_every"],
         max_steps_this_run=max_steps_this_run, callback=callback, device=device)
     if not completed:
         return {"completed": False, "history": history}
 
-    payload = {"kind": "label_vae", "vae_kwargs": vkw, "state_dict": C.state_dict_cpu(vae),
+    selected = {"selected_step": total, "selection_score": None}
+    if best is not None:
+        selected = {"selected_step": int(best.step), "selection_score": float(best.score)}
+        log.info("label VAE: keeping the weights of step %d (training-map reconstruction %.4f)",
+                 selected["selected_step"], selected["selection_score"])
+    kept = vae if best is None else best.model
+    payload = {"kind": "label_vae", "vae_kwargs": vkw, "state_dict": C.state_dict_cpu(kept),
                "spatial_dims": sd, "n_classes": n_classes, "shape": list(shape), "padded_shape": list(padded),
-               "config": cfg, "steps": int(v["steps"]), "patch_size": patch}
+               "config": cfg, "steps": total, "patch_size": patch, **selected}
     record = {"label_generator": cfg, "vae_kwargs": vkw, "shape": list(shape), "padded_shape": list(padded),
-              "n_training": len(label_paths)}
+              "n_training": len(label_paths), **selected}
     return C.finish_training("label_vae", out_dir, payload, record, history, "label VAE")
 
 
