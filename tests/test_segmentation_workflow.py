@@ -256,14 +256,15 @@ def test_bad_segmentation_config_is_named(tmp_path, change, expect):
     assert "Traceback" not in out
 
 
-@pytest.mark.parametrize("where", ["main", "sample_set"])
-def test_unknown_lesion_type_conditioning_is_named_before_any_work(tmp_path, where):
+# a lesion type may hold "_" (the schema's names are free): the check names the valid modes
+@pytest.mark.parametrize("where, mode", [("main", "glioma_only"), ("sample_set", "low_grade_glioma_only")])
+def test_unknown_lesion_type_conditioning_is_named_before_any_work(tmp_path, where, mode):
     cfg = seg_config()
     cfg["synthesis"] = {"enabled": True, "n_samples": 2, "sample_sets": {"u": {"conditioning": "unseen"}}}
     if where == "main":
-        cfg["synthesis"]["conditioning"] = "glioma_only"
+        cfg["synthesis"]["conditioning"] = mode
     else:
-        cfg["synthesis"]["sample_sets"]["u"]["conditioning"] = "glioma_only"
+        cfg["synthesis"]["sample_sets"]["u"]["conditioning"] = mode
     code, out = run_snakemake(tmp_path, "-n", config=cfg)
     field = "synthesis.conditioning" if where == "main" else "synthesis.sample_sets.u.conditioning"
     assert code != 0 and field in out and "tumour_only" in out, out[-2000:]
