@@ -19,7 +19,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BEFORE_MOVE = "e85a44d"
 # settings added since the move, with the default that leaves outputs as they were
-ADDED_SINCE_MOVE = {"posterior_sigma_init": None, "compose_lesion_types": False, "negate_unrequested": False}
+ADDED_SINCE_MOVE = {"posterior_sigma_init": None, "compose_lesion_types": False, "negate_unrequested": False,
+                    "lr_schedule": "constant", "select_every": 0}
 
 
 def _without_added(obj):

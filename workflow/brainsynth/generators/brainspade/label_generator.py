@@ -679,7 +679,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     if not completed:
         return {"completed": False, "history": history}
 
-    selected = {"selected_step": total, "selection_score": None}
+    selected = {}
     if best is not None:
         selected = {"selected_step": int(best.step), "selection_score": float(best.score)}
         log.info("label VAE: keeping the weights of step %d (training-map reconstruction %.4f)",
