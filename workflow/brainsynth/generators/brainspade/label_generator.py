@@ -641,7 +641,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
         raise InputError(f"vae.select_every must be >= 0, got {select_every}", field="label_generator.vae.select_every",
                          fix="give a number of steps, or 0 to keep the last weights")
     best = C.BestWeights(vae) if select_every else None
-    truth = data.argmax(1) if select_every else None
+    truth = data.argmax(1).to(torch.uint8) if select_every else None  # class values < 256: an eighth of int64
 
     def step_fn(step):
         vae.train()
@@ -669,7 +669,9 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
         return {k: losses[k].item() for k in ("loss", "reconstruction", "kl", "gen_adv", "disc", "perceptual")}
 
     fp = C.config_hash(_fingerprint_cfg(cfg, "vae"), C.files_fingerprint(label_paths), "label_vae")
-    modules = {"vae": vae, "disc": disc} if best is None else {"vae": vae, "disc": disc, "best": best}
+    modules = {"vae": vae, "disc": disc}
+    if best is not None:
+        modules["best"] = best
     history, completed, _ = C.train_loop(
         name="label_vae", total_steps=total, step_fn=step_fn,
         modules=modules, optimizers={"g": opt_g, "d": opt_d},
