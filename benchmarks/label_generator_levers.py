@@ -47,6 +47,9 @@ def main(argv=None):
     ap.add_argument("--train-from", default=None,
                     help="a label_ldm.pt of the workflow: train on its subjects (the workflow's training pool) "
                          "instead of every training-split subject")
+    ap.add_argument("--calibration", default="none", choices=LG.CALIBRATION_MODES,
+                    help="label_generator.calibration: class offsets of the decoder fitted on the training maps "
+                         "(the audit decodes with them)")
     ap.add_argument("--verbose", action="store_true", help="the trainers' progress lines (e.g. the VAE's selection scores)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
@@ -68,8 +71,15 @@ def main(argv=None):
     if not vae_path.exists():
         LG.train_label_vae(list(train.values()), {**base, **json.loads(args.vae)}, out / "vae")
     print(f"label VAE {args.vae}: {len(train)} training maps, trained in {time.time() - t0:.0f} s")
-    rows = LQ.reconstruct(vae_path, train, schema.names, "train")[0] + LQ.reconstruct(vae_path, held, schema.names,
-                                                                                       "held_out")[0]
+    calibration = out / f"calibration_{args.calibration}.json"
+    t0 = time.time()
+    cal = LG.calibrate_label_vae(vae_path, list(train.values()), args.calibration, calibration, schema=schema,
+                                 device="cpu", num_threads=args.threads)
+    if cal["class_offsets"] is not None:
+        print(f"calibration {args.calibration}: offsets {cal['class_offsets']}, training maps "
+              f"{cal['score_before']:.4f} -> {cal['score_after']:.4f}, {time.time() - t0:.0f} s")
+    rows = (LQ.reconstruct(vae_path, train, schema.names, "train", calibration=calibration)[0]
+            + LQ.reconstruct(vae_path, held, schema.names, "held_out", calibration=calibration)[0])
     gate = LQ.reconstruction_gate(rows, schema).set_index("class")
     gate["train_dice"] = LQ.reconstruction_gate(rows, schema, split="train").set_index("class")["dice_mean"]
     print(gate[["dice_mean", "train_dice", "volume_ratio", "created_in_healthy", "threshold", "pass"]]
@@ -91,7 +101,8 @@ def main(argv=None):
             fid = LQ.evaluate_label_generator(vae_path, ldm_dir / "label_ldm.pt", train, held, paths,
                                               n_per_mode=args.per_mode, schema=schema, voxel_mm=args.voxel_mm,
                                               sampling={**json.loads(args.sampling), "guidance_scale": g,
-                                                        "inference_steps": k}, device="cpu")
+                                                        "inference_steps": k}, device="cpu",
+                                              calibration=calibration)
             print(f"guidance {g:g}, DDIM {k} steps: audit in {time.time() - t0:.0f} s")
             with pd.option_context("display.width", 200):
                 print(fid[fid["group"] != "reconstruction"][["measure", "value", "target", "pass", "n", "note"]]

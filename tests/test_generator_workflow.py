@@ -30,7 +30,7 @@ def test_dry_run_plans_every_generator_rule(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=TINY_GEN)
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
-    for rule in ("train_label_vae", "train_label_ldm", "train_image_generator", "sample_synthetic",
+    for rule in ("train_label_vae", "calibrate_label_vae", "train_label_ldm", "train_image_generator", "sample_synthetic",
                  "synthesis_quality", "restyle_synthetic",  # the default config's far-OOD style set
                  "label_generator_fidelity", "synthetic_sample_qc"):
         assert jobs.get(rule) == 1, (rule, jobs)
@@ -136,6 +136,19 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=cfg)
     assert code == 0 and "Nothing to be done" in out, out[-2000:]
 
+    # the decoder's calibration (config.yaml: tissue) is a stage of its own: background and tissue
+    # offsets only; changing it reruns the calibration and what decodes with it, never the VAE,
+    # the LDM or the image generator
+    calibration = json.loads((gen / "label_vae_calibration.json").read_text())
+    assert calibration["mode"] == "tissue" and len(calibration["class_offsets"]) == 10
+    assert calibration["class_offsets"][6:] == [0, 0, 0, 0]  # wmh, necrotic, oedema, enhancing
+    assert calibration["score_after"] >= calibration["score_before"]
+    off = {**cfg, "label_generator": {**cfg["label_generator"], "calibration": "none"}}
+    code, out = run_snakemake(tmp_path, "-n", config=off)
+    jobs = planned_jobs(out)
+    assert code == 0 and {"calibrate_label_vae", "sample_synthetic", "label_generator_fidelity"} <= set(jobs), jobs
+    assert not {"train_label_vae", "train_label_ldm", "train_image_generator"} & set(jobs), jobs
+
     # label consistency: the run's real-only tissue arm (its nnU-Net) reads the synthetic
     # images, scored against their labels beside its real test Dice
     table = pd.read_csv(syn / "quality" / "label_consistency_tissue3.tsv", sep="\t")
@@ -180,8 +193,9 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert bench.loc["Sg", "dice_mean"] == pytest.approx(sg.groupby("subject")["value"].mean().mean())
     bench_dir = res / "benchmarks" / "generators"
     timed = {r: pd.read_csv(bench_dir / f"{r}.tsv", sep="\t")["s"].iloc[0]
-             for r in ("train_label_vae", "train_label_ldm", "synthesize_gmm")}
-    assert bench.loc["Sg", "training_s"] == pytest.approx(timed["train_label_vae"] + timed["train_label_ldm"])
+             for r in ("train_label_vae", "calibrate_label_vae", "train_label_ldm", "synthesize_gmm")}
+    assert bench.loc["Sg", "training_s"] == pytest.approx(
+        timed["train_label_vae"] + timed["calibrate_label_vae"] + timed["train_label_ldm"])
     assert bench.loc["Sg", "sampling_s_per_volume"] == pytest.approx(timed["synthesize_gmm"] / n)
     assert bench.loc["Sg", "peak_rss_mb"] > 0
     fid = pd.read_csv(res / "benchmark" / "quality" / "image_fid_tissue3_gmm.tsv", sep="\t").set_index("set")

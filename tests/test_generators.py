@@ -4,6 +4,7 @@ Tiny networks on 4 synthetic "brains" (nested spheres + a lesion) on a
 16x20x16 grid, so every trainer runs in seconds on one CPU thread.
 """
 
+import json
 import logging
 
 import nibabel as nib
@@ -18,6 +19,7 @@ from brainsynth.generators.brainspade import image_generator as IG
 from brainsynth.generators.brainspade import label_generator as LG
 from brainsynth.generators import quality as Q
 from brainsynth.generators.brainspade import sampling as S
+from brainsynth.labels import LabelSchema
 
 torch.set_num_threads(1)
 
@@ -239,6 +241,54 @@ def test_vae_keeps_its_best_checkpoint_and_resumes(cohort, tmp_path):
         LG.train_label_vae(paths, _cfg(cfg, vae={"select_every": -1}), tmp_path / "c")
     with pytest.raises(InputError, match="lr_schedule"):
         LG.train_label_vae(paths, _cfg(cfg, vae={"lr_schedule": "step"}), tmp_path / "c")
+
+
+def test_fit_class_offsets_by_hand():
+    # one map of 1 x 6 voxels, classes 0-2; the class-1 voxels are decoded with class 2 ahead by 0.3
+    truth = torch.tensor([[[0, 1, 1, 2, 2, 0]]])
+    logits = torch.tensor([[[[1.0, 0, 0, 0, 0, 1]], [[0, .5, .5, 0, 0, 0]], [[0, .8, .8, 1, 1, 0]]]])
+    # as decoded: [0, 2, 2, 2, 2, 0]: class 1 Dice 0, class 2 2 * 2 / (2 + 4)
+    offsets, score = LG.fit_class_offsets(logits, truth, classes=[0, 1, 2])
+    # class 0 first: no step helps; class 1: +0.1 and +0.25 leave it behind, +0.5 wins its voxels back
+    assert offsets.tolist() == [0.0, 0.5, 0.0] and score == 1.0
+    # classes left out keep offset 0: shifting background alone cannot give class 1 its voxels
+    offsets, score = LG.fit_class_offsets(logits, truth, classes=[0])
+    assert offsets.tolist() == [0.0, 0.0, 0.0] and score == pytest.approx((0.0 + 2 / 3) / 2)
+
+
+def test_calibration_classes_of_each_mode():
+    schema = LabelSchema()
+    lesions = {schema.value(c) for c in schema.lesion_classes}
+    tissue = LG.calibration_classes("tissue", K, schema)
+    assert tissue == [c for c in range(K) if c not in lesions] and 0 in tissue and schema.value("csf") in tissue
+    assert LG.calibration_classes("all", K, schema) == list(range(K))
+    assert LG.calibration_classes("none", K, schema) == []
+    with pytest.raises(InputError, match="label_generator.calibration"):
+        LG.calibration_classes("csf", K, schema)
+
+
+def test_calibrated_vae_decodes_with_its_offsets(models, cohort, tmp_path):
+    schema = LabelSchema()
+    model = models["vae"]["model"]
+    rec = LG.calibrate_label_vae(model, cohort["label_paths"], "tissue", tmp_path / "cal.json", schema=schema,
+                                 device="cpu")
+    saved = json.loads((tmp_path / "cal.json").read_text())
+    assert saved["class_offsets"] == rec["class_offsets"] and len(saved["class_offsets"]) == K
+    assert saved["n_maps"] == 4 and saved["score_after"] >= saved["score_before"]
+    assert all(saved["class_offsets"][schema.value(c)] == 0 for c in schema.lesion_classes)
+    raw, _ = LG.load_vae(model)
+    calibrated, pay = LG.load_vae(model, calibration=tmp_path / "cal.json")
+    z = torch.randn(1, pay["vae_kwargs"]["latent_channels"], 8, 10, 8)
+    with torch.no_grad():
+        diff = LG.decoded_logits(calibrated, z) - LG.decoded_logits(raw, z)
+    assert torch.allclose(diff, torch.tensor(saved["class_offsets"]).view(1, -1, 1, 1, 1).expand_as(diff), atol=1e-5)
+    # calibration off: no offsets, the decoder as trained
+    LG.calibrate_label_vae(model, cohort["label_paths"], "none", tmp_path / "off.json", schema=schema, device="cpu")
+    assert json.loads((tmp_path / "off.json").read_text())["class_offsets"] is None
+    assert not hasattr(LG.load_vae(model, calibration=tmp_path / "off.json")[0], "class_offsets")
+    (tmp_path / "short.json").write_text(json.dumps({"class_offsets": [0.1, 0.2]}))
+    with pytest.raises(InputError, match="short.json"):
+        LG.load_vae(model, calibration=tmp_path / "short.json")
 
 
 # --------------------------------------------------------------------------- LDM + sampling

@@ -939,7 +939,7 @@ def generator_jobs(generator, sample_set):
     """The jobs whose benchmark files give a generator's compute: what it trains (and what it
     draws from) and the job that samples the arm's set."""
     suffix = "" if sample_set is None else f"_{sample_set}"
-    label = ["train_label_vae", "train_label_ldm"]
+    label = ["train_label_vae", "calibrate_label_vae", "train_label_ldm"]
     return {
         "brainspade": {
             "training": [*label, "train_image_generator"],

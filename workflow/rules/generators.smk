@@ -16,6 +16,7 @@ BENCH = f"{R}/benchmarks/generators"
 # lists, and a `rules.<name>.output` reference there costs Snakemake a scan of those lists
 # per file when the DAG is built (quadratic in the number of subjects).
 LABEL_VAE = f"{GEN}/label_generator/label_vae.pt"
+LABEL_VAE_CALIBRATION = f"{GEN}/label_generator/label_vae_calibration.json"
 LABEL_LDM = f"{GEN}/label_generator/label_ldm.pt"
 IMAGE_GENERATOR = f"{GEN}/image_generator/image_generator.pt"
 
@@ -41,7 +42,7 @@ rule train_label_vae:
         losses=f"{GEN}/label_generator/label_vae_losses.tsv",
         curve=report(f"{GEN}/label_generator/label_vae_losses.png", category="Generators"),
     params:
-        cfg=canonical({k: v for k, v in LGCFG.items() if k not in ("ldm", "sampling")}),
+        cfg=canonical({k: v for k, v in LGCFG.items() if k not in ("ldm", "sampling", "calibration")}),
         preprocessed=tissue_maps(generator_training_subjects()),
         out=lambda wc, output: os.path.dirname(output.model),
     conda:
@@ -59,6 +60,34 @@ rule train_label_vae:
         "../scripts/train_label_vae.py"
 
 
+rule calibrate_label_vae:
+    """Per-class offsets of the VAE decoder's logits, fitted on its training maps (label_generator.
+    calibration); sampling and the audit decode with them, the LDM (encoder latents) does not."""
+    input:
+        splits=split_tables(generator_training_subjects()),
+        vae=LABEL_VAE,
+    output:
+        calibration=LABEL_VAE_CALIBRATION,
+    params:
+        calibration=LGCFG.get("calibration"),
+        device=LGCFG.get("device"),
+        preprocessed=tissue_maps(generator_training_subjects()),
+        labels=config["labels"],
+    conda:
+        "../../envs/generators.yaml"
+    log:
+        f"{LOGS}/generators/calibrate_label_vae.log",
+    benchmark:
+        f"{BENCH}/calibrate_label_vae.tsv"
+    threads: LABEL_THREADS
+    priority: GENERATOR_PRIORITY
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    script:
+        "../scripts/calibrate_label_vae.py"
+
+
 rule train_label_ldm:
     """Latent diffusion on the VAE latents, cross-attention conditioned on dc_jl."""
     input:
@@ -71,7 +100,7 @@ rule train_label_ldm:
         losses=f"{GEN}/label_generator/label_ldm_losses.tsv",
         curve=report(f"{GEN}/label_generator/label_ldm_losses.png", category="Generators"),
     params:
-        cfg=canonical({k: v for k, v in LGCFG.items() if k != "sampling"}),
+        cfg=canonical({k: v for k, v in LGCFG.items() if k not in ("sampling", "calibration")}),
         preprocessed=tissue_maps(generator_training_subjects()),
         subjects=generator_training_subjects(),
         labels=config["labels"],
@@ -134,6 +163,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
             f"sample_synthetic{_suffix}"
         input:
             vae=LABEL_VAE,
+            calibration=LABEL_VAE_CALIBRATION,
             ldm=LABEL_LDM,
             image_generator=IMAGE_GENERATOR,
             splits=split_tables(style_subjects()),
@@ -267,6 +297,7 @@ rule label_generator_fidelity:
     LDM samples per conditioning mode (adherence, tissue fractions, diversity, memorisation)."""
     input:
         vae=LABEL_VAE,
+        calibration=LABEL_VAE_CALIBRATION,
         ldm=LABEL_LDM,
         splits=split_tables(generator_training_subjects() + held_out_label_subjects()),
     output:

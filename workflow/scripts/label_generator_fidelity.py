@@ -12,6 +12,7 @@ def main(sm):
         n_per_mode=int(q.get("samples_per_mode", 50)), seed=int(q.get("seed", 0)),
         schema=LabelSchema.from_config({"labels": sm.params.labels}), voxel_mm=float(sm.params.voxel_mm),
         sampling=dict(sm.params.sampling), tissue_tolerance=float(q.get("tissue_tolerance", 0.15)),
+        calibration=sm.input.calibration,
     )
 
 

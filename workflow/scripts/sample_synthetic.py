@@ -11,7 +11,7 @@ def main(sm):
         label_vae=sm.input.vae, label_ldm=sm.input.ldm, image_generator=sm.input.image_generator,
         style_subjects=list(sm.params.styles), n=syn["n_samples"], out_dir=sm.params.out, reference=sm.input.reference,
         conditioning=syn["conditioning"], conditioning_values=syn.get("conditioning_values"),
-        seed=syn["seed"], sampling=dict(samp), id_prefix="synth",
+        seed=syn["seed"], sampling=dict(samp), id_prefix="synth", label_calibration=sm.input.calibration,
     )
 
 

@@ -260,14 +260,20 @@ def state_dict_cpu(module):
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def ema_copy(module):
-    """A frozen copy of ``module`` that :func:`ema_update` keeps as the exponential moving average of
-    its weights (diffusion models sample from the average: a briefly trained model's last weights
-    carry the noise of its last steps)."""
-    ema = copy.deepcopy(module)
-    for p in ema.parameters():
+def frozen_copy(module):
+    """A copy of ``module`` in eval mode with no gradients: weights held beside a training (an EMA,
+    the best checkpoint) without being trained."""
+    held = copy.deepcopy(module)
+    for p in held.parameters():
         p.requires_grad_(False)
-    return ema.eval()
+    return held.eval()
+
+
+def ema_copy(module):
+    """The frozen copy that :func:`ema_update` keeps as the exponential moving average of
+    ``module``'s weights (diffusion models sample from the average: a briefly trained model's last
+    weights carry the noise of its last steps)."""
+    return frozen_copy(module)
 
 
 @torch.no_grad()
@@ -284,15 +290,21 @@ def ema_update(ema, module, decay, step):
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def check_lr_schedule(schedule, field):
+    """Refuse an unknown learning-rate schedule, naming the config ``field``."""
+    if schedule not in LR_SCHEDULES:
+        raise InputError(f"unknown {field.rsplit('.', 1)[-1]} {schedule!r}", field=field,
+                         fix=f"use one of {list(LR_SCHEDULES)}")
+
+
 def scheduled_lr(base, step, total, schedule):
     """Learning rate of ``step`` (1..total): ``constant`` or ``cosine`` decay from ``base`` to 0 at
     the last step (a short training then ends on settled weights, not on the noise of a large
     step size). A function of the step alone, so a resumed training sets the same rates."""
     if schedule == "constant":
         return float(base)
-    if schedule == "cosine":
-        return 0.5 * float(base) * (1.0 + math.cos(math.pi * (step - 1) / max(1, int(total))))
-    raise InputError(f"unknown lr_schedule {schedule!r}", fix=f"use one of {list(LR_SCHEDULES)}")
+    check_lr_schedule(schedule, "lr_schedule")
+    return 0.5 * float(base) * (1.0 + math.cos(math.pi * (step - 1) / max(1, int(total))))
 
 
 def set_lr(optimizer, lr):
@@ -307,7 +319,7 @@ class BestWeights(torch.nn.Module):
 
     def __init__(self, module):
         super().__init__()
-        self.model = ema_copy(module)
+        self.model = frozen_copy(module)
         self.register_buffer("score", torch.tensor(float("-inf"), dtype=torch.float64))
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
 

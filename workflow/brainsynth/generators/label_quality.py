@@ -378,22 +378,23 @@ def _hard_maps(paths, n_classes):
     return np.stack([C.load_prob_label(p, n_classes).argmax(0).astype(np.uint8) for p in paths])
 
 
-def reconstruct(vae_path, paths, names, split, device="cpu"):
+def reconstruct(vae_path, paths, names, split, device="cpu", calibration=None):
     """Rows of :func:`reconstruction_rows` for each ``{subject: probabilistic map path}``,
-    encoded to the posterior mean and decoded by the label VAE (the LDM's view of the data),
-    and the given maps after argmax ``(N, *spatial)`` (read once for both)."""
+    encoded to the posterior mean and decoded by the label VAE (the LDM's view of the data; with
+    the VAE's ``calibration`` where given, as sampling decodes), and the given maps after argmax
+    ``(N, *spatial)`` (read once for both)."""
     import torch
 
     from . import common as C
-    from .brainspade.label_generator import load_vae
+    from .brainspade.label_generator import decoded_logits, load_vae
 
-    vae, pay = load_vae(vae_path, device)
+    vae, pay = load_vae(vae_path, device, calibration)
     rows, given = [], []
     with torch.no_grad():
         for subject, p in paths.items():
             x = torch.from_numpy(C.load_prob_label(p, pay["n_classes"]))[None]
             mu, _ = vae.encode(C.pad_background(x, pay["padded_shape"]).to(device))
-            rec = C.crop_to(vae.decode_stage_2_outputs(mu), pay["shape"])[0].argmax(0).cpu().numpy()
+            rec = C.crop_to(decoded_logits(vae, mu), pay["shape"])[0].argmax(0).cpu().numpy()
             given.append(x[0].argmax(0).numpy().astype(np.uint8))
             rows += reconstruction_rows(given[-1], rec, names, subject, split)
     return rows, (np.stack(given) if given else None)
@@ -411,12 +412,13 @@ def _target_row(group, measure, value, target=None, op=None, n=None, note=""):
 
 def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_per_mode=50, seed=0,
                              schema=None, voxel_mm=1.0, sampling=None, min_voxels=5, tissue_tolerance=0.15,
-                             max_pairs=300, device="auto"):
+                             max_pairs=300, device="auto", calibration=None):
     """The label generator's fidelity audit (issue gate of the autoencoder, then the LDM).
 
     ``training`` / ``held_out``: ``{subject: probabilistic map path}``. ``out``: dict of output
     paths ``reconstruction``, ``gate``, ``adherence``, ``samples``, ``fidelity``, ``figure``.
-    Returns the fidelity table (DataFrame).
+    ``calibration``: the VAE's class offsets (JSON of ``calibrate_label_vae``), used by the
+    reconstructions and the samples alike. Returns the fidelity table (DataFrame).
     """
     from ..io import save_table
     from ..labels import LabelSchema
@@ -424,8 +426,8 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
 
     schema = schema or LabelSchema()
     names = schema.names
-    rec_train, real = reconstruct(vae_path, training, names, "train")
-    rec_held, held = reconstruct(vae_path, held_out, names, "held_out")
+    rec_train, real = reconstruct(vae_path, training, names, "train", calibration=calibration)
+    rec_held, held = reconstruct(vae_path, held_out, names, "held_out", calibration=calibration)
     rec = rec_train + rec_held
     save_table(pd.DataFrame(rec), out["reconstruction"])
     gate = reconstruction_gate(rec, schema, split="held_out" if held_out else "train")
@@ -436,7 +438,8 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
     # batches of 10: fewer, larger U-Net calls than the sampling rule's 4 (the initial noise is
     # seeded per sample, so the batch size changes no sample beyond float rounding)
     probs = sample_labels(vae_path, ldm_path, cond[[f"dc_{t}" for t in types]].to_numpy(np.float32),
-                          seed=seed, device=device, sampling=sampling, progress=False, batch_size=10)
+                          seed=seed, device=device, sampling=sampling, progress=False, batch_size=10,
+                          calibration=calibration)
     hard = probs.argmax(1).astype(np.uint8)
     ids = [f"{m}_{i:03d}" for m, i in zip(cond["mode"], cond.groupby("mode").cumcount())]
     vols = lesion_volumes(hard, schema, ids)

@@ -110,6 +110,12 @@ ldm.condition_dropout           share of training steps' samples whose condition
 ldm.ema_decay                   > 0: sample from the exponential moving average of the UNet's weights
                                 (decay per step, with warm-up); 0: from the last weights
 ldm.steps / ldm.batch_size / ldm.lr    optimisation steps / latents per step / Adam lr
+calibration                     none | tissue | all: per-class offsets added to the decoder's logits, fitted
+                                on the training maps after training (rule calibrate_label_vae; coordinate
+                                ascent of the selection's score), used by sampling and the audit: the VAE
+                                spreads a thin class's probability (the 4 mm CSF rim) over its neighbours,
+                                so the class loses the argmax it should win. tissue: background and tissue
+                                classes (lesions keep the size their conditioning asks for); all: every class
 sampling.scheduler              ddpm (all T steps) | ddim
 sampling.inference_steps        DDIM steps (ignored by ddpm)
 sampling.ddim_eta               DDIM eta (0: deterministic given the initial noise)
@@ -132,6 +138,7 @@ sampling.negate_unrequested     every request is sampled by that composition, ea
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -141,6 +148,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InputError
+from ...io import save_json
 from ...labels import LabelSchema, check_conditioning_mode, single_type_of
 from .. import common as C
 
@@ -205,6 +213,7 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "batch_size": 4,
         "lr": 5e-4,
     },
+    "calibration": "none",
     "sampling": {
         "scheduler": "ddim",
         "inference_steps": 25,
@@ -322,12 +331,18 @@ def build_scheduler(kind, kwargs, clip_range=None):
                      fix="use ddpm or ddim")
 
 
-def load_vae(path, device="cpu"):
+def load_vae(path, device="cpu", calibration=None):
+    """The label VAE of a model file (eval mode) and its payload; ``calibration``: the JSON of
+    :func:`calibrate_label_vae`, whose class offsets the decoder's logits then get
+    (:func:`decoded_logits`)."""
     payload = C.torch_load(path)
     if payload.get("kind") != "label_vae":
         raise InputError("not a label VAE model file", file=path, fix="pass the output of train_label_vae")
     vae = build_vae(payload["vae_kwargs"])
     vae.load_state_dict(payload["state_dict"])
+    offsets = load_class_offsets(calibration, payload["n_classes"])
+    if offsets is not None:
+        vae.class_offsets = offsets
     return vae.to(device).eval(), payload
 
 
@@ -529,6 +544,33 @@ def _vae_batch(data, bs, padded, patch, centres, oversample):
     return torch.stack(crops)
 
 
+def decoded_logits(vae, z):
+    """The decoder's logits of latents ``z``, plus the VAE's class offsets where it was loaded
+    with a calibration (:func:`load_vae`)."""
+    logits = vae.decode_stage_2_outputs(z)
+    offsets = getattr(vae, "class_offsets", None)
+    if offsets is None:
+        return logits
+    return logits + offsets.to(logits).view(1, -1, *([1] * (logits.ndim - 2)))
+
+
+def _dice_counts(pred, truth, n_classes):
+    """Per class: voxels in both, voxels in either (counted twice where in both), as float64."""
+    inter = torch.zeros(n_classes, dtype=torch.float64)
+    total = torch.zeros(n_classes, dtype=torch.float64)
+    for c in range(1, n_classes):
+        a, b = truth == c, pred == c
+        inter[c] = float((a & b).sum())
+        total[c] = float(a.sum() + b.sum())
+    return inter, total
+
+
+def _mean_dice(inter, total):
+    """Dice per non-background class present in either map, and their mean (1 when none is)."""
+    dice = {c: 2.0 * float(inter[c]) / float(total[c]) for c in range(1, len(total)) if total[c] > 0}
+    return (float(np.mean(list(dice.values()))) if dice else 1.0), dice
+
+
 @torch.no_grad()
 def reconstruction_score(vae, data, truth, device, amp=False, batch=4):
     """Dice after argmax per non-background class, pooled over the maps ``data`` (``(N, K, ...)``
@@ -543,15 +585,119 @@ def reconstruction_score(vae, data, truth, device, amp=False, batch=4):
     for i in range(0, data.shape[0], batch):
         with C.autocast(device, amp):
             mu, _ = vae.encode(data[i:i + batch].to(device).float())
-            pred = vae.decode_stage_2_outputs(mu).float().argmax(1).cpu()
-        ref = truth[i:i + batch]
-        for c in range(1, n_classes):
-            a, b = ref == c, pred == c
-            inter[c] += float((a & b).sum())
-            total[c] += float(a.sum() + b.sum())
+            pred = decoded_logits(vae, mu).float().argmax(1).cpu()
+        both, either = _dice_counts(pred, truth[i:i + batch], n_classes)
+        inter += both
+        total += either
     vae.train(was_training)
-    dice = {c: 2.0 * float(inter[c]) / float(total[c]) for c in range(1, n_classes) if total[c] > 0}
-    return (float(np.mean(list(dice.values()))) if dice else 1.0), dice
+    return _mean_dice(inter, total)
+
+
+# offsets tried per class and round by fit_class_offsets (logit units)
+OFFSET_STEPS = (-1.0, -0.5, -0.25, -0.1, 0.1, 0.25, 0.5, 1.0)
+CALIBRATION_MAPS = 32  # training maps decoded for the calibration (memory: maps x classes x voxels halves)
+
+
+def fit_class_offsets(logits, truth, classes, rounds=3):
+    """Per-class offsets added to the decoder's logits ``(N, K, ...)`` that raise the pooled
+    argmax Dice against ``truth`` ``(N, ...)`` (the selection's score), by coordinate ascent over
+    ``classes`` (others stay 0) with the steps :data:`OFFSET_STEPS`. Why: a VAE spreads the
+    probability of a thin class (the 4 mm grid's one-voxel CSF rim) over its neighbours, so the
+    class loses the argmax where it should win it; a prior shift per class, fitted on the
+    training maps, gives it back without retraining."""
+    n_classes = logits.shape[1]
+    offsets = torch.zeros(n_classes, dtype=torch.float32)
+
+    def score(off):
+        pred = (logits.float() + off.view(1, -1, *([1] * (logits.ndim - 2)))).argmax(1)
+        return _mean_dice(*_dice_counts(pred, truth, n_classes))[0]
+
+    best = score(offsets)
+    for _ in range(int(rounds)):
+        improved = False
+        for c in classes:
+            for step in OFFSET_STEPS:
+                trial = offsets.clone()
+                trial[c] += step
+                s = score(trial)
+                if s > best + 1e-6:
+                    best, offsets, improved = s, trial, True
+        if not improved:
+            break
+    return offsets, best
+
+
+CALIBRATION_MODES = ("none", "tissue", "all")
+
+
+def calibration_classes(mode, n_classes, schema):
+    """The classes whose offsets ``label_generator.calibration`` fits: ``tissue``: background and
+    tissue classes (lesions keep the size their conditioning asks for); ``all``: every class;
+    ``none``: no class."""
+    if mode not in CALIBRATION_MODES:
+        raise InputError(f"unknown calibration {mode!r}", field="label_generator.calibration",
+                         fix=f"use one of {list(CALIBRATION_MODES)}")
+    if mode == "none":
+        return []
+    lesions = set() if mode == "all" else {schema.value(c) for c in schema.lesion_classes if c in schema.classes}
+    return [c for c in range(n_classes) if c not in lesions]
+
+
+@torch.no_grad()
+def calibrate_label_vae(vae_path, label_paths, mode, out_path, *, schema=None, device="auto", num_threads=None,
+                        batch=4):
+    """Fit the class offsets of a trained label VAE (:func:`fit_class_offsets`) on the decoded
+    posterior means of (at most :data:`CALIBRATION_MAPS` of) its training maps and write them as
+    JSON (``class_offsets``: null for ``mode: none``), with the training-map score before and
+    after. A stage of its own: the LDM trains on the encoder's latents and does not change with
+    it; sampling and the audit decode with it."""
+    C.set_threads(num_threads)
+    schema = schema or LabelSchema()
+    dev = C.get_device(device)
+    vae, pay = load_vae(vae_path, dev)
+    classes = calibration_classes(mode, int(pay["n_classes"]), schema)
+    record = {"mode": mode, "class_offsets": None, "classes": [], "n_maps": 0}
+    if classes:
+        data, _, _ = _training_maps([str(p) for p in list(label_paths)[:CALIBRATION_MAPS]], int(pay["spatial_dims"]),
+                                    n_classes=int(pay["n_classes"]))
+        data = C.pad_background(data, pay["padded_shape"])
+        amp = C.sampling_amp(dev, pay["config"].get("amp", False))
+        logits = []
+        for i in range(0, data.shape[0], batch):
+            with C.autocast(dev, amp):
+                mu, _ = vae.encode(data[i:i + batch].to(dev).float())
+                logits.append(vae.decode_stage_2_outputs(mu).to(torch.float16).cpu())
+        logits = torch.cat(logits)
+        truth = data.argmax(1).to(torch.uint8)
+        before = _mean_dice(*_dice_counts(logits.float().argmax(1), truth, logits.shape[1]))[0]
+        offsets, after = fit_class_offsets(logits, truth, classes)
+        names = {v: k for k, v in schema.classes.items()}
+        record.update(class_offsets=[round(float(o), 6) for o in offsets], classes=[names.get(c, c) for c in classes],
+                      n_maps=int(data.shape[0]), score_before=before, score_after=after)
+        log.info("label VAE calibration (%s) on %d training maps: offsets %s, training-map reconstruction "
+                 "%.4f -> %.4f", mode, data.shape[0], np.round(offsets.numpy(), 2).tolist(), before, after)
+    else:
+        log.info("label VAE calibration off (label_generator.calibration: none): the decoder's logits as trained")
+    save_json(record, out_path)
+    return record
+
+
+def load_class_offsets(path, n_classes):
+    """The class offsets of a calibration JSON (None: no file, or calibration off)."""
+    if path is None:
+        return None
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the label VAE calibration ({exc})", file=path,
+                         fix="rerun the rule calibrate_label_vae") from exc
+    offsets = record.get("class_offsets")
+    if offsets is None:
+        return None
+    if len(offsets) != int(n_classes):
+        raise InputError(f"the calibration has {len(offsets)} class offsets for a VAE of {n_classes} classes",
+                         file=path, fix="rerun the rule calibrate_label_vae for this VAE")
+    return torch.tensor(offsets, dtype=torch.float32)
 
 
 def _vae_generator_losses(v, logits, z_mu, z_sigma, x, recon, disc, adv_loss, perc):
@@ -633,9 +779,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     bs = int(v["batch_size"])
     total = int(v["steps"])
     schedule = v["lr_schedule"]
-    if schedule not in C.LR_SCHEDULES:
-        raise InputError(f"unknown vae.lr_schedule {schedule!r}", field="label_generator.vae.lr_schedule",
-                         fix=f"use one of {list(C.LR_SCHEDULES)}")
+    C.check_lr_schedule(schedule, "label_generator.vae.lr_schedule")
     select_every = int(v["select_every"])
     if select_every < 0:
         raise InputError(f"vae.select_every must be >= 0, got {select_every}", field="label_generator.vae.select_every",
@@ -1047,7 +1191,7 @@ def _composed_prediction(unet, x, tt, contexts, cond, guidance, concat, dev, neg
 
 @torch.no_grad()
 def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, seed=0, *, batch_size=None,
-                  device="auto", eta=None, progress=True, sampling=None):
+                  device="auto", eta=None, progress=True, sampling=None, calibration=None):
     """Sample ``N`` probabilistic label maps ``(N, K, *spatial)`` float32 (channels sum to 1).
 
     ``scheduler`` ``ddpm`` runs all training timesteps; ``ddim`` runs ``steps``
@@ -1055,10 +1199,11 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     sample ``i`` comes from a generator seeded with ``(seed, i)``; DDPM/DDIM(eta>0)
     step noise from one per batch: same seed and batch size -> same maps.
     ``sampling``: a ``label_generator.sampling`` dict overriding the one stored with the
-    LDM; explicit arguments override both.
+    LDM; explicit arguments override both. ``calibration``: the VAE's class offsets
+    (:func:`calibrate_label_vae`), none: the decoder as trained.
     """
     dev = C.get_device(device)
-    vae, vpay = load_vae(vae_path, dev)
+    vae, vpay = load_vae(vae_path, dev, calibration)
     unet, lpay = load_ldm(ldm_path, dev)
     samp = C.merge_config(DEFAULTS["sampling"], lpay.get("sampling"), where="label_generator.sampling")
     samp = C.merge_config(samp, sampling, where="label_generator.sampling")  # overrides of the stored config
@@ -1133,7 +1278,7 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
                 x, _ = sched.step(pred, int(t), x, eta=eta, generator=g)
         z = C.crop_to(x, lshape) / lat_scale + lat_shift
         with C.autocast(dev, amp):
-            logits = vae.decode_stage_2_outputs(z)
+            logits = decoded_logits(vae, z)
         prob = torch.softmax(logits.float(), dim=1)
         prob = C.crop_to(prob, vpay["shape"])
         out.append(prob.cpu().numpy().astype(np.float32))

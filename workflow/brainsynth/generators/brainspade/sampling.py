@@ -89,7 +89,8 @@ def _style_drawer(styles, modalities, spatial):
 
 def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n, out_dir, reference,
                      conditioning="random", conditioning_values=None, seed=0, scheduler=None, steps=None,
-                     sampling=None, id_prefix="syn", device="auto", batch_size=None, montage=True):
+                     sampling=None, id_prefix="syn", device="auto", batch_size=None, montage=True,
+                     label_calibration=None):
     """Generate ``n`` synthetic subjects into ``out_dir``; returns the manifest DataFrame.
 
     Layout: ``out_dir/samples/<id>/{label,labelprob,<modality>}.nii.gz`` (ids
@@ -103,7 +104,7 @@ def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n
     ``conditioning_values``, see :func:`make_conditioning`). ``sampling``: the
     ``label_generator.sampling`` settings (guidance scale, scheduler, ...) over those
     stored with the LDM. ``reference``: a NIfTI on the working grid whose affine the
-    outputs get.
+    outputs get. ``label_calibration``: the label VAE's class offsets (JSON), none: uncalibrated.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n
     cond = make_conditioning(conditioning, n, types, train_vals, conditioning_values, seed)
     log.info("sampling %d synthetic subjects (conditioning %s, seed %d) into %s", n, conditioning, seed, out_dir)
     probs = sample_labels(label_vae, label_ldm, cond, scheduler=scheduler, steps=steps, seed=seed,
-                          batch_size=batch_size, device=device, sampling=sampling)
+                          batch_size=batch_size, device=device, sampling=sampling, calibration=label_calibration)
     if probs.ndim == 4:  # 2-D label generator: one axial slice per subject
         probs = probs[..., None]
     spatial = probs.shape[2:]
