@@ -70,7 +70,6 @@ rule calibrate_label_vae:
         calibration=LABEL_VAE_CALIBRATION,
     params:
         calibration=LGCFG.get("calibration"),
-        device=LGCFG.get("device"),
         preprocessed=tissue_maps(generator_training_subjects()),
         labels=config["labels"],
     conda:

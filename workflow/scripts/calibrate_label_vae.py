@@ -6,8 +6,9 @@ from brainsynth.labels import LabelSchema
 
 
 def main(sm):
-    given = {k: getattr(sm.params, k) for k in ("calibration", "device") if getattr(sm.params, k) is not None}
-    cfg = resolve_config(given)  # DEFAULTS for what the config leaves out
+    # the device from the config, not a param: where the fit runs changes no result beyond rounding
+    given = {"calibration": sm.params.calibration, "device": sm.config["label_generator"].get("device")}
+    cfg = resolve_config({k: v for k, v in given.items() if v is not None})  # DEFAULTS for the rest
     calibrate_label_vae(sm.input.vae, list(sm.params.preprocessed), cfg["calibration"], sm.output.calibration,
                         schema=LabelSchema.from_config({"labels": sm.params.labels}), device=cfg["device"],
                         num_threads=sm.threads)
