@@ -248,11 +248,12 @@ def test_fit_class_offsets_by_hand():
     truth = torch.tensor([[[0, 1, 1, 2, 2, 0]]])
     logits = torch.tensor([[[[1.0, 0, 0, 0, 0, 1]], [[0, .5, .5, 0, 0, 0]], [[0, .8, .8, 1, 1, 0]]]])
     # as decoded: [0, 2, 2, 2, 2, 0]: class 1 Dice 0, class 2 2 * 2 / (2 + 4)
-    offsets, score = LG.fit_class_offsets(logits, truth, classes=[0, 1, 2])
+    offsets, before, score = LG.fit_class_offsets(logits, truth, classes=[0, 1, 2])
     # class 0 first: no step helps; class 1: +0.1 and +0.25 leave it behind, +0.5 wins its voxels back
     assert offsets.tolist() == [0.0, 0.5, 0.0] and score == 1.0
+    assert before == pytest.approx((0.0 + 2 / 3) / 2)
     # classes left out keep offset 0: shifting background alone cannot give class 1 its voxels
-    offsets, score = LG.fit_class_offsets(logits, truth, classes=[0])
+    offsets, _, score = LG.fit_class_offsets(logits, truth, classes=[0])
     assert offsets.tolist() == [0.0, 0.0, 0.0] and score == pytest.approx((0.0 + 2 / 3) / 2)
 
 

@@ -604,10 +604,10 @@ def fit_class_offsets(logits, truth, classes, rounds=3):
     ``classes`` (others stay 0) with the steps :data:`OFFSET_STEPS`. Why: a VAE spreads the
     probability of a thin class (the 4 mm grid's one-voxel CSF rim) over its neighbours, so the
     class loses the argmax where it should win it; a prior shift per class, fitted on the
-    training maps, gives it back without retraining."""
+    training maps, gives it back without retraining. -> offsets, score without them, score with
+    them."""
     n_classes = logits.shape[1]
     offsets = torch.zeros(n_classes, dtype=torch.float32)
-
     logits = logits.float()
 
     def score(off):
@@ -622,7 +622,7 @@ def fit_class_offsets(logits, truth, classes, rounds=3):
             top = torch.where(wins, value, top)
         return _mean_dice(*_dice_counts(pred, truth, n_classes))[0]
 
-    best = score(offsets)
+    before = best = score(offsets)
     for _ in range(int(rounds)):
         improved = False
         for c in classes:
@@ -634,7 +634,7 @@ def fit_class_offsets(logits, truth, classes, rounds=3):
                     best, offsets, improved = s, trial, True
         if not improved:
             break
-    return offsets, best
+    return offsets, before, best
 
 
 CALIBRATION_MODES = ("none", "tissue", "all")
@@ -677,10 +677,8 @@ def calibrate_label_vae(vae_path, label_paths, mode, out_path, *, schema=None, d
             with C.autocast(dev, amp):
                 mu, _ = vae.encode(data[i:i + batch].to(dev).float())
                 logits.append(vae.decode_stage_2_outputs(mu).float().cpu())
-        logits = torch.cat(logits)
         truth = data.argmax(1).to(torch.uint8)
-        before = _mean_dice(*_dice_counts(logits.float().argmax(1), truth, logits.shape[1]))[0]
-        offsets, after = fit_class_offsets(logits, truth, classes)
+        offsets, before, after = fit_class_offsets(torch.cat(logits), truth, classes)
         names = {v: k for k, v in schema.classes.items()}
         record.update(class_offsets=[round(float(o), 6) for o in offsets], classes=[names.get(c, c) for c in classes],
                       n_maps=int(data.shape[0]), score_before=before, score_after=after)
