@@ -36,16 +36,19 @@ LESIONS = ("wmh", "necrotic", "oedema", "enhancing")
 
 def reimage_table(model, held, modalities, names):
     """Rows (subject, modality, class, synthetic, real) of per-class mean intensity, plus the
-    brain MAE per (subject, modality) as class ``brain_mae``."""
+    brain MAE per (subject, modality) as class ``brain_mae``; and per modality the excess
+    (synthetic - real) outside lesions, averaged voxel by voxel over the subjects."""
     net, payload = IG.load_generator(model, "cpu")
-    rows = []
+    rows, excess = [], {m: [] for m in modalities}
     for s, paths in held.items():
         prob = C.load_prob_label(paths["tissue"])
         hard = np.argmax(prob, axis=0)
         real = {m: C.load_image(paths[m]) for m in modalities}
         fake = IG.generate_images(model, prob, real, seed=0, device="cpu", net=net, payload=payload)
         brain = hard > 0
+        tissue = brain & ~np.isin(hard, [names.index(c) for c in LESIONS if c in names])
         for m in modalities:
+            excess[m].append(np.where(tissue, fake[m] - real[m], np.nan))
             rows.append({"subject": s, "modality": m, "class": "brain_mae",
                          "synthetic": float(np.abs(fake[m][brain] - real[m][brain]).mean()), "real": 0.0})
             for c, n in enumerate(names[1:], start=1):
@@ -53,6 +56,19 @@ def reimage_table(model, held, modalities, names):
                 if sel.sum() >= 5:
                     rows.append({"subject": s, "modality": m, "class": n, "synthetic": float(fake[m][sel].mean()),
                                  "real": float(real[m][sel].mean())})
+    return pd.DataFrame(rows), {m: np.nanmean(np.stack(v), axis=0) for m, v in excess.items()}
+
+
+def fixed_artifacts(excess, threshold=0.15):
+    """Per modality: the largest voxel-wise mean excess over the subjects and the voxels whose
+    mean excess passes ``threshold``: a bright spot drawn at the same place in every subject
+    (what a lesion model then reads as a lesion) rather than noise that averages out."""
+    rows = []
+    for m, e in excess.items():
+        with np.errstate(invalid="ignore"):
+            rows.append({"modality": m, "max_mean_excess": round(float(np.nanmax(e)), 3),
+                         f"voxels_over_{threshold}": int(np.nansum(e > threshold)),
+                         "at": tuple(int(i) for i in np.unravel_index(np.nanargmax(e), e.shape))})
     return pd.DataFrame(rows)
 
 
@@ -107,12 +123,13 @@ def main(argv=None):
         IG.train_image_generator([grid(s, "tissue_prob.nii.gz") for s in train],
                                  {m: [grid(s, f"{m}.nii.gz") for s in train] for m in mods}, cfg, out)
     print(f"image generator {args.cfg}: {len(train)} training subjects, trained in {time.time() - t0:.0f} s")
-    df = reimage_table(model, held, mods, LabelSchema().names)
+    df, excess = reimage_table(model, held, mods, LabelSchema().names)
     df.to_csv(out / "reimage.tsv", sep="\t", index=False)
     per, summary = summarise(df)
     with pd.option_context("display.width", 250, "display.max_colwidth", 200):
         print(per.round(3).unstack(0).to_string())
         print(summary.to_string(index=False))
+        print(fixed_artifacts(excess).to_string(index=False))
 
 
 if __name__ == "__main__":

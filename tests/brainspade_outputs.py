@@ -49,6 +49,8 @@ def main(out):
     label_cfg = dict(T.LABEL_CFG, amp=False)
     image_cfg = dict(T.IMAGE_CFG, amp=False, rare_class_oversample=0.5,
                      weights={**T.IMAGE_CFG.get("weights", {}), "class_l1": 3.0})
+    if "output_block_channels" in IG.DEFAULTS:  # the decoder of the move (DEFAULTS added a block on 2026-12-05)
+        image_cfg["output_block_channels"] = 0
     vae = LG.train_label_vae(labels, label_cfg, out / "vae")
     ldm = LG.train_label_ldm(vae["model"], labels, cohort / "cond.tsv", label_cfg, out / "ldm")
     img = IG.train_image_generator(labels, images, image_cfg, out / "img")

@@ -452,11 +452,45 @@ def test_image_generator_patch_mode_sliding_window(cohort, tmp_path):
     assert payload["patch_size"] == [8, 8] and net.style_proj is None  # plain SPADENet
 
 
+def _one_voxel_lesion_changes(model, prob, voxels):
+    """Per voxel (x, y) of slice 8: whether a one-voxel WMH there changes the generated image."""
+    net, payload = IG.load_generator(model)
+    sty = {"t1": np.full(SHAPE, 0.5, np.float32)}
+    base = IG.generate_images(model, prob, sty, net=net, payload=payload)["t1"]
+    out = []
+    for x, y in voxels:
+        p = prob.copy()
+        p[:, x, y, 8] = 0
+        p[LabelSchema().names.index("wmh"), x, y, 8] = 1
+        out.append(bool(np.abs(IG.generate_images(model, p, sty, net=net, payload=payload)["t1"] - base).max() > 0))
+    return out
+
+
+def test_image_generator_output_block_sees_every_voxel(cohort, tmp_path):
+    # MONAI's SPADE decoder meets the label map last at half resolution (nearest neighbour):
+    # a lesion on an odd row or column never reaches the image. The full-resolution output
+    # block sees all four voxels of each 2x2 cell.
+    prob = C.load_prob_label(cohort["label_paths"][0])
+    voxels = [(8, 12), (9, 12), (8, 13), (9, 13)]
+    seen = {}
+    for width, norm in ((0, "instance"), (8, "batch")):
+        cfg = _cfg(IMAGE_CFG, steps=3, output_block_channels=width, norm=norm)
+        r = IG.train_image_generator(cohort["label_paths"], cohort["image_paths"], cfg, tmp_path / str(width))
+        p = torch.load(r["model"], weights_only=False)
+        assert p["output_block_channels"] == width and p["net_kwargs"]["norm"] == norm.upper()
+        seen[width] = _one_voxel_lesion_changes(r["model"], prob, voxels)
+    assert seen == {0: [True, False, False, False], 8: [True] * 4}
+
+
 def test_image_generator_rejects_bad_inputs(cohort, tmp_path):
     with pytest.raises(InputError):
         IG.train_image_generator(cohort["label_paths"], {"t1": cohort["image_paths"]["t1"][:2]}, IMAGE_CFG, tmp_path)
     with pytest.raises(InputError):
         IG.train_image_generator(cohort["label_paths"], cohort["image_paths"], {"bogus_key": 1}, tmp_path)
+    with pytest.raises(InputError, match="instance"):
+        IG.train_image_generator(cohort["label_paths"], cohort["image_paths"], {"norm": "group"}, tmp_path)
+    with pytest.raises(InputError, match="output_block_channels"):
+        IG.train_image_generator(cohort["label_paths"], cohort["image_paths"], {"output_block_channels": -1}, tmp_path)
 
 
 # --------------------------------------------------------------------------- sampling

@@ -52,6 +52,12 @@ style_channels             0: plain SPADENet (brainSPADE); > 0: the style code, 
                            projected to this many channels and broadcast over the slice,
                            joins the label map as SPADE conditioning (see StyleSPADENet)
 spade_hidden               hidden channels of the SPADE normalisation blocks
+norm                       instance | batch: SPADE's parameter-free normalisation
+output_block_channels      0: MONAI's decoder alone, whose last SPADE block works at half
+                           resolution on a nearest-neighbour copy of the label map (three of
+                           four voxels of a slice never reach the image); N: the decoder ends on
+                           N channels and one more SPADE residual block at full resolution
+                           draws the image (brainSPADE's generator ends the same way)
 last_act                   sigmoid | null (linear, clamped to [0, 1] at inference)
 lr_g / lr_d / betas        Adam settings of generator and discriminator(+classifier)
 disc.num_d                 discriminators of the multi-scale discriminator
@@ -108,6 +114,10 @@ DEFAULTS = {  # demo scale: axial slices of the 48x56x48 grid on 2 CPU cores
     "z_dim": 16,
     "style_channels": 8,
     "spade_hidden": 32,
+    "norm": "instance",
+    # a full-resolution SPADE block after MONAI's decoder (which sees the labels at half resolution
+    # only): re-imaging error halved, the fixed frontal bright spot gone (README, "Image generator levers")
+    "output_block_channels": 16,
     "last_act": "sigmoid",
     "lr_g": 2e-4,
     "lr_d": 2e-4,
@@ -146,6 +156,8 @@ PAPER = {
     "z_dim": 32,
     "style_channels": 0,  # plain SPADENet as in brainSPADE (style through fc(z) only; needs long training)
     "spade_hidden": 64,
+    "norm": "batch",  # brainSPADE: spectralspadesyncbatch3x3
+    "output_block_channels": 32,  # brainSPADE's last SPADE block: full resolution, then one conv to the image
     "lr_g": 1e-4,
     "lr_d": 4e-4,
     "betas": [0.0, 0.9],
@@ -154,6 +166,9 @@ PAPER = {
                 "class_l1": 0.0, "perceptual": 1.0, "modality": 1.0},
     "rare_class_oversample": 0.0,  # the study's losses and sampling; the demo's class terms are levers
 }
+
+
+NORMS = ("instance", "batch")  # SPADE's parameter-free normalisation (brainSPADE: synchronised batch norm)
 
 
 def resolve_config(cfg):
@@ -189,15 +204,26 @@ class StyleSPADENet(nn.Module):
     renders every modality alike.
     """
 
-    def __init__(self, net_kwargs, style_channels=0):
+    def __init__(self, net_kwargs, style_channels=0, output_block_channels=0):
         super().__init__()
+        from monai.networks.blocks import Convolution
         from monai.networks.nets import SPADENet
+        from monai.networks.nets.spade_network import SPADENetResBlock
 
         kw = dict(net_kwargs)
         kw["channels"] = list(kw["channels"])  # SPADENet reverses/extends the list in place
         kw["input_shape"] = list(kw["input_shape"])
         self.style_channels = int(style_channels or 0)
         kw["label_nc"] = int(kw["label_nc"]) + self.style_channels
+        self.output_block = None
+        width = int(output_block_channels or 0)
+        if width:
+            last_act = kw["last_act"]
+            kw.update(out_channels=width, last_act=("LEAKYRELU", {"negative_slope": 0.2}))
+            self.output_block = SPADENetResBlock(2, width, width, kw["label_nc"],
+                                                 kw["spade_intermediate_channels"], kw["norm"])
+            self.to_image = Convolution(2, width, int(net_kwargs["out_channels"]), kernel_size=3, norm=None,
+                                        act=last_act, conv_only=last_act is None)
         self.net = SPADENet(**kw)
         self.style_proj = nn.Linear(int(kw["z_dim"]), self.style_channels) if self.style_channels else None
 
@@ -212,7 +238,11 @@ class StyleSPADENet(nn.Module):
         return torch.cat([seg, st.to(seg.dtype)], 1)
 
     def decode(self, seg, z):
-        return self.net.decoder(self.condition(seg, z), z)
+        cond = self.condition(seg, z)
+        x = self.net.decoder(cond, z)
+        if self.output_block is None:
+            return x
+        return self.to_image(F.leaky_relu(self.output_block(x, cond), 0.2))
 
     def forward(self, seg, x):
         mu, logvar = self.net.encoder(x)
@@ -220,8 +250,8 @@ class StyleSPADENet(nn.Module):
         return self.decode(seg, z), mu, logvar
 
 
-def build_generator(kwargs, style_channels=0):
-    return StyleSPADENet(kwargs, style_channels)
+def build_generator(kwargs, style_channels=0, output_block_channels=0):
+    return StyleSPADENet(kwargs, style_channels, output_block_channels)
 
 
 def _net_kwargs(cfg, n_classes, input_shape):
@@ -229,7 +259,7 @@ def _net_kwargs(cfg, n_classes, input_shape):
     return dict(spatial_dims=2, in_channels=1, out_channels=1, label_nc=int(n_classes),
                 input_shape=[int(s) for s in input_shape], channels=[int(c) for c in cfg["channels"]],
                 z_dim=int(cfg["z_dim"]), is_vae=True, spade_intermediate_channels=int(cfg["spade_hidden"]),
-                norm="INSTANCE", last_act=(la.upper() if la else None))
+                norm=cfg["norm"].upper(), last_act=(la.upper() if la else None))
 
 
 def load_generator(path, device="cpu"):
@@ -237,7 +267,8 @@ def load_generator(path, device="cpu"):
     if payload.get("kind") != "image_generator":
         raise InputError("not an image generator model file", file=path,
                          fix="pass the output of train_image_generator")
-    net = build_generator(payload["net_kwargs"], payload.get("style_channels", 0))
+    net = build_generator(payload["net_kwargs"], payload.get("style_channels", 0),
+                          payload.get("output_block_channels", 0))
     net.load_state_dict(payload["state_dict"])
     return net.to(device).eval(), payload
 
@@ -406,6 +437,11 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
     ``losses_png``), or ``{"completed": False}`` when stopped by ``max_steps_this_run``.
     """
     cfg = resolve_config(cfg)
+    if cfg["norm"] not in NORMS:
+        raise InputError(f"unknown norm {cfg['norm']!r}", field="image_generator.norm", fix=f"use one of {list(NORMS)}")
+    if int(cfg["output_block_channels"]) < 0:
+        raise InputError(f"output_block_channels must be >= 0, got {cfg['output_block_channels']}",
+                         field="image_generator.output_block_channels", fix="0 (none) or a channel count")
     out_dir = Path(out_dir)
     C.set_threads(cfg["num_threads"])
     device = C.get_device(cfg["device"])
@@ -437,7 +473,7 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
     from monai.networks.nets import MultiScalePatchDiscriminator
 
     nkw = _net_kwargs(cfg, n_classes, net_shape)
-    net = build_generator(nkw, cfg["style_channels"]).to(device)
+    net = build_generator(nkw, cfg["style_channels"], cfg["output_block_channels"]).to(device)
     disc = MultiScalePatchDiscriminator(num_d=int(dcfg["num_d"]), num_layers_d=int(dcfg["num_layers_d"]),
                                         spatial_dims=2, channels=int(dcfg["channels"]), in_channels=n_classes + 1,
                                         out_channels=1, norm=dcfg["norm"], minimum_size_im=min_size).to(device)
@@ -489,6 +525,7 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
 
     payload = {"kind": "image_generator", "net_kwargs": nkw, "state_dict": C.state_dict_cpu(net),
                "style_channels": int(cfg["style_channels"]),
+               "output_block_channels": int(cfg["output_block_channels"]),
                "modalities": mods, "n_classes": n_classes, "slice_shape": list(slice_shape),
                "padded_shape": list(padded), "patch_size": patch, "config": cfg,
                "classifier_state_dict": C.state_dict_cpu(clf) if use_cls else None}
