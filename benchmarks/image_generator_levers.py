@@ -59,7 +59,7 @@ def reimage_table(model, held, modalities, names):
     return pd.DataFrame(rows), {m: np.nanmean(np.stack(v), axis=0) for m, v in excess.items()}
 
 
-def fixed_artifacts(excess, threshold=0.15):
+def fixed_artifacts(excess, threshold=0.3):
     """Per modality: the largest voxel-wise mean excess over the subjects and the voxels whose
     mean excess passes ``threshold``: a bright spot drawn at the same place in every subject
     (what a lesion model then reads as a lesion) rather than noise that averages out."""
