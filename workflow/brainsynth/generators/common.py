@@ -204,11 +204,12 @@ def seed_everything(seed):
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def check_prediction_type(value, field):
-    """``value`` when it is one of :data:`PREDICTION_TYPES`; an error naming ``field`` otherwise."""
-    if value not in PREDICTION_TYPES:
-        raise InputError(f"{field} must be one of {PREDICTION_TYPES}, got {value!r}", field=field,
-                         fix="use epsilon, v_prediction or sample")
+def check_choice(value, choices, field):
+    """``value`` when it is one of ``choices``; an error naming the config ``field`` and the
+    choices otherwise (one refusal for every enumerated setting)."""
+    if value not in choices:
+        raise InputError(f"unknown {field.rsplit('.', 1)[-1]} {value!r}", field=field,
+                         fix=f"use one of {list(choices)}")
     return value
 
 
@@ -290,20 +291,13 @@ def ema_update(ema, module, decay, step):
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def check_lr_schedule(schedule, field):
-    """Refuse an unknown learning-rate schedule, naming the config ``field``."""
-    if schedule not in LR_SCHEDULES:
-        raise InputError(f"unknown {field.rsplit('.', 1)[-1]} {schedule!r}", field=field,
-                         fix=f"use one of {list(LR_SCHEDULES)}")
-
-
 def scheduled_lr(base, step, total, schedule):
     """Learning rate of ``step`` (1..total): ``constant`` or ``cosine`` decay from ``base`` to 0 at
     the last step (a short training then ends on settled weights, not on the noise of a large
     step size). A function of the step alone, so a resumed training sets the same rates."""
     if schedule == "constant":
         return float(base)
-    check_lr_schedule(schedule, "lr_schedule")
+    check_choice(schedule, LR_SCHEDULES, "lr_schedule")
     return 0.5 * float(base) * (1.0 + math.cos(math.pi * (step - 1) / max(1, int(total))))
 
 

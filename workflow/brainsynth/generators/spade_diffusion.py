@@ -78,7 +78,7 @@ PAPER = {
 
 def resolve_config(cfg):
     cfg = C.resolve_preset(DEFAULTS, PAPER, cfg, where="spade_diffusion")
-    C.check_prediction_type(cfg["prediction_type"], "spade_diffusion.prediction_type")
+    C.check_choice(cfg["prediction_type"], C.PREDICTION_TYPES, "spade_diffusion.prediction_type")
     return cfg
 
 

@@ -437,8 +437,7 @@ def train_image_generator(label_paths, image_paths, cfg, out_dir, *, max_steps_t
     ``losses_png``), or ``{"completed": False}`` when stopped by ``max_steps_this_run``.
     """
     cfg = resolve_config(cfg)
-    if cfg["norm"] not in NORMS:
-        raise InputError(f"unknown norm {cfg['norm']!r}", field="image_generator.norm", fix=f"use one of {list(NORMS)}")
+    C.check_choice(cfg["norm"], NORMS, "image_generator.norm")
     if int(cfg["output_block_channels"]) < 0:
         raise InputError(f"output_block_channels must be >= 0, got {cfg['output_block_channels']}",
                          field="image_generator.output_block_channels", fix="0 (none) or a channel count")

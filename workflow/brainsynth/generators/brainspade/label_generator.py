@@ -295,7 +295,7 @@ def _unet_kwargs(cfg, latent_channels, n_types):
 
 def _scheduler_kwargs(cfg):
     m = cfg["ldm"]
-    C.check_prediction_type(m["prediction_type"], "label_generator.ldm.prediction_type")
+    C.check_choice(m["prediction_type"], C.PREDICTION_TYPES, "label_generator.ldm.prediction_type")
     return dict(num_train_timesteps=int(m["num_train_timesteps"]), schedule=m["schedule"],
                 beta_start=float(m["beta_start"]), beta_end=float(m["beta_end"]),
                 prediction_type=m["prediction_type"])
@@ -644,9 +644,7 @@ def calibration_classes(mode, n_classes, schema):
     """The classes whose offsets ``label_generator.calibration`` fits: ``tissue``: background and
     tissue classes (lesions keep the size their conditioning asks for); ``all``: every class;
     ``none``: no class."""
-    if mode not in CALIBRATION_MODES:
-        raise InputError(f"unknown calibration {mode!r}", field="label_generator.calibration",
-                         fix=f"use one of {list(CALIBRATION_MODES)}")
+    C.check_choice(mode, CALIBRATION_MODES, "label_generator.calibration")
     if mode == "none":
         return []
     lesions = set() if mode == "all" else {schema.value(c) for c in schema.lesion_classes if c in schema.classes}
@@ -787,7 +785,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     bs = int(v["batch_size"])
     total = int(v["steps"])
     schedule = v["lr_schedule"]
-    C.check_lr_schedule(schedule, "label_generator.vae.lr_schedule")
+    C.check_choice(schedule, C.LR_SCHEDULES, "label_generator.vae.lr_schedule")
     select_every = int(v["select_every"])
     if select_every < 0:
         raise InputError(f"vae.select_every must be >= 0, got {select_every}", field="label_generator.vae.select_every",
