@@ -223,7 +223,8 @@ def test_vae_keeps_its_best_checkpoint_and_resumes(cohort, tmp_path):
     data = torch.from_numpy(np.stack([C.load_prob_label(x, K) for x in paths]))
     data = C.pad_background(data, p["padded_shape"])
     vae = LG.load_vae(ref["model"])[0]
-    assert LG.reconstruction_score(vae, data, data.argmax(1), "cpu")[0] == pytest.approx(p["selection_score"])
+    score = LG.reconstruction_score(vae, data, data.argmax(1), "cpu", amp=p["training_amp"])[0]
+    assert score == pytest.approx(p["selection_score"])
     ckpt = torch.load(tmp_path / "a" / "checkpoints" / "label_vae_last.pt", weights_only=False)["modules"]
     _same_weights(p["state_dict"], {k[len("model."):]: v for k, v in ckpt["best"].items() if k.startswith("model.")})
     if p["selected_step"] != 8:
@@ -771,9 +772,8 @@ def test_common_helpers(cohort, tmp_path):
 
 
 def test_mixed_precision_follows_the_device(monkeypatch):
-    """amp: training in float16 on CUDA only (CPU training stays float32, reproducible);
-    sampling in bfloat16 on a CPU with oneDNN bfloat16 kernels, float32 where bfloat16 would run
-    emulated."""
+    """amp: the image generators train in float16 on CUDA only; sampling in bfloat16 on a CPU
+    with oneDNN bfloat16 kernels, float32 where bfloat16 would run emulated."""
     monkeypatch.setattr(C, "cpu_bf16_supported", lambda: True)
     assert C.amp_dtype("cpu") == torch.bfloat16 and C.sampling_amp("cpu", True)
     assert not C.amp_enabled("cpu", True) and not C.sampling_amp("cpu", False)
@@ -785,6 +785,62 @@ def test_mixed_precision_follows_the_device(monkeypatch):
     monkeypatch.setattr(C, "cpu_bf16_supported", lambda: False)
     assert C.amp_dtype("cpu") is None and not C.sampling_amp("cpu", True)
     assert C.amp_dtype("cuda") == torch.float16 and C.amp_enabled("cuda", True)
+
+
+class _GarbageInBfloat16(torch.nn.Conv3d):
+    """A convolution that fails the way oneDNN's bfloat16 kernels do at some small strided
+    shapes: its bfloat16 output holds values it never computed, different every call."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        if torch.is_autocast_enabled("cpu"):
+            y = y + torch.rand(y.shape, dtype=y.dtype) * 1e30
+        return y
+
+
+def test_bfloat16_training_probe_refuses_a_faulty_convolution(monkeypatch, caplog):
+    """The label generator's CPU training goes bfloat16 only where every convolution the model
+    runs gives reproducible, float32-close outputs and gradients in bfloat16 (checked on the
+    shapes of its batches); a faulty one names itself and the training stays float32. The probe
+    leaves the random generators as they were."""
+    good = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.Conv3d(4, 4, 3, stride=2, padding=1))
+    bad = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), _GarbageInBfloat16(4, 4, 3, stride=2, padding=1))
+    x = torch.rand(2, 2, 8, 10, 8)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    assert C.bf16_convolution_problem(good, lambda: good(x)) is None
+    assert torch.equal(torch.get_rng_state(), state)
+    problem = C.bf16_convolution_problem(bad, lambda: bad(x))
+    assert "_GarbageInBfloat16(4->4, stride (2, 2, 2)) on [2, 4, 8, 10, 8]" in problem
+    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: True)
+    assert C.training_amp("cpu", True, good, lambda: good(x), "test net")
+    assert not C.training_amp("cpu", False, good, lambda: good(x), "test net")
+    with caplog.at_level(logging.WARNING, logger="brainsynth.generators"):
+        assert not C.training_amp("cpu", True, bad, lambda: bad(x), "test net")
+    assert "test net: training in float32, not bfloat16" in caplog.text
+    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: False)
+    assert not C.training_amp("cpu", True, good, lambda: good(x), "test net")
+
+
+@pytest.mark.skipif(not C.cpu_bf16_supported(), reason="no native bfloat16 kernels on this CPU")
+def test_label_vae_trains_in_bfloat16_here_reproducibly(cohort, tmp_path, monkeypatch, caplog):
+    """On this CPU the label VAE trains under bfloat16 autocast (the faster path the demo takes):
+    two runs give the same weights bit for bit, float32 (amp: false) others; a checkpoint
+    written in float32 (a CPU without bfloat16 kernels) is not resumed in bfloat16."""
+    cfg = _cfg(LABEL_CFG, checkpoint_every=2, vae={"steps": 4, "adv_weight": 0.0})
+    a = LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "a")
+    b = LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "b")
+    _same_weights(_state(a["model"]), _state(b["model"]), atol=0)
+    assert torch.load(a["model"], weights_only=False)["training_amp"] is True
+    f = LG.train_label_vae(cohort["label_paths"], _cfg(cfg, amp=False), tmp_path / "f")
+    assert any(not torch.equal(x, y) for x, y in zip(_state(a["model"]).values(), _state(f["model"]).values()))
+    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: False)
+    LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "c", max_steps_this_run=2)
+    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="brainsynth.generators"):
+        c = LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "c")
+    assert "another configuration" in caplog.text
+    _same_weights(_state(c["model"]), _state(a["model"]), atol=0)
 
 
 @pytest.mark.skipif(not C.cpu_bf16_supported(), reason="no native bfloat16 kernels on this CPU")

@@ -47,8 +47,9 @@ key                             meaning
 ==============================  ===========================================================
 spatial_dims                    3 (volumes) or 2 (axial slices)
 device                          auto | cpu | cuda[:i]
-amp                             mixed precision: training on CUDA (float16), sampling on CUDA (float16)
-                                and on CPUs with native bfloat16 kernels (AVX-512 / AMX); false: float32
+amp                             mixed precision: training and sampling in float16 on CUDA, in bfloat16 on
+                                CPUs with native bfloat16 kernels (AVX-512 / AMX; training only where every
+                                convolution passes common.bf16_convolution_problem); false: float32
 seed                            training seed (torch, numpy, random)
 num_threads                     torch CPU threads (null: $OMP_NUM_THREADS or 1)
 checkpoint_every / log_every    steps between checkpoints / progress lines
@@ -726,6 +727,18 @@ def _vae_generator_losses(v, logits, z_mu, z_sigma, x, recon, disc, adv_loss, pe
     return {"loss": loss, **out}, prob
 
 
+def _vae_example(vae, disc, data, bs, patch, device):
+    """The shapes a VAE training runs: a batch of patches through the VAE and the discriminator,
+    one whole map through the VAE (the selection score)."""
+    x = data[:bs]
+    if patch is not None:
+        x = x[(slice(None), slice(None)) + tuple(slice(0, p) for p in patch)]
+    x = x.to(device).float()
+    logits = vae(x)[0]
+    disc(torch.softmax(logits, 1).contiguous())
+    vae(data[:1].to(device).float())
+
+
 def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callback=None):
     """Train the label autoencoder. Returns a dict of output paths (``model``, ``config``,
     ``losses_tsv``, ``losses_png``) or, when stopped by ``max_steps_this_run``, ``{"completed": False}``.
@@ -734,7 +747,6 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     out_dir = Path(out_dir)
     C.set_threads(cfg["num_threads"])
     device = C.get_device(cfg["device"])
-    amp = C.amp_enabled(device, cfg["amp"])
     sd = int(cfg["spatial_dims"])
     v = cfg["vae"]
     C.seed_everything(cfg["seed"])
@@ -753,8 +765,8 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     data = C.pad_background(data, padded)
     if patch is not None:
         patch = [min(p, s) for p, s in zip(patch, padded)]
-    log.info("label VAE: %d %s maps, %d classes, grid %s (padded %s), patch %s, device %s, amp %s",
-             data.shape[0], f"{sd}-D", n_classes, shape, padded, patch, device, amp)
+    log.info("label VAE: %d %s maps, %d classes, grid %s (padded %s), patch %s, device %s",
+             data.shape[0], f"{sd}-D", n_classes, shape, padded, patch, device)
 
     from monai.losses import PatchAdversarialLoss
     from monai.networks.nets import PatchDiscriminator
@@ -766,6 +778,10 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     use_adv = float(v["adv_weight"]) > 0
     disc = PatchDiscriminator(spatial_dims=sd, channels=int(v["disc_channels"]), in_channels=n_classes,
                               num_layers_d=int(v["disc_layers"]), out_channels=1).to(device)
+    bs = int(v["batch_size"])
+    amp = C.training_amp(device, cfg["amp"], torch.nn.ModuleList([vae, disc]),
+                         lambda: _vae_example(vae, disc, data, bs, patch, device), "label VAE")
+    log.info("label VAE: mixed precision %s", amp and C.amp_dtype(device))
     frequency = data.float().mean(dim=tuple(d for d in range(data.ndim) if d != 1))
     weight = class_weights(frequency, v["class_weighting"])
     rare = C.rare_classes(frequency)
@@ -782,7 +798,6 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     opt_d = torch.optim.Adam(disc.parameters(), lr=float(v["disc_lr"]))
     sc_g, sc_d = C.make_scaler(device, amp), C.make_scaler(device, amp)
     warmup = int(v["adv_warmup_steps"])
-    bs = int(v["batch_size"])
     total = int(v["steps"])
     schedule = v["lr_schedule"]
     C.check_choice(schedule, C.LR_SCHEDULES, "label_generator.vae.lr_schedule")
@@ -818,7 +833,8 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
                      {c: round(d, 3) for c, d in dice.items()}, " - best so far, kept" if kept else "")
         return {k: losses[k].item() for k in ("loss", "reconstruction", "kl", "gen_adv", "disc", "perceptual")}
 
-    fp = C.config_hash(_fingerprint_cfg(cfg, "vae"), C.files_fingerprint(label_paths), "label_vae")
+    fp = C.config_hash(_fingerprint_cfg(cfg, "vae"), C.files_fingerprint(label_paths), "label_vae",
+                       bool(amp))
     modules = {"vae": vae, "disc": disc}
     if best is not None:
         modules["best"] = best
@@ -839,9 +855,9 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     kept = vae if best is None else best.model
     payload = {"kind": "label_vae", "vae_kwargs": vkw, "state_dict": C.state_dict_cpu(kept),
                "spatial_dims": sd, "n_classes": n_classes, "shape": list(shape), "padded_shape": list(padded),
-               "config": cfg, "steps": total, "patch_size": patch, **selected}
+               "config": cfg, "steps": total, "patch_size": patch, "training_amp": bool(amp), **selected}
     record = {"label_generator": cfg, "vae_kwargs": vkw, "shape": list(shape), "padded_shape": list(padded),
-              "n_training": len(label_paths), **selected}
+              "n_training": len(label_paths), "training_amp": bool(amp), **selected}
     return C.finish_training("label_vae", out_dir, payload, record, history, "label VAE")
 
 
@@ -964,7 +980,6 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     out_dir = Path(out_dir)
     C.set_threads(cfg["num_threads"])
     device = C.get_device(cfg["device"])
-    amp = C.amp_enabled(device, cfg["amp"])
     m = cfg["ldm"]
     schema = schema or LabelSchema()
     C.seed_everything(cfg["seed"])
@@ -1016,12 +1031,21 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     ukw = _unet_kwargs(cfg, mu.shape[1], len(types))
     concat = bool(m["condition_channels"])
     unet = build_unet(ukw).to(device)
+    bs = int(m["batch_size"])
+
+    def example():
+        z = C.pad_to(((mu[:bs] - shift_b) * scale_b), lpad).to(device)
+        ctx = condition_context(cond_t[:bs]).to(device)
+        t = torch.linspace(0, int(m["num_train_timesteps"]) - 1, z.shape[0]).long().to(device)
+        unet(x=with_condition_channels(z, ctx, concat), timesteps=t, context=ctx)
+
+    amp = C.training_amp(device, cfg["amp"], unet, example, "label LDM")
+    log.info("label LDM: mixed precision %s", amp and C.amp_dtype(device))
     ema = C.ema_copy(unet) if ema_decay > 0 else None
     skw = _scheduler_kwargs(cfg)
     sched = build_scheduler("ddpm", skw)
     opt = torch.optim.Adam(unet.parameters(), lr=float(m["lr"]))
     scaler = C.make_scaler(device, amp)
-    bs = int(m["batch_size"])
     T = int(m["num_train_timesteps"])
 
     def target(z, noise, t):
@@ -1048,7 +1072,7 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
         return {"mse": loss.item()}
 
     fp = C.config_hash(_fingerprint_cfg(cfg, "ldm"), C.files_fingerprint(label_paths + [vae_path]),
-                       np.asarray(cond).round(6).tolist(), "label_ldm")
+                       np.asarray(cond).round(6).tolist(), "label_ldm", bool(amp))
     history, completed, _ = C.train_loop(
         name="label_ldm", total_steps=int(m["steps"]), step_fn=step_fn,
         modules={"unet": unet} if ema is None else {"unet": unet, "ema": ema},
@@ -1065,10 +1089,10 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
                "padded_latent_shape": lpad, "lesion_types": types, "spatial_dims": sd,
                "latent_range": latent_range,
                "train_conditioning": np.asarray(cond, dtype=np.float32), "slice_count_norm": norm,
-               "sampling": cfg["sampling"], "config": cfg, "subjects": subjects}
+               "sampling": cfg["sampling"], "config": cfg, "subjects": subjects, "training_amp": bool(amp)}
     record = {"label_generator": cfg, "unet_kwargs": ukw, "scheduler_kwargs": skw, "scale_factor": scale_factor,
               "latent_shape": latent_shape, "padded_latent_shape": lpad, "lesion_types": types,
-              "slice_count_norm": norm, "n_training": len(label_paths)}
+              "slice_count_norm": norm, "n_training": len(label_paths), "training_amp": bool(amp)}
     return C.finish_training("label_ldm", out_dir, payload, record, history, "label LDM")
 
 
