@@ -822,6 +822,30 @@ def test_bfloat16_training_probe_refuses_a_faulty_convolution(monkeypatch, caplo
     assert not C.training_amp("cpu", True, good, lambda: good(x), "test net")
 
 
+def test_bfloat16_inference_guard_answers_a_faulty_convolution_in_float32(caplog):
+    """Sampling models carry a guard: under CPU bfloat16 autocast each convolution is checked at
+    the first call of each input shape; a faulty one answers in float32 from then on (with a
+    warning naming it), a sound one keeps its bfloat16 output bit for bit."""
+    torch.manual_seed(0)
+    faulty = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), _GarbageInBfloat16(4, 4, 3, stride=2, padding=1))
+    x = torch.rand(2, 2, 8, 10, 8)
+    with torch.no_grad():
+        ref = faulty(x)
+        with C.autocast("cpu", True):
+            unguarded = faulty(x).float()
+            sound_part = faulty[0](x)
+    assert float((unguarded - ref).abs().max()) > 1e20
+    C.guard_bf16_inference(faulty, "test net")
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="brainsynth.generators"):
+        with C.autocast("cpu", True):
+            guarded = [faulty(x).float() for _ in range(2)]
+            assert torch.equal(faulty[0](x), sound_part)
+        assert torch.equal(faulty(x), ref)  # outside autocast the hooks do nothing
+    for g in guarded:
+        assert float((g - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    assert caplog.text.count("test net: _GarbageInBfloat16(4->4, stride (2, 2, 2)) on [2, 4, 8, 10, 8]") == 1
+
+
 @pytest.mark.skipif(not C.cpu_bf16_supported(), reason="no native bfloat16 kernels on this CPU")
 def test_label_vae_trains_in_bfloat16_here_reproducibly(cohort, tmp_path, monkeypatch, caplog):
     """On this CPU the label VAE trains under bfloat16 autocast (the faster path the demo takes):

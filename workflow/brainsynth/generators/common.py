@@ -167,6 +167,22 @@ _CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
                  torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
 
+def _bf16_mismatch(first, second, ref, tolerance):
+    """Why bfloat16 results ``first`` / ``second`` (two runs of one call) are unusable against
+    float32's ``ref`` (pairs of what: tensor), or None."""
+    for (what, a), (_, b), (_, r) in zip(first, second, ref):
+        if not torch.equal(a, b):
+            return f"two bfloat16 runs differ ({what})"
+        scale = float(r.abs().max()) or 1.0
+        if not torch.isfinite(a).all() or float((a.float() - r).abs().max()) > tolerance * scale:
+            return f"bfloat16 {what} far from float32's"
+    return None
+
+
+def _conv_name(mod, x):
+    return f"{type(mod).__name__}({mod.in_channels}->{mod.out_channels}, stride {mod.stride}) on {list(x.shape)}"
+
+
 def bf16_convolution_problem(model, example, tolerance=0.1):
     """Why oneDNN's bfloat16 convolutions cannot train ``model`` on this CPU, or None.
 
@@ -206,17 +222,48 @@ def bf16_convolution_problem(model, example, tolerance=0.1):
             if upstream is None:
                 upstream = torch.randn(y.shape, generator=gen)
             y.float().backward(upstream)
-            runs.append([y.detach().float(), xi.grad, mod.weight.grad.clone()])
+            runs.append([("output", y.detach().float()), ("input gradient", xi.grad),
+                         ("weight gradient", mod.weight.grad.clone())])
         mod.zero_grad(set_to_none=True)
-        ref, first, second = runs
-        name = f"{type(mod).__name__}({mod.in_channels}->{mod.out_channels}, stride {mod.stride}) on {list(x.shape)}"
-        if any(not torch.equal(a, b) for a, b in zip(first, second)):
-            return f"{name} differs between two bfloat16 runs"
-        for what, a, r in zip(("output", "input gradient", "weight gradient"), first, ref):
-            scale = float(r.abs().max()) or 1.0
-            if not torch.isfinite(a).all() or float((a - r).abs().max()) > tolerance * scale:
-                return f"{name}: bfloat16 {what} far from float32's"
+        problem = _bf16_mismatch(runs[1], runs[2], runs[0], tolerance)
+        if problem:
+            return f"{_conv_name(mod, x)}: {problem}"
     return None
+
+
+def guard_bf16_inference(model, what, tolerance=0.1):
+    """Forward hooks on every convolution of ``model`` (sampling): under CPU bfloat16 autocast
+    the first call at each input shape is checked like :func:`bf16_convolution_problem`
+    (forward only), and a layer that fails answers in float32 at that shape from then on, with
+    a warning. Outside CPU autocast the hooks do nothing. Returns ``model``."""
+    verdicts = {}
+    busy = []
+
+    def hook(mod, args, out):
+        if busy or not torch.is_autocast_enabled("cpu"):
+            return None
+        x = args[0]
+        key = (id(mod), tuple(x.shape))
+        if verdicts.get(key):
+            return None
+        busy.append(True)
+        try:
+            with torch.autocast("cpu", enabled=False):
+                ref = mod(x.float())
+            if key not in verdicts:
+                problem = _bf16_mismatch([("output", out)], [("output", mod(x))], [("output", ref)], tolerance)
+                verdicts[key] = problem is None
+                if problem:
+                    log.warning("%s: %s: %s; this layer runs in float32 at this shape", what, _conv_name(mod, x),
+                                problem)
+        finally:
+            busy.clear()
+        return None if verdicts[key] else ref
+
+    for m in model.modules():
+        if isinstance(m, _CONVOLUTIONS):
+            m.register_forward_hook(hook)
+    return model
 
 
 def training_amp(device, want, model, example, what):

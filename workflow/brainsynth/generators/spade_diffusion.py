@@ -154,7 +154,7 @@ def load_model(path, device):
     payload = C.torch_load(path, map_location="cpu", what="SPADE diffusion model")
     net = _net(payload["config"], payload["n_classes"], len(payload["modalities"]))
     net.load_state_dict(payload["state_dict"])
-    return net.to(device).eval(), payload
+    return C.guard_bf16_inference(net.to(device).eval(), "SPADE diffusion"), payload
 
 
 @torch.no_grad()

@@ -270,7 +270,7 @@ def load_generator(path, device="cpu"):
     net = build_generator(payload["net_kwargs"], payload.get("style_channels", 0),
                           payload.get("output_block_channels", 0))
     net.load_state_dict(payload["state_dict"])
-    return net.to(device).eval(), payload
+    return C.guard_bf16_inference(net.to(device).eval(), "image generator"), payload
 
 
 def kld_loss(mu, logvar):

@@ -344,7 +344,7 @@ def load_vae(path, device="cpu", calibration=None):
     offsets = load_class_offsets(calibration, payload["n_classes"])
     if offsets is not None:
         vae.class_offsets = offsets
-    return vae.to(device).eval(), payload
+    return C.guard_bf16_inference(vae.to(device).eval(), "label VAE"), payload
 
 
 def load_ldm(path, device="cpu"):
@@ -353,7 +353,7 @@ def load_ldm(path, device="cpu"):
         raise InputError("not a label LDM model file", file=path, fix="pass the output of train_label_ldm")
     unet = build_unet(payload["unet_kwargs"])
     unet.load_state_dict(payload["state_dict"])
-    return unet.to(device).eval(), payload
+    return C.guard_bf16_inference(unet.to(device).eval(), "label LDM"), payload
 
 
 def _channelwise_perceptual(perc, pred, target):
