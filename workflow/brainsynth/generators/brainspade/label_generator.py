@@ -781,7 +781,6 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     bs = int(v["batch_size"])
     amp = C.training_amp(device, cfg["amp"], torch.nn.ModuleList([vae, disc]),
                          lambda: _vae_example(vae, disc, data, bs, patch, device), "label VAE")
-    log.info("label VAE: mixed precision %s", amp and C.amp_dtype(device))
     frequency = data.float().mean(dim=tuple(d for d in range(data.ndim) if d != 1))
     weight = class_weights(frequency, v["class_weighting"])
     rare = C.rare_classes(frequency)
@@ -1040,7 +1039,6 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
         unet(x=with_condition_channels(z, ctx, concat), timesteps=t, context=ctx)
 
     amp = C.training_amp(device, cfg["amp"], unet, example, "label LDM")
-    log.info("label LDM: mixed precision %s", amp and C.amp_dtype(device))
     ema = C.ema_copy(unet) if ema_decay > 0 else None
     skw = _scheduler_kwargs(cfg)
     sched = build_scheduler("ddpm", skw)
