@@ -21,7 +21,7 @@ BEFORE_MOVE = "e85a44d"
 # settings added since the move, with the default that leaves outputs as they were
 ADDED_SINCE_MOVE = {"posterior_sigma_init": None, "compose_lesion_types": False, "negate_unrequested": False,
                     "lr_schedule": "constant", "select_every": 0, "calibration": "none", "norm": "instance",
-                    "output_block_channels": 0, "training_amp": False}
+                    "output_block_channels": 0, "training_amp": False, "lesion_presence": False}
 
 
 def _without_added(obj):

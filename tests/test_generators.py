@@ -1010,6 +1010,56 @@ def test_condition_context_null_differs_from_healthy():
     np.testing.assert_array_equal(ctx[1, 0].numpy(), [0.0, 0.0, 0.0])   # null context
 
 
+def test_condition_context_presence_flags():
+    cond = np.array([[0.0, 0.0], [0.3, 0.0], [0.3, 0.1]], np.float32)
+    ctx = LG.condition_context(cond, keep=[1.0, 1.0, 0.0], presence=True)
+    assert ctx.shape == (3, 1, 5) and LG.context_dim(2, True) == 5 and LG.context_dim(2, False) == 3
+    np.testing.assert_allclose(ctx[0, 0].numpy(), [0.0, 0.0, 0.0, 0.0, 1.0])   # healthy
+    np.testing.assert_allclose(ctx[1, 0].numpy(), [0.3, 0.0, 1.0, 0.0, 1.0])   # WMH only
+    np.testing.assert_allclose(ctx[2, 0].numpy(), [0.0] * 5)                    # null context
+    null, healthy, wmh_alone, tumour_alone = LG.composed_contexts(cond[2:], presence=True)
+    np.testing.assert_allclose(tumour_alone[0, 0].numpy(), [0.0, 0.1, 0.0, 1.0, 1.0])
+    np.testing.assert_allclose(wmh_alone[0, 0].numpy(), [0.3, 0.0, 1.0, 0.0, 1.0])
+    assert not null.any() and healthy[0, 0].tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_one_token_cross_attention_is_linear_in_the_context():
+    """Why ``ldm.lesion_presence`` exists: over a context of one token the softmax weight is 1,
+    so MONAI's cross-attention adds ``W context + b`` whatever the features; dc enters the U-Net
+    there as a scaled vector, and a small lesion's request is a scaled-down large one."""
+    from monai.networks.blocks import CrossAttentionBlock
+    torch.manual_seed(0)
+    block = CrossAttentionBlock(hidden_size=8, num_heads=2, context_input_size=3).eval()
+    x, y = torch.randn(1, 6, 8), torch.randn(1, 6, 8)
+    c = torch.tensor([[[0.3, 0.0, 1.0]]])
+    with torch.no_grad():
+        base = block(x, context=torch.zeros_like(c))
+        one, two = block(x, context=c) - base, block(x, context=2 * c) - base
+        other = block(y, context=c) - block(y, context=torch.zeros_like(c))
+    assert one.abs().max() > 1e-3
+    torch.testing.assert_close(two, 2 * one)                 # linear in the context
+    torch.testing.assert_close(other, one)                   # the same shift for every feature vector
+
+
+def test_lesion_presence_trains_and_samples(models, cohort, tmp_path):
+    cfg = _cfg(LABEL_CFG, ldm={"lesion_presence": True, "condition_channels": True, "condition_dropout": 0.5,
+                               "steps": 3})
+    ldm = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"], cfg, tmp_path)
+    payload = torch.load(ldm["model"], map_location="cpu", weights_only=False)
+    assert payload["unet_kwargs"]["cross_attention_dim"] == 5   # 2 dc + 2 presence flags + conditioned
+    assert payload["unet_kwargs"]["in_channels"] == payload["unet_kwargs"]["out_channels"] + 5
+    cond = np.array([[0.0, 0.0], [0.4, 0.6]], np.float32)
+    sampling = {"guidance_scale": 2.0, "compose_lesion_types": True}
+    out = LG.sample_labels(models["vae"]["model"], ldm["model"], cond, "ddim", 3, seed=1, sampling=sampling)
+    assert out.shape == (2, K) + SHAPE and np.allclose(out.sum(1), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(out, LG.sample_labels(models["vae"]["model"], ldm["model"], cond, "ddim", 3,
+                                                        seed=1, sampling=sampling))
+    plain = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"],
+                               _cfg(cfg, ldm={**cfg["ldm"], "lesion_presence": False}), tmp_path / "plain")
+    assert not np.allclose(out, LG.sample_labels(models["vae"]["model"], plain["model"], cond, "ddim", 3, seed=1,
+                                                 sampling=sampling))
+
+
 def test_classifier_free_guidance_trains_and_samples(models, cohort, tmp_path):
     cfg = _cfg(LABEL_CFG, ldm={"condition_dropout": 0.5, "steps": 4})
     ldm = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"], cfg, tmp_path)

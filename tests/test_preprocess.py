@@ -1,6 +1,7 @@
 """Preprocessing functions on small synthetic volumes, with the real ANTs."""
 
 import json
+import tempfile
 
 import nibabel as nib
 import numpy as np
@@ -172,7 +173,7 @@ def test_field_paths_ants_would_misread_are_refused_before_work(pair):
             assert not [m for m in (".h5", ".hdf", ".mat", ".txt", ".xfm") if m in d.name]
 
 
-def test_atropos_tissue_maps_use_template_priors(tmp_path):
+def test_atropos_tissue_maps_use_template_priors(tmp_path, monkeypatch):
     schema = LabelSchema()
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     lab = np.zeros((24, 24, 24), np.uint8)
@@ -186,7 +187,11 @@ def test_atropos_tissue_maps_use_template_priors(tmp_path):
     save_nifti(lab, aff, tmp_path / "tlab.nii.gz")
     priors = pp.tissue_priors_from_template(tmp_path / "tlab.nii.gz", schema, sigma_mm=1.0)
     priors = {k: priors[k] for k in ("csf", "gm", "wm")}
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))   # where antspy would leave its files
     prob = pp.probabilistic_from_atropos(tmp_path / "t1.nii.gz", lab > 0, priors, schema, iterations=3)
+    assert list(scratch.iterdir()) == [] and tempfile.gettempdir() == str(scratch)
     np.testing.assert_allclose(prob.sum(-1), 1.0, atol=1e-4)
     seg = np.argmax(prob, -1)
     agree = (seg == lab)[lab > 0].mean()

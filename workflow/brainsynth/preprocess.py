@@ -7,6 +7,7 @@ function of files to files (unit-tested alone); :func:`preprocess_subject` chain
 them into one subject folder for the workflow's one-job-per-subject rule.
 """
 
+import contextlib
 import logging
 import os
 import shutil
@@ -380,6 +381,20 @@ def probabilistic_from_labels(label, schema, voxel_mm, sigma_mm=2.0):
     return np.moveaxis(prob.astype(np.float32), 0, -1)
 
 
+@contextlib.contextmanager
+def _own_temporaries():
+    """Point ``tempfile``'s default folder at a private folder removed on exit: antspy's
+    Atropos writes its prior and posterior probability images under ``tempfile.mktemp`` names
+    and never deletes them (23 files per test run, one set per subject, left in $TMPDIR)."""
+    before = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix=".atropos-") as folder:
+        tempfile.tempdir = folder
+        try:
+            yield Path(folder)
+        finally:
+            tempfile.tempdir = before
+
+
 def probabilistic_from_atropos(t1_path, mask, prior_maps, schema, iterations=5, prior_weight=0.25):
     """Tissue maps by Atropos with template priors, for subjects without labels.
 
@@ -391,9 +406,10 @@ def probabilistic_from_atropos(t1_path, mask, prior_maps, schema, iterations=5, 
     mask_img = img.new_image_like(np.asarray(mask, dtype=np.float32))
     names = list(prior_maps)
     priors = [img.new_image_like(np.asarray(prior_maps[n], dtype=np.float32)) for n in names]
-    seg = ants.atropos(a=img, x=mask_img, i=priors, m="[0.2,1x1x1]",
-                       c=f"[{int(iterations)},0]", priorweight=float(prior_weight))
-    probs = np.stack([p.numpy() for p in seg["probabilityimages"]])
+    with _own_temporaries():
+        seg = ants.atropos(a=img, x=mask_img, i=priors, m="[0.2,1x1x1]",
+                           c=f"[{int(iterations)},0]", priorweight=float(prior_weight))
+        probs = np.stack([p.numpy() for p in seg["probabilityimages"]])
     out = np.zeros((schema.n_classes,) + tuple(img.shape), dtype=np.float32)
     inside = np.asarray(mask, dtype=bool)
     probs = probs * inside

@@ -18,7 +18,8 @@ Public API
     each spatial size is divisible by ``2**(len(ldm.channels)-1)``; monai
     ``DiffusionModelUNet(with_conditioning=True, cross_attention_dim=n_types)``
     conditioned (cross-attention) on the vector ``dc_jl`` of the lesion types plus a flag
-    "conditioned" as a sequence of length 1 ``(B, 1, n_types + 1)``; the flag and ``dc`` are
+    "conditioned" as a sequence of length 1 ``(B, 1, n_types + 1)`` (with ``ldm.lesion_presence``
+    also a 0/1 flag per lesion type, ``(B, 1, 2 n_types + 1)``); the flags and ``dc`` are
     zeroed for ``ldm.condition_dropout`` of the training samples (the null context of
     classifier-free guidance: ``dc = 0`` alone means "healthy", not "unconditioned"); L2 loss on epsilon (the study), v or x0
     (``ldm.prediction_type``),
@@ -106,6 +107,10 @@ ldm.lesion_weight               L2 loss weight 1 + this on latent voxels over a 
                                 (types left out: 0), e.g. {wmh: 10, tumour: 0}
 ldm.condition_channels          also append the context as constant input channels of the UNet (a direct
                                 path for the conditioning besides cross-attention)
+ldm.lesion_presence             also give the context a 0/1 flag per lesion type (dc > 0). Cross-attention
+                                over one context token is linear in the context, so without it a small
+                                lesion's request is a scaled-down large one and the smallest training
+                                lesions come out as a few voxels; false: dc alone (the study)
 ldm.condition_dropout           share of training steps' samples whose conditioning is replaced by the
                                 null context (classifier-free guidance; 0: conditioned always)
 ldm.ema_decay                   > 0: sample from the exponential moving average of the UNet's weights
@@ -208,6 +213,7 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "latent_norm": "channel",
         "condition_dropout": 0.15,
         "condition_channels": False,
+        "lesion_presence": False,
         "lesion_weight": 0.0,
         "ema_decay": 0.0,
         "steps": 500,
@@ -275,9 +281,16 @@ def _vae_kwargs(cfg, n_classes):
     )
 
 
+def context_dim(n_types, presence):
+    """Length of the context vector: dc per lesion type, the "conditioned" flag and, with
+    ``presence``, a 0/1 flag per lesion type."""
+    return int(n_types) * (2 if presence else 1) + 1
+
+
 def _unet_kwargs(cfg, latent_channels, n_types):
     m = cfg["ldm"]
-    extra = int(n_types) + 1 if m["condition_channels"] else 0
+    dim = context_dim(n_types, m["lesion_presence"])
+    extra = dim if m["condition_channels"] else 0
     return dict(
         spatial_dims=int(cfg["spatial_dims"]),
         in_channels=latent_channels + extra,
@@ -290,7 +303,7 @@ def _unet_kwargs(cfg, latent_channels, n_types):
         norm_num_groups=int(m["norm_num_groups"]),
         transformer_num_layers=int(m["transformer_num_layers"]),
         with_conditioning=True,
-        cross_attention_dim=int(n_types) + 1,
+        cross_attention_dim=dim,
     )
 
 
@@ -901,12 +914,14 @@ def with_condition_channels(x, ctx, on):
     return torch.cat([x, c.expand(-1, -1, *x.shape[2:])], dim=1)
 
 
-def condition_context(cond, keep=None):
-    """``(B, n_types)`` dc -> ``(B, 1, n_types + 1)`` context: dc and a "conditioned" flag,
-    both zero where ``keep`` is 0 (the null context of classifier-free guidance)."""
+def condition_context(cond, keep=None, presence=False):
+    """``(B, n_types)`` dc -> ``(B, 1, context_dim)`` context: dc, with ``presence`` a 0/1 flag
+    per lesion type (dc > 0), and a "conditioned" flag, all zero where ``keep`` is 0 (the null
+    context of classifier-free guidance)."""
     cond = torch.as_tensor(np.array(cond, dtype=np.float32)) if not torch.is_tensor(cond) else cond.float()
     keep = torch.ones(cond.shape[0]) if keep is None else torch.as_tensor(keep, dtype=torch.float32)
-    ctx = torch.cat([cond, torch.ones(cond.shape[0], 1)], dim=1) * keep[:, None]
+    parts = [cond, (cond > 0).float()] if presence else [cond]
+    ctx = torch.cat(parts + [torch.ones(cond.shape[0], 1)], dim=1) * keep[:, None]
     return ctx.unsqueeze(1)
 
 
@@ -985,6 +1000,7 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
 
     _check_ldm_settings(m, schema)
     p_drop, ema_decay = float(m["condition_dropout"]), float(m["ema_decay"])
+    presence = bool(m["lesion_presence"])
 
     vae, vpay = load_vae(vae_path, device)
     for p in vae.parameters():
@@ -1034,7 +1050,7 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
 
     def example():
         z = C.pad_to(((mu[:bs] - shift_b) * scale_b), lpad).to(device)
-        ctx = condition_context(cond_t[:bs]).to(device)
+        ctx = condition_context(cond_t[:bs], presence=presence).to(device)
         t = torch.linspace(0, int(m["num_train_timesteps"]) - 1, z.shape[0]).long().to(device)
         unet(x=with_condition_channels(z, ctx, concat), timesteps=t, context=ctx)
 
@@ -1056,7 +1072,7 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
         z = (z - shift_b) * scale_b
         z = C.pad_to(z, lpad).to(device)
         keep = (torch.rand(bs) >= p_drop).float() if p_drop > 0 else torch.ones(bs)
-        ctx = condition_context(cond_t[idx], keep).to(device)
+        ctx = condition_context(cond_t[idx], keep, presence).to(device)
         noise = torch.randn(z.shape).to(device)
         t = torch.randint(0, T, (bs,)).long().to(device)
         with C.autocast(device, amp):
@@ -1168,9 +1184,9 @@ def make_conditioning(mode, n, lesion_types, train_values=None, values=None, see
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def composed_contexts(cond, typical=None):
+def composed_contexts(cond, typical=None, presence=False):
     """Contexts of a composed request: ``[null, healthy, type 1 alone, ..., type k alone]``, each
-    ``(B, 1, n_types + 1)``; type j alone keeps row i's value of type j and zeroes the others.
+    ``(B, 1, context_dim)``; type j alone keeps row i's value of type j and zeroes the others.
     With ``typical`` (one dc per type), a row that does not ask for type j gets type j alone at
     its typical value instead: the context its prediction is steered away from."""
     cond = np.asarray(cond, dtype=np.float32)
@@ -1180,8 +1196,9 @@ def composed_contexts(cond, typical=None):
         one[:, j] = cond[:, j]
         if typical is not None:
             one[cond[:, j] <= 0, j] = typical[j]
-        singles.append(condition_context(one))
-    return [condition_context(cond, keep=np.zeros(len(cond))), condition_context(np.zeros_like(cond))] + singles
+        singles.append(condition_context(one, presence=presence))
+    return [condition_context(cond, np.zeros(len(cond)), presence),
+            condition_context(np.zeros_like(cond), presence=presence)] + singles
 
 
 def typical_lesion_values(train_conditioning):
@@ -1243,7 +1260,8 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     negate = bool(samp.get("negate_unrequested", False))
     amp = C.sampling_amp(dev, lpay["config"].get("amp", False))
     concat = bool(lpay["config"]["ldm"].get("condition_channels", False))
-    if int(lpay["unet_kwargs"]["cross_attention_dim"]) != len(lpay["lesion_types"]) + 1:
+    presence = bool(lpay["config"]["ldm"].get("lesion_presence", False))
+    if int(lpay["unet_kwargs"]["cross_attention_dim"]) != context_dim(len(lpay["lesion_types"]), presence):
         raise InputError("this LDM model file predates the null context of classifier-free guidance",
                          file=ldm_path, fix="retrain it (rerun train_label_ldm)")
     if guidance != 1.0 and not float(lpay["config"]["ldm"].get("condition_dropout", 0.0)) > 0:
@@ -1282,11 +1300,11 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
         noise = torch.stack([torch.randn([lat_c] + lpad, generator=C.generator(int(seed) * 1_000_003 + i))
                              for i in range(b0, b1)]).to(dev)
         g = C.generator(int(seed) * 7919 + b0 + 1, dev)
-        ctx = condition_context(cond[b0:b1]).to(dev)
+        ctx = condition_context(cond[b0:b1], presence=presence).to(dev)
         null = torch.zeros_like(ctx)
         x = noise
         composed = negate or (compose and bool((np.count_nonzero(cond[b0:b1], axis=1) > 1).any()))
-        contexts = composed_contexts(cond[b0:b1], typical if negate else None) if composed else None
+        contexts = composed_contexts(cond[b0:b1], typical if negate else None, presence) if composed else None
         for t in sched.timesteps:
             tt = torch.full((b1 - b0,), int(t), device=dev, dtype=torch.long)
             with C.autocast(dev, amp):
