@@ -1056,8 +1056,13 @@ def test_lesion_presence_trains_and_samples(models, cohort, tmp_path):
                                                         seed=1, sampling=sampling))
     plain = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"],
                                _cfg(cfg, ldm={**cfg["ldm"], "lesion_presence": False}), tmp_path / "plain")
-    assert not np.allclose(out, LG.sample_labels(models["vae"]["model"], plain["model"], cond, "ddim", 3, seed=1,
-                                                 sampling=sampling))
+    without = LG.sample_labels(models["vae"]["model"], plain["model"], cond, "ddim", 3, seed=1, sampling=sampling)
+    assert not np.allclose(out, without)
+    old = torch.load(plain["model"], map_location="cpu", weights_only=False)   # a model file from before the key
+    del old["config"]["ldm"]["lesion_presence"]
+    torch.save(old, tmp_path / "old.pt")
+    np.testing.assert_array_equal(without, LG.sample_labels(models["vae"]["model"], tmp_path / "old.pt", cond, "ddim",
+                                                            3, seed=1, sampling=sampling))
 
 
 def test_classifier_free_guidance_trains_and_samples(models, cohort, tmp_path):
