@@ -390,7 +390,7 @@ def _own_temporaries():
     with tempfile.TemporaryDirectory(prefix=".atropos-") as folder:
         tempfile.tempdir = folder
         try:
-            yield Path(folder)
+            yield
         finally:
             tempfile.tempdir = before
 

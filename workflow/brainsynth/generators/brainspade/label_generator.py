@@ -16,7 +16,7 @@ Public API
     standardised per channel (or scaled by one ``1/std`` as in the MONAI
     tutorials, ``ldm.latent_norm: global``), padded so
     each spatial size is divisible by ``2**(len(ldm.channels)-1)``; monai
-    ``DiffusionModelUNet(with_conditioning=True, cross_attention_dim=n_types)``
+    ``DiffusionModelUNet(with_conditioning=True, cross_attention_dim=context_dim)``
     conditioned (cross-attention) on the vector ``dc_jl`` of the lesion types plus a flag
     "conditioned" as a sequence of length 1 ``(B, 1, n_types + 1)`` (with ``ldm.lesion_presence``
     also a 0/1 flag per lesion type, ``(B, 1, 2 n_types + 1)``); the flags and ``dc`` are
