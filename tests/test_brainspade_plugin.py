@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 BEFORE_MOVE = "e85a44d"
 # settings added since the move, with the default that leaves outputs as they were
 ADDED_SINCE_MOVE = {"posterior_sigma_init": None, "compose_lesion_types": False, "negate_unrequested": False,
+                    "compose_weight": 1.0,
                     "lr_schedule": "constant", "select_every": 0, "calibration": "none", "norm": "instance",
                     "output_block_channels": 0, "training_amp": False, "lesion_presence": False}
 

@@ -6,6 +6,7 @@ Tiny networks on 4 synthetic "brains" (nested spheres + a lesion) on a
 
 import json
 import logging
+import re
 
 import nibabel as nib
 import numpy as np
@@ -572,6 +573,36 @@ def test_composed_guidance_sums_what_each_lesion_type_adds():
     np.testing.assert_allclose(pred[1:].numpy(), plain[1:].numpy(), atol=1e-5 * scale)   # one type or none: plain
     np.testing.assert_allclose(pred[0].numpy(), both[0].numpy(), atol=1e-5 * scale)
     assert float((pred[0] - plain[0]).abs().max()) > 1e-2 * scale
+
+
+def test_compose_weight_scales_each_lesion_type_term():
+    unet = LG.build_unet(LG._unet_kwargs(LG.resolve_config(_cfg(LABEL_CFG, ldm={"condition_channels": True})), 2, 2)).eval()
+    g = torch.Generator().manual_seed(2)
+    for p in unet.parameters():
+        p.data = 0.2 * torch.randn(p.shape, generator=g)
+    np.testing.assert_allclose(LG.compose_weights(1.0, ["wmh", "tumour"]), [1, 1])
+    weights = LG.compose_weights({"wmh": 1.5}, ["wmh", "tumour"])
+    np.testing.assert_allclose(weights, [1.5, 1.0])                      # a type left out keeps 1
+    cond = np.array([[0.4, 0.7], [0.3, 0.0]], np.float32)
+    contexts = LG.composed_contexts(cond)
+    x = torch.randn((2, 2, 4, 4, 4), generator=g)
+    tt = torch.full((2,), 20, dtype=torch.long)
+    w = 3.0
+    with torch.no_grad():
+        pred = LG._composed_prediction(unet, x, tt, contexts, cond, w, True, "cpu", weights=weights)
+        ones = LG._composed_prediction(unet, x, tt, contexts, cond, w, True, "cpu")
+        eps = lambda ctx: unet(x=LG.with_condition_channels(x, ctx, True), timesteps=tt, context=ctx)  # noqa: E731
+        null, healthy, wmh, tumour = (eps(c) for c in contexts)
+        want = null + w * (healthy + 1.5 * (wmh - healthy) + (tumour - healthy) - null)
+    scale = float(want.abs().max())
+    np.testing.assert_allclose(pred.numpy(), want.numpy(), atol=1e-5 * scale)
+    np.testing.assert_allclose(ones.numpy(), (null + w * (healthy + (wmh - healthy) + (tumour - healthy)
+                                                         - null)).numpy(), atol=1e-5 * scale)
+    assert float((pred - ones).abs().max()) > 1e-2 * scale
+    for bad, text in (({"lesion": 2.0}, "lesion types ['lesion']"), ({"wmh": 0}, "numbers > 0"), (-1, "numbers > 0")):
+        with pytest.raises(InputError, match=re.escape(text)) as err:
+            LG.compose_weights(bad, ["wmh", "tumour"])
+        assert err.value.field == "label_generator.sampling.compose_weight"
 
 
 def test_negation_subtracts_each_lesion_type_not_asked_for():

@@ -139,6 +139,9 @@ sampling.negate_unrequested     every request is sampled by that composition, ea
                                 does not ask for subtracted (composable diffusion's NOT): - w (type j
                                 at its typical dc - healthy), typical = the median dc of the training
                                 maps holding type j; 2 + n_types passes per step for every batch
+sampling.compose_weight         multiplier of w for each lesion type's term in a composed request (a number
+                                for all, or {type: k}): uncond + w (healthy - uncond) + w sum_j k_j (type j
+                                alone - healthy); 1: composable diffusion as published
 ==============================  ===========================================================
 """
 
@@ -231,6 +234,7 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "guidance_scale": 1.0,
         "compose_lesion_types": False,
         "negate_unrequested": False,
+        "compose_weight": 1.0,
     },
 }
 
@@ -1208,7 +1212,23 @@ def typical_lesion_values(train_conditioning):
                      for j in range(tv.shape[1])], dtype=np.float32)
 
 
-def _composed_prediction(unet, x, tt, contexts, cond, guidance, concat, dev, negate=False):
+def compose_weights(weight, lesion_types):
+    """Per lesion type multipliers of ``sampling.compose_weight`` (a number for every type, or a
+    mapping ``{type: k}`` with 1 for the types it leaves out), refused before any sampling when
+    a key is not a lesion type of the model or a value is not a number > 0."""
+    where = dict(field="label_generator.sampling.compose_weight", fix="use e.g. 1, or {wmh: 1.5}")
+    given = weight if isinstance(weight, dict) else {t: weight for t in lesion_types}
+    unknown = sorted(set(given) - set(lesion_types))
+    if unknown:
+        raise InputError(f"sampling.compose_weight names lesion types {unknown} the LDM was not trained on "
+                         f"(its types: {list(lesion_types)})", **where)
+    bad = {t: k for t, k in given.items() if isinstance(k, bool) or not isinstance(k, (int, float)) or k <= 0}
+    if bad:
+        raise InputError(f"sampling.compose_weight must be numbers > 0, got {bad}", **where)
+    return np.array([float(given.get(t, 1.0)) for t in lesion_types], dtype=np.float32)
+
+
+def _composed_prediction(unet, x, tt, contexts, cond, guidance, concat, dev, negate=False, weights=None):
     """Guided prediction of a batch in which some rows ask for several lesion types at once.
 
     Composable diffusion (Liu et al. 2022), relative to the healthy context: null + w (healthy -
@@ -1219,7 +1239,11 @@ def _composed_prediction(unet, x, tt, contexts, cond, guidance, concat, dev, neg
 
     ``negate`` (contexts from ``composed_contexts(cond, typical)``): each type a row does not ask
     for is subtracted, - (type j typical - healthy), so a healthy or single-type request is
-    pushed away from the lesions the model would otherwise add unasked."""
+    pushed away from the lesions the model would otherwise add unasked.
+
+    ``weights`` (:func:`compose_weights`, one per type; default all 1) scale each type's term:
+    where two types compete for the same voxels, the one whose change the model draws weaker
+    can be given more weight."""
     n = len(contexts)
     allc = torch.cat(contexts).to(dev)
     preds = unet(x=with_condition_channels(torch.cat([x] * n), allc, concat), timesteps=torch.cat([tt] * n),
@@ -1230,7 +1254,8 @@ def _composed_prediction(unet, x, tt, contexts, cond, guidance, concat, dev, neg
     for j, single in enumerate(singles):
         on = torch.as_tensor(cond[:, j] > 0, dtype=single.dtype, device=dev).view(bshape)
         sign = 2 * on - 1 if negate else on
-        out = out + sign * (single - healthy)
+        k = 1.0 if weights is None else float(weights[j])
+        out = out + k * sign * (single - healthy)
     return null + guidance * (out - null)
 
 
@@ -1273,6 +1298,7 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     if cond.ndim != 2 or cond.shape[1] != len(types):
         raise InputError(f"conditioning must be (N, {len(types)}) for lesion types {types}, got {cond.shape}")
     typical = typical_lesion_values(lpay["train_conditioning"]) if negate else None
+    weights = compose_weights(samp.get("compose_weight", 1.0), types)
     clip = None
     if samp.get("clip_x0", True) and lpay.get("latent_range") is not None:
         lo, hi = lpay["latent_range"]
@@ -1309,7 +1335,8 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
             tt = torch.full((b1 - b0,), int(t), device=dev, dtype=torch.long)
             with C.autocast(dev, amp):
                 if composed:
-                    pred = _composed_prediction(unet, x, tt, contexts, cond[b0:b1], guidance, concat, dev, negate)
+                    pred = _composed_prediction(unet, x, tt, contexts, cond[b0:b1], guidance, concat, dev, negate,
+                                                weights)
                 elif guidance == 1.0:
                     pred = unet(x=with_condition_channels(x, ctx, concat), timesteps=tt, context=ctx).float()
                 else:  # conditioned and null context in one batch
