@@ -4,7 +4,8 @@ same seed: trained models, loss tables and figures, samples, manifest, montage. 
 checkpoints differ only in their input fingerprint (paths and mtimes of the inputs), so they
 are compared without it. Settings added since the move are stored with the models (their
 config); at their defaults they change nothing, so model files and config records are compared
-without them, everything else (weights included) exactly."""
+without them, everything else (weights included) exactly. Both trees train in the default memory
+layout (the channels-last layout of float32 CPU training came later and rounds differently)."""
 
 import json
 import os

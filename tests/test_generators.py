@@ -818,6 +818,25 @@ def test_mixed_precision_follows_the_device(monkeypatch):
     assert C.amp_dtype("cuda") == torch.float16 and C.amp_enabled("cuda", True)
 
 
+def test_float32_cpu_training_of_3d_convolutions_goes_channels_last():
+    """training_layout: channels-last for 3-D convolutions trained in float32 on a CPU (same
+    values, reproducible), the default layout for bfloat16 training and for 2-D networks."""
+    def net3d():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv3d(8, 2, 3))
+
+    x = torch.rand(2, 3, 8, 8, 8)
+    fast, plain, half = net3d(), net3d(), net3d()
+    assert C.training_layout(fast, "cpu", False) == "channels_last_3d"
+    assert fast[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not plain[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.allclose(fast(x), plain(x), atol=1e-5) and torch.equal(fast(x), fast(x))
+    assert C.training_layout(half, "cpu", True) == "contiguous"
+    assert half[0].weight.is_contiguous()
+    flat = torch.nn.Conv2d(3, 8, 3)
+    assert C.training_layout(flat, "cpu", False) == "contiguous" and flat.weight.is_contiguous()
+
+
 class _GarbageInBfloat16(torch.nn.Conv3d):
     """A convolution that fails the way oneDNN's bfloat16 kernels do at some small strided
     shapes: its bfloat16 output holds values it never computed, different every call."""

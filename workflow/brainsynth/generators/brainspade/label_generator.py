@@ -798,6 +798,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
     bs = int(v["batch_size"])
     amp = C.training_amp(device, cfg["amp"], torch.nn.ModuleList([vae, disc]),
                          lambda: _vae_example(vae, disc, data, bs, patch, device), "label VAE")
+    layout = C.training_layout(torch.nn.ModuleList([vae, disc]), device, amp)
     frequency = data.float().mean(dim=tuple(d for d in range(data.ndim) if d != 1))
     weight = class_weights(frequency, v["class_weighting"])
     rare = C.rare_classes(frequency)
@@ -850,7 +851,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
         return {k: losses[k].item() for k in ("loss", "reconstruction", "kl", "gen_adv", "disc", "perceptual")}
 
     fp = C.config_hash(_fingerprint_cfg(cfg, "vae"), C.files_fingerprint(label_paths), "label_vae",
-                       bool(amp))
+                       bool(amp), layout)
     modules = {"vae": vae, "disc": disc}
     if best is not None:
         modules["best"] = best
@@ -1059,6 +1060,7 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
         unet(x=with_condition_channels(z, ctx, concat), timesteps=t, context=ctx)
 
     amp = C.training_amp(device, cfg["amp"], unet, example, "label LDM")
+    layout = C.training_layout(unet, device, amp)
     ema = C.ema_copy(unet) if ema_decay > 0 else None
     skw = _scheduler_kwargs(cfg)
     sched = build_scheduler("ddpm", skw)
@@ -1090,7 +1092,7 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
         return {"mse": loss.item()}
 
     fp = C.config_hash(_fingerprint_cfg(cfg, "ldm"), C.files_fingerprint(label_paths + [vae_path]),
-                       np.asarray(cond).round(6).tolist(), "label_ldm", bool(amp))
+                       np.asarray(cond).round(6).tolist(), "label_ldm", bool(amp), layout)
     history, completed, _ = C.train_loop(
         name="label_ldm", total_steps=int(m["steps"]), step_fn=step_fn,
         modules={"unet": unet} if ema is None else {"unet": unet, "ema": ema},
