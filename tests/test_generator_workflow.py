@@ -36,6 +36,21 @@ def test_dry_run_plans_every_generator_rule(tmp_path):
         assert jobs.get(rule) == 1, (rule, jobs)
 
 
+
+@pytest.mark.parametrize("section, key, value, named", [
+    ("sampling", "compose_weight", {"wmh": 1.5, "wmhh": 2}, "['wmhh']"),
+    ("ldm", "lesion_weight", {"wmh": 10, "tumor": 1}, "['tumor']"),
+])
+def test_label_generator_lesion_type_settings_refused_before_any_job(tmp_path, section, key, value, named):
+    """A misspelt lesion type or a bad weight in the label generator settings stops the workflow
+    when it starts (not when the LDM trains or samples, after the VAE's training)."""
+    bad = json.loads(json.dumps(TINY_GEN))
+    bad.setdefault("label_generator", {}).setdefault(section, {})[key] = value
+    code, out = run_snakemake(tmp_path, "-n", config=bad)
+    assert code != 0 and "Traceback" not in out, out[-3000:]
+    assert f"label_generator.{section}.{key}" in out and named in out, out[-3000:]
+    assert not (tmp_path / "results").exists()
+
 # TINY_GEN + one real-only tissue arm: the synthetic images' label consistency and image FID
 # need a real-data model. (A task name of its own: config.yaml's 'tissue' would merge its
 # five classes into these three.) The far-OOD site delivers FLAIR only, as the study's far-OOD

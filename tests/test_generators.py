@@ -599,11 +599,28 @@ def test_compose_weight_scales_each_lesion_type_term():
     np.testing.assert_allclose(ones.numpy(), (null + w * (healthy + (wmh - healthy) + (tumour - healthy)
                                                          - null)).numpy(), atol=1e-5 * scale)
     assert float((pred - ones).abs().max()) > 1e-2 * scale
-    for bad, text in (({"lesion": 2.0}, "lesion types ['lesion']"), ({"wmh": 0}, "numbers > 0"), (-1, "numbers > 0")):
+    for bad, text in (({"lesion": 2.0}, "lesion types ['lesion']"), ({"wmh": 0}, "number > 0"), (-1, "number > 0")):
         with pytest.raises(InputError, match=re.escape(text)) as err:
             LG.compose_weights(bad, ["wmh", "tumour"])
         assert err.value.field == "label_generator.sampling.compose_weight"
 
+
+
+def test_lesion_type_settings_checked_without_torch():
+    """settings.check_settings: what the workflow checks at its start (the lesion types of the
+    label schema), with the defaults of the types a mapping leaves out."""
+    from brainsynth.generators.brainspade import settings
+    types = ["wmh", "tumour"]
+    assert settings.loss_weights({"wmh": 10}, types) == {"wmh": 10.0, "tumour": 0.0}
+    assert settings.compose_weights(2, types) == {"wmh": 2.0, "tumour": 2.0}
+    settings.check_settings({"ldm": {"lesion_weight": 0}, "sampling": {"compose_weight": {"tumour": 0.5}}}, types)
+    settings.check_settings({}, types)
+    for cfg, field in (({"ldm": {"lesion_weight": {"tumor": 1}}}, "label_generator.ldm.lesion_weight"),
+                       ({"sampling": {"compose_weight": 0}}, "label_generator.sampling.compose_weight"),
+                       ({"sampling": {"compose_weight": {"wmh": "2"}}}, "label_generator.sampling.compose_weight")):
+        with pytest.raises(InputError) as err:
+            settings.check_settings(cfg, types)
+        assert err.value.field == field and err.value.fix
 
 def test_negation_subtracts_each_lesion_type_not_asked_for():
     unet = LG.build_unet(LG._unet_kwargs(LG.resolve_config(_cfg(LABEL_CFG, ldm={"condition_channels": True})), 2, 2)).eval()

@@ -1,6 +1,7 @@
 # Generators: latent-diffusion label generator (VAE + LDM) and SPADE image generator,
 # trained on the preprocessed training subjects; then synthetic sampling and quality.
 # Training rules checkpoint under <out>/checkpoints and resume from there when rerun.
+from brainsynth.generators.brainspade.settings import check_settings as check_label_generator_settings
 
 GEN = f"{R}/generators"
 LGCFG = config["label_generator"]
@@ -8,6 +9,12 @@ IGCFG = config["image_generator"]
 # SYN, SYNCFG, STYLE_SET_SUBJECTS and the subject / sample helpers (generator_training_subjects,
 # synthetic_ids, style_subjects, sample_set_files, tissue_maps, style_table, style_files) are
 # in common.smk (generator stage helpers).
+
+# The lesion types the label generator settings name: checked before any training.
+try:
+    check_label_generator_settings(LGCFG, list(SCHEMA.lesion_types))
+except InputError as exc:
+    raise WorkflowError(f"Invalid input: {exc}") from None
 
 # Wall time and peak memory of each generator job (Snakemake benchmark files), for the
 # generator benchmark's compute columns

@@ -7,7 +7,8 @@ Modules
 common           devices, AMP, seeding, checkpoint/resume, loss curves, progress log, data loading
 contract         :func:`check_samples`, :func:`write_montage`: the sample files, manifest and montage every
                  generator writes
-brainspade/      the study's generator: label_generator (VAE + LDM), image_generator (SPADE), sampling
+brainspade/      the study's generator: label_generator (VAE + LDM), image_generator (SPADE), sampling,
+                 settings (checks run when the workflow starts)
 quality          MS-SSIM diversity, MMD, memorisation check, class volume fractions
 label_quality    the label generator's fidelity audit and the per-sample QC
 gmm              :func:`synthesize_gmm`: domain-randomised images of label maps (SynthSeg), no training

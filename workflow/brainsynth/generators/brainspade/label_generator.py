@@ -160,6 +160,7 @@ from ...errors import InputError
 from ...io import save_json
 from ...labels import LabelSchema, check_conditioning_mode, single_type_of
 from .. import common as C
+from . import settings
 
 log = logging.getLogger("brainsynth.generators.label")
 
@@ -957,17 +958,7 @@ def _check_ldm_settings(m, schema):
     if m["latent_norm"] not in ("global", "channel"):
         raise InputError(f"ldm.latent_norm must be global or channel, got {m['latent_norm']!r}",
                          field="label_generator.ldm.latent_norm")
-    lw = m["lesion_weight"]
-    unknown = sorted(set(lw) - set(schema.lesion_types)) if isinstance(lw, dict) else []
-    if unknown:
-        raise InputError(f"ldm.lesion_weight names lesion types {unknown} the label schema does not have",
-                         field="label_generator.ldm.lesion_weight",
-                         fix=f"use the schema's lesion types {sorted(schema.lesion_types)}")
-    values = list(lw.values()) if isinstance(lw, dict) else [lw]
-    if any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in values):
-        raise InputError(f"ldm.lesion_weight must be a number >= 0 or a mapping of lesion types to such numbers, "
-                         f"got {lw!r}", field="label_generator.ldm.lesion_weight",
-                         fix="use e.g. 10, or {wmh: 10, tumour: 0}")
+    settings.loss_weights(m["lesion_weight"], list(schema.lesion_types))
 
 
 def _latent_normalisation(mu, sigma, m, seed):
@@ -1215,19 +1206,10 @@ def typical_lesion_values(train_conditioning):
 
 
 def compose_weights(weight, lesion_types):
-    """Per lesion type multipliers of ``sampling.compose_weight`` (a number for every type, or a
-    mapping ``{type: k}`` with 1 for the types it leaves out), refused before any sampling when
-    a key is not a lesion type of the model or a value is not a number > 0."""
-    where = dict(field="label_generator.sampling.compose_weight", fix="use e.g. 1, or {wmh: 1.5}")
-    given = weight if isinstance(weight, dict) else {t: weight for t in lesion_types}
-    unknown = sorted(set(given) - set(lesion_types))
-    if unknown:
-        raise InputError(f"sampling.compose_weight names lesion types {unknown} the LDM was not trained on "
-                         f"(its types: {list(lesion_types)})", **where)
-    bad = {t: k for t, k in given.items() if isinstance(k, bool) or not isinstance(k, (int, float)) or k <= 0}
-    if bad:
-        raise InputError(f"sampling.compose_weight must be numbers > 0, got {bad}", **where)
-    return np.array([float(given.get(t, 1.0)) for t in lesion_types], dtype=np.float32)
+    """Per lesion type multipliers of ``sampling.compose_weight`` in ``lesion_types`` order
+    (:func:`settings.compose_weights`: refused before any sampling when a key is not a lesion type
+    of the model or a value is not a number > 0)."""
+    return np.array(list(settings.compose_weights(weight, lesion_types).values()), dtype=np.float32)
 
 
 def _composed_prediction(unet, x, tt, contexts, cond, guidance, concat, dev, negate=False, weights=None):

@@ -1,0 +1,50 @@
+"""The label generator's settings per lesion type, checked without torch: the workflow checks them
+when it starts, so a misspelt lesion type costs no training, and the trainer and the sampler check
+what they are given again."""
+
+from __future__ import annotations
+
+from ...errors import InputError
+
+
+def lesion_type_weights(value, lesion_types, field, *, minimum, inclusive, default, owner, fix):
+    """``value``, a number for every lesion type or a mapping ``{type: number}`` whose missing types
+    take ``default``, as ``{type: float}`` in ``lesion_types`` order. Refused, naming ``field``,
+    when a key is not one of ``lesion_types`` (those of ``owner``) or a value is not a number above
+    ``minimum`` (or equal to it, when ``inclusive``)."""
+    name = field.removeprefix("label_generator.")
+    given = value if isinstance(value, dict) else {t: value for t in lesion_types}
+    unknown = sorted(set(given) - set(lesion_types))
+    if unknown:
+        raise InputError(f"{name} names lesion types {unknown} that {owner} does not have "
+                         f"(its types: {list(lesion_types)})", field=field, fix=fix)
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+    for k in given.values():
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or k < minimum or (k == minimum and not inclusive):
+            raise InputError(f"{name} must be a number {bound} or a mapping of lesion types to such numbers, "
+                             f"got {value!r}", field=field, fix=fix)
+    return {t: float(given.get(t, default)) for t in lesion_types}
+
+
+def loss_weights(value, lesion_types):
+    """``ldm.lesion_weight`` per lesion type of the label schema (a type left out: 0, plain L2)."""
+    return lesion_type_weights(value, lesion_types, "label_generator.ldm.lesion_weight", minimum=0,
+                               inclusive=True, default=0.0, owner="the label schema",
+                               fix="use e.g. 10, or {wmh: 10, tumour: 0}")
+
+
+def compose_weights(value, lesion_types):
+    """``sampling.compose_weight`` per lesion type of the LDM (a type left out: 1)."""
+    return lesion_type_weights(value, lesion_types, "label_generator.sampling.compose_weight", minimum=0,
+                               inclusive=False, default=1.0, owner="the LDM",
+                               fix="use e.g. 1, or {wmh: 1.5}")
+
+
+def check_settings(cfg, lesion_types):
+    """Check the per-lesion-type settings ``cfg`` (the config's ``label_generator`` section) gives,
+    against the label schema's lesion types (those the LDM trains on), before any work."""
+    ldm, sampling = cfg.get("ldm") or {}, cfg.get("sampling") or {}
+    if "lesion_weight" in ldm:
+        loss_weights(ldm["lesion_weight"], lesion_types)
+    if "compose_weight" in sampling:
+        compose_weights(sampling["compose_weight"], lesion_types)
