@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from brainsynth.generators import common as C
 
 from workflow_support import TINY_GEN, TINY_SEG, planned_jobs, run_snakemake, snakemake_command
 
@@ -91,7 +92,8 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert code != 0 and "--unlock" in out  # the killed Snakemake left its lock
     run_snakemake(tmp_path, "--unlock", config=cfg, check=True)
     # the killed job's outputs are marked incomplete: rerun, not trusted
-    run_snakemake(tmp_path, "--rerun-incomplete", config=cfg, check=True, timeout=1500)
+    _, out = run_snakemake(tmp_path, "--rerun-incomplete", config=cfg, check=True, timeout=1500)
+    assert ("no native bfloat16 kernels" in out) == (not C.cpu_bf16_supported()), out[:3000]  # the onstart notice
 
     log = (tmp_path / "logs" / EXP / "generators" / "train_label_vae.log").read_text()
     assert f"resuming label_vae from checkpoint step {killed_at}" in log, log[-2000:]

@@ -835,6 +835,16 @@ def test_mixed_precision_follows_the_device(monkeypatch):
     assert C.amp_dtype("cuda") == torch.float16 and C.amp_enabled("cuda", True)
 
 
+
+def test_precision_notice_only_where_float32_replaces_bfloat16(monkeypatch):
+    """The run is told when the label generator will train in float32 on a CPU that lacks the
+    bfloat16 kernels its amp setting asks for; not where it has them, nor with amp off."""
+    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: False)
+    assert "no native bfloat16 kernels" in LG.precision_notice({"device": "cpu"})
+    assert LG.precision_notice({"device": "cpu", "amp": False}) is None
+    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: True)
+    assert LG.precision_notice({"device": "cpu"}) is None
+
 def test_float32_cpu_training_of_3d_convolutions_goes_channels_last():
     """training_layout: channels-last for 3-D convolutions trained in float32 on a CPU (same
     values, reproducible), the default layout for bfloat16 training and for 2-D networks."""

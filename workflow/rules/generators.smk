@@ -16,6 +16,16 @@ try:
 except InputError as exc:
     raise WorkflowError(f"Invalid input: {exc}") from None
 
+
+onstart:
+    if synthesis_enabled():
+        from brainsynth.generators.brainspade.label_generator import precision_notice
+
+        notice = precision_notice(LGCFG)
+        if notice:
+            print(f"Note: {notice}", file=sys.stderr)
+
+
 # Wall time and peak memory of each generator job (Snakemake benchmark files), for the
 # generator benchmark's compute columns
 BENCH = f"{R}/benchmarks/generators"

@@ -262,6 +262,22 @@ def resolve_config(cfg):
     return C.resolve_preset(DEFAULTS, PAPER, cfg, where="label_generator")
 
 
+def precision_notice(cfg):
+    """What a run should be told before the label generator trains on this machine, or None:
+    with ``amp`` on a CPU without native bfloat16 kernels (AVX-512 / AMX) it trains in float32,
+    several times slower than on the AMX CPU the demo's training budgets were set on (README,
+    Timings)."""
+    cfg = resolve_config(cfg)
+    try:
+        device = C.get_device(cfg["device"])
+    except InputError:
+        return None  # the training rule refuses the device, naming the field
+    if not cfg["amp"] or device.type != "cpu" or C.cpu_bf16_supported():
+        return None
+    return ("this CPU has no native bfloat16 kernels (AVX-512 / AMX): the label generator trains in float32, "
+            "several times slower than on a CPU that has them (README, Timings)")
+
+
 # --------------------------------------------------------------------------- networks
 
 
