@@ -37,7 +37,6 @@ def test_dry_run_plans_every_generator_rule(tmp_path):
         assert jobs.get(rule) == 1, (rule, jobs)
 
 
-
 @pytest.mark.parametrize("section, key, value, named", [
     ("sampling", "compose_weight", {"wmh": 1.5, "wmhh": 2}, "['wmhh']"),
     ("ldm", "lesion_weight", {"wmh": 10, "tumor": 1}, "['tumor']"),
@@ -51,6 +50,7 @@ def test_label_generator_lesion_type_settings_refused_before_any_job(tmp_path, s
     assert code != 0 and "Traceback" not in out, out[-3000:]
     assert f"label_generator.{section}.{key}" in out and named in out, out[-3000:]
     assert not (tmp_path / "results").exists()
+
 
 # TINY_GEN + one real-only tissue arm: the synthetic images' label consistency and image FID
 # need a real-data model. (A task name of its own: config.yaml's 'tissue' would merge its

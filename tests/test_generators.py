@@ -605,7 +605,6 @@ def test_compose_weight_scales_each_lesion_type_term():
         assert err.value.field == "label_generator.sampling.compose_weight"
 
 
-
 def test_lesion_type_settings_checked_without_torch():
     """settings.check_settings: what the workflow checks at its start (the lesion types of the
     label schema), with the defaults of the types a mapping leaves out."""
@@ -621,6 +620,7 @@ def test_lesion_type_settings_checked_without_torch():
         with pytest.raises(InputError) as err:
             settings.check_settings(cfg, types)
         assert err.value.field == field and err.value.fix
+
 
 def test_negation_subtracts_each_lesion_type_not_asked_for():
     unet = LG.build_unet(LG._unet_kwargs(LG.resolve_config(_cfg(LABEL_CFG, ldm={"condition_channels": True})), 2, 2)).eval()
@@ -835,7 +835,6 @@ def test_mixed_precision_follows_the_device(monkeypatch):
     assert C.amp_dtype("cuda") == torch.float16 and C.amp_enabled("cuda", True)
 
 
-
 def test_precision_notice_only_where_float32_replaces_bfloat16(monkeypatch):
     """The run is told when the label generator will train in float32 on a CPU that lacks the
     bfloat16 kernels its amp setting asks for; not where it has them, nor with amp off."""
@@ -844,6 +843,7 @@ def test_precision_notice_only_where_float32_replaces_bfloat16(monkeypatch):
     assert LG.precision_notice({"device": "cpu", "amp": False}) is None
     monkeypatch.setattr(C, "cpu_bf16_supported", lambda: True)
     assert LG.precision_notice({"device": "cpu"}) is None
+
 
 def test_float32_cpu_training_of_3d_convolutions_goes_channels_last():
     """training_layout: channels-last for 3-D convolutions trained in float32 on a CPU (same
