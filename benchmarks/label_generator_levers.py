@@ -8,6 +8,9 @@ training subjects = split train, held-out = split test, from the input-check tab
     .venv/bin/python benchmarks/label_generator_levers.py --results results/demo --out /tmp/levers/base \
         --vae '{"vae": {"steps": 1500}}' --ldm '{"ldm": {"steps": 1500}}' --guidance 1,3 --inference-steps 10,25 --per-mode 50 \
         --sampling '{"compose_lesion_types": true}'
+
+``--sampling '{"compose_lesion_types": true, "compose_weight": "fit"}'`` fits the compose weights
+first, as the workflow's rule fit_compose_weight does (``compose_weight.json`` beside each audit).
 """
 
 import argparse
@@ -22,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
+from brainsynth.generators.brainspade import compose_fit as CF  # noqa: E402
 from brainsynth.generators.brainspade import label_generator as LG  # noqa: E402
 from brainsynth.generators import label_quality as LQ  # noqa: E402
 from brainsynth.labels import LabelSchema  # noqa: E402
@@ -98,11 +102,16 @@ def main(argv=None):
             where = out / f"guidance{g:g}_ddim{k}"
             paths = {n: where / f"{n}.tsv" for n in ("reconstruction", "gate", "adherence", "samples", "fidelity")}
             paths["figure"] = where / "adherence.png"
+            samp = {**json.loads(args.sampling), "guidance_scale": g, "inference_steps": k}
+            if samp.get("compose_weight") == "fit":  # as rule fit_compose_weight, at this guidance and steps
+                fitted = CF.fit_compose_weights(vae_path, ldm_dir / "label_ldm.pt", where / "compose_weight.json",
+                                                sampling=samp, calibration=calibration, schema=schema, device="cpu",
+                                                num_threads=args.threads)
+                print(f"compose weight fitted in {time.time() - t0:.0f} s: {fitted['compose_weight']}")
+                samp = LG.resolve_compose_weight(samp, where / "compose_weight.json")
             fid = LQ.evaluate_label_generator(vae_path, ldm_dir / "label_ldm.pt", train, held, paths,
                                               n_per_mode=args.per_mode, schema=schema, voxel_mm=args.voxel_mm,
-                                              sampling={**json.loads(args.sampling), "guidance_scale": g,
-                                                        "inference_steps": k}, device="cpu",
-                                              calibration=calibration)
+                                              sampling=samp, device="cpu", calibration=calibration)
             print(f"guidance {g:g}, DDIM {k} steps: audit in {time.time() - t0:.0f} s")
             with pd.option_context("display.width", 200):
                 print(fid[fid["group"] != "reconstruction"][["measure", "value", "target", "pass", "n", "note"]]

@@ -264,7 +264,8 @@ def _threads_and_priority(out, rules):
     return found
 
 
-GENERATOR_JOBS = ["train_label_vae", "calibrate_label_vae", "train_label_ldm", "sample_synthetic", "sample_synthetic_unseen",
+GENERATOR_JOBS = ["train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_compose_weight", "sample_synthetic",
+                  "sample_synthetic_unseen",
                   "label_generator_fidelity", "train_image_generator", "restyle_synthetic_t1",
                   "restyle_synthetic_flair", "plan_nnunet"]
 
@@ -274,7 +275,8 @@ def test_generator_jobs_threads_and_priority(planned, tmp_path):
     the slice-wise image generator and nnU-Net planning on 1; num_threads moves them."""
     cfg, _, out = planned
     label = {(2, 10)}
-    expected = {"train_label_vae": label, "calibrate_label_vae": label, "train_label_ldm": label, "sample_synthetic": label,
+    expected = {"train_label_vae": label, "calibrate_label_vae": label, "train_label_ldm": label,
+                "fit_compose_weight": label, "sample_synthetic": label,
                 "sample_synthetic_unseen": label, "label_generator_fidelity": label,
                 "train_image_generator": {(1, 0)},
                 "restyle_synthetic_t1": {(1, 0)}, "restyle_synthetic_flair": {(1, 0)}, "plan_nnunet": {(1, 0)}}

@@ -31,10 +31,26 @@ def test_dry_run_plans_every_generator_rule(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=TINY_GEN)
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
-    for rule in ("train_label_vae", "calibrate_label_vae", "train_label_ldm", "train_image_generator", "sample_synthetic",
+    for rule in ("train_label_vae", "calibrate_label_vae", "train_label_ldm",
+                 "fit_compose_weight",  # config.yaml: compose_weight fit
+                 "train_image_generator", "sample_synthetic",
                  "synthesis_quality", "restyle_synthetic",  # the default config's far-OOD style set
                  "label_generator_fidelity", "synthetic_sample_qc"):
         assert jobs.get(rule) == 1, (rule, jobs)
+
+
+def test_compose_weight_fitted_only_when_asked_and_checked_at_the_start(tmp_path):
+    cfg = json.loads(json.dumps(TINY_GEN))
+    cfg["label_generator"]["sampling"]["compose_weight"] = 1.5
+    for d in ("given", "off"):
+        (tmp_path / d).mkdir()
+    code, out = run_snakemake(tmp_path / "given", "-n", config=cfg)
+    assert code == 0 and "sample_synthetic" in planned_jobs(out), out[-3000:]
+    assert "fit_compose_weight" not in planned_jobs(out)
+    cfg["label_generator"]["sampling"].update(compose_weight="fit", compose_lesion_types=False)  # nothing to fit
+    code, out = run_snakemake(tmp_path / "off", "-n", config=cfg)
+    assert code != 0 and "Traceback" not in out and "compose_lesion_types is off" in out, out[-3000:]
+    assert not (tmp_path / "off" / "results").exists()
 
 
 @pytest.mark.parametrize("section, key, value, named", [
@@ -166,6 +182,20 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert code == 0 and {"calibrate_label_vae", "sample_synthetic", "label_generator_fidelity"} <= set(jobs), jobs
     assert not {"train_label_vae", "train_label_ldm", "train_image_generator"} & set(jobs), jobs
 
+    # the compose weights (config.yaml: fit) are a stage after the LDM (rule fit_compose_weight),
+    # fitted on the trained model and read by sampling and the audit: a given weight instead
+    # reruns those, and trains and fits nothing again
+    fitted = json.loads((gen / "label_compose_weight.json").read_text())
+    assert list(fitted["compose_weight"]) == ["wmh", "tumour"] and fitted["requests"] == 8
+    assert "compose weight of wmh" in (tmp_path / "logs" / EXP / "generators" / "fit_compose_weight.log").read_text()
+    given = json.loads(json.dumps(cfg))
+    given["label_generator"]["sampling"]["compose_weight"] = 1
+    code, out = run_snakemake(tmp_path, "-n", config=given)
+    jobs = planned_jobs(out)
+    assert code == 0 and {"sample_synthetic", "label_generator_fidelity"} <= set(jobs), jobs
+    assert not {"train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_compose_weight",
+                "train_image_generator"} & set(jobs), jobs
+
     # label consistency: the run's real-only tissue arm (its nnU-Net) reads the synthetic
     # images, scored against their labels beside its real test Dice
     table = pd.read_csv(syn / "quality" / "label_consistency_tissue3.tsv", sep="\t")
@@ -210,9 +240,10 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert bench.loc["Sg", "dice_mean"] == pytest.approx(sg.groupby("subject")["value"].mean().mean())
     bench_dir = res / "benchmarks" / "generators"
     timed = {r: pd.read_csv(bench_dir / f"{r}.tsv", sep="\t")["s"].iloc[0]
-             for r in ("train_label_vae", "calibrate_label_vae", "train_label_ldm", "synthesize_gmm")}
+             for r in ("train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_compose_weight",
+                       "synthesize_gmm")}
     assert bench.loc["Sg", "training_s"] == pytest.approx(
-        timed["train_label_vae"] + timed["calibrate_label_vae"] + timed["train_label_ldm"])
+        timed["train_label_vae"] + timed["calibrate_label_vae"] + timed["train_label_ldm"] + timed["fit_compose_weight"])
     assert bench.loc["Sg", "sampling_s_per_volume"] == pytest.approx(timed["synthesize_gmm"] / n)
     assert bench.loc["Sg", "peak_rss_mb"] > 0
     fid = pd.read_csv(res / "benchmark" / "quality" / "image_fid_tissue3_gmm.tsv", sep="\t").set_index("set")

@@ -605,6 +605,77 @@ def test_compose_weight_scales_each_lesion_type_term():
         assert err.value.field == "label_generator.sampling.compose_weight"
 
 
+def test_compose_weight_search_meets_the_target_volume():
+    """compose_fit.search_weight: weights tried by factors of 1.5 from 1 towards the target volume,
+    then the linear interpolation between the two that bracket it (exact for a linear response)."""
+    from brainsynth.generators.brainspade import compose_fit as CF
+    k, trace = CF.search_weight(lambda k: 50 * k, 152)  # composed volume a third of the target at 1
+    assert [round(w, 4) for w, _ in trace] == [1, 1.5, 2.25, 3.375] and k == pytest.approx(3.04)
+    k, trace = CF.search_weight(lambda k: 100 * k, 40)  # too large at 1: down
+    assert [round(w, 4) for w, _ in trace] == [1, 0.6667, 0.4444, 0.2963] and k == pytest.approx(0.4)
+    k, trace = CF.search_weight(lambda k: 10.0, 100)  # a model deaf to the weight: the range ends, 1 kept
+    assert [round(w, 4) for w, _ in trace] == [1, 1.5, 2.25, 3.375] and k == 1.0
+    assert CF.search_weight(lambda k: 7.0, 7.0) == (1.0, [(1.0, 7.0)])
+    assert CF.fitted_weight([(1, 10.0), (1.5, 20.0)], 50) == 1.5  # not reached: the closest tried
+
+
+def test_fitted_compose_weights_are_what_sampling_draws(models, tmp_path):
+    """fit_compose_weights records the volumes the sampler gives (each type alone, and composed at
+    each weight tried), and a sampling config saying fit samples with the fitted weights."""
+    from brainsynth.generators.brainspade import compose_fit as CF
+    vae, ldm = models["vae"]["model"], models["ldm"]["model"]
+    samp = {"inference_steps": 3, "compose_lesion_types": True}
+    # the toy LDM draws no lesions; its lesion types are counted on classes it does draw, so that
+    # the search runs (the volumes are the sampler's either way)
+    schema = LabelSchema(lesion_types={"wmh": ["gm"], "tumour": ["wm"]})
+    rec = CF.fit_compose_weights(vae, ldm, tmp_path / "w.json", sampling=samp, schema=schema, device="cpu",
+                                 n_requests=3)
+    assert json.loads((tmp_path / "w.json").read_text()) == json.loads(json.dumps(rec))
+    types, tv = LG.training_conditioning(ldm)
+    assert list(rec["compose_weight"]) == types == ["wmh", "tumour"]
+    requests = LG.make_conditioning("unseen", 3, types, tv, seed=CF.FIT_SEED)
+
+    def median(cond, weights, t):
+        probs = LG.sample_labels(vae, ldm, cond, seed=CF.FIT_SEED, batch_size=3, device="cpu",
+                                 sampling={**samp, "compose_weight": weights})
+        return float(np.median([schema.lesion_counts(lab)[t] for lab in probs.argmax(1)]))
+
+    alone = np.zeros_like(requests)
+    alone[:, 0] = requests[:, 0]
+    wmh = rec["types"]["wmh"]
+    assert wmh["alone_median_voxels"] == median(alone, 1.0, "wmh") > 0
+    assert wmh["tried"][0]["weight"] == 1.0
+    for tried in wmh["tried"]:  # the first type is fitted with the others at 1
+        assert tried["median_voxels"] == median(requests, {"wmh": tried["weight"], "tumour": 1.0}, "wmh")
+    for info in rec["types"].values():
+        assert CF.FIT_RANGE[0] <= info["weight"] <= CF.FIT_RANGE[1]
+    fitted = LG.resolve_compose_weight({**samp, "compose_weight": "fit"}, tmp_path / "w.json")
+    assert fitted == {**samp, "compose_weight": rec["compose_weight"]}
+    np.testing.assert_array_equal(
+        LG.sample_labels(vae, ldm, requests, seed=1, sampling=fitted),
+        LG.sample_labels(vae, ldm, requests, seed=1, sampling={**samp, "compose_weight": dict(rec["compose_weight"])}))
+
+
+def test_compose_weight_fit_needs_its_fitted_file(tmp_path):
+    from brainsynth.generators.brainspade import settings
+    assert LG.resolve_compose_weight({"compose_weight": 2}, None) == {"compose_weight": 2}  # given: kept
+    with pytest.raises(InputError, match="no fitted weights") as err:
+        LG.resolve_compose_weight({"compose_weight": "fit"}, None)
+    assert err.value.field == "label_generator.sampling.compose_weight" and "fit_compose_weight" in err.value.fix
+    (tmp_path / "cut.json").write_text('{"compose_weight": {"wmh"')  # a half-written file
+    with pytest.raises(InputError, match="cannot read") as err:
+        LG.resolve_compose_weight({"compose_weight": "fit"}, tmp_path / "cut.json")
+    assert err.value.file == tmp_path / "cut.json"
+    with pytest.raises(InputError, match="without the fitted weights"):
+        LG.compose_weights("fit", ["wmh", "tumour"])
+    settings.check_settings({"sampling": {"compose_weight": "fit", "compose_lesion_types": True}}, ["wmh", "tumour"])
+    for cfg, types, text in (({"compose_weight": "fit"}, ["wmh", "tumour"], "compose_lesion_types is off"),
+                             ({"compose_weight": "fit", "compose_lesion_types": True}, ["wmh"], "two or more")):
+        with pytest.raises(InputError, match=text) as err:
+            settings.check_settings({"sampling": cfg}, types)
+        assert err.value.field == "label_generator.sampling.compose_weight" and err.value.fix
+
+
 def test_lesion_type_settings_checked_without_torch():
     """settings.check_settings: what the workflow checks at its start (the lesion types of the
     label schema), with the defaults of the types a mapping leaves out."""

@@ -36,6 +36,7 @@ LABEL_VAE = f"{GEN}/label_generator/label_vae.pt"
 LABEL_VAE_CALIBRATION = f"{GEN}/label_generator/label_vae_calibration.json"
 LABEL_LDM = f"{GEN}/label_generator/label_ldm.pt"
 IMAGE_GENERATOR = f"{GEN}/image_generator/image_generator.pt"
+# (LABEL_COMPOSE_WEIGHT, rule fit_compose_weight: in common.smk, beside fitted_compose_weight)
 
 # torch CPU threads per generator job (num_threads in each section; a GPU run uses the GPU).
 # The label networks are 3D convolutions that use a second core (label VAE 0.79 s/step on one
@@ -136,6 +137,34 @@ rule train_label_ldm:
         "../scripts/train_label_ldm.py"
 
 
+rule fit_compose_weight:
+    """The weight of each lesion type in composed requests, fitted on the trained label generator
+    (label_generator.sampling.compose_weight: fit): a WMH + tumour request then draws each type as
+    large as a request for that type alone does; sampling and the audit read it."""
+    input:
+        vae=LABEL_VAE,
+        calibration=LABEL_VAE_CALIBRATION,
+        ldm=LABEL_LDM,
+    output:
+        weights=LABEL_COMPOSE_WEIGHT,
+    params:
+        sampling=canonical({k: v for k, v in LGCFG.get("sampling", {}).items() if k != "compose_weight"}),
+        labels=config["labels"],
+    conda:
+        "../../envs/generators.yaml"
+    log:
+        f"{LOGS}/generators/fit_compose_weight.log",
+    benchmark:
+        f"{BENCH}/fit_compose_weight.tsv"
+    threads: LABEL_THREADS
+    priority: GENERATOR_PRIORITY
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    script:
+        "../scripts/fit_compose_weight.py"
+
+
 rule train_image_generator:
     """SPADE VAE-GAN: style encoder + SPADE decoder, one model for all modalities."""
     input:
@@ -181,6 +210,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
             vae=LABEL_VAE,
             calibration=LABEL_VAE_CALIBRATION,
             ldm=LABEL_LDM,
+            compose_weight=fitted_compose_weight,
             image_generator=IMAGE_GENERATOR,
             splits=split_tables(style_subjects()),
             reference=template_file("t1"),
@@ -315,6 +345,7 @@ rule label_generator_fidelity:
         vae=LABEL_VAE,
         calibration=LABEL_VAE_CALIBRATION,
         ldm=LABEL_LDM,
+        compose_weight=fitted_compose_weight,
         splits=split_tables(generator_training_subjects() + held_out_label_subjects()),
     output:
         reconstruction=f"{SYN}/quality/label_reconstruction.tsv",

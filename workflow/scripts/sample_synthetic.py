@@ -1,17 +1,18 @@
 """Rule sample_synthetic: draw synthetic (label, multi-modal image) subjects."""
 
+from brainsynth.generators.brainspade.label_generator import resolve_compose_weight
 from brainsynth.generators.brainspade.sampling import sample_synthetic
 from brainsynth.io import run_main
 
 
 def main(sm):
     syn = sm.params.synthesis
-    samp = sm.params.sampling
+    samp = resolve_compose_weight(sm.params.sampling, sm.input.get("compose_weight") or None)
     sample_synthetic(
         label_vae=sm.input.vae, label_ldm=sm.input.ldm, image_generator=sm.input.image_generator,
         style_subjects=list(sm.params.styles), n=syn["n_samples"], out_dir=sm.params.out, reference=sm.input.reference,
         conditioning=syn["conditioning"], conditioning_values=syn.get("conditioning_values"),
-        seed=syn["seed"], sampling=dict(samp), id_prefix="synth", label_calibration=sm.input.calibration,
+        seed=syn["seed"], sampling=samp, id_prefix="synth", label_calibration=sm.input.calibration,
     )
 
 

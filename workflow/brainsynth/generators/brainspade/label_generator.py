@@ -141,7 +141,9 @@ sampling.negate_unrequested     every request is sampled by that composition, ea
                                 maps holding type j; 2 + n_types passes per step for every batch
 sampling.compose_weight         multiplier of w for each lesion type's term in a composed request (a number
                                 for all, or {type: k}): uncond + w (healthy - uncond) + w sum_j k_j (type j
-                                alone - healthy); 1: composable diffusion as published
+                                alone - healthy); 1: composable diffusion as published; fit: k_j fitted
+                                per trained model so that a composed request draws type j as large as
+                                a request for type j alone (compose_fit, rule fit_compose_weight)
 ==============================  ===========================================================
 """
 
@@ -1226,6 +1228,26 @@ def compose_weights(weight, lesion_types):
     (:func:`settings.compose_weights`: refused before any sampling when a key is not a lesion type
     of the model or a value is not a number > 0)."""
     return np.array(list(settings.compose_weights(weight, lesion_types).values()), dtype=np.float32)
+
+
+def resolve_compose_weight(sampling, fitted=None):
+    """``sampling`` (a ``label_generator.sampling`` dict) with ``compose_weight: fit`` replaced by the
+    weights of ``fitted`` (the JSON of rule fit_compose_weight); other values are kept as given."""
+    sampling = dict(sampling or {})
+    if sampling.get("compose_weight") != settings.FIT:
+        return sampling
+    if fitted is None:
+        raise InputError("sampling.compose_weight is fit, and no fitted weights were given",
+                         field="label_generator.sampling.compose_weight", fix="rerun the rule fit_compose_weight")
+    try:
+        weights = json.loads(Path(fitted).read_text())["compose_weight"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"cannot read the fitted compose weights ({exc})", file=fitted,
+                         fix="rerun the rule fit_compose_weight") from exc
+    if not isinstance(weights, dict):
+        raise InputError("the fitted compose weights are not a mapping of lesion types", file=fitted,
+                         fix="rerun the rule fit_compose_weight")
+    return {**sampling, "compose_weight": weights}
 
 
 def _composed_prediction(unet, x, tt, contexts, cond, guidance, concat, dev, negate=False, weights=None):

@@ -33,8 +33,18 @@ def loss_weights(value, lesion_types):
                                fix="use e.g. 10, or {wmh: 10, tumour: 0}")
 
 
+#: ``sampling.compose_weight`` fitted per trained model (rule fit_compose_weight) instead of given
+FIT = "fit"
+
+
 def compose_weights(value, lesion_types):
-    """``sampling.compose_weight`` per lesion type of the LDM (a type left out: 1)."""
+    """``sampling.compose_weight`` per lesion type of the LDM (a type left out: 1); ``fit`` is
+    resolved to the fitted weights before sampling (``label_generator.resolve_compose_weight``)."""
+    if value == FIT:
+        raise InputError("compose_weight: fit reached sampling without the fitted weights",
+                         field="label_generator.sampling.compose_weight",
+                         fix="sample through the workflow (rule fit_compose_weight fits them), or pass "
+                             "the fitted file (fit_compose_weight's output)")
     return lesion_type_weights(value, lesion_types, "label_generator.sampling.compose_weight", minimum=0,
                                inclusive=False, default=1.0, owner="the LDM",
                                fix="use e.g. 1, or {wmh: 1.5}")
@@ -46,5 +56,20 @@ def check_settings(cfg, lesion_types):
     ldm, sampling = cfg.get("ldm") or {}, cfg.get("sampling") or {}
     if "lesion_weight" in ldm:
         loss_weights(ldm["lesion_weight"], lesion_types)
-    if "compose_weight" in sampling:
+    if sampling.get("compose_weight") == FIT:
+        if not sampling.get("compose_lesion_types", False):
+            raise InputError("sampling.compose_weight: fit fits the weights of composed requests, and "
+                             "compose_lesion_types is off: no request is composed",
+                             field="label_generator.sampling.compose_weight",
+                             fix="set compose_lesion_types: true, or leave compose_weight out")
+        if len(lesion_types) < 2:
+            raise InputError(f"sampling.compose_weight: fit needs two or more lesion types to compose, "
+                             f"the label schema has {list(lesion_types)}",
+                             field="label_generator.sampling.compose_weight", fix="leave compose_weight out")
+    elif "compose_weight" in sampling:
         compose_weights(sampling["compose_weight"], lesion_types)
+
+
+def fits_compose_weight(cfg):
+    """Whether ``cfg`` (the ``label_generator`` section) has its compose weights fitted."""
+    return (cfg.get("sampling") or {}).get("compose_weight") == FIT
