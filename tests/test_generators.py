@@ -668,12 +668,18 @@ def test_compose_weight_fit_needs_its_fitted_file(tmp_path):
     assert err.value.file == tmp_path / "cut.json"
     with pytest.raises(InputError, match="without the fitted weights"):
         LG.compose_weights("fit", ["wmh", "tumour"])
-    settings.check_settings({"sampling": {"compose_weight": "fit", "compose_lesion_types": True}}, ["wmh", "tumour"])
-    for cfg, types, text in (({"compose_weight": "fit"}, ["wmh", "tumour"], "compose_lesion_types is off"),
-                             ({"compose_weight": "fit", "compose_lesion_types": True}, ["wmh"], "two or more")):
-        with pytest.raises(InputError, match=text) as err:
-            settings.check_settings({"sampling": cfg}, types)
-        assert err.value.field == "label_generator.sampling.compose_weight" and err.value.fix
+    fit = {"sampling": {"compose_weight": "fit", "compose_lesion_types": True, "guidance_scale": 3.0}}
+    settings.check_settings(fit, ["wmh", "tumour"])
+    assert settings.fits_compose_weight(fit, ["wmh", "tumour"])
+    assert settings.sampling_settings(fit, ["wmh", "tumour"]) == fit["sampling"]  # resolved by the sampler
+    # nothing to compose (composition off, or one lesion type): nothing fitted, the plain weight 1
+    off = {"sampling": {**fit["sampling"], "compose_lesion_types": False}}
+    for cfg, types in ((off, ["wmh", "tumour"]), (fit, ["wmh"])):
+        settings.check_settings(cfg, types)
+        assert not settings.fits_compose_weight(cfg, types)
+        assert settings.sampling_settings(cfg, types) == {**cfg["sampling"], "compose_weight": 1.0}
+    assert not settings.fits_compose_weight({"sampling": {"compose_weight": 2, "compose_lesion_types": True}},
+                                            ["wmh", "tumour"])
 
 
 def test_lesion_type_settings_checked_without_torch():

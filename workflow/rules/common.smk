@@ -13,7 +13,7 @@ from brainsynth.errors import InputError
 from brainsynth.labels import LabelSchema, check_conditioning_mode
 from brainsynth import demo as demo_cohort
 from brainsynth import generator_benchmark as gen_bench
-from brainsynth.generators.brainspade.settings import fits_compose_weight
+from brainsynth.generators.brainspade.settings import fits_compose_weight, sampling_settings
 from brainsynth.preprocess import SUBJECT_LAYOUT
 from brainsynth.sheet import anchor_modality, check_site_modalities, load_sheet, site_modalities_of
 from brainsynth.validate import check_files_exist
@@ -858,7 +858,7 @@ LABEL_COMPOSE_WEIGHT = f"{R}/generators/label_generator/label_compose_weight.jso
 
 def fitted_compose_weight(wildcards):
     """The fitted compose weights where label_generator.sampling.compose_weight is fit, else none."""
-    return LABEL_COMPOSE_WEIGHT if fits_compose_weight(config["label_generator"]) else []
+    return LABEL_COMPOSE_WEIGHT if fits_compose_weight(config["label_generator"], SCHEMA.lesion_types) else []
 
 
 # ============================================================ end generator stage helpers
@@ -950,7 +950,7 @@ def generator_jobs(generator, sample_set):
     draws from) and the job that samples the arm's set."""
     suffix = "" if sample_set is None else f"_{sample_set}"
     label = ["train_label_vae", "calibrate_label_vae", "train_label_ldm"]
-    if fits_compose_weight(config["label_generator"]):
+    if fits_compose_weight(config["label_generator"], SCHEMA.lesion_types):
         label.append("fit_compose_weight")
     return {
         "brainspade": {

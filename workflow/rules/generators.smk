@@ -229,7 +229,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
                 k: _spec.get(k, SYNCFG.get(k))
                 for k in ("n_samples", "conditioning", "conditioning_values", "seed")
             },
-            sampling=canonical(LGCFG.get("sampling", {})),
+            sampling=canonical(sampling_settings(LGCFG, SCHEMA.lesion_types)),
             styles=style_table(style_subjects()),
             preprocessed=style_files(style_subjects()),
             out=lambda wc, output: os.path.dirname(output.manifest),
@@ -372,7 +372,7 @@ rule label_generator_fidelity:
         quality=canonical(
             {k: v for k, v in (SYNCFG.get("quality") or {}).items() if k != "consistency_max_gap"}
         ),
-        sampling=canonical(LGCFG.get("sampling", {})),
+        sampling=canonical(sampling_settings(LGCFG, SCHEMA.lesion_types)),
         labels=config["labels"],
         voxel_mm=config["grid"]["voxel_mm"],
     conda:

@@ -56,20 +56,22 @@ def check_settings(cfg, lesion_types):
     ldm, sampling = cfg.get("ldm") or {}, cfg.get("sampling") or {}
     if "lesion_weight" in ldm:
         loss_weights(ldm["lesion_weight"], lesion_types)
-    if sampling.get("compose_weight") == FIT:
-        if not sampling.get("compose_lesion_types", False):
-            raise InputError("sampling.compose_weight: fit fits the weights of composed requests, and "
-                             "compose_lesion_types is off: no request is composed",
-                             field="label_generator.sampling.compose_weight",
-                             fix="set compose_lesion_types: true, or leave compose_weight out")
-        if len(lesion_types) < 2:
-            raise InputError(f"sampling.compose_weight: fit needs two or more lesion types to compose, "
-                             f"the label schema has {list(lesion_types)}",
-                             field="label_generator.sampling.compose_weight", fix="leave compose_weight out")
-    elif "compose_weight" in sampling:
+    if "compose_weight" in sampling and sampling["compose_weight"] != FIT:
         compose_weights(sampling["compose_weight"], lesion_types)
 
 
-def fits_compose_weight(cfg):
-    """Whether ``cfg`` (the ``label_generator`` section) has its compose weights fitted."""
-    return (cfg.get("sampling") or {}).get("compose_weight") == FIT
+def fits_compose_weight(cfg, lesion_types):
+    """Whether the compose weights of ``cfg`` (the ``label_generator`` section) are fitted: ``fit``
+    and something to compose (``compose_lesion_types`` on, two or more lesion types)."""
+    sampling = cfg.get("sampling") or {}
+    return (sampling.get("compose_weight") == FIT and bool(sampling.get("compose_lesion_types", False))
+            and len(lesion_types) > 1)
+
+
+def sampling_settings(cfg, lesion_types):
+    """``cfg``'s ``sampling`` as the sampler takes it: ``compose_weight: fit`` with nothing to
+    compose (composition off, or one lesion type) is the plain weight 1, and nothing is fitted."""
+    sampling = dict(cfg.get("sampling") or {})
+    if sampling.get("compose_weight") == FIT and not fits_compose_weight(cfg, lesion_types):
+        sampling["compose_weight"] = 1.0
+    return sampling
