@@ -1,7 +1,8 @@
 """Fault tolerance and determinism of the whole workflow (real snakemake, ANTs, nnU-Net).
 
 One uninterrupted run of the tiny segmentation demo (``TINY_SEG``: preprocessing,
-nnU-Net for one task and two arms, scores, tables) is the reference for both tests:
+nnU-Net for one task and two arms, scores, tables; the session's, ``conftest.py``) is the
+reference for both tests:
 
 * a run killed with SIGKILL (the whole process group: snakemake and its jobs) twice,
   once inside a registration and once inside nnU-Net training, resumed with
@@ -134,10 +135,8 @@ def _assert_nothing_damaged(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("reference")
-    run_snakemake(workdir, config=TINY_SEG, check=True)
-    return workdir
+def reference(tiny_seg_run):
+    return tiny_seg_run
 
 
 @pytest.mark.slow

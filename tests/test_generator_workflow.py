@@ -136,6 +136,15 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert {"reconstruction", "adherence", "tissue", "diversity", "memorisation"} <= set(fidelity["group"])
     assert "healthy_any_lesion" in set(fidelity["measure"])
     assert {"volume_ratio_wmh", "volume_ratio_tumour"} <= set(fidelity["measure"])
+    # tissue fractions gated like for like (each mode against the training maps of its phenotype;
+    # the tiny cohort's "both" maps are the unseen mode's), the plain pooled figure beside, ungated
+    tissue = fidelity[fidelity["group"] == "tissue"].set_index("measure")
+    like = tissue.loc["fraction_csf_relative_difference"]
+    modes = re.search(r"modes (\S+) against", like["note"]).group(1).split(",")
+    assert "unseen" in modes and set(modes) <= {"healthy", "wmh_only", "tumour_only", "unseen"}
+    assert like["target"] == "|x| <= 0.15" and like["n"] == 3 * len(modes)
+    plain = tissue.loc["fraction_csf_relative_difference_all_modes"]
+    assert plain["n"] == 12 and pd.isna(plain["target"]) and pd.isna(plain["pass"])
     recon = pd.read_csv(syn / "quality" / "label_reconstruction.tsv", sep="\t")
     assert {"train", "held_out"} == set(recon["split"])
     samples = pd.read_csv(syn / "quality" / "label_adherence_samples.tsv", sep="\t")

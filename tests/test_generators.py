@@ -1061,7 +1061,7 @@ def test_demo_networks_sample_plausible_tissue_fractions(tmp_path):
         paths.append(str(p))
         rows.append({"subject": f"sub{i}", "dc_wmh": 0.0, "dc_tumour": 0.0})
     pd.DataFrame(rows).to_csv(tmp_path / "cond.tsv", sep="\t", index=False)
-    cfg = {"device": "cpu", "seed": 0, "num_threads": 1, "checkpoint_every": 1000, "log_every": 1000,
+    cfg = {"device": "cpu", "seed": 0, "num_threads": 2, "checkpoint_every": 1000, "log_every": 1000,
            "vae": {"patch_size": None, "steps": 150, "batch_size": 2},
            "ldm": {"steps": 300}}
     vae = LG.train_label_vae(paths, cfg, tmp_path / "label")

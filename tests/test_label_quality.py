@@ -124,6 +124,39 @@ def test_tissue_fraction_check_tolerance():
     assert not chk.loc["csf", "pass"] and chk.loc["gm", "pass"]
 
 
+def test_lesion_phenotypes_name_maps_as_the_audit_names_its_modes():
+    vols = pd.DataFrame({"voxels_wmh": [0, 9, 0, 9, 5], "voxels_tumour": [3, 0, 40, 40, 0]})
+    assert list(LQ.lesion_phenotypes(vols, ["wmh", "tumour"])) == [
+        "healthy", "wmh_only", "tumour_only", "unseen", "healthy"]  # 3 and 5 voxels: not more than 5
+    three = vols.assign(voxels_x=0)
+    assert LQ.lesion_phenotypes(three, ["wmh", "tumour", "x"])[3] == "wmh+tumour"
+
+
+def test_tissue_fractions_compared_like_for_like():
+    # training: healthy maps with csf 0.10, tumour maps 0.06 (the tumour takes its share)
+    tr = pd.DataFrame({"csf": [0.10, 0.10, 0.06, 0.06]})
+    tr_ph = ["healthy", "healthy", "tumour_only", "tumour_only"]
+    # samples: 2 healthy at 0.10, 1 tumour at 0.06, 1 unseen at 0.02 (no training map of its kind)
+    syn = pd.DataFrame({"csf": [0.10, 0.10, 0.06, 0.02]})
+    modes = ["healthy", "healthy", "tumour_only", "unseen"]
+    chk = LQ.tissue_fraction_check_by_phenotype(syn, modes, tr, tr_ph, ["csf"]).set_index("tissue")
+    # training mean weighted 2:1 as the matched samples: (2 x 0.10 + 0.06) / 3 = synthetic (0.26 / 3)
+    assert chk.loc["csf", "training_mean"] == pytest.approx(0.26 / 3)
+    assert chk.loc["csf", "relative_difference"] == pytest.approx(0.0, abs=1e-12)
+    assert chk.loc["csf", "pass"] and chk.loc["csf", "modes"] == "healthy,tumour_only"
+    assert chk.loc["csf", "n_synthetic"] == 3
+    # the plain comparison counts the unseen sample's extra lesion as missing csf: 0.07 vs 0.08
+    plain = LQ.tissue_fraction_check(syn, tr, ["csf"]).set_index("tissue")
+    assert plain.loc["csf", "relative_difference"] == pytest.approx(-0.125)
+    # a real shortfall still fails: healthy samples at 0.08 against healthy maps at 0.10
+    short = LQ.tissue_fraction_check_by_phenotype(pd.DataFrame({"csf": [0.08, 0.08]}), ["healthy"] * 2, tr, tr_ph,
+                                                  ["csf"], tolerance=0.15).set_index("tissue")
+    assert short.loc["csf", "relative_difference"] == pytest.approx(-0.2) and not short.loc["csf", "pass"]
+    # no mode with training maps of its phenotype: nothing to compare, not passed
+    none = LQ.tissue_fraction_check_by_phenotype(syn.iloc[3:], ["unseen"], tr, tr_ph, ["csf"])
+    assert np.isnan(none.loc[0, "relative_difference"]) and not none.loc[0, "pass"] and none.loc[0, "modes"] == ""
+
+
 def test_sample_flags_catch_tumour_asked_healthy_and_tissue_outliers():
     cond = pd.DataFrame({"mode": ["healthy", "healthy", "tumour"], "dc_wmh": [0.0, 0.0, 0.0],
                          "dc_tumour": [0.0, 0.0, 0.3]})
