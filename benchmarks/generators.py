@@ -101,7 +101,7 @@ def _timed_training(train, *args, **kwargs):
     return {"step_s": float(np.median(measured)), "steps": len(stamps), "total_s": total}
 
 
-def run_case(case, grid, device, steps, work, ddpm_measured, guidance=1.0):
+def run_case(case, grid, device, steps, work, ddpm_measured, guidance=1.0, image_steps=None):
     """One measurement in this process; returns a dict (printed as JSON by the child)."""
     from brainsynth.generators.brainspade import image_generator as IG
     from brainsynth.generators.brainspade import label_generator as LG
@@ -175,23 +175,25 @@ def run_case(case, grid, device, steps, work, ddpm_measured, guidance=1.0):
         SD.generate_volume(net, payload, prob, "t1", 0, steps=2, device=device)  # warm-up
         t0 = time.perf_counter()
         for m in payload["modalities"]:
-            SD.generate_volume(net, payload, prob, m, 0, device=device)
+            SD.generate_volume(net, payload, prob, m, 0, device=device, steps=image_steps)
         out["per_volume_s"] = time.perf_counter() - t0
         out["modalities"] = len(payload["modalities"])
-        out["ddim_steps"] = int(payload["config"]["inference_steps"])
+        out["ddim_steps"] = int(image_steps or payload["config"]["inference_steps"])
     out.update(_peak())
     return out
 
 
 def child(args):
     res = run_case(args.case, args.grid, args.device, args.steps, args.work, args.ddpm_steps_measured,
-                   args.guidance)
+                   args.guidance, args.image_ddim_steps)
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def spawn(case, grid, device, steps, work, ddpm_measured, guidance):
+def spawn(case, grid, device, steps, work, ddpm_measured, guidance, image_steps=None):
     cmd = [sys.executable, __file__, "--child", case, "--grid", grid, "--device", device, "--steps", str(steps),
            "--work", str(work), "--guidance", str(guidance)]
+    if image_steps:
+        cmd += ["--image-ddim-steps", str(image_steps)]
     if ddpm_measured:
         cmd.append("--ddpm-steps-measured")
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -248,6 +250,9 @@ def main():
                     help="extrapolate DDPM from the DDIM per-step time instead of running all timesteps")
     ap.add_argument("--guidance", type=float, default=1.0,
                     help="classifier-free guidance scale of label sampling (config: label_generator.sampling)")
+    ap.add_argument("--image-ddim-steps", type=int, default=None,
+                    help="DDIM steps of the spade_diffusion images (default: the model's own, 25 in the demo "
+                         "preset); the CPU form of gpu_check.sh takes 5, since each step runs every slice")
     ap.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -273,7 +278,8 @@ def main():
             print(f"[{grid}] inputs {GRIDS[grid]} written in {time.perf_counter() - t0:.1f} s", flush=True)
             res = {}
             for case in CASES:
-                res[case] = spawn(case, grid, device, args.steps, work, extrapolate, args.guidance)
+                res[case] = spawn(case, grid, device, args.steps, work, extrapolate, args.guidance,
+                                  args.image_ddim_steps)
                 if res[case] is not None:
                     print(f"[{grid}] {case}: {json.dumps(res[case])}", flush=True)
         rows += table_rows("x".join(map(str, GRIDS[grid])), res)
