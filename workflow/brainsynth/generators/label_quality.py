@@ -45,6 +45,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..feature_metrics import frechet_distance, knn_precision_recall
+from ..labels import single_type_modes
 
 # Issue gate of the label autoencoder (held-out Dice after argmax).
 RECONSTRUCTION_THRESHOLDS = {"csf": 0.90, "gm": 0.90, "wm": 0.90, "deep_gm": 0.80, "brainstem": 0.80,
@@ -194,7 +195,7 @@ def lesion_volume_ratios(per_sample, training_volumes, lesion_types):
     follow dc in rank (Spearman) and still draw every lesion at several times its size."""
     out = {}
     for t in lesion_types:
-        syn = per_sample.loc[per_sample["mode"] == f"{t}_only", f"voxels_{t}"]
+        syn = per_sample.loc[per_sample["mode"] == single_type_modes([t])[0], f"voxels_{t}"]
         real = _volumes_holding(training_volumes, t)
         ratio = float(syn.median() / real.median()) if len(syn) and len(real) else float("nan")
         out[t] = (ratio, len(syn), len(real))
@@ -294,13 +295,16 @@ def lesion_phenotypes(volumes, lesion_types, min_voxels=5):
     than ``min_voxels``): ``healthy``, ``<type>_only``, ``unseen`` (every type at once: the audit's
     name for it, whether or not training maps hold it), else the types joined by ``+``."""
     types = list(lesion_types)
-    held = np.stack([volumes[f"voxels_{t}"].to_numpy() > min_voxels for t in types], axis=1) if types else \
-        np.zeros((len(volumes), 0), bool)
+    held = {t: volumes[f"voxels_{t}"].to_numpy() > min_voxels for t in types}
     names = []
-    for row in held:
-        present = [t for t, h in zip(types, row) if h]
-        names.append("healthy" if not present else f"{present[0]}_only" if len(present) == 1 else
-                     "unseen" if len(present) == len(types) else "+".join(present))
+    for i in range(len(volumes)):
+        present = [t for t in types if held[t][i]]
+        if not present:
+            names.append("healthy")
+        elif len(present) == 1:
+            names.append(single_type_modes(present)[0])
+        else:
+            names.append("unseen" if len(present) == len(types) else "+".join(present))
     return np.array(names, dtype=object)
 
 
@@ -389,13 +393,13 @@ def adherence_conditioning(lesion_types, train_values, n_per_mode, seed=0):
     tv = np.asarray(train_values, dtype=np.float32)
     parts = [("healthy", make_conditioning("healthy", n_per_mode, types))]
     rng = np.random.default_rng([int(seed), 11])
-    for j, t in enumerate(types):
+    for j, mode in enumerate(single_type_modes(types)):
         pos = tv[:, j][tv[:, j] > 0]
         if not len(pos):
             continue
         c = np.zeros((n_per_mode, len(types)), np.float32)
         c[:, j] = rng.choice(pos, size=n_per_mode)
-        parts.append((f"{t}_only", c))
+        parts.append((mode, c))
     if len(types) > 1:
         parts.append(("unseen", make_conditioning("unseen", n_per_mode, types, tv, seed=seed)))
     frames = [pd.DataFrame(c, columns=[f"dc_{t}" for t in types]).assign(mode=m) for m, c in parts]
