@@ -232,3 +232,85 @@ def test_ext_trainer_dir_is_found_by_nnunet_lookup(tmp_path):
 def test_train_rejects_length_for_foreign_trainer(tmp_path):
     with pytest.raises(InputError, match="only be set"):
         seg.train(5, tmp_path, trainer="nnUNetTrainer_5epochs", epochs=3)
+
+
+class _CountingBlosc2Dataset:
+    """nnU-Net's blosc2 dataset, counting the cases it reads from disk."""
+
+    def __new__(cls, folder):
+        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+        class Counting(nnUNetDatasetBlosc2):
+            def load_case(self, identifier):
+                self.reads[identifier] = self.reads.get(identifier, 0) + 1
+                return super().load_case(identifier)
+
+        ds = Counting(str(folder))
+        ds.reads = {}
+        return ds
+
+
+def _blosc2_cases(folder, n=2):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        data = rng.normal(size=(2, 6, 10, 8)).astype(np.float32)
+        segm = rng.integers(0, 3, (1, 6, 10, 8)).astype(np.int8)
+        nnUNetDatasetBlosc2.save_case(data, segm, {"case": i}, str(folder / f"case{i}"))
+
+
+def test_cases_in_memory_reads_each_case_once_and_gives_the_same_patches(tmp_path):
+    import pickle
+
+    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+
+    from brainsynth.nnunet_trainers import CasesInMemory
+
+    _blosc2_cases(tmp_path)
+    plain, counted = _CountingBlosc2Dataset(tmp_path), _CountingBlosc2Dataset(tmp_path)
+    cached = CasesInMemory(counted)
+    assert sorted(cached.identifiers) == ["case0", "case1"]  # the wrapped dataset's attributes
+    bbox = [[-1, 5], [2, 12], [3, 7]]  # reaches past the border: padded like nnU-Net's loader pads
+    for _ in range(3):
+        for cid in ("case0", "case1"):
+            data, segm, prev, props = cached.load_case(cid)
+            ref_data, ref_seg, _, ref_props = plain.load_case(cid)
+            assert isinstance(data, np.ndarray) and prev is None and props == ref_props
+            assert np.array_equal(data, ref_data[...]) and np.array_equal(segm, ref_seg[...])
+            assert np.array_equal(crop_and_pad_nd(data, bbox, 0), crop_and_pad_nd(ref_data, bbox, 0))
+    assert counted.reads == {"case0": 1, "case1": 1}
+    assert cached.cached_bytes == 2 * (2 * 6 * 10 * 8 * 4 + 6 * 10 * 8)
+    # augmentation workers get the dataset pickled
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    copy = pickle.loads(pickle.dumps(CasesInMemory(nnUNetDatasetBlosc2(str(tmp_path)))))
+    assert sorted(copy.identifiers) == ["case0", "case1"] and np.array_equal(copy.load_case("case1")[0], data)
+
+
+def test_cases_in_memory_reads_from_disk_beyond_its_budget(tmp_path):
+    from brainsynth.nnunet_trainers import CasesInMemory
+
+    _blosc2_cases(tmp_path)
+    counted = _CountingBlosc2Dataset(tmp_path)
+    one_case = 2 * 6 * 10 * 8 * 4 + 6 * 10 * 8
+    cached = CasesInMemory(counted, max_bytes=one_case)
+    for _ in range(2):
+        assert isinstance(cached.load_case("case0")[0], np.ndarray)
+        assert not isinstance(cached.load_case("case1")[0], np.ndarray)  # over budget: nnU-Net's own array
+    assert counted.reads == {"case0": 1, "case1": 2} and cached.cached_bytes == one_case
+
+
+def test_data_loader_thread_limit_finds_libraries_once():
+    from threadpoolctl import threadpool_info
+
+    from brainsynth.nnunet_trainers import _ThreadLimitOnce
+
+    limit = _ThreadLimitOnce()
+    with limit(limits=1, user_api=None):
+        inside = threadpool_info()
+    controller = _ThreadLimitOnce._controller
+    with _ThreadLimitOnce()(limits=1, user_api=None):
+        pass
+    assert controller is not None and _ThreadLimitOnce._controller is controller
+    assert inside and all(lib["num_threads"] == 1 for lib in inside)

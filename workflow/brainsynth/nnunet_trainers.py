@@ -24,7 +24,15 @@ deterministic algorithms. nnU-Net itself seeds only its data splits, so two
 unseeded trainings differ; seeded ones on CPU with in-process augmentation
 (``nnUNet_n_proc_DA=0``) and a fixed thread count are bit-identical.
 
-With none of them set it *is* the default nnU-Net trainer (the paper's
+Two changes make it faster and change nothing it computes (same seed: the same weights bit
+for bit): each training case is read from disk once and then kept in memory
+(:class:`CasesInMemory`, up to :data:`CASE_CACHE_BYTES`; nnU-Net opens the case's two blosc2 files
+and its properties pickle for every patch it draws), and the data loader's per-batch thread limit
+reuses one ``threadpoolctl`` controller instead of scanning the loaded libraries for each batch.
+On the demo's 2d tissue arm on one CPU thread these were 1.7 s and 0.9 s of an 18.6 s,
+150-iteration training.
+
+With none of the variables set it trains like the default nnU-Net trainer (the paper's
 setting). Environment variables are used because nnU-Net instantiates trainers
 itself, by class name, with a fixed constructor signature (``plans,
 configuration, fold, dataset_json, device``); the values actually used are
@@ -54,12 +62,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from nnunetv2.training.dataloading import data_loader as nnunet_data_loader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from threadpoolctl import ThreadpoolController
 
 from .segmentation import (ENV_ITERATIONS, ENV_NUM_EPOCHS, ENV_SAVE_EVERY, ENV_SEED, ENV_VAL_ITERATIONS,
                            TRAINER_NAMES)
 
 _SHIM_MODULE = "brainsynth_nnunet_trainers_shim"
+
+# the decompressed cases one training keeps in memory; cases beyond it are read from disk each time
+CASE_CACHE_BYTES = 2 * 1024**3
 
 
 def _positive_int_from_env(name, default):
@@ -96,6 +109,51 @@ def seed_everything(seed, device):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+class CasesInMemory:
+    """An nnU-Net dataset whose ``load_case`` reads each case from disk once.
+
+    The cached arrays are the decompressed contents of what nnU-Net would open, so the patches
+    cut from them are the same values; the properties dict is shared (the loader only reads it).
+    """
+
+    def __init__(self, dataset, max_bytes=CASE_CACHE_BYTES):
+        self.dataset = dataset
+        self.max_bytes = max_bytes
+        self.cached_bytes = 0
+        self._cases = {}
+
+    def __getattr__(self, name):
+        dataset = self.__dict__.get("dataset")  # absent while unpickling (augmentation workers)
+        if dataset is None:
+            raise AttributeError(name)
+        return getattr(dataset, name)
+
+    def load_case(self, identifier):
+        if identifier in self._cases:
+            return self._cases[identifier]
+        data, seg, seg_prev, properties = self.dataset.load_case(identifier)
+        arrays = [None if a is None else np.asarray(a[...]) for a in (data, seg, seg_prev)]
+        size = sum(a.nbytes for a in arrays if a is not None)
+        if self.cached_bytes + size > self.max_bytes:
+            return data, seg, seg_prev, properties
+        self.cached_bytes += size
+        self._cases[identifier] = (*arrays, properties)
+        return self._cases[identifier]
+
+
+class _ThreadLimitOnce:
+    """``threadpool_limits`` for nnU-Net's data loader, with the loaded libraries found once: a
+    new ``threadpool_limits`` scans every loaded library (about 5 ms), and the loader makes one
+    per batch."""
+
+    _controller = None
+
+    def __call__(self, limits=None, user_api=None):
+        if _ThreadLimitOnce._controller is None:
+            _ThreadLimitOnce._controller = ThreadpoolController()
+        return _ThreadLimitOnce._controller.limit(limits=limits, user_api=user_api)
+
+
 class nnUNetTrainerBrainsynth(nnUNetTrainer):
     """``nnUNetTrainer`` whose training length comes from ``BRAINSYNTH_NNUNET_*`` variables."""
 
@@ -130,6 +188,11 @@ class nnUNetTrainerBrainsynth(nnUNetTrainer):
                 plot(output_folder)
 
         self.logger.plot_progress_png = sparse
+
+    def get_tr_and_val_datasets(self):
+        """nnU-Net's datasets, each case read from disk once (:class:`CasesInMemory`)."""
+        nnunet_data_loader.threadpool_limits = _ThreadLimitOnce()
+        return tuple(CasesInMemory(d) for d in super().get_tr_and_val_datasets())
 
     def load_checkpoint(self, filename_or_checkpoint):
         """nnU-Net's resume, with the checkpoint read as data (``weights_only=True``): nnU-Net's
