@@ -183,6 +183,7 @@ def test_nnunet_plan_train_predict_end_to_end(tmp_path):
     assert (fold0 / "validation" / "summary.json").is_file()
     train_log = next(fold0.glob("training_log_*.txt")).read_text()
     assert "num_epochs=4, num_iterations_per_epoch=10" in train_log and "Epoch 3" in train_log
+    assert "training cases read from disk once" in train_log  # augmentation in the training process
     assert json.loads((m3d / "plans.json").read_text())["plans_name"] == "nnUNetPlansDemo"
     assert (pp / "splits_final.json").is_file()
 
@@ -200,11 +201,13 @@ def test_nnunet_plan_train_predict_end_to_end(tmp_path):
     # the ball fills ~7% of the volume: chance-level Dice is ~0.07
     assert np.mean(dices) > 0.5, dices
 
-    # 2D: trained on slices, predicts 3D volumes (fold 'all', no final validation)
+    # 2D: trained on slices, predicts 3D volumes (fold 'all', no final validation); one
+    # augmentation worker, which reads the cases from disk itself
     m2d = seg.train(11, roots, configuration="2d", fold="all", plans=seg.DEMO_PLANS, epochs=1,
-                    iterations_per_epoch=3, val_iterations_per_epoch=1, device="cpu", n_proc_da=0, threads=1,
+                    iterations_per_epoch=3, val_iterations_per_epoch=1, device="cpu", n_proc_da=1, threads=1,
                     final_validation=False, log=log)
     assert (m2d / "fold_all" / "checkpoint_final.pth").is_file()
+    assert "read from disk once" not in next((m2d / "fold_all").glob("training_log_*.txt")).read_text()
     assert not (m2d / "fold_all" / "validation").exists()
     pred2 = seg.predict(m2d, inputs[:1], tmp_path / "pred2d", device="cpu", threads=1)
     out = nib.load(pred2["test00"])
@@ -281,7 +284,7 @@ def test_cases_in_memory_reads_each_case_once_and_gives_the_same_patches(tmp_pat
             assert np.array_equal(crop_and_pad_nd(data, bbox, 0), crop_and_pad_nd(ref_data, bbox, 0))
     assert counted.reads == {"case0": 1, "case1": 1}
     assert cached.cached_bytes == 2 * (2 * 6 * 10 * 8 * 4 + 6 * 10 * 8)
-    # augmentation workers get the dataset pickled
+    # picklable like nnU-Net's own datasets
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
     copy = pickle.loads(pickle.dumps(CasesInMemory(nnUNetDatasetBlosc2(str(tmp_path)))))

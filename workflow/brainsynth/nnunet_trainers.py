@@ -25,7 +25,8 @@ unseeded trainings differ; seeded ones on CPU with in-process augmentation
 (``nnUNet_n_proc_DA=0``) and a fixed thread count are bit-identical.
 
 Two changes make it faster and change nothing it computes (same seed: the same weights bit
-for bit): each training case is read from disk once and then kept in memory
+for bit) where augmentation runs in the training process (the workflow's CPU setting): each
+training case is read from disk once and then kept in memory
 (:class:`CasesInMemory`, up to :data:`CASE_CACHE_BYTES`; nnU-Net opens the case's two blosc2 files
 and its properties pickle for every patch it draws), and the data loader's per-batch thread limit
 reuses one ``threadpoolctl`` controller instead of scanning the loaded libraries for each batch.
@@ -64,6 +65,7 @@ import numpy as np
 import torch
 from nnunetv2.training.dataloading import data_loader as nnunet_data_loader
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from threadpoolctl import ThreadpoolController
 
 from .segmentation import (ENV_ITERATIONS, ENV_NUM_EPOCHS, ENV_SAVE_EVERY, ENV_SEED, ENV_VAL_ITERATIONS,
@@ -190,9 +192,16 @@ class nnUNetTrainerBrainsynth(nnUNetTrainer):
         self.logger.plot_progress_png = sparse
 
     def get_tr_and_val_datasets(self):
-        """nnU-Net's datasets, each case read from disk once (:class:`CasesInMemory`)."""
+        """nnU-Net's datasets, each case read from disk once (:class:`CasesInMemory`) where the
+        augmentation runs in this process (``nnUNet_n_proc_DA=0``, the workflow's CPU setting);
+        augmentation workers would each hold a copy."""
+        datasets = super().get_tr_and_val_datasets()
+        if get_allowed_n_proc_DA() != 0:
+            return datasets
         nnunet_data_loader.threadpool_limits = _ThreadLimitOnce()
-        return tuple(CasesInMemory(d) for d in super().get_tr_and_val_datasets())
+        self.print_to_log_file(f"brainsynth: training cases read from disk once, kept in memory up to "
+                               f"{CASE_CACHE_BYTES / 1024**3:g} GiB", also_print_to_console=True)
+        return tuple(CasesInMemory(d) for d in datasets)
 
     def load_checkpoint(self, filename_or_checkpoint):
         """nnU-Net's resume, with the checkpoint read as data (``weights_only=True``): nnU-Net's
