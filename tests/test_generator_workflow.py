@@ -147,6 +147,15 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert plain["n"] == 12 and pd.isna(plain["target"]) and pd.isna(plain["pass"])
     recon = pd.read_csv(syn / "quality" / "label_reconstruction.tsv", sep="\t")
     assert {"train", "held_out"} == set(recon["split"])
+    # label FID beside the held-out real maps and the LDM's ceiling (held-out maps through the
+    # VAE); the tiny cohort's 3 held-out maps are too few for k-NN manifolds (k = 3): nan
+    dist = fidelity[fidelity["group"] == "distribution"].set_index("measure")
+    n_held, n_train = (recon.loc[recon["split"] == split, "subject"].nunique() for split in ("held_out", "train"))
+    for s, n_set in (("synthetic", 12), ("held_out", n_held), ("reconstructed_held_out", n_held)):
+        assert dist.loc[f"fid_{s}_vs_training", "n"] == n_set and dist.loc[f"fid_{s}_vs_training", "value"] >= 0
+        for m in ("precision", "recall"):
+            assert dist.loc[f"{m}_{s}", "n"] == n_set
+            assert (min(n_set, n_train) > 3) == np.isfinite(dist.loc[f"{m}_{s}", "value"])
     samples = pd.read_csv(syn / "quality" / "label_adherence_samples.tsv", sep="\t")
     per_mode = samples["mode"].value_counts()
     assert {"healthy", "unseen"} <= set(per_mode.index)  # + <type>_only per type in training

@@ -294,6 +294,53 @@ def test_calibrated_vae_decodes_with_its_offsets(models, cohort, tmp_path):
         LG.load_vae(model, calibration=tmp_path / "short.json")
 
 
+def test_reconstruct_returns_the_maps_its_rows_score(models, cohort):
+    """The audit's reconstructions: the VAE's argmax decoding of each map's posterior mean, the
+    maps the reconstruction rows were scored on (the LDM's ceiling rows take their features)."""
+    from brainsynth.generators import label_quality as LQ
+
+    schema = LabelSchema()
+    paths = {f"s{i}": p for i, p in enumerate(cohort["label_paths"][:2])}
+    rows, given, decoded = LQ.reconstruct(models["vae"]["model"], paths, schema.names, "train")
+    assert given.shape == decoded.shape == (2, *given.shape[1:]) and decoded.dtype == np.uint8
+    vae, pay = LG.load_vae(models["vae"]["model"])
+    for i, p in enumerate(paths.values()):
+        x = torch.from_numpy(C.load_prob_label(p, K))[None]
+        with torch.no_grad():
+            mu, _ = vae.encode(C.pad_background(x, pay["padded_shape"]))
+            expected = C.crop_to(LG.decoded_logits(vae, mu), pay["shape"])[0].argmax(0).numpy()
+        assert np.array_equal(decoded[i], expected) and np.array_equal(given[i], x[0].argmax(0).numpy())
+    expected_rows = [r for i in range(2)
+                     for r in LQ.reconstruction_rows(given[i], decoded[i], schema.names, f"s{i}", "train")]
+    pd.testing.assert_frame_equal(pd.DataFrame(rows), pd.DataFrame(expected_rows))
+    assert LQ.reconstruct(models["vae"]["model"], {}, schema.names, "held_out")[1:] == (None, None)
+
+
+def test_audit_distribution_rows_held_out_and_ceiling(models, cohort, tmp_path):
+    """The audit's label FID / k-NN rows: held-out maps identical to the training maps sit on the
+    real manifold (FID 0, precision = recall = 1); the ceiling rows score the VAE's decodings."""
+    from brainsynth.feature_metrics import frechet_distance, knn_precision_recall
+    from brainsynth.generators import label_quality as LQ
+
+    schema = LabelSchema()
+    maps = {f"sub{i}": p for i, p in enumerate(cohort["label_paths"])}
+    out = {k: tmp_path / f"{k}.tsv" for k in ("reconstruction", "gate", "adherence", "samples", "fidelity")}
+    out["figure"] = tmp_path / "adherence.png"
+    vae, ldm = models["vae"]["model"], models["ldm"]["model"]
+    fid = LQ.evaluate_label_generator(vae, ldm, maps, maps, out, n_per_mode=1, device="cpu").set_index("measure")
+    assert fid.loc["fid_held_out_vs_training", "value"] == pytest.approx(0.0, abs=1e-6)
+    assert fid.loc["precision_held_out", "value"] == fid.loc["recall_held_out", "value"] == 1.0
+    real = LQ.label_features(vae, np.stack(cohort["labels"]), K)
+    decoded = LQ.label_features(vae, LQ.reconstruct(vae, maps, schema.names, "held_out")[2], K)
+    assert fid.loc["fid_reconstructed_held_out_vs_training", "value"] == pytest.approx(frechet_distance(real, decoded))
+    p, r = knn_precision_recall(real, decoded)
+    assert (fid.loc["precision_reconstructed_held_out", "value"], fid.loc["recall_reconstructed_held_out", "value"]) \
+        == (p, r)
+    n_samples = len(pd.read_csv(out["samples"], sep="\t"))
+    assert fid.loc["fid_synthetic_vs_training", "n"] == n_samples
+    assert fid.loc["fid_held_out_vs_training", "n"] == fid.loc["fid_reconstructed_held_out_vs_training", "n"] == 4
+
+
 # --------------------------------------------------------------------------- LDM + sampling
 
 

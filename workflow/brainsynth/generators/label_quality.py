@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..feature_metrics import frechet_distance, knn_precision_recall
+from ..feature_metrics import against_reference
 from ..labels import single_type_modes
 
 # Issue gate of the label autoencoder (held-out Dice after argmax).
@@ -431,23 +431,25 @@ def _hard_maps(paths, n_classes):
 def reconstruct(vae_path, paths, names, split, device="cpu", calibration=None):
     """Rows of :func:`reconstruction_rows` for each ``{subject: probabilistic map path}``,
     encoded to the posterior mean and decoded by the label VAE (the LDM's view of the data; with
-    the VAE's ``calibration`` where given, as sampling decodes), and the given maps after argmax
-    ``(N, *spatial)`` (read once for both)."""
+    the VAE's ``calibration`` where given, as sampling decodes), the given maps after argmax
+    ``(N, *spatial)`` (read once for both) and their reconstructions after argmax (None for no
+    maps)."""
     import torch
 
     from . import common as C
     from .brainspade.label_generator import decoded_logits, load_vae
 
     vae, pay = load_vae(vae_path, device, calibration)
-    rows, given = [], []
+    rows, given, decoded = [], [], []
     with torch.no_grad():
         for subject, p in paths.items():
             x = torch.from_numpy(C.load_prob_label(p, pay["n_classes"]))[None]
             mu, _ = vae.encode(C.pad_background(x, pay["padded_shape"]).to(device))
-            rec = C.crop_to(decoded_logits(vae, mu), pay["shape"])[0].argmax(0).cpu().numpy()
+            decoded.append(C.crop_to(decoded_logits(vae, mu), pay["shape"])[0].argmax(0).cpu().numpy()
+                           .astype(np.uint8))
             given.append(x[0].argmax(0).numpy().astype(np.uint8))
-            rows += reconstruction_rows(given[-1], rec, names, subject, split)
-    return rows, (np.stack(given) if given else None)
+            rows += reconstruction_rows(given[-1], decoded[-1], names, subject, split)
+    return rows, (np.stack(given) if given else None), (np.stack(decoded) if decoded else None)
 
 
 def _target_row(group, measure, value, target=None, op=None, n=None, note=""):
@@ -476,8 +478,8 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
 
     schema = schema or LabelSchema()
     names = schema.names
-    rec_train, real = reconstruct(vae_path, training, names, "train", calibration=calibration)
-    rec_held, held = reconstruct(vae_path, held_out, names, "held_out", calibration=calibration)
+    rec_train, real, _ = reconstruct(vae_path, training, names, "train", calibration=calibration)
+    rec_held, held, held_decoded = reconstruct(vae_path, held_out, names, "held_out", calibration=calibration)
     rec = rec_train + rec_held
     save_table(pd.DataFrame(rec), out["reconstruction"])
     gate = reconstruction_gate(rec, schema, split="held_out" if held_out else "train")
@@ -544,25 +546,24 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
                             syn_div[2], f"std {syn_div[1]:.3f}"))
     rows.append(_target_row("diversity", "pairwise_dice_training", real_div[0], n=real_div[2],
                             note=f"std {real_div[1]:.3f}"))
-    feats_syn = label_features(vae_path, hard, schema.n_classes)
+    # label FID and k-NN precision / recall (nan where a set is too small) of the samples, of the
+    # held-out real maps (the real-real reference) and of the held-out maps through the VAE: every
+    # sample is a decoded latent, so those are as close as a perfect LDM's samples could come
     feats_real = label_features(vae_path, real, schema.n_classes)
     note = f"label VAE encoder features ({feats_real.shape[1]}: mean, std per latent channel)"
-    rows.append(_target_row("distribution", "fid_synthetic_vs_training", frechet_distance(feats_real, feats_syn),
-                            n=len(feats_syn), note=note))
-    # k-NN manifolds need more than k = 3 maps per set (a tiny cohort has fewer: nan, said so)
-    p_syn, r_syn = knn_precision_recall(feats_real, feats_syn) if min(len(feats_real), len(feats_syn)) > 3 \
-        else (float("nan"), float("nan"))
-    rows.append(_target_row("distribution", "precision_synthetic", p_syn, n=len(feats_syn),
-                            note="k-NN, k=3 (nan: <= 3 maps in a set)"))
-    rows.append(_target_row("distribution", "recall_synthetic", r_syn, n=len(feats_syn),
-                            note="k-NN, k=3 (nan: <= 3 maps in a set)"))
-    if held is not None and len(held) > 3 and len(feats_real) > 3:
-        feats_held = label_features(vae_path, held, schema.n_classes)
-        rows.append(_target_row("distribution", "fid_held_out_vs_training", frechet_distance(feats_real, feats_held),
-                                n=len(feats_held), note=note + "; the real-real reference"))
-        p_h, r_h = knn_precision_recall(feats_real, feats_held)
-        rows.append(_target_row("distribution", "precision_held_out", p_h, n=len(feats_held), note="k-NN, k=3"))
-        rows.append(_target_row("distribution", "recall_held_out", r_h, n=len(feats_held), note="k-NN, k=3"))
+    notes = {"synthetic": note, "held_out": f"{note}; the real-real reference",
+             "reconstructed_held_out": f"{note}; held-out maps encoded and decoded by the label VAE: the best "
+                                       "any LDM sample can reach"}
+    sets = {"synthetic": hard}
+    if held is not None:
+        sets |= {"held_out": held, "reconstructed_held_out": held_decoded}
+    for r in against_reference(feats_real, {k: label_features(vae_path, maps, schema.n_classes)
+                                            for k, maps in sets.items()}):
+        rows.append(_target_row("distribution", f"fid_{r['set']}_vs_training", r["fid"], n=r["n"],
+                                note=notes[r["set"]]))
+        for m in ("precision", "recall"):
+            rows.append(_target_row("distribution", f"{m}_{r['set']}", r[m], n=r["n"],
+                                    note="k-NN, k=3 (nan: <= 3 maps in a set)"))
     spread_syn = lesion_centroid_spread(hard, schema, voxel_mm)
     spread_real = lesion_centroid_spread(real, schema, voxel_mm)
     for t in schema.lesion_types:
