@@ -164,8 +164,8 @@ def job_blocks(out):
 
 
 # Preprocessing + both generators + sampling, at the smallest settings that still run
-# every generator rule for real (networks train for a few dozen steps; samples are not
-# meant to look good at this budget).
+# every generator rule for real (small networks train for a few dozen steps; samples are not
+# meant to look good at this budget; the demo-scale networks train in test_demo_networks_sample_plausible_tissue_fractions).
 TINY_GEN = {
     "experiment": "tinygen",
     "demo": TINY_SEG["demo"],  # 3 training subjects with labels
@@ -173,8 +173,10 @@ TINY_GEN = {
     "segmentation": {"tasks": []},
     "label_generator": {
         "checkpoint_every": 5,
-        "vae": {"steps": 40, "batch_size": 2, "patch_size": [32, 32, 32], "adv_warmup_steps": 10},
-        "ldm": {"steps": 30, "batch_size": 2},
+        "vae": {"steps": 40, "batch_size": 2, "patch_size": [32, 32, 32], "adv_warmup_steps": 10,
+                "channels": [8, 16], "norm_num_groups": 4},
+        "ldm": {"steps": 30, "batch_size": 2, "channels": [8, 16, 16], "num_head_channels": 4,
+                "norm_num_groups": 4},
         "sampling": {"scheduler": "ddim", "inference_steps": 5},
     },
     "image_generator": {"checkpoint_every": 10, "steps": 20, "batch_size": 2},
