@@ -13,6 +13,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from brainsynth import segmentation as seg
 from brainsynth.errors import InputError
@@ -237,20 +238,18 @@ def test_train_rejects_length_for_foreign_trainer(tmp_path):
         seg.train(5, tmp_path, trainer="nnUNetTrainer_5epochs", epochs=3)
 
 
-class _CountingBlosc2Dataset:
-    """nnU-Net's blosc2 dataset, counting the cases it reads from disk."""
+def _counting_blosc2_dataset(folder):
+    """nnU-Net's blosc2 dataset of ``folder``, counting the cases it reads from disk in ``reads``."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-    def __new__(cls, folder):
-        from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+    class Counting(nnUNetDatasetBlosc2):
+        def load_case(self, identifier):
+            self.reads[identifier] = self.reads.get(identifier, 0) + 1
+            return super().load_case(identifier)
 
-        class Counting(nnUNetDatasetBlosc2):
-            def load_case(self, identifier):
-                self.reads[identifier] = self.reads.get(identifier, 0) + 1
-                return super().load_case(identifier)
-
-        ds = Counting(str(folder))
-        ds.reads = {}
-        return ds
+    ds = Counting(str(folder))
+    ds.reads = {}
+    return ds
 
 
 def _blosc2_cases(folder, n=2):
@@ -260,48 +259,57 @@ def _blosc2_cases(folder, n=2):
     for i in range(n):
         data = rng.normal(size=(2, 6, 10, 8)).astype(np.float32)
         segm = rng.integers(0, 3, (1, 6, 10, 8)).astype(np.int8)
-        nnUNetDatasetBlosc2.save_case(data, segm, {"case": i}, str(folder / f"case{i}"))
+        nnUNetDatasetBlosc2.save_case(data, segm, {"case": i}, str(folder / f"case{i}"),
+                                      chunks=data.shape, blocks=data.shape, chunks_seg=segm.shape,
+                                      blocks_seg=segm.shape)
+
+
+ONE_CASE_BYTES = 2 * 6 * 10 * 8 * 4 + 6 * 10 * 8
 
 
 def test_cases_in_memory_reads_each_case_once_and_gives_the_same_patches(tmp_path):
     import pickle
 
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
-
-    from brainsynth.nnunet_trainers import CasesInMemory
-
-    _blosc2_cases(tmp_path)
-    plain, counted = _CountingBlosc2Dataset(tmp_path), _CountingBlosc2Dataset(tmp_path)
-    cached = CasesInMemory(counted)
-    assert sorted(cached.identifiers) == ["case0", "case1"]  # the wrapped dataset's attributes
-    bbox = [[-1, 5], [2, 12], [3, 7]]  # reaches past the border: padded like nnU-Net's loader pads
-    for _ in range(3):
-        for cid in ("case0", "case1"):
-            data, segm, prev, props = cached.load_case(cid)
-            ref_data, ref_seg, _, ref_props = plain.load_case(cid)
-            assert isinstance(data, np.ndarray) and prev is None and props == ref_props
-            assert np.array_equal(data, ref_data[...]) and np.array_equal(segm, ref_seg[...])
-            assert np.array_equal(crop_and_pad_nd(data, bbox, 0), crop_and_pad_nd(ref_data, bbox, 0))
-    assert counted.reads == {"case0": 1, "case1": 1}
-    assert cached.cached_bytes == 2 * (2 * 6 * 10 * 8 * 4 + 6 * 10 * 8)
-    # picklable like nnU-Net's own datasets
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
+    from brainsynth.nnunet_trainers import CaseCache, CasesInMemory
+
+    _blosc2_cases(tmp_path)
+    plain, counted = _counting_blosc2_dataset(tmp_path), _counting_blosc2_dataset(tmp_path)
+    cache = CaseCache()
+    cached, validation = CasesInMemory(counted, cache), CasesInMemory(counted, cache)
+    assert sorted(cached.identifiers) == ["case0", "case1"]  # the wrapped dataset's attributes
+    padded = [[-1, 5], [2, 12], [3, 7]]  # reaches past the border: padded like nnU-Net's loader pads
+    inside = [[1, 5], [2, 8], [0, 8]]  # within the case: nnU-Net's crop is a slice of the array
+    for _ in range(3):
+        for wrapper in (cached, validation):  # one cache for training and validation
+            for cid in ("case0", "case1"):
+                data, segm, prev, props = wrapper.load_case(cid)
+                ref_data, ref_seg, _, ref_props = plain.load_case(cid)
+                assert isinstance(data, np.ndarray) and prev is None and props == ref_props
+                assert np.array_equal(data, ref_data[...]) and np.array_equal(segm, ref_seg[...])
+                for bbox in (padded, inside):
+                    patch = crop_and_pad_nd(data, bbox, 0)
+                    assert np.array_equal(patch, crop_and_pad_nd(ref_data, bbox, 0))
+                    # the loader's augmentation works in place on the tensor of its crop
+                    torch.from_numpy(patch).mul_(0.5).add_(7.0)
+    assert counted.reads == {"case0": 1, "case1": 1}
+    assert cache.cached_bytes == 2 * ONE_CASE_BYTES
     copy = pickle.loads(pickle.dumps(CasesInMemory(nnUNetDatasetBlosc2(str(tmp_path)))))
     assert sorted(copy.identifiers) == ["case0", "case1"] and np.array_equal(copy.load_case("case1")[0], data)
 
 
 def test_cases_in_memory_reads_from_disk_beyond_its_budget(tmp_path):
-    from brainsynth.nnunet_trainers import CasesInMemory
+    from brainsynth.nnunet_trainers import CaseCache, CasesInMemory
 
     _blosc2_cases(tmp_path)
-    counted = _CountingBlosc2Dataset(tmp_path)
-    one_case = 2 * 6 * 10 * 8 * 4 + 6 * 10 * 8
-    cached = CasesInMemory(counted, max_bytes=one_case)
+    counted = _counting_blosc2_dataset(tmp_path)
+    cached = CasesInMemory(counted, CaseCache(max_bytes=ONE_CASE_BYTES))
     for _ in range(2):
         assert isinstance(cached.load_case("case0")[0], np.ndarray)
         assert not isinstance(cached.load_case("case1")[0], np.ndarray)  # over budget: nnU-Net's own array
-    assert counted.reads == {"case0": 1, "case1": 2} and cached.cached_bytes == one_case
+    assert counted.reads == {"case0": 1, "case1": 2} and cached.cache.cached_bytes == ONE_CASE_BYTES
 
 
 def test_data_loader_thread_limit_finds_libraries_once():

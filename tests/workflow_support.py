@@ -165,7 +165,8 @@ def job_blocks(out):
 
 # Preprocessing + both generators + sampling, at the smallest settings that still run
 # every generator rule for real (small networks train for a few dozen steps; samples are not
-# meant to look good at this budget; the demo-scale networks train in test_demo_networks_sample_plausible_tissue_fractions).
+# meant to look good at this budget; the demo-scale networks train in
+# test_demo_networks_sample_plausible_tissue_fractions).
 TINY_GEN = {
     "experiment": "tinygen",
     "demo": TINY_SEG["demo"],  # 3 training subjects with labels

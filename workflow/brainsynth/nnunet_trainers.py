@@ -27,7 +27,8 @@ unseeded trainings differ; seeded ones on CPU with in-process augmentation
 Two changes make it faster and change nothing it computes (same seed: the same weights bit
 for bit) where augmentation runs in the training process (the workflow's CPU setting): each
 training case is read from disk once and then kept in memory
-(:class:`CasesInMemory`, up to :data:`CASE_CACHE_BYTES`; nnU-Net opens the case's two blosc2 files
+(:class:`CasesInMemory`, up to :data:`CASE_CACHE_BYTES` for training and validation together,
+their slices copies as nnU-Net's are; nnU-Net opens the case's two blosc2 files
 and its properties pickle for every patch it draws), and the data loader's per-batch thread limit
 reuses one ``threadpoolctl`` controller instead of scanning the loaded libraries for each batch.
 On the demo's 2d tissue arm on one CPU thread these were 1.7 s and 0.9 s of an 18.6 s,
@@ -111,36 +112,57 @@ def seed_everything(seed, device):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-class CasesInMemory:
-    """An nnU-Net dataset whose ``load_case`` reads each case from disk once.
+class CachedCase(np.ndarray):
+    """A case array kept in memory whose slices are copies, as blosc2's are: nnU-Net's loader
+    turns an unpadded crop into a tensor sharing its memory and augments it in place, which
+    would otherwise write into the cached case."""
 
-    The cached arrays are the decompressed contents of what nnU-Net would open, so the patches
-    cut from them are the same values; the properties dict is shared (the loader only reads it).
-    """
+    def __getitem__(self, index):
+        return np.array(super().__getitem__(index))
 
-    def __init__(self, dataset, max_bytes=CASE_CACHE_BYTES):
-        self.dataset = dataset
+
+class CaseCache:
+    """The decompressed cases of one training, up to ``max_bytes``, shared by its training and
+    validation datasets (fold 'all' validates on the training cases)."""
+
+    def __init__(self, max_bytes=CASE_CACHE_BYTES):
         self.max_bytes = max_bytes
         self.cached_bytes = 0
-        self._cases = {}
+        self.cases = {}
+
+
+def _nbytes(array):
+    return 0 if array is None else int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
+
+
+class CasesInMemory:
+    """An nnU-Net dataset whose ``load_case`` reads each case from disk once (while the cache has
+    room; beyond it, nnU-Net's own arrays). The cached arrays hold the decompressed contents of
+    what nnU-Net would open and their slices are copies (:class:`CachedCase`), so the loader cuts
+    the same patches; the properties dict is shared (the loader only reads it)."""
+
+    def __init__(self, dataset, cache=None):
+        self.dataset = dataset
+        self.cache = CaseCache() if cache is None else cache
 
     def __getattr__(self, name):
-        dataset = self.__dict__.get("dataset")  # absent while unpickling (augmentation workers)
+        dataset = self.__dict__.get("dataset")  # absent while unpickling
         if dataset is None:
             raise AttributeError(name)
         return getattr(dataset, name)
 
     def load_case(self, identifier):
-        if identifier in self._cases:
-            return self._cases[identifier]
+        cache = self.cache
+        if identifier in cache.cases:
+            return cache.cases[identifier]
         data, seg, seg_prev, properties = self.dataset.load_case(identifier)
-        arrays = [None if a is None else np.asarray(a[...]) for a in (data, seg, seg_prev)]
-        size = sum(a.nbytes for a in arrays if a is not None)
-        if self.cached_bytes + size > self.max_bytes:
+        size = sum(_nbytes(a) for a in (data, seg, seg_prev))  # from the headers, nothing decompressed
+        if cache.cached_bytes + size > cache.max_bytes:
             return data, seg, seg_prev, properties
-        self.cached_bytes += size
-        self._cases[identifier] = (*arrays, properties)
-        return self._cases[identifier]
+        arrays = [None if a is None else np.array(a[...]).view(CachedCase) for a in (data, seg, seg_prev)]
+        cache.cached_bytes += size
+        cache.cases[identifier] = (*arrays, properties)
+        return cache.cases[identifier]
 
 
 class _ThreadLimitOnce:
@@ -201,7 +223,8 @@ class nnUNetTrainerBrainsynth(nnUNetTrainer):
         nnunet_data_loader.threadpool_limits = _ThreadLimitOnce()
         self.print_to_log_file(f"brainsynth: training cases read from disk once, kept in memory up to "
                                f"{CASE_CACHE_BYTES / 1024**3:g} GiB", also_print_to_console=True)
-        return tuple(CasesInMemory(d) for d in datasets)
+        cache = CaseCache()
+        return tuple(CasesInMemory(d, cache) for d in datasets)
 
     def load_checkpoint(self, filename_or_checkpoint):
         """nnU-Net's resume, with the checkpoint read as data (``weights_only=True``): nnU-Net's
