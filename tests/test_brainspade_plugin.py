@@ -23,7 +23,8 @@ BEFORE_MOVE = "e85a44d"
 ADDED_SINCE_MOVE = {"posterior_sigma_init": None, "compose_lesion_types": False, "negate_unrequested": False,
                     "compose_weight": 1.0,
                     "lr_schedule": "constant", "select_every": 0, "calibration": "none", "norm": "instance",
-                    "output_block_channels": 0, "training_amp": False, "lesion_presence": False}
+                    "output_block_channels": 0, "training_amp": False, "lesion_presence": False,
+                    "reconstruction_target": "soft"}
 
 
 def _without_added(obj):

@@ -279,12 +279,22 @@ def test_calibrated_vae_decodes_with_its_offsets(models, cohort, tmp_path):
     assert saved["class_offsets"] == rec["class_offsets"] and len(saved["class_offsets"]) == K
     assert saved["n_maps"] == 4 and saved["score_after"] >= saved["score_before"]
     assert all(saved["class_offsets"][schema.value(c)] == 0 for c in schema.lesion_classes)
+    temperature = saved["temperature"]
+    assert 0.2 <= temperature <= 5.0 and rec["temperature"] == temperature
     raw, _ = LG.load_vae(model)
     calibrated, pay = LG.load_vae(model, calibration=tmp_path / "cal.json")
     z = torch.randn(1, pay["vae_kwargs"]["latent_channels"], 8, 10, 8)
     with torch.no_grad():
-        diff = LG.decoded_logits(calibrated, z) - LG.decoded_logits(raw, z)
-    assert torch.allclose(diff, torch.tensor(saved["class_offsets"]).view(1, -1, 1, 1, 1).expand_as(diff), atol=1e-5)
+        got, trained = LG.decoded_logits(calibrated, z), LG.decoded_logits(raw, z)
+    offsets = torch.tensor(saved["class_offsets"]).view(1, -1, 1, 1, 1)
+    assert torch.allclose(got, (trained + offsets) / temperature, atol=1e-5)
+    # the temperature moves no argmax: the classes are the offsets' alone
+    assert torch.equal(got.argmax(1), (trained + offsets).argmax(1))
+    # a calibration of before the temperature (none stored) decodes with the offsets alone
+    (tmp_path / "old.json").write_text(json.dumps({"class_offsets": saved["class_offsets"]}))
+    with torch.no_grad():
+        old = LG.decoded_logits(LG.load_vae(model, calibration=tmp_path / "old.json")[0], z)
+    assert torch.allclose(old, trained + offsets, atol=1e-5)
     # calibration off: no offsets, the decoder as trained
     LG.calibrate_label_vae(model, cohort["label_paths"], "none", tmp_path / "off.json", schema=schema, device="cpu")
     assert json.loads((tmp_path / "off.json").read_text())["class_offsets"] is None
@@ -292,6 +302,19 @@ def test_calibrated_vae_decodes_with_its_offsets(models, cohort, tmp_path):
     (tmp_path / "short.json").write_text(json.dumps({"class_offsets": [0.1, 0.2]}))
     with pytest.raises(InputError, match="short.json"):
         LG.load_vae(model, calibration=tmp_path / "short.json")
+    (tmp_path / "cold.json").write_text(json.dumps({"class_offsets": [0.0] * K, "temperature": 0}))
+    with pytest.raises(InputError, match="temperature"):
+        LG.load_vae(model, calibration=tmp_path / "cold.json")
+
+
+def test_fit_temperature_by_hand():
+    # maps that are exactly softmax(logits / 2): the fit finds T = 2; sharper maps, a smaller T
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]]).T.reshape(1, 3, 2, 1, 1)
+    assert LG.fit_temperature(logits, torch.softmax(logits / 2, dim=1)) == pytest.approx(2.0, rel=1e-3)
+    assert LG.fit_temperature(logits, torch.softmax(logits / 0.5, dim=1)) == pytest.approx(0.5, rel=1e-3)
+    # one-hot maps of the argmax: as sharp as the search allows (its lower bound)
+    hard = torch.nn.functional.one_hot(logits.argmax(1), 3).movedim(-1, 1).float()
+    assert LG.fit_temperature(logits, hard, bounds=(0.2, 5.0)) == pytest.approx(0.2, rel=1e-2)
 
 
 def test_reconstruct_returns_the_maps_its_rows_score(models, cohort):
@@ -1291,6 +1314,29 @@ def test_vae_dice_ce_reconstruction_loss(cohort, tmp_path):
     assert np.isfinite(losses["reconstruction"]).all()
     with pytest.raises(InputError, match="reconstruction_loss"):
         LG.train_label_vae(cohort["label_paths"], _cfg(LABEL_CFG, vae={"reconstruction_loss": "l1"}), tmp_path / "x")
+
+
+def test_vae_reconstruction_target_argmax_scores_the_counted_classes(cohort, tmp_path):
+    # a near tie (0.45 / 0.55) is class 1 after argmax: the argmax target is that class, one-hot
+    x = torch.tensor([[0.6, 0.4], [0.45, 0.55]]).T.reshape(1, 2, 2, 1, 1)
+    hard = LG.reconstruction_target(x, "argmax")
+    assert torch.equal(hard, torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 2, 1, 1))
+    assert LG.reconstruction_target(x, "soft") is x
+    logits = torch.tensor([[0.3, -0.2], [0.1, 0.0]]).T.reshape(1, 2, 2, 1, 1)
+    recon = LG.reconstruction_loss("dice_ce", 2.0, None)
+    v = {**LG.DEFAULTS["vae"], "reconstruction_target": "argmax"}
+    z = torch.zeros(1, 1, 1, 1, 1)
+    got = LG._vae_generator_losses(v, logits, z, torch.ones_like(z), x, recon, None, None, None)[0]
+    assert float(got["reconstruction"]) == pytest.approx(float(recon(logits, hard)))
+    soft = LG._vae_generator_losses({**v, "reconstruction_target": "soft"}, logits, z, torch.ones_like(z), x, recon,
+                                    None, None, None)[0]
+    assert float(soft["reconstruction"]) != pytest.approx(float(got["reconstruction"]))
+    out = LG.train_label_vae(cohort["label_paths"], _cfg(LABEL_CFG, vae={"reconstruction_target": "argmax",
+                                                                          "steps": 4}), tmp_path)
+    assert np.isfinite(pd.read_csv(out["losses_tsv"], sep="\t")["reconstruction"]).all()
+    with pytest.raises(InputError, match="reconstruction_target"):
+        LG.train_label_vae(cohort["label_paths"], _cfg(LABEL_CFG, vae={"reconstruction_target": "hard"}),
+                           tmp_path / "x")
 
 
 def test_condition_channels_path_trains_and_samples(models, cohort, tmp_path):

@@ -79,8 +79,9 @@ rule train_label_vae:
 
 
 rule calibrate_label_vae:
-    """Per-class offsets of the VAE decoder's logits, fitted on its training maps (label_generator.
-    calibration); sampling and the audit decode with them, the LDM (encoder latents) does not."""
+    """Per-class offsets of the VAE decoder's logits and one temperature, fitted on its training
+    maps (label_generator.calibration); sampling and the audit decode with them, the LDM (encoder
+    latents) does not."""
     input:
         splits=split_tables(generator_training_subjects()),
         vae=LABEL_VAE,

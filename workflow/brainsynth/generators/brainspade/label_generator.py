@@ -71,6 +71,9 @@ vae.select_every                > 0: every this many steps (and at the last) the
                                 are none count against it); the model kept is the best-scoring one, not
                                 the last. 0: the last weights
 vae.reconstruction_loss         focal (the study) | dice_ce (soft-target cross-entropy + soft Dice)
+vae.reconstruction_target       soft: the probabilistic map | argmax: the one-hot map of its argmax, the class
+                                each voxel is counted as (a thin class such as the 4 mm CSF rim is a near tie
+                                in the soft map, which a soft target barely penalises losing)
 vae.focal_gamma                 focal loss gamma
 vae.class_weighting             focal-loss class weights: inverse_sqrt_frequency (rare classes such as
                                 lesions count more) or none
@@ -121,7 +124,10 @@ calibration                     none | tissue | all: per-class offsets added to 
                                 ascent of the selection's score), used by sampling and the audit: the VAE
                                 spreads a thin class's probability (the 4 mm CSF rim) over its neighbours,
                                 so the class loses the argmax it should win. tissue: background and tissue
-                                classes (lesions keep the size their conditioning asks for); all: every class
+                                classes (lesions keep the size their conditioning asks for); all: every class.
+                                With the offsets, one temperature dividing the logits, fitted so that the
+                                decoded probabilities match the training maps' (soft cross-entropy): it moves
+                                no argmax; a decoder trained on argmax targets draws near one-hot maps
 sampling.scheduler              ddpm (all T steps) | ddim
 sampling.inference_steps        DDIM steps (ignored by ddpm)
 sampling.ddim_eta               DDIM eta (0: deterministic given the initial noise)
@@ -191,6 +197,7 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "lr_schedule": "constant",
         "select_every": 0,
         "reconstruction_loss": "dice_ce",
+        "reconstruction_target": "soft",
         "focal_gamma": 2.0,
         "class_weighting": "none",
         "rare_class_oversample": 0.5,
@@ -370,16 +377,18 @@ def build_scheduler(kind, kwargs, clip_range=None):
 
 def load_vae(path, device="cpu", calibration=None):
     """The label VAE of a model file (eval mode) and its payload; ``calibration``: the JSON of
-    :func:`calibrate_label_vae`, whose class offsets the decoder's logits then get
+    :func:`calibrate_label_vae`, whose class offsets and temperature the decoder's logits then get
     (:func:`decoded_logits`)."""
     payload = C.torch_load(path)
     if payload.get("kind") != "label_vae":
         raise InputError("not a label VAE model file", file=path, fix="pass the output of train_label_vae")
     vae = build_vae(payload["vae_kwargs"])
     vae.load_state_dict(payload["state_dict"])
-    offsets = load_class_offsets(calibration, payload["n_classes"])
+    offsets, temperature = load_calibration(calibration, payload["n_classes"])
     if offsets is not None:
         vae.class_offsets = offsets
+    if temperature != 1.0:
+        vae.class_temperature = temperature
     return C.guard_bf16_inference(vae.to(device).eval(), "label VAE"), payload
 
 
@@ -567,6 +576,17 @@ def reconstruction_loss(kind, gamma, weight):
                      fix="use focal or dice_ce")
 
 
+RECONSTRUCTION_TARGETS = ("soft", "argmax")
+
+
+def reconstruction_target(x, kind):
+    """What the decoded logits are scored against: the probabilistic maps ``x`` themselves, or the
+    one-hot maps of their argmax (the classes the gate and the samples count)."""
+    if kind == "soft":
+        return x
+    return torch.nn.functional.one_hot(x.argmax(1), x.shape[1]).movedim(-1, 1).to(x.dtype)
+
+
 def _vae_batch(data, bs, padded, patch, centres, oversample):
     """``bs`` training maps drawn at random, cropped to ``patch`` (centred on a rare-class voxel
     with probability ``oversample`` where the map has one) when patches are used."""
@@ -582,13 +602,15 @@ def _vae_batch(data, bs, padded, patch, centres, oversample):
 
 
 def decoded_logits(vae, z):
-    """The decoder's logits of latents ``z``, plus the VAE's class offsets where it was loaded
-    with a calibration (:func:`load_vae`)."""
+    """The decoder's logits of latents ``z``, plus the VAE's class offsets and divided by its
+    temperature where it was loaded with a calibration (:func:`load_vae`): the offsets move
+    argmaxes, the temperature only how soft the probabilities are."""
     logits = vae.decode_stage_2_outputs(z)
     offsets = getattr(vae, "class_offsets", None)
-    if offsets is None:
-        return logits
-    return logits + offsets.to(logits).view(1, -1, *([1] * (logits.ndim - 2)))
+    if offsets is not None:
+        logits = logits + offsets.to(logits).view(1, -1, *([1] * (logits.ndim - 2)))
+    temperature = getattr(vae, "class_temperature", 1.0)
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def _dice_counts(pred, truth, n_classes):
@@ -674,6 +696,33 @@ def fit_class_offsets(logits, truth, classes, rounds=3):
     return offsets, before, best
 
 
+def fit_temperature(logits, target, bounds=(0.2, 5.0), iterations=40):
+    """The temperature ``T`` whose ``softmax(logits / T)`` is closest to the probabilistic maps
+    ``target`` (mean soft-target cross-entropy, convex in ``1 / T``: golden-section search over
+    ``1 / T`` within ``bounds`` of ``T``). Why: a decoder trained on argmax targets decides the
+    classes well but draws near one-hot maps, while the image generator learnt from the real maps'
+    partial volumes; ``T`` changes no argmax and gives the maps back their softness."""
+    logits, target = logits.float(), target.float()
+
+    def cross_entropy(beta):
+        return float(-(target * torch.log_softmax(logits * beta, dim=1)).sum(1).mean())
+
+    lo, hi = 1.0 / bounds[1], 1.0 / bounds[0]
+    ratio = (5 ** 0.5 - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = cross_entropy(a), cross_entropy(b)
+    for _ in range(int(iterations)):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = cross_entropy(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = cross_entropy(b)
+    return 1.0 / ((lo + hi) / 2)
+
+
 CALIBRATION_MODES = ("none", "tissue", "all")
 
 
@@ -713,22 +762,29 @@ def calibrate_label_vae(vae_path, label_paths, mode, out_path, *, schema=None, d
                 mu, _ = vae.encode(data[i:i + batch].to(dev).float())
                 logits.append(vae.decode_stage_2_outputs(mu).float().cpu())
         truth = data.argmax(1).to(torch.uint8)
-        offsets, before, after = fit_class_offsets(torch.cat(logits), truth, classes)
+        logits = torch.cat(logits)
+        offsets, before, after = fit_class_offsets(logits, truth, classes)
+        offsets = [round(float(o), 6) for o in offsets]
+        stored = torch.tensor(offsets, dtype=torch.float32).view(1, -1, *([1] * (logits.ndim - 2)))
+        temperature = round(fit_temperature(logits + stored, data), 4)  # with the offsets as sampling loads them
         names = {v: k for k, v in schema.classes.items()}
-        record.update(class_offsets=[round(float(o), 6) for o in offsets], classes=[names.get(c, c) for c in classes],
+        record.update(class_offsets=offsets, temperature=temperature,
+                      classes=[names.get(c, c) for c in classes],
                       n_maps=int(data.shape[0]), score_before=before, score_after=after)
-        log.info("label VAE calibration (%s) on %d training maps: offsets %s, training-map reconstruction "
-                 "%.4f -> %.4f", mode, data.shape[0], [round(float(o), 2) for o in offsets], before, after)
+        log.info("label VAE calibration (%s) on %d training maps: offsets %s, temperature %.3f, training-map "
+                 "reconstruction %.4f -> %.4f", mode, data.shape[0], [round(float(o), 2) for o in offsets],
+                 temperature, before, after)
     else:
         log.info("label VAE calibration off (label_generator.calibration: none): the decoder's logits as trained")
     save_json(record, out_path)
     return record
 
 
-def load_class_offsets(path, n_classes):
-    """The class offsets of a calibration JSON (None: no file, or calibration off)."""
+def load_calibration(path, n_classes):
+    """The class offsets (None: no file, or calibration off) and temperature (1.0 where the file
+    has none) of a calibration JSON."""
     if path is None:
-        return None
+        return None, 1.0
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -736,11 +792,15 @@ def load_class_offsets(path, n_classes):
                          fix="rerun the rule calibrate_label_vae") from exc
     offsets = record.get("class_offsets")
     if offsets is None:
-        return None
+        return None, 1.0
     if len(offsets) != int(n_classes):
         raise InputError(f"the calibration has {len(offsets)} class offsets for a VAE of {n_classes} classes",
                          file=path, fix="rerun the rule calibrate_label_vae for this VAE")
-    return torch.tensor(offsets, dtype=torch.float32)
+    temperature = float(record.get("temperature", 1.0))
+    if not temperature > 0:
+        raise InputError(f"the calibration's temperature must be > 0, got {temperature}", file=path,
+                         fix="rerun the rule calibrate_label_vae for this VAE")
+    return torch.tensor(offsets, dtype=torch.float32), temperature
 
 
 def _vae_generator_losses(v, logits, z_mu, z_sigma, x, recon, disc, adv_loss, perc):
@@ -749,7 +809,7 @@ def _vae_generator_losses(v, logits, z_mu, z_sigma, x, recon, disc, adv_loss, pe
     perceptual term when ``perc`` is. (The order of the terms fixes autograd's summation order,
     so a run's weights stay bit for bit what they were.)"""
     zero = torch.zeros((), device=logits.device)
-    out = {"reconstruction": recon(logits.float(), x), "kl": kl_loss(z_mu.float(), z_sigma.float())}
+    out = {"reconstruction": recon(logits.float(), reconstruction_target(x, v["reconstruction_target"])), "kl": kl_loss(z_mu.float(), z_sigma.float())}
     loss = out["reconstruction"] + float(v["kl_weight"]) * out["kl"]
     prob = torch.softmax(logits.float(), dim=1)
     out["gen_adv"] = zero
@@ -826,6 +886,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
              np.round(frequency.numpy(), 5).tolist(), None if weight is None else np.round(weight.numpy(), 2).tolist(),
              rare, 100 * float(v["rare_class_oversample"]) if centres else 0)
     recon = reconstruction_loss(v["reconstruction_loss"], float(v["focal_gamma"]), weight)
+    C.check_choice(v["reconstruction_target"], RECONSTRUCTION_TARGETS, "label_generator.vae.reconstruction_target")
     adv_loss = PatchAdversarialLoss(criterion="least_squares")
     perc = C.build_perceptual(sd, v["perceptual_weight"], v["perceptual_weights_path"], "label_generator.vae")
     if perc is not None:
