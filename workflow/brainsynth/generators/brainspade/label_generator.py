@@ -610,7 +610,7 @@ def decoded_logits(vae, z):
     if offsets is not None:
         logits = logits + offsets.to(logits).view(1, -1, *([1] * (logits.ndim - 2)))
     temperature = getattr(vae, "class_temperature", 1.0)
-    return logits if temperature == 1.0 else logits / temperature
+    return logits if temperature == 1.0 else logits.float() / temperature  # float32: no bfloat16 ties made
 
 
 def _dice_counts(pred, truth, n_classes):
@@ -740,11 +740,12 @@ def calibration_classes(mode, n_classes, schema):
 @torch.no_grad()
 def calibrate_label_vae(vae_path, label_paths, mode, out_path, *, schema=None, device="auto", num_threads=None,
                         batch=4):
-    """Fit the class offsets of a trained label VAE (:func:`fit_class_offsets`) on the decoded
-    posterior means of (at most :data:`CALIBRATION_MAPS` of) its training maps and write them as
-    JSON (``class_offsets``: null for ``mode: none``), with the training-map score before and
-    after. A stage of its own: the LDM trains on the encoder's latents and does not change with
-    it; sampling and the audit decode with it."""
+    """Fit the class offsets of a trained label VAE (:func:`fit_class_offsets`) and then its
+    temperature (:func:`fit_temperature`, on the logits with those offsets, over the whole padded
+    grid) on the decoded posterior means of (at most :data:`CALIBRATION_MAPS` of) its training
+    maps and write them as JSON (``class_offsets``: null and no temperature for ``mode: none``),
+    with the training-map score before and after. A stage of its own: the LDM trains on the
+    encoder's latents and does not change with it; sampling and the audit decode with it."""
     C.set_threads(num_threads)
     schema = schema or LabelSchema()
     dev = C.get_device(device)
@@ -767,6 +768,9 @@ def calibrate_label_vae(vae_path, label_paths, mode, out_path, *, schema=None, d
         offsets = [round(float(o), 6) for o in offsets]
         stored = torch.tensor(offsets, dtype=torch.float32).view(1, -1, *([1] * (logits.ndim - 2)))
         temperature = round(fit_temperature(logits + stored, data), 4)  # with the offsets as sampling loads them
+        if not 0.21 <= temperature <= 4.9:
+            log.warning("label VAE calibration: the temperature %.3f is at the edge of its search (0.2 - 5)",
+                        temperature)
         names = {v: k for k, v in schema.classes.items()}
         record.update(class_offsets=offsets, temperature=temperature,
                       classes=[names.get(c, c) for c in classes],
@@ -809,7 +813,8 @@ def _vae_generator_losses(v, logits, z_mu, z_sigma, x, recon, disc, adv_loss, pe
     perceptual term when ``perc`` is. (The order of the terms fixes autograd's summation order,
     so a run's weights stay bit for bit what they were.)"""
     zero = torch.zeros((), device=logits.device)
-    out = {"reconstruction": recon(logits.float(), reconstruction_target(x, v["reconstruction_target"])), "kl": kl_loss(z_mu.float(), z_sigma.float())}
+    target = reconstruction_target(x, v["reconstruction_target"])
+    out = {"reconstruction": recon(logits.float(), target), "kl": kl_loss(z_mu.float(), z_sigma.float())}
     loss = out["reconstruction"] + float(v["kl_weight"]) * out["kl"]
     prob = torch.softmax(logits.float(), dim=1)
     out["gen_adv"] = zero
@@ -1352,7 +1357,7 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     sample ``i`` comes from a generator seeded with ``(seed, i)``; DDPM/DDIM(eta>0)
     step noise from one per batch: same seed and batch size -> same maps.
     ``sampling``: a ``label_generator.sampling`` dict overriding the one stored with the
-    LDM; explicit arguments override both. ``calibration``: the VAE's class offsets
+    LDM; explicit arguments override both. ``calibration``: the VAE's class offsets and temperature
     (:func:`calibrate_label_vae`), none: the decoder as trained.
     """
     dev = C.get_device(device)

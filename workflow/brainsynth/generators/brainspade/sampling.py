@@ -104,7 +104,7 @@ def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n
     ``conditioning_values``, see :func:`make_conditioning`). ``sampling``: the
     ``label_generator.sampling`` settings (guidance scale, scheduler, ...) over those
     stored with the LDM. ``reference``: a NIfTI on the working grid whose affine the
-    outputs get. ``label_calibration``: the label VAE's class offsets (JSON), none: uncalibrated.
+    outputs get. ``label_calibration``: the label VAE's class offsets and temperature (JSON), none: uncalibrated.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
