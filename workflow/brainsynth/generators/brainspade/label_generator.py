@@ -601,6 +601,11 @@ def _vae_batch(data, bs, padded, patch, centres, oversample):
     return torch.stack(crops)
 
 
+def with_class_offsets(logits, offsets):
+    """``logits`` ``(N, K, ...)`` plus one offset per class (``K`` values, in the logits' dtype)."""
+    return logits + offsets.to(logits).view(1, -1, *([1] * (logits.ndim - 2)))
+
+
 def decoded_logits(vae, z):
     """The decoder's logits of latents ``z``, plus the VAE's class offsets and divided by its
     temperature where it was loaded with a calibration (:func:`load_vae`): the offsets move
@@ -608,7 +613,7 @@ def decoded_logits(vae, z):
     logits = vae.decode_stage_2_outputs(z)
     offsets = getattr(vae, "class_offsets", None)
     if offsets is not None:
-        logits = logits + offsets.to(logits).view(1, -1, *([1] * (logits.ndim - 2)))
+        logits = with_class_offsets(logits, offsets)
     temperature = getattr(vae, "class_temperature", 1.0)
     return logits if temperature == 1.0 else logits.float() / temperature  # float32: no bfloat16 ties made
 
@@ -696,7 +701,10 @@ def fit_class_offsets(logits, truth, classes, rounds=3):
     return offsets, before, best
 
 
-def fit_temperature(logits, target, bounds=(0.2, 5.0), iterations=40):
+TEMPERATURE_BOUNDS = (0.2, 5.0)  # the calibration's temperature search
+
+
+def fit_temperature(logits, target, bounds=TEMPERATURE_BOUNDS, iterations=40):
     """The temperature ``T`` whose ``softmax(logits / T)`` is closest to the probabilistic maps
     ``target`` (mean soft-target cross-entropy, convex in ``1 / T``: golden-section search over
     ``1 / T`` within ``bounds`` of ``T``). Why: a decoder trained on argmax targets decides the
@@ -766,11 +774,11 @@ def calibrate_label_vae(vae_path, label_paths, mode, out_path, *, schema=None, d
         logits = torch.cat(logits)
         offsets, before, after = fit_class_offsets(logits, truth, classes)
         offsets = [round(float(o), 6) for o in offsets]
-        stored = torch.tensor(offsets, dtype=torch.float32).view(1, -1, *([1] * (logits.ndim - 2)))
-        temperature = round(fit_temperature(logits + stored, data), 4)  # with the offsets as sampling loads them
-        if not 0.21 <= temperature <= 4.9:
-            log.warning("label VAE calibration: the temperature %.3f is at the edge of its search (0.2 - 5)",
-                        temperature)
+        stored = torch.tensor(offsets, dtype=torch.float32)  # the offsets as sampling loads them
+        temperature = round(fit_temperature(with_class_offsets(logits, stored), data), 4)
+        if not TEMPERATURE_BOUNDS[0] * 1.05 <= temperature <= TEMPERATURE_BOUNDS[1] * 0.98:
+            log.warning("label VAE calibration: the temperature %.3f is at the edge of its search %s",
+                        temperature, TEMPERATURE_BOUNDS)
         names = {v: k for k, v in schema.classes.items()}
         record.update(class_offsets=offsets, temperature=temperature,
                       classes=[names.get(c, c) for c in classes],
