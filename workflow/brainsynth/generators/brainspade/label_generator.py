@@ -73,7 +73,9 @@ vae.select_every                > 0: every this many steps (and at the last) the
 vae.reconstruction_loss         focal (the study) | dice_ce (soft-target cross-entropy + soft Dice)
 vae.reconstruction_target       soft: the probabilistic map | argmax: the one-hot map of its argmax, the class
                                 each voxel is counted as (a thin class such as the 4 mm CSF rim is a near tie
-                                in the soft map, which a soft target barely penalises losing)
+                                in the soft map, which a soft target barely penalises losing) |
+                                argmax_outside_lesions: one-hot except in voxels with any lesion probability,
+                                which keep the soft map
 vae.focal_gamma                 focal loss gamma
 vae.class_weighting             focal-loss class weights: inverse_sqrt_frequency (rare classes such as
                                 lesions count more) or none
@@ -576,15 +578,22 @@ def reconstruction_loss(kind, gamma, weight):
                      fix="use focal or dice_ce")
 
 
-RECONSTRUCTION_TARGETS = ("soft", "argmax")
+RECONSTRUCTION_TARGETS = ("soft", "argmax", "argmax_outside_lesions")
 
 
-def reconstruction_target(x, kind):
-    """What the decoded logits are scored against: the probabilistic maps ``x`` themselves, or the
-    one-hot maps of their argmax (the classes the gate and the samples count)."""
+def reconstruction_target(x, kind, lesion_channels=()):
+    """What the decoded logits are scored against: the probabilistic maps ``x`` themselves, the
+    one-hot maps of their argmax (the classes the gate and the samples count), or the one-hot maps
+    except in voxels where any of ``lesion_channels`` has probability, which keep their soft map:
+    sharp tissue boundaries, while lesion edges stay soft (an argmax-trained decoder writes
+    confident lesion specks from slightly-off latents). Every voxel keeps its argmax."""
     if kind == "soft":
         return x
-    return torch.nn.functional.one_hot(x.argmax(1), x.shape[1]).movedim(-1, 1).to(x.dtype)
+    hard = torch.nn.functional.one_hot(x.argmax(1), x.shape[1]).movedim(-1, 1).to(x.dtype)
+    if kind == "argmax" or not len(lesion_channels):
+        return hard
+    near_lesion = x[:, list(lesion_channels)].sum(1, keepdim=True) > 0
+    return torch.where(near_lesion, x, hard)
 
 
 def _vae_batch(data, bs, padded, patch, centres, oversample):
@@ -815,13 +824,13 @@ def load_calibration(path, n_classes):
     return torch.tensor(offsets, dtype=torch.float32), temperature
 
 
-def _vae_generator_losses(v, logits, z_mu, z_sigma, x, recon, disc, adv_loss, perc):
+def _vae_generator_losses(v, logits, z_mu, z_sigma, x, recon, disc, adv_loss, perc, lesion_channels=()):
     """The autoencoder's loss terms (``loss``: their weighted sum) and the decoded probabilities:
     reconstruction + KL, the adversarial term when ``disc`` is given (after the warm-up), the
     perceptual term when ``perc`` is. (The order of the terms fixes autograd's summation order,
     so a run's weights stay bit for bit what they were.)"""
     zero = torch.zeros((), device=logits.device)
-    target = reconstruction_target(x, v["reconstruction_target"])
+    target = reconstruction_target(x, v["reconstruction_target"], lesion_channels)
     out = {"reconstruction": recon(logits.float(), target), "kl": kl_loss(z_mu.float(), z_sigma.float())}
     loss = out["reconstruction"] + float(v["kl_weight"]) * out["kl"]
     prob = torch.softmax(logits.float(), dim=1)
@@ -900,6 +909,8 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
              rare, 100 * float(v["rare_class_oversample"]) if centres else 0)
     recon = reconstruction_loss(v["reconstruction_loss"], float(v["focal_gamma"]), weight)
     C.check_choice(v["reconstruction_target"], RECONSTRUCTION_TARGETS, "label_generator.vae.reconstruction_target")
+    schema = LabelSchema()
+    lesion_channels = [schema.value(c) for c in schema.lesion_classes if schema.classes.get(c, n_classes) < n_classes]
     adv_loss = PatchAdversarialLoss(criterion="least_squares")
     perc = C.build_perceptual(sd, v["perceptual_weight"], v["perceptual_weights_path"], "label_generator.vae")
     if perc is not None:
@@ -927,7 +938,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
         with C.autocast(device, amp):
             logits, z_mu, z_sigma = vae(x)
             losses, prob = _vae_generator_losses(v, logits, z_mu, z_sigma, x, recon, disc if adversarial else None,
-                                                 adv_loss, perc)
+                                                 adv_loss, perc, lesion_channels)
         C.optimizer_step(losses["loss"], opt_g, sc_g)
         losses["disc"] = torch.zeros((), device=device)
         if adversarial:
