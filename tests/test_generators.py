@@ -597,7 +597,7 @@ def test_sample_synthetic_writes_subjects(models, cohort, tmp_path):
     pd.testing.assert_frame_equal(man, pd.read_csv(tmp_path / "b" / "manifest.tsv", sep="\t"))
 
 
-def test_sample_synthetic_uses_the_configured_sampling(models, cohort, tmp_path):
+def test_sample_synthetic_uses_the_configured_sampling(models, cohort, tmp_path, monkeypatch):
     # the rule passes label_generator.sampling (guidance, composition, ...) to the sampler; it
     # once passed only scheduler and steps, and the arms were sampled at another guidance than
     # the audit's. DDIM eta > 0 is among the settings so that the two runs differ whatever the
@@ -608,7 +608,10 @@ def test_sample_synthetic_uses_the_configured_sampling(models, cohort, tmp_path)
               image_generator=models["img"]["model"], style_subjects=styles, n=2, montage=False,
               reference=cohort["label_paths"][0], conditioning="unseen", seed=4)
     composed = {"inference_steps": 3, "compose_lesion_types": True, "ddim_eta": 1.0}
+    passed, original = [], S.sample_labels
+    monkeypatch.setattr(S, "sample_labels", lambda *a, **k: passed.append(k["sampling"]) or original(*a, **k))
     man = S.sample_synthetic(out_dir=tmp_path / "composed", sampling=composed, **kw)
+    assert passed == [composed]
     S.sample_synthetic(out_dir=tmp_path / "joint", sampling={"inference_steps": 3}, **kw)
     cond = man[["dc_wmh", "dc_tumour"]].to_numpy(np.float32)
     direct = LG.sample_labels(models["vae"]["model"], models["ldm"]["model"], cond, seed=4, sampling=composed)
@@ -1363,6 +1366,15 @@ def test_vae_reconstruction_target_keeps_lesion_voxels_soft(cohort, tmp_path, mo
                                                                           "steps": 4}), tmp_path)
     assert np.isfinite(pd.read_csv(out["losses_tsv"], sep="\t")["reconstruction"]).all()
     assert seen and all(les == [6, 7, 8, 9] for les in seen)
+    # the configured schema, not the default one: tumour classes only; one with no lesion class is refused
+    seen.clear()
+    tumour_only = LabelSchema.from_config({"labels": {"lesion_types": {"tumour": ["necrotic", "oedema", "enhancing"]}}})
+    LG.train_label_vae(cohort["label_paths"], _cfg(LABEL_CFG, vae={"reconstruction_target": "argmax_outside_lesions",
+                                                                    "steps": 1}), tmp_path / "t", schema=tumour_only)
+    assert seen and all(les == [7, 8, 9] for les in seen)
+    with pytest.raises(InputError, match="lesion classes"):
+        LG.train_label_vae(cohort["label_paths"], _cfg(LABEL_CFG, vae={"reconstruction_target": "argmax_outside_lesions"}),
+                           tmp_path / "n", schema=LabelSchema.from_config({"labels": {"lesion_types": {}}}))
 
 
 def test_condition_channels_path_trains_and_samples(models, cohort, tmp_path):

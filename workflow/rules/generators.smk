@@ -62,6 +62,7 @@ rule train_label_vae:
     params:
         cfg=canonical({k: v for k, v in LGCFG.items() if k not in ("ldm", "sampling", "calibration")}),
         preprocessed=tissue_maps(generator_training_subjects()),
+        labels=config["labels"],
         out=lambda wc, output: os.path.dirname(output.model),
     conda:
         "../../envs/generators.yaml"

@@ -72,8 +72,8 @@ vae.select_every                > 0: every this many steps (and at the last) the
                                 the last. 0: the last weights
 vae.reconstruction_loss         focal (the study) | dice_ce (soft-target cross-entropy + soft Dice)
 vae.reconstruction_target       soft: the probabilistic map | argmax: the one-hot map of its argmax, the class
-                                each voxel is counted as (a thin class such as the 4 mm CSF rim is a near tie
-                                in the soft map, which a soft target barely penalises losing) |
+                                each voxel is counted as (a soft target barely penalises losing the 4 mm grid's
+                                thin, fragmented CSF, whose voxels are only moderately sure) |
                                 argmax_outside_lesions: one-hot except in voxels with any lesion probability,
                                 which keep the soft map
 vae.focal_gamma                 focal loss gamma
@@ -596,6 +596,21 @@ def reconstruction_target(x, kind, lesion_channels=()):
     return torch.where(near_lesion, x, hard)
 
 
+def vae_lesion_channels(kind, schema, n_classes):
+    """The channels ``reconstruction_target`` keeps soft around (the schema's lesion classes) for
+    ``argmax_outside_lesions``, else none; refused when the maps hold none of them (the target
+    would silently be ``argmax``)."""
+    if kind != "argmax_outside_lesions":
+        return []
+    channels = [schema.value(c) for c in schema.lesion_classes]
+    if not channels or max(channels) >= n_classes:
+        raise InputError(f"vae.reconstruction_target argmax_outside_lesions needs the label schema's lesion "
+                         f"classes {list(schema.lesion_classes)} among the maps' {n_classes} channels",
+                         field="label_generator.vae.reconstruction_target",
+                         fix="declare lesion classes under labels, or use soft or argmax")
+    return channels
+
+
 def _vae_batch(data, bs, padded, patch, centres, oversample):
     """``bs`` training maps drawn at random, cropped to ``patch`` (centred on a rare-class voxel
     with probability ``oversample`` where the map has one) when patches are used."""
@@ -857,9 +872,11 @@ def _vae_example(vae, disc, data, bs, patch, device):
     vae(data[:1].to(device).float())
 
 
-def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callback=None):
+def train_label_vae(label_paths, cfg, out_dir, *, schema=None, max_steps_this_run=None, callback=None):
     """Train the label autoencoder. Returns a dict of output paths (``model``, ``config``,
     ``losses_tsv``, ``losses_png``) or, when stopped by ``max_steps_this_run``, ``{"completed": False}``.
+    ``schema`` (default :class:`LabelSchema`) names the lesion channels of
+    ``vae.reconstruction_target: argmax_outside_lesions``.
     """
     cfg = resolve_config(cfg)
     out_dir = Path(out_dir)
@@ -909,8 +926,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
              rare, 100 * float(v["rare_class_oversample"]) if centres else 0)
     recon = reconstruction_loss(v["reconstruction_loss"], float(v["focal_gamma"]), weight)
     C.check_choice(v["reconstruction_target"], RECONSTRUCTION_TARGETS, "label_generator.vae.reconstruction_target")
-    schema = LabelSchema()
-    lesion_channels = [schema.value(c) for c in schema.lesion_classes if schema.classes.get(c, n_classes) < n_classes]
+    lesion_channels = vae_lesion_channels(v["reconstruction_target"], schema or LabelSchema(), n_classes)
     adv_loss = PatchAdversarialLoss(criterion="least_squares")
     perc = C.build_perceptual(sd, v["perceptual_weight"], v["perceptual_weights_path"], "label_generator.vae")
     if perc is not None:
@@ -955,7 +971,7 @@ def train_label_vae(label_paths, cfg, out_dir, *, max_steps_this_run=None, callb
         return {k: losses[k].item() for k in ("loss", "reconstruction", "kl", "gen_adv", "disc", "perceptual")}
 
     fp = C.config_hash(_fingerprint_cfg(cfg, "vae"), C.files_fingerprint(label_paths), "label_vae",
-                       bool(amp), layout)
+                       bool(amp), layout, *([lesion_channels] if lesion_channels else []))
     modules = {"vae": vae, "disc": disc}
     if best is not None:
         modules["best"] = best
