@@ -590,7 +590,7 @@ def reconstruction_target(x, kind, lesion_channels=()):
     if kind == "soft":
         return x
     hard = torch.nn.functional.one_hot(x.argmax(1), x.shape[1]).movedim(-1, 1).to(x.dtype)
-    if kind == "argmax" or not len(lesion_channels):
+    if kind == "argmax":
         return hard
     near_lesion = x[:, list(lesion_channels)].sum(1, keepdim=True) > 0
     return torch.where(near_lesion, x, hard)
