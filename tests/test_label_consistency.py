@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from brainsynth.errors import InputError
-from brainsynth.label_consistency import consistency_table
+from brainsynth.label_consistency import consistency_table, requested_samples
 from brainsynth.metrics import score_cohort
 
 CLASSES = {"csf": [1], "gm": [2], "tumour": [7, 8]}
@@ -50,3 +50,31 @@ def test_missing_real_test_set_is_named():
     real = _scores([("r1", truth, truth)], test_set="in_distribution")
     with pytest.raises(InputError, match="near_ood"):
         consistency_table(real, real, "tissue", "R", "near_ood")
+
+
+def test_lesion_classes_scored_on_requested_and_unasked_samples():
+    """The real model finds the tumour a sample asked for (s1) and misses the speck a WMH-only
+    sample holds unasked (s2): the pooled row averages both, the split rows say which is which."""
+    truth = np.zeros((4, 4, 4), np.uint8)
+    truth[0] = 1
+    truth[3, 0, :2] = 7
+    missed = truth.copy()
+    missed[3, 0, :2] = 0
+    manifest = pd.DataFrame({"subject": ["s1", "s2", "s3"], "dc_wmh": [0.0, 0.5, 0.0], "dc_tumour": [0.4, 0.0, 0.0]})
+    lesion_types = {"wmh": [6], "tumour": [7, 8, 9]}
+    requested = requested_samples(manifest, CLASSES, lesion_types)
+    assert requested == {"tumour": {"s1"}}  # csf and gm are no lesion classes
+    assert requested_samples(manifest, {"wm": [3, 6]}, lesion_types) == {}  # a class mixing tissue and lesion
+    assert requested_samples(manifest, {"lesion": [6, 7]}, lesion_types) == {"lesion": {"s1", "s2"}}
+    real = _scores([("r1", truth, truth)], test_set="in_distribution")
+    syn = _scores([("s1", truth, truth), ("s2", missed, truth), ("s3", missed, missed)], test_set="synthetic")
+    t = consistency_table(syn, real, "tumour", "R", "in_distribution", requested=requested)
+    assert list(t.loc[t["class"] == "csf", "samples"]) == ["all"]
+    rows = t[t["class"] == "tumour"].set_index("samples")
+    assert list(rows.index) == ["all", "requested", "unrequested"]
+    assert rows.loc["all", "synthetic_dice"] == pytest.approx(0.5) and rows.loc["all", "n_synthetic"] == 2
+    assert rows.loc["requested", "synthetic_dice"] == pytest.approx(1.0) and rows.loc["requested", "n_synthetic"] == 1
+    assert bool(rows.loc["requested", "pass"]) and not bool(rows.loc["all", "pass"])
+    assert rows.loc["unrequested", "synthetic_dice"] == 0 and not bool(rows.loc["unrequested", "pass"])
+    with pytest.raises(InputError, match="dc_tumour"):
+        requested_samples(manifest.drop(columns="dc_tumour"), CLASSES, lesion_types)

@@ -346,6 +346,8 @@ rule synthetic_label_consistency:
         model=lambda wc: f"{SEG}/{wc.task}/{consistency_arm(wc.task)}/model.json",
         scores=lambda wc: f"{SEG}/{wc.task}/{consistency_arm(wc.task)}/scores.tsv",
         samples=sample_set_files(),
+        # what each sample asked for: lesion classes are scored apart on requested and unasked lesions
+        manifest=f"{SYN}/manifest.tsv",
     output:
         predictions=directory(f"{SYN}/quality/label_consistency/{{task}}"),
         table=report(
@@ -360,6 +362,7 @@ rule synthetic_label_consistency:
             {"case_id": sid, **spec} for sid, spec in image_audit_cases(wc.task)["synthetic"].items()
         ],
         classes=lambda wc: SEG_DESIGN["groups"][wc.task],
+        labels=config["labels"],
         real_test_set=lambda wc: consistency_test_set(wc.task),
         max_gap=(SYNCFG.get("quality") or {}).get("consistency_max_gap", 0.10),
         tile_step_size=NNCFG.get("tile_step_size", 0.5),

@@ -9,7 +9,8 @@ import pandas as pd
 from brainsynth import experiment as design
 from brainsynth import segmentation as seg
 from brainsynth.io import run_main, save_table
-from brainsynth.label_consistency import consistency_table
+from brainsynth.label_consistency import consistency_table, requested_samples
+from brainsynth.labels import LabelSchema
 from brainsynth.metrics import score_cohort
 
 log = logging.getLogger("brainsynth")
@@ -27,11 +28,15 @@ def main(sm):
     synthetic = score_cohort(pairs, sm.params.classes, arm=sm.params.arm, task=sm.wildcards.task,
                              test_set="synthetic")
     real = pd.read_csv(sm.input.scores, sep="\t", dtype={"subject": str})
+    schema = LabelSchema.from_config({"labels": sm.params.labels})
+    requested = requested_samples(pd.read_csv(sm.input.manifest, sep="\t", dtype={"subject": str}),
+                                  sm.params.classes,
+                                  {t: [schema.value(c) for c in cs] for t, cs in schema.lesion_types.items()})
     table = consistency_table(synthetic, real, sm.wildcards.task, sm.params.arm, sm.params.real_test_set,
-                              sm.params.max_gap)
+                              sm.params.max_gap, requested=requested)
     save_table(table, sm.output.table)
     log.info("label consistency of %s (model %s):\n%s", sm.wildcards.task, sm.params.arm,
-             table[["class", "synthetic_dice", "n_synthetic", "real_dice", "gap", "pass"]].round(3).to_string())
+             table[["class", "samples", "synthetic_dice", "n_synthetic", "real_dice", "gap", "pass"]].round(3).to_string())
 
 
 run_main(main, snakemake)  # noqa: F821
