@@ -4,8 +4,11 @@ Reads the log Snakemake writes (``.snakemake/log/<date>.snakemake.log``, or the 
 of ``make demo``) and prints, per rule, the jobs, their job-minutes (wall time of each job,
 summed) and thread-minutes (job-minutes times the job's threads), largest first, with the run's
 wall time from the first job's start to the last job's end. On a machine with ``--cores N`` a
-run can take no less than its thread-minutes / N: the figure says whether a shorter run needs
-less work or a better schedule.
+run whose jobs get the threads they declare can take no less than its thread-minutes / N: the
+figure says whether a shorter run needs less work or a better schedule (with these thread
+counts; a job on two threads does not use them twice as well as on one). A log holding several
+invocations (a rerun appended to the same file) counts each one's jobs; a retried job counts its
+last attempt.
 
     python benchmarks/demo_timeline.py .snakemake/log/2026-12-07T015901.167521.snakemake.log
 """
@@ -16,19 +19,25 @@ import sys
 from datetime import datetime
 
 _STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
-_START = re.compile(r"^(?:local)?rule (\S+):$")
+_START = re.compile(r"^(?:local)?(?:rule|checkpoint) (\S+):$")
 _JOBID = re.compile(r"^\s+jobid: (\d+)$")
 _THREADS = re.compile(r"^\s+threads: (\d+)$")
 _FINISHED = re.compile(r"^Finished job(?:id:)? (\d+)")
+_NEW_RUN = "Building DAG of jobs..."
 
 
 def parse_jobs(lines):
-    """``{jobid: {"rule", "start", "end", "threads"}}`` from a Snakemake log's lines (jobs that
-    never finished keep ``end`` None). A job's start is the time stamp above its ``rule`` block,
-    its end the stamp above its ``Finished job`` line."""
-    jobs, stamp, current = {}, None, None
+    """``{(invocation, jobid): {"rule", "start", "end", "threads"}}`` from a Snakemake log's lines
+    (jobs that never finished keep ``end`` None). A job's start is the time stamp above its
+    ``rule`` block, its end the stamp above its ``Finished job`` line; job ids restart with each
+    invocation ("Building DAG of jobs...")."""
+    jobs, stamp, current, run = {}, None, None, 0
     for raw in lines:
         line = raw.rstrip("\n")
+        if line.startswith(_NEW_RUN):
+            run += 1
+            current = None
+            continue
         m = _STAMP.match(line)
         if m:
             stamp = datetime.strptime(" ".join(m.group(1).split()), "%a %b %d %H:%M:%S %Y")
@@ -41,7 +50,7 @@ def parse_jobs(lines):
         if current is not None:
             m = _JOBID.match(line)
             if m:
-                jobs[int(m.group(1))] = current
+                jobs[(run, int(m.group(1)))] = current
                 continue
             m = _THREADS.match(line)
             if m:
@@ -50,8 +59,8 @@ def parse_jobs(lines):
             if not line.startswith(" "):
                 current = None
         m = _FINISHED.match(line)
-        if m and stamp is not None and int(m.group(1)) in jobs:
-            jobs[int(m.group(1))]["end"] = stamp
+        if m and stamp is not None and (run, int(m.group(1))) in jobs:
+            jobs[(run, int(m.group(1)))]["end"] = stamp
     return jobs
 
 

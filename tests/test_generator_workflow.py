@@ -218,7 +218,7 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     # images, scored against their labels beside its real test Dice
     table = pd.read_csv(syn / "quality" / "label_consistency_tissue3.tsv", sep="\t")
     assert list(table["class"]) == ["csf", "gm", "wm"] and set(table["arm"]) == {"R"}
-    assert set(table["samples"]) == {"all"}  # no lesion class: no requested / unrequested rows
+    assert set(table["subset"]) == {"all"}  # no lesion class: no requested / unrequested rows
     assert sorted(p.name for p in (syn / "quality" / "label_consistency" / "tissue3").glob("*.nii.gz")) == [
         f"{sid}.nii.gz" for sid in manifest["subject"]]
     real = pd.read_csv(tmp_path / "results" / EXP / "segmentation" / "tissue3" / "R" / "scores.tsv", sep="\t")

@@ -6,6 +6,7 @@ import pytest
 
 from brainsynth.errors import InputError
 from brainsynth.label_consistency import consistency_table, requested_samples
+from brainsynth.labels import LabelSchema
 from brainsynth.metrics import score_cohort
 
 CLASSES = {"csf": [1], "gm": [2], "tumour": [7, 8]}
@@ -61,7 +62,8 @@ def test_lesion_classes_scored_on_requested_and_unasked_samples():
     missed = truth.copy()
     missed[3, 0, :2] = 0
     manifest = pd.DataFrame({"subject": ["s1", "s2", "s3"], "dc_wmh": [0.0, 0.5, 0.0], "dc_tumour": [0.4, 0.0, 0.0]})
-    lesion_types = {"wmh": [6], "tumour": [7, 8, 9]}
+    lesion_types = LabelSchema().lesion_type_values  # what the rule hands over
+    assert lesion_types == {"wmh": [6], "tumour": [7, 8, 9]}
     requested = requested_samples(manifest, CLASSES, lesion_types)
     assert requested == {"tumour": {"s1"}}  # csf and gm are no lesion classes
     assert requested_samples(manifest, {"wm": [3, 6]}, lesion_types) == {}  # a class mixing tissue and lesion
@@ -69,12 +71,17 @@ def test_lesion_classes_scored_on_requested_and_unasked_samples():
     real = _scores([("r1", truth, truth)], test_set="in_distribution")
     syn = _scores([("s1", truth, truth), ("s2", missed, truth), ("s3", missed, missed)], test_set="synthetic")
     t = consistency_table(syn, real, "tumour", "R", "in_distribution", requested=requested)
-    assert list(t.loc[t["class"] == "csf", "samples"]) == ["all"]
-    rows = t[t["class"] == "tumour"].set_index("samples")
+    assert list(t.loc[t["class"] == "csf", "subset"]) == ["all"]
+    rows = t[t["class"] == "tumour"].set_index("subset")
     assert list(rows.index) == ["all", "requested", "unrequested"]
     assert rows.loc["all", "synthetic_dice"] == pytest.approx(0.5) and rows.loc["all", "n_synthetic"] == 2
     assert rows.loc["requested", "synthetic_dice"] == pytest.approx(1.0) and rows.loc["requested", "n_synthetic"] == 1
     assert bool(rows.loc["requested", "pass"]) and not bool(rows.loc["all", "pass"])
-    assert rows.loc["unrequested", "synthetic_dice"] == 0 and not bool(rows.loc["unrequested", "pass"])
+    assert rows.loc["unrequested", "synthetic_dice"] == 0 and pd.isna(rows.loc["unrequested", "pass"])  # a leak: no target
+    # a generator that leaks nothing: an empty unrequested row, n 0, still no pass
+    clean = consistency_table(syn[syn["subject"] != "s2"], real, "tumour", "R", "in_distribution",
+                              requested=requested).set_index(["class", "subset"])
+    assert clean.loc[("tumour", "unrequested"), "n_synthetic"] == 0
+    assert pd.isna(clean.loc[("tumour", "unrequested"), "pass"]) and bool(clean.loc[("tumour", "all"), "pass"])
     with pytest.raises(InputError, match="dc_tumour"):
         requested_samples(manifest.drop(columns="dc_tumour"), CLASSES, lesion_types)

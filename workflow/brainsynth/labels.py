@@ -99,6 +99,11 @@ class LabelSchema:
     def lesion_classes(self):
         return [c for cs in self.lesion_types.values() for c in cs]
 
+    @property
+    def lesion_type_values(self):
+        """``{lesion type: its classes' label values}``."""
+        return {t: [self.classes[c] for c in cs] for t, cs in self.lesion_types.items()}
+
     def value(self, name):
         return self.classes[name]
 

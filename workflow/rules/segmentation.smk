@@ -346,7 +346,7 @@ rule synthetic_label_consistency:
         model=lambda wc: f"{SEG}/{wc.task}/{consistency_arm(wc.task)}/model.json",
         scores=lambda wc: f"{SEG}/{wc.task}/{consistency_arm(wc.task)}/scores.tsv",
         samples=sample_set_files(),
-        # what each sample asked for: lesion classes are scored apart on requested and unasked lesions
+        # what each sample asked for: lesion classes are scored apart on requested and unrequested lesions
         manifest=f"{SYN}/manifest.tsv",
     output:
         predictions=directory(f"{SYN}/quality/label_consistency/{{task}}"),

@@ -30,13 +30,12 @@ def main(sm):
     real = pd.read_csv(sm.input.scores, sep="\t", dtype={"subject": str})
     schema = LabelSchema.from_config({"labels": sm.params.labels})
     requested = requested_samples(pd.read_csv(sm.input.manifest, sep="\t", dtype={"subject": str}),
-                                  sm.params.classes,
-                                  {t: [schema.value(c) for c in cs] for t, cs in schema.lesion_types.items()})
+                                  sm.params.classes, schema.lesion_type_values)
     table = consistency_table(synthetic, real, sm.wildcards.task, sm.params.arm, sm.params.real_test_set,
                               sm.params.max_gap, requested=requested)
     save_table(table, sm.output.table)
     log.info("label consistency of %s (model %s):\n%s", sm.wildcards.task, sm.params.arm,
-             table[["class", "samples", "synthetic_dice", "n_synthetic", "real_dice", "gap", "pass"]].round(3).to_string())
+             table[["class", "subset", "synthetic_dice", "n_synthetic", "real_dice", "gap", "pass"]].round(3).to_string())
 
 
 run_main(main, snakemake)  # noqa: F821
