@@ -299,6 +299,10 @@ def test_drop_flagged_samples_feeds_the_sample_qc_to_synthetic_arms_only(tmp_pat
     assert "synthesis/sample_sets/u/samples/synth0003/label.nii.gz" in blocks["task=tumour, arm=Su"]
     assert "synthesis/samples/" not in blocks["task=tumour, arm=Su"]
     assert "rule sample_synthetic_u:" in out
+    # the real tumour model scores the main set's lesions split by what each sample asked for
+    consistency = [b for b in re.split(r"\n(?=rule |localrule )", out)
+                   if b.startswith("rule synthetic_label_consistency") and "task=tumour" in b]
+    assert len(consistency) == 1 and "synthesis/manifest.tsv" in consistency[0], out[-3000:]
 
 
 def test_arms_draw_from_the_generator_their_recipe_names(tmp_path):
