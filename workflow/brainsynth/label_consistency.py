@@ -80,12 +80,12 @@ def consistency_table(synthetic_scores, real_scores, task, arm, real_test_set, m
     rows = []
     for cls in dict.fromkeys(list(real["class"]) + list(syn["class"])):
         held = syn[syn["class"] == cls]
+        real_dice = real.loc[real["class"] == cls, "dice"]
         asked = held["subject"].astype(str).isin(requested.get(cls, ()))
         subsets = [("all", held)] + ([("requested", held[asked]), ("unrequested", held[~asked])]
                                      if cls in requested else [])
         for subset, part in subsets:
-            rows.append(_row(task, arm, cls, subset, part["dice"], real.loc[real["class"] == cls, "dice"],
-                             real_test_set, max_gap))
+            rows.append(_row(task, arm, cls, subset, part["dice"], real_dice, real_test_set, max_gap))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -109,8 +109,7 @@ class LabelSchema:
 
     def lesion_type_mask(self, label, lesion_type):
         """Boolean mask of voxels belonging to any class of ``lesion_type``."""
-        vals = [self.classes[c] for c in self.lesion_types[lesion_type]]
-        return np.isin(label, vals)
+        return np.isin(label, self.lesion_type_values[lesion_type])
 
     def lesion_counts(self, label):
         """Voxel count per lesion type (the numerator of dc_jl)."""

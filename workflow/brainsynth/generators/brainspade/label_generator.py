@@ -501,7 +501,7 @@ def _slice_conditioning(maps2d, types, schema):
         if t not in schema.lesion_types:
             raise InputError(f"lesion type {t!r} of the conditioning table is not in the label schema",
                              field="labels.lesion_types")
-        idx = [schema.value(c) for c in schema.lesion_types[t]]
+        idx = schema.lesion_type_values[t]
         counts.append(maps2d[:, idx].double().sum(dim=tuple(range(1, maps2d.ndim))).numpy())
     counts = np.stack(counts, 1).astype(np.float64)
     norm = counts.max(0)
