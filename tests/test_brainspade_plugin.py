@@ -4,7 +4,8 @@ same seed: trained models, loss tables and figures, samples, manifest, montage. 
 checkpoints differ only in their input fingerprint (paths and mtimes of the inputs), so they
 are compared without it. Settings added since the move are stored with the models (their
 config); at their defaults they change nothing, so model files and config records are compared
-without them, everything else (weights included) exactly. Both trees train in the default memory
+without them, everything else (weights included) exactly; the manifest without the columns
+added since. Both trees train in the default memory
 layout (the channels-last layout of float32 CPU training came later and rounds differently)."""
 
 import json
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -24,7 +26,9 @@ ADDED_SINCE_MOVE = {"posterior_sigma_init": None, "compose_lesion_types": False,
                     "compose_weight": 1.0,
                     "lr_schedule": "constant", "select_every": 0, "calibration": "none", "norm": "instance",
                     "output_block_channels": 0, "training_amp": False, "lesion_presence": False,
-                    "reconstruction_target": "soft"}
+                    "reconstruction_target": "soft", "unrequested_lesions": "keep"}
+# manifest columns added since the move (the outputs' other columns and files compared as they are)
+MANIFEST_ADDED_SINCE_MOVE = ["unrequested_lesion_voxels"]
 
 
 def _without_added(obj):
@@ -86,6 +90,9 @@ def test_brainspade_outputs_unchanged_by_the_move(tmp_path):
             a = torch.load(tmp_path / "out_before" / f, map_location="cpu", weights_only=False)
             b = torch.load(tmp_path / "out_after" / f, map_location="cpu", weights_only=False)
             assert _same(a, _without_added(b)), f
+        elif before[f] != after[f] and f.endswith("manifest.tsv"):
+            a, b = (pd.read_csv(tmp_path / d / f, sep="\t") for d in ("out_before", "out_after"))
+            pd.testing.assert_frame_equal(a, b.drop(columns=MANIFEST_ADDED_SINCE_MOVE))
         elif before[f] != after[f] and f.endswith("_config.json"):
             a, b = (json.loads((tmp_path / d / f).read_text()) for d in ("out_before", "out_after"))
             assert a == _without_added(b), f

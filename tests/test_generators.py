@@ -364,6 +364,38 @@ def test_audit_distribution_rows_held_out_and_ceiling(models, cohort, tmp_path):
     assert fid.loc["fid_held_out_vs_training", "n"] == fid.loc["fid_reconstructed_held_out_vs_training", "n"] == 4
 
 
+def test_audit_judges_the_decoded_maps_and_reports_what_removal_takes(models, cohort, tmp_path):
+    """With sampling.unrequested_lesions: remove the audit's adherence rows still judge the decoded
+    maps (the leak stays visible, as with keep), a row per mode counts the voxels removed, and the
+    other figures (tissue fractions here) are those of the maps as the samples carry them."""
+    from brainsynth.generators import label_quality as LQ
+
+    calibration = tmp_path / "oedema_offset.json"
+    calibration.write_text(json.dumps({"class_offsets": [0.0] * 8 + [OEDEMA_OFFSET, 0.0]}))
+    maps = {f"sub{i}": p for i, p in enumerate(cohort["label_paths"])}
+    runs = {}
+    for setting in ("keep", "remove"):
+        out = {k: tmp_path / setting / f"{k}.tsv" for k in ("reconstruction", "gate", "adherence", "samples",
+                                                            "fidelity")}
+        out["figure"] = tmp_path / setting / "adherence.png"
+        fid = LQ.evaluate_label_generator(models["vae"]["model"], models["ldm"]["model"], maps, maps, out,
+                                          n_per_mode=2, device="cpu", calibration=calibration,
+                                          sampling={"inference_steps": 3, "unrequested_lesions": setting})
+        runs[setting] = (fid.set_index("measure"), pd.read_csv(out["samples"], sep="\t").set_index("sample"))
+    (keep, keep_per), (remove, remove_per) = runs["keep"], runs["remove"]
+    leak = remove_per["unrequested_lesion_voxels"]
+    assert leak["healthy_000"] > 0 and (leak == keep_per["unrequested_lesion_voxels"]).all()
+    assert remove.loc["healthy_unrequested_voxels", "value"] == leak[remove_per["mode"] == "healthy"].mean()
+    assert "removed from the samples" in remove.loc["healthy_unrequested_voxels", "note"]
+    assert "kept in the samples" in keep.loc["healthy_unrequested_voxels", "note"]
+    adherence = [m for m in keep.index if m.endswith(("_unrequested_absent", "_any_lesion", "_requested_present"))]
+    assert keep.loc["healthy_any_lesion", "value"] == 1.0                # the offset's oedema, decoded
+    pd.testing.assert_series_equal(keep.loc[adherence, "value"], remove.loc[adherence, "value"])
+    fractions = [c for c in keep_per.columns if c.startswith("fraction_")]
+    moved = (keep_per[fractions] != remove_per[fractions]).any(axis=1)
+    assert (moved == (leak > 0)).all()
+
+
 # --------------------------------------------------------------------------- LDM + sampling
 
 
@@ -595,6 +627,74 @@ def test_sample_synthetic_writes_subjects(models, cohort, tmp_path):
         np.testing.assert_array_equal(nib.load(tmp_path / "a" / f).get_fdata(),
                                       nib.load(tmp_path / "b" / f).get_fdata())
     pd.testing.assert_frame_equal(man, pd.read_csv(tmp_path / "b" / "manifest.tsv", sep="\t"))
+
+
+def test_unrequested_lesion_types_are_removed_by_the_request():
+    # 4 voxels, classes 0..9 (6 wmh; 7-9 tumour); map 0 asks WMH only and holds an oedema voxel
+    # beside its WMH, map 1 asks nothing, map 2 asks both
+    schema = LabelSchema()
+    p = np.full((3, K, 4), 0.01, np.float32)
+    p[:, 3, :] = 0.2                                    # white matter second everywhere
+    p[0, 6, 0], p[0, 8, 1], p[0, 2, 2], p[0, 3, 3] = 0.9, 0.8, 0.9, 0.9
+    p[1, 7, 0], p[1, 6, 1], p[1, 1, 2], p[1, 3, 3] = 0.9, 0.9, 0.9, 0.9
+    p[2, 6, 0], p[2, 9, 1], p[2, 2, 2], p[2, 3, 3] = 0.9, 0.9, 0.9, 0.9
+    p /= p.sum(1, keepdims=True)
+    cond = np.array([[0.4, 0.0], [0.0, 0.0], [0.5, 0.6]], np.float32)
+    out, leaked = LG.resolve_unrequested_lesions(p, cond, ["wmh", "tumour"], schema, "remove")
+    np.testing.assert_array_equal(leaked, [1, 2, 0])
+    np.testing.assert_array_equal(out.argmax(1), [[6, 3, 2, 3], [3, 3, 1, 3], [6, 9, 2, 3]])
+    assert (out[0, 7:] == 0).all() and (out[1, 6:] == 0).all()
+    np.testing.assert_allclose(out.sum(1), 1, atol=1e-6)
+    np.testing.assert_allclose(out[2], p[2])             # nothing unrequested: unchanged
+    assert out[0, 6, 0] > p[0, 6, 0]                     # renormalised, order kept
+    kept, leaked_kept = LG.resolve_unrequested_lesions(p, cond, ["wmh", "tumour"], schema, "keep")
+    np.testing.assert_array_equal(kept, p)
+    np.testing.assert_array_equal(leaked_kept, leaked)
+    # all of a voxel's probability on removed classes: it becomes background
+    one_hot = np.zeros((1, K, 2), np.float32)
+    one_hot[0, 8, 0] = one_hot[0, 3, 1] = 1
+    out, _ = LG.resolve_unrequested_lesions(one_hot, [[0.0, 0.0]], ["wmh", "tumour"], schema, "remove")
+    np.testing.assert_array_equal(out.argmax(1), [[0, 3]])
+    np.testing.assert_allclose(out.sum(1), 1)
+    with pytest.raises(InputError, match="unrequested_lesions"):
+        LG.resolve_unrequested_lesions(p, cond, ["wmh", "tumour"], schema, "drop")
+    with pytest.raises(InputError, match="ms_lesion"):
+        LG.resolve_unrequested_lesions(p, cond, ["wmh", "ms_lesion"], schema, "remove")
+
+
+OEDEMA_OFFSET = 3.0  # 603 of the 3 maps' 15360 voxels oedema
+
+
+def test_sample_synthetic_removes_unrequested_lesion_types(models, cohort, tmp_path):
+    # healthy requests: with keep the decoded lesion voxels stay in the samples, with remove none
+    # is left, the manifest counts them either way, and the images are drawn from the maps as
+    # written. The toy decoder draws no lesion for a healthy request; a class offset on oedema
+    # (the calibration's logit offsets) makes it leak some, as the demo's draws oedema specks
+    calibration = tmp_path / "oedema_offset.json"
+    calibration.write_text(json.dumps({"class_offsets": [0.0] * 8 + [OEDEMA_OFFSET, 0.0]}))
+    styles = [{"subject": f"sub{i}", "t1": cohort["image_paths"]["t1"][i], "t2": cohort["image_paths"]["t2"][i]}
+              for i in range(2)]
+    kw = dict(label_vae=models["vae"]["model"], label_ldm=models["ldm"]["model"],
+              image_generator=models["img"]["model"], style_subjects=styles, n=3, montage=False,
+              reference=cohort["label_paths"][0], conditioning="healthy", seed=2, label_calibration=calibration)
+    lesion = LabelSchema().lesion_type_values["wmh"] + LabelSchema().lesion_type_values["tumour"]
+    read = lambda d, i, f: np.asarray(nib.load(tmp_path / d / "samples" / f"syn000{i + 1}" / f).dataobj)  # noqa: E731
+    kept = S.sample_synthetic(out_dir=tmp_path / "keep", sampling={"inference_steps": 3, "unrequested_lesions": "keep"},
+                              **kw)
+    removed = S.sample_synthetic(out_dir=tmp_path / "remove",
+                                 sampling={"inference_steps": 3, "unrequested_lesions": "remove"}, **kw)
+    counts = [int(np.isin(read("keep", i, "label.nii.gz"), lesion).sum()) for i in range(3)]
+    assert 0 < sum(counts) < 3 * np.prod(SHAPE) / 10, "no or too many oedema voxels: nothing to test"
+    assert list(kept["unrequested_lesion_voxels"]) == counts == list(removed["unrequested_lesion_voxels"])
+    for i in range(3):
+        hard = read("remove", i, "label.nii.gz")
+        assert not np.isin(hard, lesion).any()
+        before = read("keep", i, "label.nii.gz")
+        np.testing.assert_array_equal(hard[~np.isin(before, lesion)], before[~np.isin(before, lesion)])
+        assert (read("remove", i, "labelprob.nii.gz")[..., lesion] == 0).all()
+    assert (read("keep", 0, "t1.nii.gz") != read("remove", 0, "t1.nii.gz")).any() == (counts[0] > 0)
+    with pytest.raises(InputError, match="unrequested_lesions"):
+        S.sample_synthetic(out_dir=tmp_path / "bad", sampling={"unrequested_lesions": "drop"}, **kw)
 
 
 def test_sample_synthetic_uses_the_configured_sampling(models, cohort, tmp_path, monkeypatch):

@@ -150,7 +150,14 @@ rule fit_compose_weight:
     output:
         weights=LABEL_COMPOSE_WEIGHT,
     params:
-        sampling=canonical({k: v for k, v in LGCFG.get("sampling", {}).items() if k != "compose_weight"}),
+        # the fit measures the requested types only: unrequested_lesions changes none of its volumes
+        sampling=canonical(
+            {
+                k: v
+                for k, v in LGCFG.get("sampling", {}).items()
+                if k not in ("compose_weight", "unrequested_lesions")
+            }
+        ),
         labels=config["labels"],
     conda:
         "../../envs/generators.yaml"
@@ -232,6 +239,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
                 for k in ("n_samples", "conditioning", "conditioning_values", "seed")
             },
             sampling=canonical(sampling_settings(LGCFG, SCHEMA.lesion_types)),
+            labels=config["labels"],
             styles=style_table(style_subjects()),
             preprocessed=style_files(style_subjects()),
             out=lambda wc, output: os.path.dirname(output.manifest),

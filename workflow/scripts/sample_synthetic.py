@@ -3,6 +3,7 @@
 from brainsynth.generators.brainspade.label_generator import resolve_compose_weight
 from brainsynth.generators.brainspade.sampling import sample_synthetic
 from brainsynth.io import run_main
+from brainsynth.labels import LabelSchema
 
 
 def main(sm):
@@ -13,6 +14,7 @@ def main(sm):
         style_subjects=list(sm.params.styles), n=syn["n_samples"], out_dir=sm.params.out, reference=sm.input.reference,
         conditioning=syn["conditioning"], conditioning_values=syn.get("conditioning_values"),
         seed=syn["seed"], sampling=samp, id_prefix="synth", label_calibration=sm.input.calibration,
+        schema=LabelSchema.from_config({"labels": sm.params.labels}),
     )
 
 

@@ -19,7 +19,10 @@ Public API
     per map: voxels of each lesion type.
 ``conditioning_adherence(volumes, conditioning, min_voxels) -> (summary, per_sample)``
     per conditioning mode: share of samples with the requested lesion types present and
-    with unrequested ones absent; Spearman correlation of requested dc and volume.
+    with unrequested ones absent; Spearman correlation of requested dc and volume. The audit
+    takes it on the decoded maps, before ``sampling.unrequested_lesions`` removes lesion types
+    a request did not ask for (it judges the networks), and every other figure on the maps as
+    the samples carry them.
 ``pairwise_dice(hard, n_classes, max_pairs, seed) -> (mean, std, n_pairs)``
     mean over pairs of the mean non-background Dice: diversity (lower = more diverse).
 ``lesion_centroid_spread(hard, schema, voxel_mm) -> dict``
@@ -474,7 +477,8 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
     """
     from ..io import save_table
     from ..labels import LabelSchema
-    from .brainspade.label_generator import sample_labels, training_conditioning
+    from .brainspade.label_generator import (resolve_unrequested_lesions, sample_labels, sampling_config,
+                                             training_conditioning)
 
     schema = schema or LabelSchema()
     names = schema.names
@@ -489,14 +493,21 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
     cond = adherence_conditioning(types, train_values, n_per_mode, seed)
     # batches of 10: fewer, larger U-Net calls than the sampling rule's 4 (the initial noise is
     # seeded per sample, so the batch size changes no sample beyond float rounding)
-    probs = sample_labels(vae_path, ldm_path, cond[[f"dc_{t}" for t in types]].to_numpy(np.float32),
-                          seed=seed, device=device, sampling=sampling, progress=False, batch_size=10,
-                          calibration=calibration)
-    hard = probs.argmax(1).astype(np.uint8)
+    requests = cond[[f"dc_{t}" for t in types]].to_numpy(np.float32)
+    probs = sample_labels(vae_path, ldm_path, requests, seed=seed, device=device, sampling=sampling, progress=False,
+                          batch_size=10, calibration=calibration)
+    # adherence judges the networks: the decoded maps, before unrequested lesion types are removed;
+    # every other figure the maps as the samples carry them
+    decoded = probs.argmax(1).astype(np.uint8)
+    unrequested = sampling_config(ldm_path, sampling)["unrequested_lesions"]
+    resolved, leaked = resolve_unrequested_lesions(probs, requests, types, schema, unrequested)
+    hard = resolved.argmax(1).astype(np.uint8)
+    del probs, resolved
     ids = [f"{m}_{i:03d}" for m, i in zip(cond["mode"], cond.groupby("mode").cumcount())]
-    vols = lesion_volumes(hard, schema, ids)
+    vols = lesion_volumes(decoded, schema, ids)
     summary, per = conditioning_adherence(vols, cond, min_voxels)
     per.insert(0, "sample", ids)
+    per["unrequested_lesion_voxels"] = leaked
 
     fr_syn, fr_real = tissue_fractions(hard, schema), tissue_fractions(real, schema)
     real_volumes = lesion_volumes(real, schema)
@@ -515,12 +526,19 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
                         f"held-out; created in healthy: {g['created_in_healthy']}") for _, g in gate.iterrows()]
     for _, a in summary.iterrows():
         if a["measure"] == "any_lesion":
-            rows.append(_target_row("adherence", f"{a['mode']}_any_lesion", a["value"], 0.05, "<=", a["n"]))
+            rows.append(_target_row("adherence", f"{a['mode']}_any_lesion", a["value"], 0.05, "<=", a["n"],
+                                    "decoded maps"))
         elif a["measure"] == "requested_present" and a["lesion_type"] == "all":
             rows.append(_target_row("adherence", f"{a['mode']}_requested_present", a["value"],
                                     0.8 if a["mode"] == "unseen" else 0.9, ">=", a["n"]))
         elif a["measure"] == "unrequested_absent":
-            rows.append(_target_row("adherence", f"{a['mode']}_unrequested_absent", a["value"], n=a["n"]))
+            rows.append(_target_row("adherence", f"{a['mode']}_unrequested_absent", a["value"], n=a["n"],
+                                    note="decoded maps"))
+            leak = per.loc[per["mode"] == a["mode"], "unrequested_lesion_voxels"]
+            rows.append(_target_row("adherence", f"{a['mode']}_unrequested_voxels", float(leak.mean()), n=len(leak),
+                                    note=f"decoded voxels of unrequested lesion types per map (max {int(leak.max())}): "
+                                    f"{'removed from' if unrequested == 'remove' else 'kept in'} the samples "
+                                    f"(sampling.unrequested_lesions: {unrequested})"))
         elif a["measure"] == "spearman":
             rows.append(_target_row("adherence", f"spearman_dc_volume_{a['lesion_type']}", a["value"], 0.7, ">=",
                                     a["n"]))

@@ -5,7 +5,10 @@
     samples/{id}/label.nii.gz       hard labels (argmax of the map), uint8, values = class values
     samples/{id}/labelprob.nii.gz   probabilistic map (X, Y, Z, K) float32, channels sum to 1
     samples/{id}/{modality}.nii.gz  one image per modality of the image generator, [0, 1]
-    manifest.tsv                    subject, seed, conditioning_mode, dc_<type>..., style_<modality>...
+    manifest.tsv                    subject, seed, conditioning_mode, dc_<type>..., style_<modality>...,
+                                    unrequested_lesion_voxels (decoded voxels of lesion types the
+                                    request did not ask for; removed with sampling.unrequested_lesions:
+                                    remove)
     montage.png                     rows: samples; columns: label, then each modality (mid-axial slice)
 
 with the affine of a reference NIfTI on the working grid. The output depends
@@ -27,10 +30,12 @@ import pandas as pd
 
 from ...errors import InputError
 from ...io import save_nifti, save_table
+from ...labels import LabelSchema
 from .. import common as C
 from ..contract import check_samples, write_montage
 from .image_generator import generate_images, load_generator
-from .label_generator import make_conditioning, sample_labels, training_conditioning
+from .label_generator import (make_conditioning, resolve_unrequested_lesions, sample_labels, sampling_config,
+                              training_conditioning)
 
 log = logging.getLogger("brainsynth.generators.brainspade.sampling")
 
@@ -90,7 +95,7 @@ def _style_drawer(styles, modalities, spatial):
 def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n, out_dir, reference,
                      conditioning="random", conditioning_values=None, seed=0, scheduler=None, steps=None,
                      sampling=None, id_prefix="syn", device="auto", batch_size=None, montage=True,
-                     label_calibration=None):
+                     label_calibration=None, schema=None):
     """Generate ``n`` synthetic subjects into ``out_dir``; returns the manifest DataFrame.
 
     Layout: ``out_dir/samples/<id>/{label,labelprob,<modality>}.nii.gz`` (ids
@@ -105,6 +110,8 @@ def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n
     ``label_generator.sampling`` settings (guidance scale, scheduler, ...) over those
     stored with the LDM. ``reference``: a NIfTI on the working grid whose affine the
     outputs get. ``label_calibration``: the label VAE's class offsets and temperature (JSON), none: uncalibrated.
+    ``schema``: the label schema (default :class:`LabelSchema`), whose lesion types' classes
+    ``sampling.unrequested_lesions`` resolves.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,6 +130,12 @@ def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n
     log.info("sampling %d synthetic subjects (conditioning %s, seed %d) into %s", n, conditioning, seed, out_dir)
     probs = sample_labels(label_vae, label_ldm, cond, scheduler=scheduler, steps=steps, seed=seed,
                           batch_size=batch_size, device=device, sampling=sampling, calibration=label_calibration)
+    unrequested = sampling_config(label_ldm, sampling)["unrequested_lesions"]
+    probs, leaked = resolve_unrequested_lesions(probs, cond, types, schema or LabelSchema(), unrequested)
+    if leaked.any():
+        log.info("%d of %d label maps hold decoded voxels of lesion types their request did not ask for "
+                 "(%d in all): %s (sampling.unrequested_lesions)", int((leaked > 0).sum()), n, int(leaked.sum()),
+                 "removed" if unrequested == "remove" else "kept")
     if probs.ndim == 4:  # 2-D label generator: one axial slice per subject
         probs = probs[..., None]
     spatial = probs.shape[2:]
@@ -148,6 +161,7 @@ def sample_synthetic(*, label_vae, label_ldm, image_generator, style_subjects, n
         row = {"subject": sid, "seed": int(seed), "conditioning_mode": conditioning}
         row.update({f"dc_{t}": float(cond[i, j]) for j, t in enumerate(types)})
         row.update({f"style_{m}": style_src[m] for m in modalities})
+        row["unrequested_lesion_voxels"] = int(leaked[i])
         rows.append(row)
         montage_rows.append((sid, hard, imgs))
         log.info("synthetic subject %d/%d: %s (dc %s, style %s)", i + 1, n, sid,
