@@ -223,8 +223,9 @@ def test_each_experiment_plans_the_study_protocol(planned):
     r100 = rows(_cases(table, "R100S0", "real"))
     assert set(r100["phenotype"]) == {"wmh"} and set(r100["role"]) == {"in_distribution"}
     n = len(r100)
-    for arm, real, synth in (("R0S100", 0, n), ("R5S95", round(0.05 * n + 1e-9), round(0.95 * n)),
-                             ("R10S90", int(0.1 * n + 0.5), int(0.9 * n + 0.5)),
+    # the study's R5S95 rounds to no real subject at demo scale (9): not an arm of the demo
+    assert n < 10 and "R5S95" not in set(table.index)
+    for arm, real, synth in (("R0S100", 0, n), ("R10S90", int(0.1 * n + 0.5), int(0.9 * n + 0.5)),
                              ("R50S50", int(0.5 * n + 0.5), int(0.5 * n + 0.5))):
         assert (len(_cases(table, arm, "real")), len(_cases(table, arm, "synthetic"))) == (real, synth), arm
         assert table.loc[arm, "sample_set"] == "unseen"
@@ -232,8 +233,8 @@ def test_each_experiment_plans_the_study_protocol(planned):
     assert set(table.loc[table["task"] == "wmh", "test_sets"]) == {"wmh:flair tumour:flair"}
     # at least 10 test subjects per test set, and each set holds what its name says
     jobs = planned_jobs(out)
-    assert jobs["experiment_table"] == 4 and jobs["train_segmentation"] == 14
-    assert jobs["predict_segmentation"] == 6 * 3 + 3 + 5 * 2
+    assert jobs["experiment_table"] == 4 and jobs["train_segmentation"] == 13
+    assert jobs["predict_segmentation"] == 6 * 3 + 3 + 4 * 2
     assert jobs["sample_synthetic_unseen"] == 1
     # the near-OOD dataset has T1 only, the far-OOD one FLAIR only: their style sets image what
     # they have, and their subjects are made with those modalities alone
@@ -298,6 +299,21 @@ def test_generator_pool_without_subjects_is_named(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
     assert code != 0 and "synthesis.training_pool" in out and "no training subject with a label" in out, out[-2000:]
     assert "Traceback" not in out
+
+
+def test_mixture_whose_real_share_rounds_to_no_case_is_named_before_any_work(tmp_path):
+    """The study's R5S95 over the demo's 9 real WMH subjects: 5% rounds to no real case, so the arm
+    would train on R0S100's cases under another name; refused at parse time, naming the arm."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    seg = cfg["segmentation"]
+    seg["recipes"]["R5S95"] = {**seg["recipes"]["R0S100"], "real": 0.05, "synthetic": 0.95}
+    seg["arms"].append("R5S95")
+    seg["task_definitions"]["wmh"]["arms"].append("R5S95")
+    code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
+    assert code != 0 and "Traceback" not in out, out[-2000:]
+    for w in ("segmentation.recipes.R5S95", "real share of 0.05 of 9 real training subjects", "a pool of at least 10"):
+        assert w in out, (w, out[-2000:])
+    assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.parametrize("change,words", [
@@ -405,7 +421,7 @@ def test_generator_benchmark_config_adds_its_arms_and_table(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
-    assert jobs["train_segmentation"] == 27 and jobs["generator_benchmark"] == 1
+    assert jobs["train_segmentation"] == 26 and jobs["generator_benchmark"] == 1
     assert jobs["synthesize_gmm"] == jobs["insert_lesions"] == jobs["train_spade_diffusion"] == 1
     assert jobs["generator_image_fid"] == 6  # three generators' images on the tissue and tumour encoders
     assert jobs["generator_quality"] == 4  # every generator's samples, brainspade's included
@@ -422,7 +438,7 @@ def test_generator_benchmark_config_adds_its_arms_and_table(tmp_path):
 
 def test_make_benchmark_plans_the_table_and_the_curve(tmp_path):
     """make benchmark's configs (read from the Makefile) plan the benchmark table, the curve and
-    every arm of both: the four experiments' 14, the benchmark's 13 and the curve's 54."""
+    every arm of both: the four experiments' 13, the benchmark's 13 and the curve's 54."""
     import re
 
     from snakemake.utils import update_config
@@ -436,7 +452,7 @@ def test_make_benchmark_plans_the_table_and_the_curve(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=600)
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
-    assert jobs["train_segmentation"] == 14 + 13 + 54
+    assert jobs["train_segmentation"] == 13 + 13 + 54
     assert jobs["generator_benchmark"] == jobs["value_curve"] == 1
 
 
@@ -474,7 +490,7 @@ def test_value_curve_config_adds_its_arms_to_its_task(tmp_path):
     code, out = run_snakemake(tmp_path, "-n", config=cfg, timeout=300)
     assert code == 0, out[-3000:]
     jobs = planned_jobs(out)
-    assert jobs["train_segmentation"] == 14 + 54 and jobs["value_curve"] == 1
+    assert jobs["train_segmentation"] == 13 + 54 and jobs["value_curve"] == 1
     block = next(b for b in re.split(r"\n(?=rule |localrule )", out) if b.startswith("rule value_curve:"))
     assert block.split("output:")[0].count("segmentation/tissue3/VC_") == 54
     for key, value, field in (("task", "wmh_missing", "value_curve.task"),

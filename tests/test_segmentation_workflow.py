@@ -42,6 +42,16 @@ def test_arm_counts_pool_and_real_relative():
         design.arm_counts({"real": 0.01}, 12, 20, arm="X")
     with pytest.raises(InputError, match="segmentation.recipes.X"):
         design.arm_counts({"real": 1.0, "fake": 1}, 12, 20, arm="X")
+    # a mixture share that rounds to no case would be another arm under the mixture's name
+    # (R5S95 of 9 real subjects: R0S100); 5% of 10 is half a case, rounded up
+    with pytest.raises(InputError, match=r"real share of 0.05 of 9 real training subjects.*rounds to 0") as err:
+        design.arm_counts({"real": 0.05, "synthetic": 0.95, "relative_to": "real"}, 9, 20, arm="R5S95")
+    assert "segmentation.recipes.R5S95" in str(err.value) and "a pool of at least 10" in str(err.value)
+    assert design.arm_counts({"real": 0.05, "synthetic": 0.95, "relative_to": "real"}, 10, 20) == (1, 10)
+    with pytest.raises(InputError, match="synthetic share of 0.01 of 20 synthetic samples"):
+        design.arm_counts({"real": 1.0, "synthetic": 0.01}, 12, 20, arm="X")
+    with pytest.raises(InputError, match="synthetic pool"):
+        design.arm_counts({"real": 1.0, "synthetic": 0.5}, 12, 0, arm="X")
 
 
 def test_arm_cases_are_seeded_and_nested():

@@ -15,7 +15,8 @@ real training subjects (``split == train``) and the synthetic samples
 ``relative_to: pool`` (default): ``n_x = round(fraction_x * pool size_x)``;
 ``relative_to: real``: both counts are fractions of the number of real
 training subjects, so ``R50S50`` has as many cases as ``R`` (the paper's
-mixtures). Rounding is half-up. Which cases are used is deterministic from
+mixtures). Rounding is half-up; a positive share that rounds to no case is refused (R5S95 of
+9 real subjects would be R0S100 under another name). Which cases are used is deterministic from
 the seed and does not depend on the arm: every pool is shuffled once
 (:func:`pool_order`) and an arm takes the first ``n`` of it, so subsets are
 nested (R25 within R50 within R100) and the same for every task. ``style_set``
@@ -131,6 +132,15 @@ def arm_counts(recipe, n_real, n_synthetic, arm="?"):
                          fix="raise synthesis.n_samples or lower the synthetic fraction")
     if counts["real"] + counts["synthetic"] == 0:
         raise InputError("selects no training case", field=field, fix="give a fraction > 0")
+    for pool in POOLS:  # a mixture's share that rounds to no case: another arm under its name
+        if fr[pool] > 0 and counts[pool] == 0:
+            what = "real training subjects" if pool == "real" or rel == "real" else "synthetic samples"
+            raise InputError(
+                f"asks for a {pool} share of {fr[pool]:g} of {base[pool]} {what}, which rounds to 0 cases: "
+                f"it would train without {pool} data", field=field,
+                fix=f"give a {pool} share of at least {0.5 / base[pool]:.3g} (half a case rounds up), a pool of at "
+                    f"least {math.ceil(0.5 / fr[pool] - 1e-9)}, or drop the arm" if base[pool] else
+                    f"give the arm a {pool} pool, or drop the arm")
     return counts["real"], counts["synthetic"]
 
 
