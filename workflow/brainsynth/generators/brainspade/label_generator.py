@@ -1396,6 +1396,13 @@ def _composed_prediction(unet, x, tt, contexts, cond, guidance, concat, dev, neg
 UNREQUESTED_LESIONS = ("keep", "remove")
 
 
+def _check_unrequested_lesions(setting):
+    if setting not in UNREQUESTED_LESIONS:
+        raise InputError(f"unrequested_lesions must be one of {list(UNREQUESTED_LESIONS)}, got {setting!r}",
+                         field="label_generator.sampling.unrequested_lesions",
+                         fix="use remove (samples hold only the lesion types they ask for) or keep")
+
+
 def sampling_config(ldm_payload, sampling=None):
     """The sampling settings in force: DEFAULTS, then those stored with the LDM (``ldm_payload``, its
     model file's content or path), then ``sampling`` (a ``label_generator.sampling`` dict)."""
@@ -1403,10 +1410,7 @@ def sampling_config(ldm_payload, sampling=None):
         ldm_payload = C.torch_load(ldm_payload)
     samp = C.merge_config(DEFAULTS["sampling"], ldm_payload.get("sampling"), where="label_generator.sampling")
     samp = C.merge_config(samp, sampling, where="label_generator.sampling")  # overrides of the stored config
-    if samp["unrequested_lesions"] not in UNREQUESTED_LESIONS:
-        raise InputError(f"unrequested_lesions must be one of {list(UNREQUESTED_LESIONS)}, "
-                         f"got {samp['unrequested_lesions']!r}", field="label_generator.sampling.unrequested_lesions",
-                         fix="use remove (samples hold only the lesion types they ask for) or keep")
+    _check_unrequested_lesions(samp["unrequested_lesions"])
     return samp
 
 
@@ -1420,9 +1424,7 @@ def resolve_unrequested_lesions(probs, conditioning, lesion_types, schema, setti
     lesion (oedema specks beside WMH), and a segmenter trained on the sample learns them as that
     type; brainSPADE's own sampler decides the type of its generated lesion by the request, not
     by the decoder, and so does this."""
-    if setting not in UNREQUESTED_LESIONS:
-        raise InputError(f"unrequested_lesions must be one of {list(UNREQUESTED_LESIONS)}, got {setting!r}",
-                         field="label_generator.sampling.unrequested_lesions", fix="use remove or keep")
+    _check_unrequested_lesions(setting)
     probs = np.asarray(probs)
     if not np.issubdtype(probs.dtype, np.floating):
         probs = probs.astype(np.float32)
