@@ -350,7 +350,8 @@ def test_audit_distribution_rows_held_out_and_ceiling(models, cohort, tmp_path):
     out = {k: tmp_path / f"{k}.tsv" for k in ("reconstruction", "gate", "adherence", "samples", "fidelity")}
     out["figure"] = tmp_path / "adherence.png"
     vae, ldm = models["vae"]["model"], models["ldm"]["model"]
-    fid = LQ.evaluate_label_generator(vae, ldm, maps, maps, out, n_per_mode=1, device="cpu").set_index("measure")
+    fid = LQ.evaluate_label_generator(vae, ldm, maps, maps, out, n_per_mode=2, device="cpu",
+                                      sampling={"inference_steps": 3}).set_index("measure")
     assert fid.loc["fid_held_out_vs_training", "value"] == pytest.approx(0.0, abs=1e-6)
     assert fid.loc["precision_held_out", "value"] == fid.loc["recall_held_out", "value"] == 1.0
     real = LQ.label_features(vae, np.stack(cohort["labels"]), K)
@@ -362,6 +363,19 @@ def test_audit_distribution_rows_held_out_and_ceiling(models, cohort, tmp_path):
     n_samples = len(pd.read_csv(out["samples"], sep="\t"))
     assert fid.loc["fid_synthetic_vs_training", "n"] == n_samples
     assert fid.loc["fid_held_out_vs_training", "n"] == fid.loc["fid_reconstructed_held_out_vs_training", "n"] == 4
+    # diversity like for like: every mode with training maps of its phenotype, gated; pooled rows ungated
+    phenotypes = LQ.lesion_phenotypes(LQ.lesion_volumes(np.stack(cohort["labels"]), schema), schema.lesion_types)
+    assert len(set(phenotypes)) > 1
+    per = pd.read_csv(out["samples"], sep="\t")
+    compared = [m for m in sorted(set(phenotypes) & set(per["mode"]))
+                if (phenotypes == m).sum() >= 2 and (per["mode"] == m).sum() >= 2]
+    assert compared == ["tumour_only", "wmh_only"]
+    for mode in compared:
+        row = fid.loc[f"pairwise_dice_{mode}_synthetic"]
+        assert row["target"] == f"<= {fid.loc[f'pairwise_dice_{mode}_training', 'value'] + 0.02:g}"
+        assert f"pairwise_dice_{mode}_reconstructed" in fid.index
+    assert fid.loc["pairwise_dice_synthetic_all_modes", "target"] == ""
+    assert not any(m.startswith("pairwise_dice_healthy") for m in fid.index)   # no healthy training map
 
 
 def test_audit_judges_the_decoded_maps_and_reports_what_removal_takes(models, cohort, tmp_path):

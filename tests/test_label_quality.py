@@ -104,6 +104,29 @@ def test_pairwise_dice_identical_and_disjoint():
     assert n == 1 and mean == pytest.approx(1 / 3)
 
 
+def test_pairwise_dice_compared_like_for_like():
+    """Pooled over phenotypes the pairwise Dice falls with the mix; per mode it does not."""
+    a, b = brain(), brain()
+    b[8, 1:9, 1:9] = CSF                        # a second brain: one more CSF face
+    tumour = a.copy()
+    tumour[4:6, 4:6, 4:6] = OEDEMA
+    # training: two different healthy brains, two tumour maps; samples: two identical healthy
+    # brains, two identical tumour maps, one unseen map (no training map of its kind)
+    training, phenotypes = [a, b, tumour, tumour], ["healthy", "healthy", "tumour_only", "tumour_only"]
+    samples, modes = [a, a, tumour, tumour, tumour], ["healthy", "healthy", "tumour_only", "tumour_only", "unseen"]
+    like = LQ.pairwise_dice_by_phenotype(samples, modes, training, phenotypes, SCHEMA.n_classes).set_index("mode")
+    assert list(like.index) == ["healthy", "tumour_only"]
+    ab = LQ.mean_label_dice(a, b, SCHEMA.n_classes)
+    assert like.loc["healthy", "training"] == pytest.approx(ab) and ab < 0.98
+    assert like.loc["healthy", "synthetic"] == 1.0 and like.loc["healthy", "target"] == pytest.approx(ab + 0.02)
+    assert not like.loc["healthy", "pass"]      # identical samples: less diverse than the training maps
+    assert like.loc["tumour_only", "pass"]      # as alike as the training maps of the phenotype
+    assert (like["n_synthetic_pairs"] == 1).all() and (like["n_training_pairs"] == 1).all()
+    # pooled, the identical healthy samples hide behind the healthy / tumour pairs
+    pooled, _, _ = LQ.pairwise_dice(samples[:4], SCHEMA.n_classes)
+    assert pooled < like.loc["healthy", "training"]
+
+
 def test_lesion_centroid_spread_in_mm():
     maps = []
     for x in (2, 6):
