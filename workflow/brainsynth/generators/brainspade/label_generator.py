@@ -110,7 +110,10 @@ ldm.latents                     mean: the VAE posterior means (robust when the V
                                 (MONAI tutorials' encode_stage_2_inputs)
 ldm.latent_norm                 global: latents x 1/std (MONAI tutorials) | channel: per-channel
                                 (z - mean_c) / std_c (removes the offsets an eps-predicting model
-                                must otherwise reproduce to 1/sqrt(alpha_bar) precision at high t)
+                                must otherwise reproduce to 1/sqrt(alpha_bar) precision at high t) |
+                                residual: (z - mean latent, per voxel) / std_c of the residuals: the
+                                LDM draws each map's departure from the training maps' mean latent,
+                                its noise on the scale of how subjects differ, not of the anatomy
 ldm.lesion_weight               L2 loss weight 1 + this on latent voxels over a lesion (0: plain L2);
                                 a mapping {lesion type: weight} weighs each type on its own
                                 (types left out: 0), e.g. {wmh: 10, tumour: 0}
@@ -1083,16 +1086,21 @@ def _check_ldm_settings(m, schema):
     if m["latents"] not in ("mean", "sample"):
         raise InputError(f"ldm.latents must be mean or sample, got {m['latents']!r}",
                          field="label_generator.ldm.latents")
-    if m["latent_norm"] not in ("global", "channel"):
-        raise InputError(f"ldm.latent_norm must be global or channel, got {m['latent_norm']!r}",
+    if m["latent_norm"] not in LATENT_NORMS:
+        raise InputError(f"ldm.latent_norm must be one of {', '.join(LATENT_NORMS)}, got {m['latent_norm']!r}",
                          field="label_generator.ldm.latent_norm")
     settings.loss_weights(m["lesion_weight"], list(schema.lesion_types))
 
 
+LATENT_NORMS = ("global", "channel", "residual")
+
+
 def _latent_normalisation(mu, sigma, m, seed):
     """``(z_sample, scale_factor, shift, scale)``: the latents the LDM learns (posterior means, or
-    one seeded draw from the posterior) and the per-channel shift and scale that standardise them
-    (``global``: MONAI tutorials' one scale factor, no shift; ``channel``: per-channel mean / std)."""
+    one seeded draw from the posterior), the shift that centres them and the per-channel scale that
+    standardises them (``global``: MONAI tutorials' one scale factor, no shift; ``channel``:
+    per-channel mean / std; ``residual``: the mean latent over the maps, per voxel, ``(C, *spatial)``,
+    and the per-channel std of what is left)."""
     g = C.generator(seed + 1)
     z_sample = mu if m["latents"] == "mean" else mu + sigma * torch.randn(mu.shape, generator=g)
     scale_factor = float(1.0 / z_sample.flatten().std().clamp_min(1e-6))
@@ -1100,11 +1108,21 @@ def _latent_normalisation(mu, sigma, m, seed):
     if m["latent_norm"] == "global":
         shift = torch.zeros(nc)
         scale = torch.full((nc,), scale_factor)
+    elif m["latent_norm"] == "residual":
+        shift = z_sample.mean(0)
+        scale = 1.0 / (z_sample - shift).transpose(0, 1).reshape(nc, -1).std(1).clamp_min(1e-6)
     else:
         zc = z_sample.transpose(0, 1).reshape(nc, -1)
         shift = zc.mean(1)
         scale = 1.0 / zc.std(1).clamp_min(1e-6)
     return z_sample, scale_factor, shift, scale
+
+
+def latent_shift_tensor(shift, n_channels, spatial_dims):
+    """The stored latent shift shaped to broadcast over a batch of latents: per channel
+    ``(1, C, 1, ...)`` or, for ``latent_norm: residual``, the mean latent ``(1, C, *spatial)``."""
+    t = torch.as_tensor(shift, dtype=torch.float32)
+    return t.view((1, n_channels) + (1,) * spatial_dims) if t.ndim == 1 else t[None]
 
 
 def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects=None, schema=None,
@@ -1133,6 +1151,9 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     if sd != int(cfg["spatial_dims"]):
         log.info("label LDM: spatial_dims taken from the VAE (%d)", sd)
         cfg["spatial_dims"] = sd
+    if sd == 2 and m["latent_norm"] == "residual":
+        raise InputError("ldm.latent_norm residual needs 3D label maps: slices of different levels share no "
+                         "mean latent", field="label_generator.ldm.latent_norm", fix="use channel for 2D generators")
     label_paths = [str(p) for p in label_paths]
     data, shape, _ = _training_maps(label_paths, sd, vpay["n_classes"])
     if list(shape) != list(vpay["shape"]):
@@ -1157,7 +1178,7 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     z_sample, scale_factor, shift, scale = _latent_normalisation(mu, sigma, m, int(cfg["seed"]))
     nc = mu.shape[1]
     bshape = (1, nc) + (1,) * (mu.ndim - 2)
-    shift_b, scale_b = shift.view(bshape), scale.view(bshape)
+    shift_b, scale_b = latent_shift_tensor(shift, nc, mu.ndim - 2), scale.view(bshape)
     log.info("label LDM: VAE posterior sigma mean %.3g vs latent mean std %.3g; training on %s latents",
              float(sigma.mean()), float(mu.std()), m["latents"])
     latent_shape = list(mu.shape[2:])
@@ -1506,7 +1527,8 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     lat_c = int(lpay["unet_kwargs"]["out_channels"])
     bshape = (1, lat_c) + (1,) * (len(lpay["latent_shape"]))
     lat_scale = torch.tensor(lpay.get("latent_scale", [lpay["scale_factor"]] * lat_c)).view(bshape).to(dev)
-    lat_shift = torch.tensor(lpay.get("latent_shift", [0.0] * lat_c)).view(bshape).to(dev)
+    lat_shift = latent_shift_tensor(lpay.get("latent_shift", [0.0] * lat_c), lat_c,
+                                    len(lpay["latent_shape"])).to(dev)
     lpad = list(lpay["padded_latent_shape"])
     lshape = list(lpay["latent_shape"])
     out = []
