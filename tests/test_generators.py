@@ -4,6 +4,7 @@ Tiny networks on 4 synthetic "brains" (nested spheres + a lesion) on a
 16x20x16 grid, so every trainer runs in seconds on one CPU thread.
 """
 
+import copy
 import json
 import logging
 import re
@@ -427,6 +428,33 @@ def test_ldm_outputs_and_latent_padding(models):
     assert p["train_conditioning"].shape == (4, 2)
 
 
+def test_ldm_residual_latent_norm_draws_departures_from_the_mean_latent(models, cohort, tmp_path):
+    """latent_norm residual: the stored shift is the training maps' mean latent, voxel by voxel; the
+    LDM's latents are what is left, standardised per channel; sampling adds the mean back."""
+    cfg = copy.deepcopy(LABEL_CFG)
+    cfg["ldm"]["latent_norm"] = "residual"
+    out = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"], cfg, tmp_path / "ldm")
+    p = torch.load(out["model"], weights_only=False)
+    vae, vpay = LG.load_vae(models["vae"]["model"])
+    data, _, _ = LG._training_maps(cohort["label_paths"], 3, vpay["n_classes"])
+    mu, _ = LG._encode_all(vae, C.pad_background(data, vpay["padded_shape"]), "cpu")
+    shift = torch.tensor(p["latent_shift"])
+    assert shift.shape == (2, 8, 10, 8)                                    # (C, *latent_shape)
+    assert torch.allclose(shift, mu.mean(0), atol=1e-6)
+    residual = (mu - shift) * torch.tensor(p["latent_scale"]).view(1, 2, 1, 1, 1)
+    assert torch.allclose(residual.transpose(0, 1).reshape(2, -1).std(1), torch.ones(2), atol=1e-4)
+    assert LG.latent_shift_tensor(p["latent_shift"], 2, 3).shape == (1, 2, 8, 10, 8)
+    assert LG.latent_shift_tensor([0.5, 1.0], 2, 3).shape == (1, 2, 1, 1, 1)
+    maps = LG.sample_labels(models["vae"]["model"], out["model"], np.zeros((2, 2), np.float32), progress=False)
+    assert maps.shape == (2, K) + SHAPE and np.allclose(maps.sum(1), 1.0, atol=1e-4)
+    # a different shift moves the decoded maps: sampling adds the stored mean latent back
+    p["latent_shift"] = (shift + 3.0 * torch.randn(shift.shape, generator=torch.Generator().manual_seed(0))).tolist()
+    torch.save(p, tmp_path / "moved.pt")
+    moved = LG.sample_labels(models["vae"]["model"], tmp_path / "moved.pt", np.zeros((2, 2), np.float32),
+                             progress=False)
+    assert not np.allclose(moved, maps, atol=1e-3)
+
+
 def test_ldm_resume_matches_uninterrupted(models, cohort, tmp_path):
     args = (models["vae"]["model"], cohort["label_paths"], cohort["cond"], LABEL_CFG, tmp_path)
     assert LG.train_label_ldm(*args, max_steps_this_run=7)["completed"] is False
@@ -518,6 +546,9 @@ def test_label_generator_2d_mode(cohort, tmp_path):
     assert p["train_conditioning"].shape[1] == 2 and p["train_conditioning"].max() <= 1.0 + 1e-6
     s = LG.sample_labels(vae["model"], ldm["model"], np.array([[0.2, 0.0]]), "ddim", 3, seed=0)
     assert s.shape == (1, K) + SHAPE[:2] and np.allclose(s.sum(1), 1.0, atol=1e-4)
+    residual = _cfg(cfg, ldm={"latent_norm": "residual"})
+    with pytest.raises(InputError, match="latent_norm residual needs 3D"):
+        LG.train_label_ldm(vae["model"], cohort["label_paths"], cohort["cond"], residual, tmp_path / "residual")
 
 
 # --------------------------------------------------------------------------- image generator
