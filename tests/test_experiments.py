@@ -404,10 +404,38 @@ def test_paper_scale_config_plans_the_study_cohort(tmp_path_factory, name):
     work = tmp_path_factory.mktemp(name)
     code, out = run_snakemake(work, "-n", "--quiet", "rules", config=cfg, timeout=600)
     assert code == 0, out[-3000:]
+    assert "label_generator, image_generator: preset paper, the settings of config/config.yaml left out" in out
     jobs = planned_jobs(out)
     assert jobs["preprocess_subject"] == n_subjects == 853
+    assert "fit_compose_weight" not in jobs          # the demo's fitted compose weights: not the study's
     assert jobs["sample_synthetic"] == 1 and jobs["train_label_ldm"] == 1 and jobs["train_image_generator"] == 1
     assert {k: jobs.get(k, 0) for k in PAPER_JOBS[name]} == PAPER_JOBS[name], jobs
+
+
+def test_paper_generators_take_the_study_settings_not_the_demo_budgets():
+    """Snakemake merges a paper config into config/config.yaml key by key; the generator sections it
+    sets to preset paper are taken from it alone, so PAPER's budgets hold, not the demo's."""
+    from snakemake.utils import update_config
+
+    from brainsynth.generators.brainspade import image_generator as IG
+    from brainsynth.generators.brainspade import label_generator as LG
+    from brainsynth.generators.common import paper_sections_from_run
+
+    run = yaml.safe_load((REPO / "config" / "experiments" / "paper" / "e4_wmh_with_tumours.yaml").read_text())
+    merged = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    update_config(merged, run)
+    assert LG.resolve_config(merged["label_generator"])["ldm"]["steps"] == 4000        # the demo's, merged in
+    cfg, taken = paper_sections_from_run(merged, run)
+    assert taken == ["label_generator", "image_generator"]
+    label, image = LG.resolve_config(cfg["label_generator"]), IG.resolve_config(cfg["image_generator"])
+    for key in ("steps", "lr", "prediction_type", "channels", "latent_norm"):
+        assert label["ldm"][key] == {**LG.DEFAULTS["ldm"], **LG.PAPER["ldm"]}[key], key
+    assert label["vae"]["steps"] == LG.PAPER["vae"]["steps"] and label["calibration"] == LG.DEFAULTS["calibration"]
+    assert label["sampling"]["inference_steps"] == run["label_generator"]["sampling"]["inference_steps"]
+    assert image["steps"] == IG.PAPER["steps"]
+    assert cfg["segmentation"] == merged["segmentation"]                                   # other sections as merged
+    demo = yaml.safe_load(CONFIG.read_text())
+    assert paper_sections_from_run(merged, demo)[1] == []                                   # no paper section: no change
 
 
 def test_generator_benchmark_config_adds_its_arms_and_table(tmp_path):

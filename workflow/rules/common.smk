@@ -14,9 +14,20 @@ from brainsynth.labels import LabelSchema, check_conditioning_mode
 from brainsynth import demo as demo_cohort
 from brainsynth import generator_benchmark as gen_bench
 from brainsynth.generators.brainspade.settings import fits_compose_weight, sampling_settings
+from brainsynth.generators.common import paper_sections_from_run
 from brainsynth.preprocess import SUBJECT_LAYOUT
 from brainsynth.sheet import anchor_modality, check_site_modalities, load_sheet, site_modalities_of
 from brainsynth.validate import check_files_exist
+
+# a generator section that a run sets to preset paper comes from the config files of the run
+# alone, without the demo budgets of config/config.yaml
+_paper_config, _paper_sections = paper_sections_from_run(config, workflow.config_settings.overwrite_config)
+config.update(_paper_config)
+if _paper_sections:
+    print(
+        f"Note: {', '.join(_paper_sections)}: preset paper, the settings of config/config.yaml left out",
+        file=sys.stderr,
+    )
 
 EXP = config["experiment"]
 R = f"results/{EXP}"
