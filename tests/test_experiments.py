@@ -425,17 +425,18 @@ def test_paper_generators_take_the_study_settings_not_the_demo_budgets():
     merged = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     update_config(merged, run)
     assert LG.resolve_config(merged["label_generator"])["ldm"]["steps"] == 4000        # the demo's, merged in
-    cfg, taken = paper_sections_from_run(merged, run)
-    assert taken == ["label_generator", "image_generator"]
+    taken = paper_sections_from_run(run)
+    assert list(taken) == ["label_generator", "image_generator"]                          # nothing else replaced
+    cfg = {**merged, **taken}
     label, image = LG.resolve_config(cfg["label_generator"]), IG.resolve_config(cfg["image_generator"])
     for key in ("steps", "lr", "prediction_type", "channels", "latent_norm"):
         assert label["ldm"][key] == {**LG.DEFAULTS["ldm"], **LG.PAPER["ldm"]}[key], key
     assert label["vae"]["steps"] == LG.PAPER["vae"]["steps"] and label["calibration"] == LG.DEFAULTS["calibration"]
     assert label["sampling"]["inference_steps"] == run["label_generator"]["sampling"]["inference_steps"]
     assert image["steps"] == IG.PAPER["steps"]
-    assert cfg["segmentation"] == merged["segmentation"]                                   # other sections as merged
+    assert taken["label_generator"] == run["label_generator"]                              # the run's section alone
     demo = yaml.safe_load(CONFIG.read_text())
-    assert paper_sections_from_run(merged, demo)[1] == []                                   # no paper section: no change
+    assert paper_sections_from_run(demo) == {}                                               # no paper section: no change
 
 
 def test_generator_benchmark_config_adds_its_arms_and_table(tmp_path):

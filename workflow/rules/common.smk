@@ -21,8 +21,8 @@ from brainsynth.validate import check_files_exist
 
 # a generator section that a run sets to preset paper comes from the config files of the run
 # alone, without the demo budgets of config/config.yaml
-_paper_config, _paper_sections = paper_sections_from_run(config, workflow.config_settings.overwrite_config)
-config.update(_paper_config)
+_paper_sections = paper_sections_from_run(workflow.config_settings.overwrite_config)
+config.update(_paper_sections)
 if _paper_sections:
     print(
         f"Note: {', '.join(_paper_sections)}: preset paper, the settings of config/config.yaml left out",

@@ -94,19 +94,15 @@ def resolve_preset(defaults, paper, cfg, where):
 PRESET_SECTIONS = ("label_generator", "image_generator", "spade_diffusion")
 
 
-def paper_sections_from_run(config, run_config, sections=PRESET_SECTIONS):
-    """``(config, names)``: ``config`` with every generator section that the run's own settings
-    (``run_config``: its config files and ``--config``, merged) set to ``preset: paper`` taken from
-    those settings alone, and the names of the sections so taken. Why: Snakemake merges the run's
-    files into the repository's config.yaml key by key, so the demo's budgets there (4000 LDM
-    steps, its VAE, its learning rates) would override the study's PAPER settings in a paper run."""
-    out, taken = dict(config), []
-    for name in sections:
-        given = (run_config or {}).get(name)
-        if isinstance(given, dict) and given.get("preset") == "paper":
-            out[name] = copy.deepcopy(given)
-            taken.append(name)
-    return out, taken
+def paper_sections_from_run(run_config, sections=PRESET_SECTIONS):
+    """``{name: section}``: every generator section that the run's own settings (``run_config``:
+    its config files and ``--config``, merged) set to ``preset: paper``, as given there alone. Why:
+    Snakemake merges the run's files into the repository's config.yaml key by key, so the demo's
+    budgets there (4000 LDM steps, its VAE, its learning rates) would override the study's PAPER
+    settings in a paper run; the workflow puts these sections in place of the merged ones."""
+    run_config = run_config or {}
+    return {name: copy.deepcopy(run_config[name]) for name in sections
+            if isinstance(run_config.get(name), dict) and run_config[name].get("preset") == "paper"}
 
 
 def files_fingerprint(paths):

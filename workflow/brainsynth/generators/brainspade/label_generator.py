@@ -1072,6 +1072,9 @@ def _encode_all(vae, data, device, batch=4):
     return torch.cat(mus), torch.cat(sigmas)
 
 
+LATENT_NORMS = ("global", "channel", "residual")
+
+
 def _check_ldm_settings(m, schema):
     """Refuse LDM settings outside their ranges before any work, naming the key."""
     p_drop = float(m["condition_dropout"])
@@ -1090,9 +1093,6 @@ def _check_ldm_settings(m, schema):
         raise InputError(f"ldm.latent_norm must be one of {', '.join(LATENT_NORMS)}, got {m['latent_norm']!r}",
                          field="label_generator.ldm.latent_norm")
     settings.loss_weights(m["lesion_weight"], list(schema.lesion_types))
-
-
-LATENT_NORMS = ("global", "channel", "residual")
 
 
 def _latent_normalisation(mu, sigma, m, seed):
