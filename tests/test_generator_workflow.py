@@ -33,6 +33,7 @@ def test_dry_run_plans_every_generator_rule(tmp_path):
     jobs = planned_jobs(out)
     for rule in ("train_label_vae", "calibrate_label_vae", "train_label_ldm",
                  "fit_compose_weight",  # config.yaml: compose_weight fit
+                 "fit_tissue_offsets",  # config.yaml: tissue_offsets fit
                  "train_image_generator", "sample_synthetic",
                  "synthesis_quality", "restyle_synthetic",  # the default config's far-OOD style set
                  "label_generator_fidelity", "synthetic_sample_qc"):
@@ -51,6 +52,34 @@ def test_compose_weight_fitted_only_when_asked_and_something_composes(tmp_path):
     code, out = run_snakemake(tmp_path / "off", "-n", config=cfg)
     assert code == 0 and "sample_synthetic" in planned_jobs(out), out[-3000:]
     assert "fit_compose_weight" not in planned_jobs(out)
+
+
+def _job_inputs(out, rule):
+    """The input files of ``rule``'s job in a dry run's output."""
+    found = re.search(rf"(?:local)?rule {rule}:\n\s+input: ([^\n]*)", out)
+    assert found, (rule, out[-3000:])
+    return found.group(1).split(", ")
+
+
+def test_tissue_offsets_fitted_only_when_asked_and_read_by_every_sampler(tmp_path):
+    """sampling.tissue_offsets fit: rule fit_tissue_offsets runs, and sampling, the compose-weight
+    fit and the audit's samples decode with its calibration, the audit's reconstructions with the
+    VAE's; none: no fit, every one of them with the VAE's calibration."""
+    gen = f"results/{EXP}/generators/label_generator"
+    fitted, vae_cal = f"{gen}/label_sampling_calibration.json", f"{gen}/label_vae_calibration.json"
+    cfg = json.loads(json.dumps(TINY_GEN))
+    for value in ("fit", "none"):
+        cfg["label_generator"]["sampling"]["tissue_offsets"] = value
+        (tmp_path / value).mkdir()
+        code, out = run_snakemake(tmp_path / value, "-n", config=cfg)
+        assert code == 0, out[-3000:]
+        assert ("fit_tissue_offsets" in planned_jobs(out)) == (value == "fit")
+        used = fitted if value == "fit" else vae_cal
+        for rule in ("sample_synthetic", "fit_compose_weight", "label_generator_fidelity"):
+            inputs = _job_inputs(out, rule)
+            assert used in inputs, (rule, inputs)
+            assert (fitted in inputs) == (value == "fit"), (rule, inputs)
+        assert vae_cal in _job_inputs(out, "label_generator_fidelity")  # its reconstructions
 
 
 @pytest.mark.parametrize("section, key, value, named", [
@@ -214,6 +243,21 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert not {"train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_compose_weight",
                 "train_image_generator"} & set(jobs), jobs
 
+    # the tissue offsets (config.yaml: fit) are fitted after the LDM on maps drawn at the training
+    # maps' conditioning, and read by sampling, the compose-weight fit and the audit's samples:
+    # none instead reruns those, and trains nothing again
+    sampling_cal = json.loads((gen / "label_sampling_calibration.json").read_text())
+    assert set(sampling_cal["tissue_offsets"]) == {"csf", "gm", "wm", "deep_gm", "brainstem"}
+    assert sampling_cal["tissue_fit"]["maps"] == json.loads((gen / "label_ldm_config.json").read_text())["n_training"]
+    assert "tissue offsets at sampling" in (tmp_path / "logs" / EXP / "generators" / "fit_tissue_offsets.log").read_text()
+    plain = json.loads(json.dumps(cfg))
+    plain["label_generator"]["sampling"]["tissue_offsets"] = "none"
+    code, out = run_snakemake(tmp_path, "-n", config=plain)
+    jobs = planned_jobs(out)
+    assert code == 0 and {"fit_compose_weight", "sample_synthetic", "label_generator_fidelity"} <= set(jobs), jobs
+    assert not {"train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_tissue_offsets",
+                "train_image_generator"} & set(jobs), jobs
+
     # unrequested_lesions (config.yaml: remove) resolves each map's lesion types by its request
     # after decoding; the main set asks for both types ('unseen'): nothing to remove. The audit
     # counts per mode what was removed. keep instead reruns sampling and the audit only
@@ -272,10 +316,11 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert bench.loc["Sg", "dice_mean"] == pytest.approx(sg.groupby("subject")["value"].mean().mean())
     bench_dir = res / "benchmarks" / "generators"
     timed = {r: pd.read_csv(bench_dir / f"{r}.tsv", sep="\t")["s"].iloc[0]
-             for r in ("train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_compose_weight",
-                       "synthesize_gmm")}
+             for r in ("train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_tissue_offsets",
+                       "fit_compose_weight", "synthesize_gmm")}
     assert bench.loc["Sg", "training_s"] == pytest.approx(
-        timed["train_label_vae"] + timed["calibrate_label_vae"] + timed["train_label_ldm"] + timed["fit_compose_weight"])
+        timed["train_label_vae"] + timed["calibrate_label_vae"] + timed["train_label_ldm"] + timed["fit_tissue_offsets"]
+        + timed["fit_compose_weight"])
     assert bench.loc["Sg", "sampling_s_per_volume"] == pytest.approx(timed["synthesize_gmm"] / n)
     assert bench.loc["Sg", "peak_rss_mb"] > 0
     fid = pd.read_csv(res / "benchmark" / "quality" / "image_fid_tissue3_gmm.tsv", sep="\t").set_index("set")

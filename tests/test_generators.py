@@ -411,6 +411,27 @@ def test_audit_judges_the_decoded_maps_and_reports_what_removal_takes(models, co
     assert (moved == (leak > 0)).all()
 
 
+def test_audit_reconstructs_with_the_vae_calibration_and_samples_with_the_sampling_one(models, cohort, tmp_path):
+    """The audit's gate judges the VAE (its own calibration), its samples are drawn as sampling
+    draws them (sampling_calibration: the fitted tissue offsets added): an oedema offset given as
+    the sampling calibration reaches every healthy sample and no reconstruction."""
+    from brainsynth.generators import label_quality as LQ
+
+    sampling_cal = tmp_path / "oedema_offset.json"
+    sampling_cal.write_text(json.dumps({"class_offsets": [0.0] * 8 + [OEDEMA_OFFSET, 0.0]}))
+    maps = {f"sub{i}": p for i, p in enumerate(cohort["label_paths"])}
+    runs = {}
+    for name, extra in (("plain", {}), ("sampling", {"sampling_calibration": sampling_cal})):
+        out = {k: tmp_path / name / f"{k}.tsv" for k in ("reconstruction", "gate", "adherence", "samples", "fidelity")}
+        out["figure"] = tmp_path / name / "adherence.png"
+        fid = LQ.evaluate_label_generator(models["vae"]["model"], models["ldm"]["model"], maps, maps, out,
+                                          n_per_mode=2, device="cpu", sampling={"inference_steps": 3}, **extra)
+        runs[name] = (fid.set_index("measure"), pd.read_csv(out["reconstruction"], sep="\t"))
+    (plain, plain_rec), (sampled, sampled_rec) = runs["plain"], runs["sampling"]
+    pd.testing.assert_frame_equal(plain_rec, sampled_rec)
+    assert plain.loc["healthy_any_lesion", "value"] == 0.0 and sampled.loc["healthy_any_lesion", "value"] == 1.0
+
+
 # --------------------------------------------------------------------------- LDM + sampling
 
 
@@ -873,6 +894,58 @@ def test_fitted_compose_weights_are_what_sampling_draws(models, tmp_path):
     np.testing.assert_array_equal(
         LG.sample_labels(vae, ldm, requests, seed=1, sampling=fitted),
         LG.sample_labels(vae, ldm, requests, seed=1, sampling={**samp, "compose_weight": dict(rec["compose_weight"])}))
+
+
+def test_tissue_offsets_meet_the_target_fractions_by_hand():
+    """fit_tissue_offsets on hand-made logits: csf wins where a ramp beats gm's constant logit, a
+    quarter of the brain before the fit; the fit moves csf and gm until each holds half the brain,
+    leaves background and a class absent from the target at 0."""
+    from brainsynth.generators.brainspade import tissue_fit as TF
+    logits = torch.zeros(2, 4, 1, 10, 10)
+    logits[:, 0, :, :2, :] = 5.0                                   # 20 background voxels per map
+    ramp = torch.linspace(0, 1, 80).view(8, 10)
+    logits[:, 1, 0, 2:, :] = ramp                                  # csf: k / 79 for the 80 brain voxels
+    logits[:, 2, 0, 2:, :] = 0.75                                  # gm: wins where k / 79 <= 0.75
+    logits[:, 3] = -5.0                                            # a class no map holds
+    assert TF.brain_fractions(logits.argmax(1), [1, 2, 3]) == {1: 0.25, 2: 0.75, 3: 0.0}
+    fit = TF.fit_tissue_offsets(logits, {1: 0.5, 2: 0.5, 3: 0.0})
+    assert fit["before"] == {1: 0.25, 2: 0.75, 3: 0.0}
+    offsets, drawn = fit["offsets"], fit["after"]
+    assert abs(drawn[1] - 0.5) <= 1 / 80 and abs(drawn[2] - 0.5) <= 1 / 80
+    assert drawn == TF.brain_fractions(LG.with_class_offsets(logits, offsets).argmax(1), [1, 2, 3])
+    assert offsets[1] > offsets[2] and offsets[0] == 0 and offsets[3] == 0        # csf gains on gm
+    # met at once: no round taken
+    fit = TF.fit_tissue_offsets(logits, {1: 0.25, 2: 0.75})
+    assert fit["round"] == 0 and not fit["offsets"].any()
+
+
+def test_sampling_calibration_adds_the_tissue_offsets_sampling_draws(models, cohort, tmp_path):
+    """fit_sampling_calibration writes the VAE's calibration with the tissue offsets added, and
+    maps sampled with it at the training conditioning hold the fractions the fit recorded."""
+    from brainsynth.generators.brainspade import tissue_fit as TF
+    vae, ldm = models["vae"]["model"], models["ldm"]["model"]
+    schema = LabelSchema()
+    cal = LG.calibrate_label_vae(vae, cohort["label_paths"], "tissue", tmp_path / "vae_cal.json", schema=schema,
+                                 device="cpu")
+    samp = {"inference_steps": 3}
+    rec = TF.fit_sampling_calibration(vae, ldm, tmp_path / "vae_cal.json", cohort["label_paths"], tmp_path / "s.json",
+                                      sampling=samp, schema=schema, device="cpu", seed=2)
+    assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(rec))
+    assert rec["temperature"] == cal["temperature"]
+    tissues = {schema.value(t): t for t in schema.tissues}
+    offsets = [cal["class_offsets"][c] + rec["tissue_offsets"].get(n, 0.0) for c, n in
+               ((c, {**tissues}.get(c)) for c in range(schema.n_classes))]
+    np.testing.assert_allclose(rec["class_offsets"], offsets, atol=1e-5)
+    assert rec["tissue_offsets"]["brainstem"] == 0.0                     # no toy brain holds brainstem
+    assert any(v != 0 for v in rec["tissue_offsets"].values())
+    _, tv = LG.training_conditioning(ldm)
+    probs = LG.sample_labels(vae, ldm, np.asarray(tv, np.float32), seed=2, batch_size=4, device="cpu",
+                             sampling=samp, calibration=tmp_path / "s.json")
+    drawn = TF.brain_fractions(probs.argmax(1), tissues)
+    for c, t in tissues.items():
+        assert drawn[c] == pytest.approx(rec["tissue_fit"][f"{t}_after"], abs=2e-3), t
+    truth = np.stack([lab for lab in cohort["labels"]])
+    assert rec["tissue_fit"]["csf_training"] == pytest.approx(TF.brain_fractions(truth, [1])[1], abs=1e-6)
 
 
 def test_compose_weight_fit_needs_its_fitted_file(tmp_path):

@@ -13,7 +13,11 @@ from brainsynth.errors import InputError
 from brainsynth.labels import LabelSchema, check_conditioning_mode
 from brainsynth import demo as demo_cohort
 from brainsynth import generator_benchmark as gen_bench
-from brainsynth.generators.brainspade.settings import fits_compose_weight, sampling_settings
+from brainsynth.generators.brainspade.settings import (
+    fits_compose_weight,
+    fits_tissue_offsets,
+    sampling_settings,
+)
 from brainsynth.generators.common import paper_sections_from_run
 from brainsynth.preprocess import SUBJECT_LAYOUT
 from brainsynth.sheet import anchor_modality, check_site_modalities, load_sheet, site_modalities_of
@@ -872,6 +876,20 @@ def fitted_compose_weight(wildcards):
     return LABEL_COMPOSE_WEIGHT if fits_compose_weight(config["label_generator"], SCHEMA.lesion_types) else []
 
 
+# written by rule fit_tissue_offsets, the VAE's calibration plus the tissue offsets fitted for sampling
+LABEL_SAMPLING_CALIBRATION = f"{R}/generators/label_generator/label_sampling_calibration.json"
+
+
+def sampling_calibration(wildcards):
+    """The calibration sampling decodes with: the VAE's, plus the fitted tissue offsets where
+    label_generator.sampling.tissue_offsets is fit."""
+    return (
+        LABEL_SAMPLING_CALIBRATION
+        if fits_tissue_offsets(config["label_generator"])
+        else LABEL_VAE_CALIBRATION
+    )
+
+
 # ============================================================ end generator stage helpers
 
 
@@ -961,6 +979,8 @@ def generator_jobs(generator, sample_set):
     draws from) and the job that samples the arm's set."""
     suffix = "" if sample_set is None else f"_{sample_set}"
     label = ["train_label_vae", "calibrate_label_vae", "train_label_ldm"]
+    if fits_tissue_offsets(config["label_generator"]):
+        label.append("fit_tissue_offsets")
     if fits_compose_weight(config["label_generator"], SCHEMA.lesion_types):
         label.append("fit_compose_weight")
     return {

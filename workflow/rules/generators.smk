@@ -139,13 +139,52 @@ rule train_label_ldm:
         "../scripts/train_label_ldm.py"
 
 
+rule fit_tissue_offsets:
+    """One offset per tissue class on the label decoder's logits at sampling, fitted on the trained
+    label generator (label_generator.sampling.tissue_offsets: fit): maps drawn at the training maps'
+    conditioning then hold their mean tissue fractions. Sampling, the compose-weight fit and the
+    audit's samples decode with them; the audit's reconstructions with the VAE's offsets alone."""
+    input:
+        vae=LABEL_VAE,
+        calibration=LABEL_VAE_CALIBRATION,
+        ldm=LABEL_LDM,
+        splits=split_tables(generator_training_subjects()),
+    output:
+        calibration=LABEL_SAMPLING_CALIBRATION,
+    params:
+        # its requests ask for one lesion type or none: composition and its weights play no part
+        sampling=canonical(
+            {
+                k: v
+                for k, v in LGCFG.get("sampling", {}).items()
+                if k
+                not in ("compose_lesion_types", "compose_weight", "unrequested_lesions", "tissue_offsets")
+            }
+        ),
+        preprocessed=tissue_maps(generator_training_subjects()),
+        labels=config["labels"],
+    conda:
+        "../../envs/generators.yaml"
+    log:
+        f"{LOGS}/generators/fit_tissue_offsets.log",
+    benchmark:
+        f"{BENCH}/fit_tissue_offsets.tsv"
+    threads: LABEL_THREADS
+    priority: GENERATOR_PRIORITY
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    script:
+        "../scripts/fit_tissue_offsets.py"
+
+
 rule fit_compose_weight:
     """The weight of each lesion type in composed requests, fitted on the trained label generator
     (label_generator.sampling.compose_weight: fit): a WMH + tumour request then draws each type as
     large as a request for that type alone does; sampling and the audit read it."""
     input:
         vae=LABEL_VAE,
-        calibration=LABEL_VAE_CALIBRATION,
+        calibration=sampling_calibration,
         ldm=LABEL_LDM,
     output:
         weights=LABEL_COMPOSE_WEIGHT,
@@ -217,7 +256,7 @@ for _set, _spec in [(None, SYNCFG), *(SYNCFG.get("sample_sets") or {}).items()]:
             f"sample_synthetic{_suffix}"
         input:
             vae=LABEL_VAE,
-            calibration=LABEL_VAE_CALIBRATION,
+            calibration=sampling_calibration,
             ldm=LABEL_LDM,
             compose_weight=fitted_compose_weight,
             image_generator=IMAGE_GENERATOR,
@@ -354,6 +393,7 @@ rule label_generator_fidelity:
     input:
         vae=LABEL_VAE,
         calibration=LABEL_VAE_CALIBRATION,
+        sampling_calibration=sampling_calibration,
         ldm=LABEL_LDM,
         compose_weight=fitted_compose_weight,
         splits=split_tables(generator_training_subjects() + held_out_label_subjects()),

@@ -14,7 +14,7 @@ def main(sm):
         schema=LabelSchema.from_config({"labels": sm.params.labels}), voxel_mm=float(sm.params.voxel_mm),
         sampling=resolve_compose_weight(sm.params.sampling, sm.input.get("compose_weight") or None),
         tissue_tolerance=float(q.get("tissue_tolerance", 0.15)),
-        calibration=sm.input.calibration,
+        calibration=sm.input.calibration, sampling_calibration=sm.input.sampling_calibration,
     )
 
 

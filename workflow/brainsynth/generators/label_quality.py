@@ -496,13 +496,14 @@ def _target_row(group, measure, value, target=None, op=None, n=None, note=""):
 
 def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_per_mode=50, seed=0,
                              schema=None, voxel_mm=1.0, sampling=None, min_voxels=5, tissue_tolerance=0.15,
-                             max_pairs=300, device="auto", calibration=None):
+                             max_pairs=300, device="auto", calibration=None, sampling_calibration=None):
     """The label generator's fidelity audit (issue gate of the autoencoder, then the LDM).
 
     ``training`` / ``held_out``: ``{subject: probabilistic map path}``. ``out``: dict of output
     paths ``reconstruction``, ``gate``, ``adherence``, ``samples``, ``fidelity``, ``figure``.
     ``calibration``: the VAE's class offsets (JSON of ``calibrate_label_vae``), used by the
-    reconstructions and the samples alike. Returns the fidelity table (DataFrame).
+    reconstructions, and by the samples unless ``sampling_calibration`` is given (the tissue
+    offsets of ``fit_tissue_offsets`` added to them). Returns the fidelity table (DataFrame).
     """
     from ..io import save_table
     from ..labels import LabelSchema
@@ -524,7 +525,7 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
     # seeded per sample, so the batch size changes no sample beyond float rounding)
     requests = cond[[f"dc_{t}" for t in types]].to_numpy(np.float32)
     probs = sample_labels(vae_path, ldm_path, requests, seed=seed, device=device, sampling=sampling, progress=False,
-                          batch_size=10, calibration=calibration)
+                          batch_size=10, calibration=sampling_calibration or calibration)
     # adherence judges the networks: the decoded maps, before unrequested lesion types are removed;
     # every other figure the maps as the samples carry them
     decoded = probs.argmax(1).astype(np.uint8)

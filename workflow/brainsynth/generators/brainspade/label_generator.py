@@ -259,6 +259,7 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "negate_unrequested": False,
         "compose_weight": 1.0,
         "unrequested_lesions": "keep",
+        "tissue_offsets": "none",  # fit: tissue offsets at sampling, fitted per model (tissue_fit)
     },
 }
 
@@ -645,13 +646,15 @@ def with_class_offsets(logits, offsets):
 def decoded_logits(vae, z):
     """The decoder's logits of latents ``z``, plus the VAE's class offsets and divided by its
     temperature where it was loaded with a calibration (:func:`load_vae`): the offsets move
-    argmaxes, the temperature only how soft the probabilities are."""
+    argmaxes, the temperature only how soft the probabilities are. Both in float32, as they were
+    fitted: under bfloat16 autocast a logit near 8 rounds to a multiple of 1/16, so offsets added
+    there moved other argmaxes than the fit's."""
     logits = vae.decode_stage_2_outputs(z)
     offsets = getattr(vae, "class_offsets", None)
     if offsets is not None:
-        logits = with_class_offsets(logits, offsets)
+        logits = with_class_offsets(logits.float(), offsets)
     temperature = getattr(vae, "class_temperature", 1.0)
-    return logits if temperature == 1.0 else logits.float() / temperature  # float32: no bfloat16 ties made
+    return logits if temperature == 1.0 else logits.float() / temperature
 
 
 def _dice_counts(pred, truth, n_classes):

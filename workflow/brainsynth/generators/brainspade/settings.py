@@ -68,6 +68,20 @@ def fits_compose_weight(cfg, lesion_types):
             and len(lesion_types) > 1)
 
 
+#: ``sampling.tissue_offsets``: ``fit`` (rule fit_tissue_offsets) or ``none``
+TISSUE_OFFSETS = ("none", FIT)
+
+
+def fits_tissue_offsets(cfg):
+    """Whether sampling decodes with tissue offsets fitted on the trained label generator
+    (``sampling.tissue_offsets: fit`` in ``cfg``, the ``label_generator`` section)."""
+    value = (cfg.get("sampling") or {}).get("tissue_offsets", "none")
+    if value not in TISSUE_OFFSETS:
+        raise InputError(f"tissue_offsets must be one of {list(TISSUE_OFFSETS)}, got {value!r}",
+                         field="label_generator.sampling.tissue_offsets", fix="use fit or none")
+    return value == FIT
+
+
 def sampling_settings(cfg, lesion_types):
     """``cfg``'s ``sampling`` as the sampler takes it: ``compose_weight: fit`` with nothing to
     compose (composition off, or one lesion type) is the plain weight 1, and nothing is fitted."""
