@@ -12,9 +12,7 @@ VAE's reconstructions (the audit's gate) keep the VAE's offsets alone: these bel
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,7 +57,8 @@ def fit_tissue_offsets(logits, target, rounds=FIT_ROUNDS, damping=FIT_DAMPING, t
     for r in range(int(rounds) + 1):
         drawn = brain_fractions(LG.with_class_offsets(logits, offsets).argmax(1), sorted(target))
         error = max((abs(drawn[c] / target[c] - 1) for c in classes), default=0.0)
-        before = before or drawn
+        if before is None:
+            before = drawn
         if best is None or error < best[0]:
             best = (error, offsets.clone(), drawn, r)
         if error <= tolerance:
@@ -77,12 +76,13 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
                              schema=None, device="auto", num_threads=None, seed=FIT_SEED):
     """Sample one map at each training map's conditioning, fit the tissue offsets
     (:func:`fit_tissue_offsets`) against the training maps' mean tissue fractions, and write the
-    calibration sampling decodes with: the VAE's ``calibration`` JSON with these offsets added to
-    its class offsets (``tissue_offsets`` and the fractions before and after beside them)."""
+    calibration sampling decodes with: the VAE's class offsets (``calibration``, its JSON) plus these,
+    its temperature, and beside them the VAE's offsets, the tissue offsets and the fractions before
+    and after."""
     C.set_threads(num_threads)
     schema = schema or LabelSchema()
-    vae_cal = json.loads(Path(calibration).read_text()) if calibration else {}
-    base = vae_cal.get("class_offsets") or [0.0] * schema.n_classes
+    base, temperature = LG.load_calibration(calibration, schema.n_classes)
+    base = torch.zeros(schema.n_classes) if base is None else base
     truth = np.stack([C.load_prob_label(p, schema.n_classes).argmax(0).astype(np.uint8) for p in training_maps])
     tissues = {schema.value(t): t for t in schema.tissues}
     target = brain_fractions(truth, tissues)
@@ -90,13 +90,14 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
     probs = LG.sample_labels(vae_path, ldm_path, np.asarray(train_values, np.float32), seed=seed, device=device,
                              progress=False, batch_size=4, calibration=calibration, sampling=sampling)
     # log-probabilities times the temperature: the logits less a per-voxel constant, same argmax
-    logits = torch.log(torch.from_numpy(probs).clamp_min(1e-30)) * float(vae_cal.get("temperature", 1.0))
+    logits = torch.log(torch.from_numpy(probs).clamp_min(1e-30)) * temperature
     del probs
     fit = fit_tissue_offsets(logits, target)
     offsets, before, after = fit["offsets"], fit["before"], fit["after"]
     relative = {c: (f"{before[c] / target[c] - 1:+.1%} -> {after[c] / target[c] - 1:+.1%}" if target[c] else
                     "absent from the training maps, not fitted") for c in tissues}
-    record = {**vae_cal, "class_offsets": [round(float(b) + float(o), 6) for b, o in zip(base, offsets)],
+    record = {"class_offsets": [round(float(b) + float(o), 6) for b, o in zip(base, offsets)],
+              "temperature": temperature, "vae_class_offsets": [round(float(b), 6) for b in base],
               "tissue_offsets": {tissues[c]: round(float(offsets[c]), 6) for c in tissues},
               "tissue_fit": {"maps": len(truth), "seed": int(seed), "round": fit["round"],
                              **{f"{tissues[c]}_training": round(target[c], 6) for c in tissues},
