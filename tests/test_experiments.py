@@ -265,7 +265,7 @@ def _threads_and_priority(out, rules):
     return found
 
 
-GENERATOR_JOBS = ["train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_tissue_offsets", "fit_compose_weight",
+GENERATOR_JOBS = ["train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_label_sampling", "fit_compose_weight",
                   "sample_synthetic",
                   "sample_synthetic_unseen",
                   "label_generator_fidelity", "train_image_generator", "restyle_synthetic_t1",
@@ -278,7 +278,7 @@ def test_generator_jobs_threads_and_priority(planned, tmp_path):
     cfg, _, out = planned
     label = {(2, 10)}
     expected = {"train_label_vae": label, "calibrate_label_vae": label, "train_label_ldm": label,
-                "fit_tissue_offsets": label, "fit_compose_weight": label, "sample_synthetic": label,
+                "fit_label_sampling": label, "fit_compose_weight": label, "sample_synthetic": label,
                 "sample_synthetic_unseen": label, "label_generator_fidelity": label,
                 "train_image_generator": {(1, 0)},
                 "restyle_synthetic_t1": {(1, 0)}, "restyle_synthetic_flair": {(1, 0)}, "plan_nnunet": {(1, 0)}}

@@ -19,6 +19,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+
+from brainsynth.errors import InputError
 import torch
 from brainsynth.generators import common as C
 
@@ -33,7 +35,7 @@ def test_dry_run_plans_every_generator_rule(tmp_path):
     jobs = planned_jobs(out)
     for rule in ("train_label_vae", "calibrate_label_vae", "train_label_ldm",
                  "fit_compose_weight",  # config.yaml: compose_weight fit
-                 "fit_tissue_offsets",  # config.yaml: tissue_offsets fit
+                 "fit_label_sampling",  # config.yaml: tissue_offsets fit
                  "train_image_generator", "sample_synthetic",
                  "synthesis_quality", "restyle_synthetic",  # the default config's far-OOD style set
                  "label_generator_fidelity", "synthetic_sample_qc"):
@@ -61,25 +63,42 @@ def _job_inputs(out, rule):
     return found.group(1).split(", ")
 
 
-def test_tissue_offsets_fitted_only_when_asked_and_read_by_every_sampler(tmp_path):
-    """sampling.tissue_offsets fit: rule fit_tissue_offsets runs, and sampling, the compose-weight
-    fit and the audit's samples decode with its calibration, the audit's reconstructions with the
-    VAE's; none: no fit, every one of them with the VAE's calibration."""
+def test_sampling_fits_run_only_when_asked_and_are_read_by_every_sampler(tmp_path):
+    """sampling.tissue_offsets or sampling.deformation fit: rule fit_label_sampling runs, and sampling, the compose-weight fit and the audit's samples decode with its
+    calibration, the audit's reconstructions with the VAE's; both none: no fit, every one of them
+    with the VAE's calibration."""
     gen = f"results/{EXP}/generators/label_generator"
     fitted, vae_cal = f"{gen}/label_sampling_calibration.json", f"{gen}/label_vae_calibration.json"
     cfg = json.loads(json.dumps(TINY_GEN))
-    for value in ("fit", "none"):
-        cfg["label_generator"]["sampling"]["tissue_offsets"] = value
-        (tmp_path / value).mkdir()
-        code, out = run_snakemake(tmp_path / value, "-n", config=cfg)
+    for offsets, deformation in (("fit", "none"), ("none", "fit"), ("none", "none")):
+        cfg["label_generator"]["sampling"].update(tissue_offsets=offsets, deformation=deformation)
+        run = tmp_path / f"{offsets}_{deformation}"
+        run.mkdir()
+        code, out = run_snakemake(run, "-n", config=cfg)
         assert code == 0, out[-3000:]
-        assert ("fit_tissue_offsets" in planned_jobs(out)) == (value == "fit")
-        used = fitted if value == "fit" else vae_cal
+        asked = "fit" in (offsets, deformation)
+        assert ("fit_label_sampling" in planned_jobs(out)) == asked
+        used = fitted if asked else vae_cal
         for rule in ("sample_synthetic", "fit_compose_weight", "label_generator_fidelity"):
             inputs = _job_inputs(out, rule)
             assert used in inputs, (rule, inputs)
-            assert (fitted in inputs) == (value == "fit"), (rule, inputs)
+            assert (fitted in inputs) == asked, (rule, inputs)
         assert vae_cal in _job_inputs(out, "label_generator_fidelity")  # its reconstructions
+
+
+def test_deformation_fit_refused_for_a_2d_label_generator():
+    """Its fit compares sampled volumes with the training volumes: a 2-D generator is refused when
+    the workflow starts, naming the setting."""
+    from brainsynth.generators.brainspade.settings import check_settings, fits_sampling_calibration
+    cfg = {"spatial_dims": 2, "sampling": {"deformation": "fit"}}
+    with pytest.raises(InputError, match="needs a 3-D label generator") as err:
+        check_settings(cfg, ["wmh", "tumour"])
+    assert err.value.field == "label_generator.sampling.deformation"
+    check_settings({**cfg, "spatial_dims": 3}, ["wmh", "tumour"])
+    assert fits_sampling_calibration({"sampling": {"deformation": "fit"}})
+    assert not fits_sampling_calibration({"sampling": {"tissue_offsets": "none"}})
+    with pytest.raises(InputError, match="deformation must be one of"):
+        fits_sampling_calibration({"sampling": {"deformation": "yes"}})
 
 
 @pytest.mark.parametrize("section, key, value, named", [
@@ -249,14 +268,22 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     sampling_cal = json.loads((gen / "label_sampling_calibration.json").read_text())
     assert set(sampling_cal["tissue_offsets"]) == {"csf", "gm", "wm", "deep_gm", "brainstem"}
     assert sampling_cal["tissue_fit"]["maps"] == json.loads((gen / "label_ldm_config.json").read_text())["n_training"]
-    assert "tissue offsets at sampling" in (tmp_path / "logs" / EXP / "generators" / "fit_tissue_offsets.log").read_text()
+    assert "tissue offsets at sampling" in (tmp_path / "logs" / EXP / "generators" / "fit_label_sampling.log").read_text()
     plain = json.loads(json.dumps(cfg))
     plain["label_generator"]["sampling"]["tissue_offsets"] = "none"
     code, out = run_snakemake(tmp_path, "-n", config=plain)
     jobs = planned_jobs(out)
     assert code == 0 and {"fit_compose_weight", "sample_synthetic", "label_generator_fidelity"} <= set(jobs), jobs
-    assert not {"train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_tissue_offsets",
+    assert not {"train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_label_sampling",
                 "train_image_generator"} & set(jobs), jobs
+    # the deformation fitted as well: the fit reruns (its settings changed), then what samples
+    warped = json.loads(json.dumps(cfg))
+    warped["label_generator"]["sampling"]["deformation"] = "fit"
+    code, out = run_snakemake(tmp_path, "-n", config=warped)
+    jobs = planned_jobs(out)
+    assert code == 0 and {"fit_label_sampling", "fit_compose_weight", "sample_synthetic",
+                          "label_generator_fidelity"} <= set(jobs), jobs
+    assert not {"train_label_vae", "calibrate_label_vae", "train_label_ldm", "train_image_generator"} & set(jobs), jobs
 
     # unrequested_lesions (config.yaml: remove) resolves each map's lesion types by its request
     # after decoding; the main set asks for both types ('unseen'): nothing to remove. The audit
@@ -316,10 +343,10 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert bench.loc["Sg", "dice_mean"] == pytest.approx(sg.groupby("subject")["value"].mean().mean())
     bench_dir = res / "benchmarks" / "generators"
     timed = {r: pd.read_csv(bench_dir / f"{r}.tsv", sep="\t")["s"].iloc[0]
-             for r in ("train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_tissue_offsets",
+             for r in ("train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_label_sampling",
                        "fit_compose_weight", "synthesize_gmm")}
     assert bench.loc["Sg", "training_s"] == pytest.approx(
-        timed["train_label_vae"] + timed["calibrate_label_vae"] + timed["train_label_ldm"] + timed["fit_tissue_offsets"]
+        timed["train_label_vae"] + timed["calibrate_label_vae"] + timed["train_label_ldm"] + timed["fit_label_sampling"]
         + timed["fit_compose_weight"])
     assert bench.loc["Sg", "sampling_s_per_volume"] == pytest.approx(timed["synthesize_gmm"] / n)
     assert bench.loc["Sg", "peak_rss_mb"] > 0

@@ -922,15 +922,17 @@ def test_tissue_offsets_meet_the_target_fractions_by_hand():
 def test_sampling_calibration_adds_the_tissue_offsets_sampling_draws(models, cohort, tmp_path):
     """fit_sampling_calibration writes the VAE's calibration with the tissue offsets added, and
     maps sampled with it at the training conditioning hold the fractions the fit recorded."""
+    from brainsynth.generators.brainspade import sampling_calibration as SC
     from brainsynth.generators.brainspade import tissue_fit as TF
     vae, ldm = models["vae"]["model"], models["ldm"]["model"]
     schema = LabelSchema()
     cal = LG.calibrate_label_vae(vae, cohort["label_paths"], "tissue", tmp_path / "vae_cal.json", schema=schema,
                                  device="cpu")
     samp = {"inference_steps": 3}
-    rec = TF.fit_sampling_calibration(vae, ldm, tmp_path / "vae_cal.json", cohort["label_paths"], tmp_path / "s.json",
-                                      sampling=samp, schema=schema, device="cpu", seed=2)
+    rec = SC.fit_sampling_calibration(vae, ldm, tmp_path / "vae_cal.json", cohort["label_paths"], tmp_path / "s.json",
+                                     sampling=samp, schema=schema, device="cpu", seed=2)
     assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(rec))
+    assert "deformation" not in rec
     assert rec["temperature"] == cal["temperature"]
     tissues = {schema.value(t): t for t in schema.tissues}
     offsets = [cal["class_offsets"][c] + rec["tissue_offsets"].get(n, 0.0) for c, n in
@@ -946,6 +948,118 @@ def test_sampling_calibration_adds_the_tissue_offsets_sampling_draws(models, coh
         assert drawn[c] == pytest.approx(rec["tissue_fit"][f"{t}_after"], abs=2e-3), t
     truth = np.stack([lab for lab in cohort["labels"]])
     assert rec["tissue_fit"]["csf_training"] == pytest.approx(TF.brain_fractions(truth, [1])[1], abs=1e-6)
+
+
+def test_deformation_warp_moves_maps_along_the_right_axes_and_fields_are_seeded_per_map():
+    """A constant displacement of one voxel along an axis samples each voxel's next neighbour on
+    that axis (hand case, on a grid of three different sizes); the fields depend on (seed, index)
+    alone and scale with their standard deviation; a size of 0 leaves the maps as they are."""
+    from brainsynth.generators.brainspade import deformation as D
+    maps = torch.arange(2 * 4 * 5 * 6, dtype=torch.float32).view(2, 4, 5, 6)
+    for axis in range(3):
+        disp = torch.zeros(3, 4, 5, 6)
+        disp[axis] = 1.0
+        moved = D.warp(maps, disp)
+        inner = [slice(None)] * 4
+        inner[axis + 1] = slice(0, -1)
+        ahead = [slice(None)] * 4
+        ahead[axis + 1] = slice(1, None)
+        torch.testing.assert_close(moved[tuple(inner)], maps[tuple(ahead)])
+        last = [slice(None)] * 4
+        last[axis + 1] = slice(-1, None)
+        torch.testing.assert_close(moved[tuple(last)], maps[tuple(last)])      # the border beyond the grid
+    a, b = D.unit_field((8, 9, 10), 4.0, 3, 1), D.unit_field((8, 9, 10), 4.0, 3, 1)
+    assert a.shape == (3, 8, 9, 10) and torch.equal(a, b)
+    assert not torch.equal(a, D.unit_field((8, 9, 10), 4.0, 3, 2)) and not torch.equal(a, D.unit_field((8, 9, 10), 4.0, 4, 1))
+    torch.testing.assert_close(D.unit_field((8, 9, 10), 2.0, 3, 1).abs().max(), 2 * a.abs().max(), rtol=0.5, atol=0)
+    batch = torch.randn(3, 4, 8, 9, 10)
+    assert D.deform(batch, 0.0, 4.0, 3) is batch
+    one_by_one = torch.cat([D.deform(batch[i:i + 1], 2.5, 4.0, 3, first_index=i) for i in range(3)])
+    torch.testing.assert_close(D.deform(batch, 2.5, 4.0, 3), one_by_one)
+
+
+def test_mean_pairwise_dice_by_hand():
+    """Per group, the mean over pairs of the mean Dice of the non-background classes either map
+    holds; then the mean over groups of two or more maps."""
+    from brainsynth.generators.brainspade import deformation as D
+    a = np.array([[1, 1, 2, 2]])
+    b = np.array([[1, 2, 2, 2]])                                 # vs a: class 1 2/3, class 2 4/5
+    c = np.array([[3, 3, 0, 0]])                                 # vs anything else: 0
+    hard = np.stack([a, b, a, c, a])
+    d = D.mean_pairwise_dice(hard, ["x", "x", "y", "y", "z"], 4)
+    assert d == pytest.approx(((2 / 3 + 4 / 5) / 2 + 0.0) / 2)
+    with pytest.raises(InputError, match="two or more training maps"):
+        D.mean_pairwise_dice(hard[:2], ["x", "y"], 4)
+
+
+def test_deformation_fit_meets_the_target_diversity():
+    """Maps that are all alike (pairwise Dice 1) are warped until their pairwise Dice is the
+    target's; maps already that diverse keep their shape (size 0)."""
+    from brainsynth.generators.brainspade import deformation as D
+    g = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in (12, 12, 12)], indexing="ij"))
+    r = ((g - 5.5) ** 2).sum(0).sqrt()
+    logits = torch.stack([torch.zeros_like(r), 4.0 - r, torch.full_like(r, -1.0), r - 5.0])  # 1 inside, 3 outside
+    maps = logits.expand(6, -1, -1, -1, -1).clone()
+    fit = D.fit_deformation(maps, 0.8, ["h"] * 6, 4.0, seed=0)
+    assert fit["before"] == 1.0 and 0 < fit["std_mm"] < D.FIT_MAX_MM
+    assert fit["after"] == pytest.approx(0.8, abs=0.03)
+    warped = D.deform(maps, fit["std_mm"], 4.0, 0).argmax(1)
+    assert D.mean_pairwise_dice(warped, ["h"] * 6, 4) == pytest.approx(fit["after"])
+    assert D.fit_deformation(maps, 1.0, ["h"] * 6, 4.0, seed=0)["std_mm"] == 0.0
+
+
+def test_sampling_warps_each_map_by_the_calibrations_deformation(models, tmp_path):
+    """A calibration with a deformation: each sampled map is the plain sample's log-probabilities
+    warped by its own field (seed, index), whatever the batch size."""
+    from brainsynth.generators.brainspade import deformation as D
+    vae, ldm = models["vae"]["model"], models["ldm"]["model"]
+    _, tv = LG.training_conditioning(ldm)
+    cond = np.asarray(tv, np.float32)
+    plain = {"class_offsets": [0.0] * K, "temperature": 1.0}
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    (tmp_path / "warped.json").write_text(json.dumps(
+        {**plain, "deformation": {"std_mm": 3.0, "spacing_mm": D.CONTROL_SPACING_MM, "voxel_mm": [4.0, 4.0, 4.0]}}))
+    samp = {"inference_steps": 3}
+    base = LG.sample_labels(vae, ldm, cond, seed=5, batch_size=4, device="cpu", sampling=samp,
+                            calibration=tmp_path / "plain.json")
+    expected = torch.softmax(D.deform(torch.log(torch.from_numpy(base).clamp_min(1e-30)), 3.0, [4.0] * 3, 5), dim=1)
+    for bs in (4, 3):
+        warped = LG.sample_labels(vae, ldm, cond, seed=5, batch_size=bs, device="cpu", sampling=samp,
+                                  calibration=tmp_path / "warped.json")
+        np.testing.assert_allclose(warped, expected.numpy(), atol=2e-4)
+    assert (warped.argmax(1) != base.argmax(1)).any()
+    (tmp_path / "other.json").write_text(json.dumps({**plain, "deformation": {"std_mm": 3.0, "spacing_mm": 10.0,
+                                                                              "voxel_mm": [4.0] * 3}}))
+    with pytest.raises(InputError, match="not one this version draws"):
+        LG.sample_labels(vae, ldm, cond, seed=5, device="cpu", sampling=samp, calibration=tmp_path / "other.json")
+
+
+def test_sampling_calibration_fits_the_deformation_before_the_tissue_offsets(models, cohort, tmp_path):
+    """deformation and tissue offsets fitted together: the record holds the deformation's size and
+    the pairwise Dice it reached, and maps sampled with the record at the fit's seed hold the
+    pairwise Dice and tissue fractions the fit recorded."""
+    from brainsynth.generators.brainspade import deformation as D
+    from brainsynth.generators.brainspade import sampling_calibration as SC
+    from brainsynth.generators.brainspade import tissue_fit as TF
+    vae, ldm = models["vae"]["model"], models["ldm"]["model"]
+    schema = LabelSchema()
+    LG.calibrate_label_vae(vae, cohort["label_paths"], "tissue", tmp_path / "vae_cal.json", schema=schema, device="cpu")
+    samp = {"inference_steps": 3}
+    rec = SC.fit_sampling_calibration(vae, ldm, tmp_path / "vae_cal.json", cohort["label_paths"], tmp_path / "s.json",
+                                      deformation=True, sampling=samp, schema=schema, device="cpu", seed=2)
+    d = rec["deformation"]
+    assert d["voxel_mm"] == [4.0, 4.0, 4.0] and d["maps"] == 4 and d["spacing_mm"] == D.CONTROL_SPACING_MM
+    groups = ["tumour", "wmh", "tumour", "wmh"]                   # _brain: even maps tumour, odd maps WMH
+    assert d["pairwise_dice_training"] == pytest.approx(D.mean_pairwise_dice(np.stack(cohort["labels"]), groups, K))
+    _, tv = LG.training_conditioning(ldm)
+    probs = LG.sample_labels(vae, ldm, np.asarray(tv, np.float32), seed=2, batch_size=4, device="cpu",
+                             sampling=samp, calibration=tmp_path / "s.json")
+    assert D.mean_pairwise_dice(probs.argmax(1), [SC.phenotype({"wmh": a > 0, "tumour": b > 0}) for a, b in tv],
+                                K) == pytest.approx(d["pairwise_dice_after"], abs=2e-3)
+    tissues = {schema.value(t): t for t in schema.tissues}
+    drawn = TF.brain_fractions(probs.argmax(1), tissues)
+    for c, t in tissues.items():
+        assert drawn[c] == pytest.approx(rec["tissue_fit"][f"{t}_after"], abs=2e-3), t
 
 
 def test_compose_weight_fit_needs_its_fitted_file(tmp_path):

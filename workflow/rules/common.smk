@@ -15,6 +15,8 @@ from brainsynth import demo as demo_cohort
 from brainsynth import generator_benchmark as gen_bench
 from brainsynth.generators.brainspade.settings import (
     fits_compose_weight,
+    fits_deformation,
+    fits_sampling_calibration,
     fits_tissue_offsets,
     sampling_settings,
 )
@@ -876,16 +878,17 @@ def fitted_compose_weight(wildcards):
     return LABEL_COMPOSE_WEIGHT if fits_compose_weight(config["label_generator"], SCHEMA.lesion_types) else []
 
 
-# written by rule fit_tissue_offsets, the VAE's calibration plus the tissue offsets fitted for sampling
+# the VAE's calibration plus the tissue offsets and the deformation fitted for sampling (written
+# by the fit_label_sampling job)
 LABEL_SAMPLING_CALIBRATION = f"{R}/generators/label_generator/label_sampling_calibration.json"
 
 
 def sampling_calibration(wildcards):
-    """The calibration sampling decodes with: the VAE's, plus the fitted tissue offsets where
-    label_generator.sampling.tissue_offsets is fit."""
+    """The calibration sampling decodes with: the VAE's, plus the fitted tissue offsets and
+    deformation where label_generator.sampling.tissue_offsets or deformation is fit."""
     return (
         LABEL_SAMPLING_CALIBRATION
-        if fits_tissue_offsets(config["label_generator"])
+        if fits_sampling_calibration(config["label_generator"])
         else LABEL_VAE_CALIBRATION
     )
 
@@ -979,8 +982,8 @@ def generator_jobs(generator, sample_set):
     draws from) and the job that samples the arm's set."""
     suffix = "" if sample_set is None else f"_{sample_set}"
     label = ["train_label_vae", "calibrate_label_vae", "train_label_ldm"]
-    if fits_tissue_offsets(config["label_generator"]):
-        label.append("fit_tissue_offsets")
+    if fits_sampling_calibration(config["label_generator"]):
+        label.append("fit_label_sampling")
     if fits_compose_weight(config["label_generator"], SCHEMA.lesion_types):
         label.append("fit_compose_weight")
     return {

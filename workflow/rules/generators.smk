@@ -139,11 +139,13 @@ rule train_label_ldm:
         "../scripts/train_label_ldm.py"
 
 
-rule fit_tissue_offsets:
-    """One offset per tissue class on the label decoder's logits at sampling, fitted on the trained
-    label generator (label_generator.sampling.tissue_offsets: fit): maps drawn at the training maps'
-    conditioning then hold their mean tissue fractions. Sampling, the compose-weight fit and the
-    audit's samples decode with them; the audit's reconstructions with the VAE's offsets alone."""
+rule fit_label_sampling:
+    """What the label decoder samples with, fitted on the trained label generator on maps drawn at
+    the training maps' conditioning: the size of a random smooth deformation of each map, so they are
+    as alike as the training maps of their phenotype (label_generator.sampling.deformation: fit), and
+    one offset per tissue class on the decoder's logits, so they hold the training maps' mean tissue
+    fractions (sampling.tissue_offsets: fit). Sampling, the compose-weight fit and the audit's
+    samples decode with them; the audit's reconstructions with the VAE's offsets alone."""
     input:
         vae=LABEL_VAE,
         calibration=LABEL_VAE_CALIBRATION,
@@ -158,24 +160,34 @@ rule fit_tissue_offsets:
                 k: v
                 for k, v in LGCFG.get("sampling", {}).items()
                 if k
-                not in ("compose_lesion_types", "compose_weight", "unrequested_lesions", "tissue_offsets")
+                not in (
+                    "compose_lesion_types",
+                    "compose_weight",
+                    "unrequested_lesions",
+                    "tissue_offsets",
+                    "deformation",
+                )
             }
         ),
+        fit={
+            "tissue_offsets": fits_tissue_offsets(LGCFG),
+            "deformation": fits_deformation(LGCFG),
+        },
         preprocessed=tissue_maps(generator_training_subjects()),
         labels=config["labels"],
     conda:
         "../../envs/generators.yaml"
     log:
-        f"{LOGS}/generators/fit_tissue_offsets.log",
+        f"{LOGS}/generators/fit_label_sampling.log",
     benchmark:
-        f"{BENCH}/fit_tissue_offsets.tsv"
+        f"{BENCH}/fit_label_sampling.tsv"
     threads: LABEL_THREADS
     priority: GENERATOR_PRIORITY
     resources:
         mem_mb=8000,
         runtime=30,
     script:
-        "../scripts/fit_tissue_offsets.py"
+        "../scripts/fit_label_sampling.py"
 
 
 rule fit_compose_weight:

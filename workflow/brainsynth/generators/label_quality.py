@@ -503,7 +503,7 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
     paths ``reconstruction``, ``gate``, ``adherence``, ``samples``, ``fidelity``, ``figure``.
     ``calibration``: the VAE's class offsets (JSON of ``calibrate_label_vae``), used by the
     reconstructions, and by the samples unless ``sampling_calibration`` is given (the tissue
-    offsets of ``fit_tissue_offsets`` added to them). Returns the fidelity table (DataFrame).
+    offsets of rule ``fit_label_sampling`` added to them). Returns the fidelity table (DataFrame).
     """
     from ..io import save_table
     from ..labels import LabelSchema

@@ -182,6 +182,7 @@ from ...io import save_json
 from ...labels import LabelSchema, check_conditioning_mode, single_type_of
 from .. import common as C
 from . import settings
+from .deformation import deform, load_deformation
 
 log = logging.getLogger("brainsynth.generators.label")
 
@@ -260,6 +261,7 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "compose_weight": 1.0,
         "unrequested_lesions": "keep",
         "tissue_offsets": "none",  # fit: tissue offsets at sampling, fitted per model (tissue_fit)
+        "deformation": "none",  # fit: each map warped by a random smooth field of a fitted size (deformation)
     },
 }
 
@@ -831,16 +833,23 @@ def calibrate_label_vae(vae_path, label_paths, mode, out_path, *, schema=None, d
     return record
 
 
+def calibration_record(path):
+    """A calibration JSON's content (``{}`` for none), or a clear error where it cannot be read."""
+    if path is None:
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the label VAE calibration ({exc})", file=path,
+                         fix="rerun the rule calibrate_label_vae") from exc
+
+
 def load_calibration(path, n_classes):
     """The class offsets (None: no file, or calibration off) and temperature (1.0 where the file
     has none) of a calibration JSON."""
     if path is None:
         return None, 1.0
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the label VAE calibration ({exc})", file=path,
-                         fix="rerun the rule calibrate_label_vae") from exc
+    record = calibration_record(path)
     offsets = record.get("class_offsets")
     if offsets is None:
         return None, 1.0
@@ -1485,12 +1494,15 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     step noise from one per batch: same seed and batch size -> same maps.
     ``sampling``: a ``label_generator.sampling`` dict overriding the one stored with the
     LDM; explicit arguments override both. ``calibration``: the VAE's class offsets and temperature
-    (:func:`calibrate_label_vae`), none: the decoder as trained.
+    (:func:`calibrate_label_vae`), none: the decoder as trained; where it holds a deformation
+    (rule fit_label_sampling), map ``i`` is warped by its own random smooth field drawn from
+    ``(seed, i)`` (:mod:`.deformation`).
     """
     dev = C.get_device(device)
     vae, vpay = load_vae(vae_path, dev, calibration)
     unet, lpay = load_ldm(ldm_path, dev)
     samp = sampling_config(lpay, sampling)
+    field = load_deformation(calibration_record(calibration))  # (std mm, voxel mm) or None
     kind = scheduler or samp["scheduler"]
     bs = int(batch_size or samp["batch_size"])
     eta = float(samp.get("ddim_eta", 0.0) if eta is None else eta)
@@ -1567,8 +1579,11 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
         z = C.crop_to(x, lshape) / lat_scale + lat_shift
         with C.autocast(dev, amp):
             logits = decoded_logits(vae, z)
-        prob = torch.softmax(logits.float(), dim=1)
-        prob = C.crop_to(prob, vpay["shape"])
+        if field is None:
+            prob = C.crop_to(torch.softmax(logits.float(), dim=1), vpay["shape"])
+        else:  # warped on the working grid, as fitted
+            logp = C.crop_to(torch.log_softmax(logits.float(), dim=1), vpay["shape"]).cpu()
+            prob = torch.softmax(deform(logp, *field, seed, first_index=b0), dim=1)
         out.append(prob.cpu().numpy().astype(np.float32))
         if progress:
             log.info("sampled label maps %d/%d (%s, %d steps)", b1, n, kind, n_steps)

@@ -52,12 +52,17 @@ def compose_weights(value, lesion_types):
 
 def check_settings(cfg, lesion_types):
     """Check the per-lesion-type settings ``cfg`` (the config's ``label_generator`` section) gives,
-    against the label schema's lesion types (those the LDM trains on), before any work."""
+    against the label schema's lesion types (those the LDM trains on), and the sampling fits it asks
+    for, before any work."""
     ldm, sampling = cfg.get("ldm") or {}, cfg.get("sampling") or {}
     if "lesion_weight" in ldm:
         loss_weights(ldm["lesion_weight"], lesion_types)
     if "compose_weight" in sampling and sampling["compose_weight"] != FIT:
         compose_weights(sampling["compose_weight"], lesion_types)
+    if fits_deformation(cfg) and int(cfg.get("spatial_dims", 3)) != 3:
+        raise InputError("deformation: fit needs a 3-D label generator: its fit compares sampled volumes with "
+                         "the training volumes, which a 2-D generator's slices are not",
+                         field="label_generator.sampling.deformation", fix="use deformation: none, or spatial_dims: 3")
 
 
 def fits_compose_weight(cfg, lesion_types):
@@ -68,18 +73,33 @@ def fits_compose_weight(cfg, lesion_types):
             and len(lesion_types) > 1)
 
 
-#: ``sampling.tissue_offsets``: ``fit`` (rule fit_tissue_offsets) or ``none``
-TISSUE_OFFSETS = ("none", FIT)
+#: ``sampling.tissue_offsets`` and ``sampling.deformation``: ``fit`` (rule fit_label_sampling) or ``none``
+SAMPLING_FITS = ("none", FIT)
+
+
+def _fits(cfg, key):
+    value = (cfg.get("sampling") or {}).get(key, "none")
+    if value not in SAMPLING_FITS:
+        raise InputError(f"{key} must be one of {list(SAMPLING_FITS)}, got {value!r}",
+                         field=f"label_generator.sampling.{key}", fix="use fit or none")
+    return value == FIT
 
 
 def fits_tissue_offsets(cfg):
     """Whether sampling decodes with tissue offsets fitted on the trained label generator
     (``sampling.tissue_offsets: fit`` in ``cfg``, the ``label_generator`` section)."""
-    value = (cfg.get("sampling") or {}).get("tissue_offsets", "none")
-    if value not in TISSUE_OFFSETS:
-        raise InputError(f"tissue_offsets must be one of {list(TISSUE_OFFSETS)}, got {value!r}",
-                         field="label_generator.sampling.tissue_offsets", fix="use fit or none")
-    return value == FIT
+    return _fits(cfg, "tissue_offsets")
+
+
+def fits_deformation(cfg):
+    """Whether each sampled map is warped by a random smooth field of a size fitted on the trained
+    label generator (``sampling.deformation: fit`` in ``cfg``, the ``label_generator`` section)."""
+    return _fits(cfg, "deformation")
+
+
+def fits_sampling_calibration(cfg):
+    """Whether rule fit_label_sampling runs: tissue offsets or the deformation fitted."""
+    return fits_tissue_offsets(cfg) or fits_deformation(cfg)
 
 
 def sampling_settings(cfg, lesion_types):

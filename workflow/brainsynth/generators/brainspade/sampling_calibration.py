@@ -1,0 +1,101 @@
+"""The calibration sampling decodes with, fitted per trained label generator (rule
+``fit_label_sampling``): the VAE's class offsets (``calibrate_label_vae``), plus the tissue offsets
+of :mod:`.tissue_fit` (``sampling.tissue_offsets: fit``) and the size of the random deformation of
+:mod:`.deformation` (``sampling.deformation: fit``). Both are fitted on maps drawn at the training
+maps' own conditioning, against the training maps, never against held-out ones.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from ...io import save_json
+from ...labels import LabelSchema
+from .. import common as C
+from . import deformation as D
+from . import label_generator as LG
+from .tissue_fit import brain_fractions, fit_tissue_offsets
+
+log = logging.getLogger(__name__)
+
+#: seed of the fit's noise and fields: apart from the audit's (0) and the sample sets' seeds
+FIT_SEED = 11
+#: the deformation changes the tissue fractions a little and the offsets the pairwise Dice: each
+#: is fitted again on the other's result this many times
+ALTERNATIONS = 2
+
+
+def phenotype(lesion_present):
+    """A map's phenotype from the lesion types it holds (``{type: bool}``): ``healthy`` or the
+    types joined by ``+``."""
+    held = [t for t, on in lesion_present.items() if on]
+    return "+".join(held) if held else "healthy"
+
+
+def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out_path, *, tissue_offsets=True,
+                             deformation=False, sampling=None, schema=None, device="auto", num_threads=None,
+                             seed=FIT_SEED):
+    """Sample one map at each training map's conditioning, fit the deformation's size (against the
+    training maps' pairwise Dice within each phenotype) and the tissue offsets (against their mean
+    tissue fractions), and write the calibration sampling decodes with: the VAE's class offsets
+    (``calibration``, its JSON) plus the tissue offsets, its temperature, the deformation, and
+    beside them what each fit started from and reached."""
+    C.set_threads(num_threads)
+    schema = schema or LabelSchema()
+    base, temperature = LG.load_calibration(calibration, schema.n_classes)
+    base = torch.zeros(schema.n_classes) if base is None else base
+    truth = np.stack([C.load_prob_label(p, schema.n_classes).argmax(0).astype(np.uint8) for p in training_maps])
+    voxel_mm = [round(float(z), 6) for z in nib.load(str(training_maps[0])).header.get_zooms()[:3]]
+    tissues = {schema.value(t): t for t in schema.tissues}
+    target = brain_fractions(truth, tissues)
+    types, train_values = LG.training_conditioning(ldm_path)
+    probs = LG.sample_labels(vae_path, ldm_path, np.asarray(train_values, np.float32), seed=seed, device=device,
+                             progress=False, batch_size=4, calibration=calibration, sampling=sampling)
+    # log-probabilities times the temperature: the logits less a per-voxel constant, same argmax
+    logits = torch.log(torch.from_numpy(probs).clamp_min(1e-30)) * temperature
+    del probs
+    offsets = torch.zeros(schema.n_classes)
+    record = {"temperature": temperature, "vae_class_offsets": [round(float(b), 6) for b in base]}
+    std, drawn = 0.0, logits
+    if deformation:
+        groups = [phenotype({t: v > 0 for t, v in zip(types, row)}) for row in train_values]
+        truth_groups = [phenotype({t: bool(schema.lesion_type_mask(lab, t).any()) for t in types}) for lab in truth]
+        diversity = D.mean_pairwise_dice(truth, truth_groups, schema.n_classes)
+    for _ in range(ALTERNATIONS if deformation and tissue_offsets else 1):
+        if deformation:
+            dfit = D.fit_deformation(logits, diversity, groups, voxel_mm, seed, offsets)
+            std = dfit["std_mm"]
+            drawn = D.deform(logits, std, voxel_mm, seed)
+        if tissue_offsets:
+            fit = fit_tissue_offsets(drawn, target)
+            offsets = fit["offsets"]
+    record["class_offsets"] = [round(float(b) + float(o), 6) for b, o in zip(base, offsets)]
+    notes = []
+    if deformation:
+        after = D.mean_pairwise_dice(LG.with_class_offsets(drawn, offsets).argmax(1), groups, schema.n_classes)
+        record["deformation"] = {"std_mm": round(std, 4), "spacing_mm": D.CONTROL_SPACING_MM, "voxel_mm": voxel_mm,
+                                 "pairwise_dice_training": round(diversity, 6),
+                                 "pairwise_dice_before": round(dfit["before"], 6),
+                                 "pairwise_dice_after": round(after, 6), "maps": len(truth), "seed": int(seed)}
+        notes.append(f"deformation {std:.2f} mm (pairwise Dice within phenotypes {dfit['before']:.3f} -> "
+                     f"{after:.3f}, training maps {diversity:.3f})")
+    if tissue_offsets:
+        before, after = fit["before"], fit["after"]
+        record["tissue_offsets"] = {tissues[c]: round(float(offsets[c]), 6) for c in tissues}
+        record["tissue_fit"] = {"maps": len(truth), "seed": int(seed), "round": fit["round"],
+                                **{f"{tissues[c]}_training": round(target[c], 6) for c in tissues},
+                                **{f"{tissues[c]}_before": round(before[c], 6) for c in tissues},
+                                **{f"{tissues[c]}_after": round(after[c], 6) for c in tissues}}
+        relative = {c: (f"{before[c] / target[c] - 1:+.1%} -> {after[c] / target[c] - 1:+.1%}" if target[c] else
+                        "absent from the training maps, not fitted") for c in tissues}
+        notes.append(f"tissue offsets at sampling (round {fit['round']}): "
+                     + ", ".join(f"{tissues[c]} {offsets[c]:+.3f}" for c in tissues)
+                     + "; drawn vs training before -> after: " + ", ".join(f"{tissues[c]} {relative[c]}"
+                                                                           for c in tissues))
+    save_json(record, out_path)
+    log.info("label sampling fitted on %d maps at the training conditioning: %s", len(truth), "; ".join(notes))
+    return record
