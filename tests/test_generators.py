@@ -419,9 +419,14 @@ def test_audit_reconstructs_with_the_vae_calibration_and_samples_with_the_sampli
 
     sampling_cal = tmp_path / "oedema_offset.json"
     sampling_cal.write_text(json.dumps({"class_offsets": [0.0] * 8 + [OEDEMA_OFFSET, 0.0]}))
+    warped_cal = tmp_path / "warped.json"
+    warped_cal.write_text(json.dumps({"class_offsets": [0.0] * K, "deformation": {
+        "std_mm": 2.5, "spacing_mm": 24.0, "voxel_mm": [4.0] * 3, "pairwise_dice_training": 0.7,
+        "pairwise_dice_before": 0.9, "pairwise_dice_after": 0.71, "maps": 4}}))
     maps = {f"sub{i}": p for i, p in enumerate(cohort["label_paths"])}
     runs = {}
-    for name, extra in (("plain", {}), ("sampling", {"sampling_calibration": sampling_cal})):
+    for name, extra in (("plain", {}), ("sampling", {"sampling_calibration": sampling_cal}),
+                        ("warped", {"sampling_calibration": warped_cal})):
         out = {k: tmp_path / name / f"{k}.tsv" for k in ("reconstruction", "gate", "adherence", "samples", "fidelity")}
         out["figure"] = tmp_path / name / "adherence.png"
         fid = LQ.evaluate_label_generator(models["vae"]["model"], models["ldm"]["model"], maps, maps, out,
@@ -430,6 +435,12 @@ def test_audit_reconstructs_with_the_vae_calibration_and_samples_with_the_sampli
     (plain, plain_rec), (sampled, sampled_rec) = runs["plain"], runs["sampling"]
     pd.testing.assert_frame_equal(plain_rec, sampled_rec)
     assert plain.loc["healthy_any_lesion", "value"] == 0.0 and sampled.loc["healthy_any_lesion", "value"] == 1.0
+    # a deformation in the sampling calibration: the table says its size and the LDM's own diversity
+    warped = runs["warped"][0]
+    assert "deformation_std_mm" not in plain.index and "pairwise_dice_fit_maps_undeformed" not in plain.index
+    assert warped.loc["deformation_std_mm", "value"] == 2.5
+    assert warped.loc["pairwise_dice_fit_maps_undeformed", "value"] == 0.9
+    assert "after the warp 0.710, training maps 0.700" in warped.loc["pairwise_dice_fit_maps_undeformed", "note"]
 
 
 # --------------------------------------------------------------------------- LDM + sampling

@@ -507,8 +507,8 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
     """
     from ..io import save_table
     from ..labels import LabelSchema
-    from .brainspade.label_generator import (resolve_unrequested_lesions, sample_labels, sampling_config,
-                                             training_conditioning)
+    from .brainspade.label_generator import (calibration_record, resolve_unrequested_lesions, sample_labels,
+                                             sampling_config, training_conditioning)
 
     schema = schema or LabelSchema()
     names = schema.names
@@ -600,6 +600,15 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
         through_vae = pairwise_dice(real_decoded[phenotypes == mode], schema.n_classes, max_pairs, seed)
         rows.append(_target_row("diversity", f"pairwise_dice_{mode}_reconstructed", through_vae[0], n=through_vae[2],
                                 note="the same training maps encoded and decoded by the label VAE"))
+    warp = calibration_record(sampling_calibration).get("deformation")
+    if warp:  # the samples' spread is partly the deformation's: say so, and what the LDM gave alone
+        rows.append(_target_row("diversity", "deformation_std_mm", warp["std_mm"], n=warp["maps"],
+                                note="each sample warped by its own random smooth field of this standard deviation, "
+                                "fitted by rule fit_label_sampling"))
+        rows.append(_target_row("diversity", "pairwise_dice_fit_maps_undeformed", warp["pairwise_dice_before"],
+                                n=warp["maps"], note=f"the fit's maps (one at each training map's conditioning) "
+                                f"before the warp, within phenotypes: the LDM's own diversity; after the warp "
+                                f"{warp['pairwise_dice_after']:.3f}, training maps {warp['pairwise_dice_training']:.3f}"))
     syn_div = pairwise_dice(hard, schema.n_classes, max_pairs, seed)
     real_div = pairwise_dice(real, schema.n_classes, max_pairs, seed)
     rows.append(_target_row("diversity", "pairwise_dice_synthetic_all_modes", syn_div[0], n=syn_div[2],
