@@ -1001,6 +1001,16 @@ def test_mean_pairwise_dice_by_hand():
     assert d == pytest.approx(((2 / 3 + 4 / 5) / 2 + 0.0) / 2)
     with pytest.raises(InputError, match="two or more training maps"):
         D.mean_pairwise_dice(hard[:2], ["x", "y"], 4)
+    # the audit's definition (label_quality.mean_label_dice), on random maps; pairs capped per group
+    from brainsynth.generators.label_quality import mean_label_dice
+    rng = np.random.default_rng(0)
+    maps = rng.integers(0, 5, size=(6, 7, 8, 3))
+    maps[0][maps[0] == 4] = 0                                     # a class one map lacks
+    for i, j in ((0, 1), (2, 5)):
+        assert D.pair_dice(maps[i], maps[j], 5) == pytest.approx(mean_label_dice(maps[i], maps[j], 5))
+    every = D.mean_pairwise_dice(maps, ["g"] * 6, 5)
+    assert D.mean_pairwise_dice(maps, ["g"] * 6, 5, max_pairs=15) == every       # 15 pairs: all of them
+    assert D.mean_pairwise_dice(maps, ["g"] * 6, 5, max_pairs=4) != every
 
 
 def test_deformation_fit_meets_the_target_diversity():
@@ -1071,6 +1081,19 @@ def test_sampling_calibration_fits_the_deformation_before_the_tissue_offsets(mod
     drawn = TF.brain_fractions(probs.argmax(1), tissues)
     for c, t in tissues.items():
         assert drawn[c] == pytest.approx(rec["tissue_fit"][f"{t}_after"], abs=2e-3), t
+
+
+def test_sampling_calibration_draws_at_most_its_cap_of_maps(models, cohort, tmp_path, monkeypatch):
+    """On a cohort larger than the fit's cap it draws the cap's number of maps, at the conditioning
+    of as many training maps (seeded), and still compares them with every training map."""
+    from brainsynth.generators.brainspade import sampling_calibration as SC
+    vae, ldm = models["vae"]["model"], models["ldm"]["model"]
+    monkeypatch.setattr(SC, "FIT_MAX_MAPS", 3)
+    rec = SC.fit_sampling_calibration(vae, ldm, None, cohort["label_paths"], tmp_path / "s.json",
+                                      sampling={"inference_steps": 2}, device="cpu", seed=2)
+    assert rec["tissue_fit"]["maps"] == 3
+    assert rec["tissue_fit"]["csf_training"] == pytest.approx(
+        np.mean([(lab == 1).sum() / (lab > 0).sum() for lab in cohort["labels"]]), abs=1e-6)
 
 
 def test_compose_weight_fit_needs_its_fitted_file(tmp_path):

@@ -32,6 +32,8 @@ CONTROL_SPACING_MM = 24.0
 #: the fit's search range of the standard deviation (mm) and its number of bisections
 FIT_MAX_MM = 8.0
 FIT_BISECTIONS = 10
+#: pairs of maps a phenotype at most in the pairwise Dice (the audit's figure too)
+MAX_PAIRS = 300
 
 
 def unit_field(shape, voxel_mm, seed, index, spacing_mm=CONTROL_SPACING_MM):
@@ -81,24 +83,32 @@ def load_deformation(record):
     return float(d["std_mm"]), [float(v) for v in d["voxel_mm"]]
 
 
-def mean_pairwise_dice(hard, groups, n_classes):
+def pair_dice(a, b, n_classes):
+    """Mean Dice of the non-background classes either of two hard maps holds (1 where neither
+    holds any), from their joint histogram."""
+    joint = np.bincount(a.ravel().astype(np.int64) * n_classes + b.ravel(), minlength=n_classes * n_classes)
+    joint = joint.reshape(n_classes, n_classes)
+    inter = np.diag(joint)[1:].astype(np.float64)
+    total = (joint.sum(1) + joint.sum(0))[1:]
+    present = total > 0
+    return float((2 * inter[present] / total[present]).mean()) if present.any() else 1.0
+
+
+def mean_pairwise_dice(hard, groups, n_classes, max_pairs=MAX_PAIRS, seed=0):
     """Mean over groups (of two or more maps) of the maps' mean pairwise Dice over the
-    non-background classes present in either map of a pair (as the audit's diversity rows)."""
-    hard = torch.as_tensor(hard)
+    non-background classes present in either map of a pair (as the audit's diversity rows); at most
+    ``max_pairs`` pairs a group, drawn with ``seed``."""
+    hard = np.asarray(hard)
     per_group = []
     for g in sorted(set(groups)):
         members = [i for i, x in enumerate(groups) if x == g]
-        if len(members) < 2:
+        pairs = list(itertools.combinations(members, 2))
+        if not pairs:
             continue
-        onehot = F.one_hot(hard[members].long().flatten(1), n_classes)[..., 1:].float()  # (M, V, K-1)
-        sizes = onehot.sum(1)
-        scores = []
-        for i, j in itertools.combinations(range(len(members)), 2):
-            inter = (onehot[i] * onehot[j]).sum(0)
-            total = sizes[i] + sizes[j]
-            present = total > 0
-            scores.append(float((2 * inter[present] / total[present]).mean()) if present.any() else 1.0)
-        per_group.append(float(np.mean(scores)))
+        if len(pairs) > max_pairs:
+            rng = np.random.default_rng(seed)
+            pairs = [pairs[k] for k in sorted(rng.choice(len(pairs), size=int(max_pairs), replace=False))]
+        per_group.append(float(np.mean([pair_dice(hard[i], hard[j], n_classes) for i, j in pairs])))
     if not per_group:
         raise InputError("the deformation fit needs two or more training maps of one phenotype",
                          field="label_generator.sampling.deformation", fix="use deformation: none")
@@ -118,7 +128,7 @@ def fit_deformation(logits, target, groups, voxel_mm, seed, offsets=None, max_mm
 
     def dice(std):
         hard = torch.stack([warp(m, std * u).argmax(0) if std else m.argmax(0) for m, u in zip(shifted, unit)])
-        return mean_pairwise_dice(hard, groups, n_classes)
+        return mean_pairwise_dice(hard.numpy(), groups, n_classes)
 
     before = dice(0.0)
     if before <= target:

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 #: seed of the fit's noise and fields: apart from the audit's (0) and the sample sets' seeds
 FIT_SEED = 11
+#: maps the fit draws at most (at the conditioning of as many training maps, drawn with the seed):
+#: enough for a mean fraction and a pairwise Dice, and a bounded cost on a large cohort
+FIT_MAX_MAPS = 64
 #: the deformation changes the tissue fractions a little and the offsets the pairwise Dice: each
 #: is fitted again on the other's result this many times
 ALTERNATIONS = 2
@@ -53,7 +56,11 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
     tissues = {schema.value(t): t for t in schema.tissues}
     target = brain_fractions(truth, tissues)
     types, train_values = LG.training_conditioning(ldm_path)
-    probs = LG.sample_labels(vae_path, ldm_path, np.asarray(train_values, np.float32), seed=seed, device=device,
+    train_values = np.asarray(train_values, np.float32)
+    if len(train_values) > FIT_MAX_MAPS:
+        keep = np.sort(np.random.default_rng(seed).choice(len(train_values), FIT_MAX_MAPS, replace=False))
+        train_values = train_values[keep]
+    probs = LG.sample_labels(vae_path, ldm_path, train_values, seed=seed, device=device,
                              progress=False, batch_size=4, calibration=calibration, sampling=sampling)
     # log-probabilities times the temperature: the logits less a per-voxel constant, same argmax
     logits = torch.log(torch.from_numpy(probs).clamp_min(1e-30)) * temperature
@@ -80,13 +87,14 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
         record["deformation"] = {"std_mm": round(std, 4), "spacing_mm": D.CONTROL_SPACING_MM, "voxel_mm": voxel_mm,
                                  "pairwise_dice_training": round(diversity, 6),
                                  "pairwise_dice_before": round(dfit["before"], 6),
-                                 "pairwise_dice_after": round(after, 6), "maps": len(truth), "seed": int(seed)}
+                                 "pairwise_dice_after": round(after, 6), "maps": len(train_values),
+                                 "training_maps": len(truth), "seed": int(seed)}
         notes.append(f"deformation {std:.2f} mm (pairwise Dice within phenotypes {dfit['before']:.3f} -> "
                      f"{after:.3f}, training maps {diversity:.3f})")
     if tissue_offsets:
         before, after = fit["before"], fit["after"]
         record["tissue_offsets"] = {tissues[c]: round(float(offsets[c]), 6) for c in tissues}
-        record["tissue_fit"] = {"maps": len(truth), "seed": int(seed), "round": fit["round"],
+        record["tissue_fit"] = {"maps": len(train_values), "seed": int(seed), "round": fit["round"],
                                 **{f"{tissues[c]}_training": round(target[c], 6) for c in tissues},
                                 **{f"{tissues[c]}_before": round(before[c], 6) for c in tissues},
                                 **{f"{tissues[c]}_after": round(after[c], 6) for c in tissues}}
@@ -97,5 +105,6 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
                      + "; drawn vs training before -> after: " + ", ".join(f"{tissues[c]} {relative[c]}"
                                                                            for c in tissues))
     save_json(record, out_path)
-    log.info("label sampling fitted on %d maps at the training conditioning: %s", len(truth), "; ".join(notes))
+    log.info("label sampling fitted on %d maps drawn at the conditioning of %d training maps: %s", len(train_values),
+             len(truth), "; ".join(notes))
     return record
