@@ -999,8 +999,9 @@ def test_mean_pairwise_dice_by_hand():
     hard = np.stack([a, b, a, c, a])
     d = D.mean_pairwise_dice(hard, ["x", "x", "y", "y", "z"], 4)
     assert d == pytest.approx(((2 / 3 + 4 / 5) / 2 + 0.0) / 2)
-    with pytest.raises(InputError, match="two or more training maps"):
+    with pytest.raises(InputError, match="two or more maps of one phenotype"):
         D.mean_pairwise_dice(hard[:2], ["x", "y"], 4)
+    assert D.mean_pairwise_dice(hard, ["x", "x", None, None, "z"], 4) == pytest.approx((2 / 3 + 4 / 5) / 2)
     # the audit's definition (label_quality.mean_label_dice), on random maps; pairs capped per group
     from brainsynth.generators.label_quality import mean_label_dice
     rng = np.random.default_rng(0)

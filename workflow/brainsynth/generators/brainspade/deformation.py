@@ -32,6 +32,8 @@ CONTROL_SPACING_MM = 24.0
 #: the fit's search range of the standard deviation (mm) and its number of bisections
 FIT_MAX_MM = 8.0
 FIT_BISECTIONS = 10
+#: the fields' random stream, apart from the sampler's noise
+FIELD_STREAM = 0xDEF
 #: pairs of maps a phenotype at most in the pairwise Dice (the audit's figure too)
 MAX_PAIRS = 300
 
@@ -43,7 +45,8 @@ def unit_field(shape, voxel_mm, seed, index, spacing_mm=CONTROL_SPACING_MM):
     shape = tuple(int(s) for s in shape)
     voxel_mm = np.broadcast_to(np.asarray(voxel_mm, dtype=np.float64), (len(shape),)).copy()
     n = [max(2, int(np.ceil(s * v / spacing_mm)) + 1) for s, v in zip(shape, voxel_mm)]
-    g = C.generator(int(seed) * 1_000_033 + int(index) + 17)
+    # a stream of its own: seeds derived as the sampler's noise seeds are would share its values
+    g = C.generator(int(np.random.SeedSequence([int(seed), int(index), FIELD_STREAM]).generate_state(1)[0]))
     ctrl = torch.randn((1, len(shape), *n), generator=g, dtype=torch.float32)
     mode = "trilinear" if len(shape) == 3 else "bilinear"
     disp = F.interpolate(ctrl, size=shape, mode=mode, align_corners=True)[0]
@@ -95,12 +98,12 @@ def pair_dice(a, b, n_classes):
 
 
 def mean_pairwise_dice(hard, groups, n_classes, max_pairs=MAX_PAIRS, seed=0):
-    """Mean over groups (of two or more maps) of the maps' mean pairwise Dice over the
-    non-background classes present in either map of a pair (as the audit's diversity rows); at most
-    ``max_pairs`` pairs a group, drawn with ``seed``."""
+    """Mean over groups (of two or more maps; a group named ``None`` left out) of the maps' mean
+    pairwise Dice over the non-background classes present in either map of a pair (as the audit's
+    diversity rows); at most ``max_pairs`` pairs a group, drawn with ``seed``."""
     hard = np.asarray(hard)
     per_group = []
-    for g in sorted(set(groups)):
+    for g in sorted({x for x in groups if x is not None}):
         members = [i for i, x in enumerate(groups) if x == g]
         pairs = list(itertools.combinations(members, 2))
         if not pairs:
@@ -110,7 +113,7 @@ def mean_pairwise_dice(hard, groups, n_classes, max_pairs=MAX_PAIRS, seed=0):
             pairs = [pairs[k] for k in sorted(rng.choice(len(pairs), size=int(max_pairs), replace=False))]
         per_group.append(float(np.mean([pair_dice(hard[i], hard[j], n_classes) for i, j in pairs])))
     if not per_group:
-        raise InputError("the deformation fit needs two or more training maps of one phenotype",
+        raise InputError("the deformation fit needs two or more maps of one phenotype",
                          field="label_generator.sampling.deformation", fix="use deformation: none")
     return float(np.mean(per_group))
 

@@ -1485,8 +1485,9 @@ def resolve_unrequested_lesions(probs, conditioning, lesion_types, schema, setti
 
 @torch.no_grad()
 def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, seed=0, *, batch_size=None,
-                  device="auto", eta=None, progress=True, sampling=None, calibration=None):
-    """Sample ``N`` probabilistic label maps ``(N, K, *spatial)`` float32 (channels sum to 1).
+                  device="auto", eta=None, progress=True, sampling=None, calibration=None, log_probs=False):
+    """Sample ``N`` probabilistic label maps ``(N, K, *spatial)`` float32 (channels sum to 1; their
+    logarithms where ``log_probs``, exact where a probability underflows).
 
     ``scheduler`` ``ddpm`` runs all training timesteps; ``ddim`` runs ``steps``
     (default: the config's ``sampling.inference_steps``). The initial noise of
@@ -1579,11 +1580,13 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
         z = C.crop_to(x, lshape) / lat_scale + lat_shift
         with C.autocast(dev, amp):
             logits = decoded_logits(vae, z)
-        if field is None:
+        if field is None and not log_probs:
             prob = C.crop_to(torch.softmax(logits.float(), dim=1), vpay["shape"])
-        else:  # warped on the working grid, as fitted
-            logp = C.crop_to(torch.log_softmax(logits.float(), dim=1), vpay["shape"]).cpu()
-            prob = torch.softmax(deform(logp, *field, seed, first_index=b0), dim=1)
+        else:
+            prob = C.crop_to(torch.log_softmax(logits.float(), dim=1), vpay["shape"]).cpu()
+            if field is not None:  # warped on the working grid, as fitted
+                prob = torch.log_softmax(deform(prob, *field, seed, first_index=b0), dim=1)
+            prob = prob if log_probs else torch.exp(prob)
         out.append(prob.cpu().numpy().astype(np.float32))
         if progress:
             log.info("sampled label maps %d/%d (%s, %d steps)", b1, n, kind, n_steps)

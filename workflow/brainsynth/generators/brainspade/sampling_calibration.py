@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from ...errors import InputError
 from ...io import save_json
 from ...labels import LabelSchema
 from .. import common as C
@@ -56,22 +57,30 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
     tissues = {schema.value(t): t for t in schema.tissues}
     target = brain_fractions(truth, tissues)
     types, train_values = LG.training_conditioning(ldm_path)
-    train_values = np.asarray(train_values, np.float32)
-    if len(train_values) > FIT_MAX_MAPS:
-        keep = np.sort(np.random.default_rng(seed).choice(len(train_values), FIT_MAX_MAPS, replace=False))
-        train_values = train_values[keep]
-    probs = LG.sample_labels(vae_path, ldm_path, train_values, seed=seed, device=device,
-                             progress=False, batch_size=4, calibration=calibration, sampling=sampling)
-    # log-probabilities times the temperature: the logits less a per-voxel constant, same argmax
-    logits = torch.log(torch.from_numpy(probs).clamp_min(1e-30)) * temperature
-    del probs
+    if len(train_values) != len(truth):
+        raise InputError(f"{len(truth)} training maps given for an LDM trained on {len(train_values)}",
+                         field="training_maps", fix="give the maps the LDM was trained on, in its order")
+    # each training map's phenotype by its conditioning row (the maps come in the LDM's order),
+    # as the maps drawn at those rows
+    phenotypes = [phenotype({t: v > 0 for t, v in zip(types, row)}) for row in train_values]
+    keep = np.arange(len(truth))
+    if len(keep) > FIT_MAX_MAPS:
+        keep = np.sort(np.random.default_rng(seed).choice(len(keep), FIT_MAX_MAPS, replace=False))
+    train_values = np.asarray(train_values, np.float32)[keep]
+    # log-probabilities times the temperature: the logits less a per-voxel constant, and so is
+    # any warp of them (its weights sum to 1): the argmaxes sampling takes
+    logits = torch.from_numpy(LG.sample_labels(vae_path, ldm_path, train_values, seed=seed, device=device,
+                                               progress=False, batch_size=4, calibration=calibration,
+                                               sampling=sampling, log_probs=True)) * temperature
     offsets = torch.zeros(schema.n_classes)
     record = {"temperature": temperature, "vae_class_offsets": [round(float(b), 6) for b in base]}
     std, drawn = 0.0, logits
     if deformation:
-        groups = [phenotype({t: v > 0 for t, v in zip(types, row)}) for row in train_values]
-        truth_groups = [phenotype({t: bool(schema.lesion_type_mask(lab, t).any()) for t in types}) for lab in truth]
-        diversity = D.mean_pairwise_dice(truth, truth_groups, schema.n_classes)
+        groups = [phenotypes[i] for i in keep]
+        # phenotypes of which fewer than two maps are drawn have no pairwise Dice on either side
+        drawn_twice = {g for g in groups if groups.count(g) > 1}
+        diversity = D.mean_pairwise_dice(truth, [g if g in drawn_twice else None for g in phenotypes],
+                                         schema.n_classes)
     for _ in range(ALTERNATIONS if deformation and tissue_offsets else 1):
         if deformation:
             dfit = D.fit_deformation(logits, diversity, groups, voxel_mm, seed, offsets)
@@ -83,13 +92,16 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
     record["class_offsets"] = [round(float(b) + float(o), 6) for b, o in zip(base, offsets)]
     notes = []
     if deformation:
-        after = D.mean_pairwise_dice(LG.with_class_offsets(drawn, offsets).argmax(1), groups, schema.n_classes)
+        after = D.mean_pairwise_dice(LG.with_class_offsets(drawn, offsets).argmax(1).numpy(), groups,
+                                     schema.n_classes)
+        undeformed = D.mean_pairwise_dice(LG.with_class_offsets(logits, offsets).argmax(1).numpy(), groups,
+                                          schema.n_classes)
         record["deformation"] = {"std_mm": round(std, 4), "spacing_mm": D.CONTROL_SPACING_MM, "voxel_mm": voxel_mm,
                                  "pairwise_dice_training": round(diversity, 6),
-                                 "pairwise_dice_before": round(dfit["before"], 6),
+                                 "pairwise_dice_before": round(undeformed, 6),
                                  "pairwise_dice_after": round(after, 6), "maps": len(train_values),
                                  "training_maps": len(truth), "seed": int(seed)}
-        notes.append(f"deformation {std:.2f} mm (pairwise Dice within phenotypes {dfit['before']:.3f} -> "
+        notes.append(f"deformation {std:.2f} mm (pairwise Dice within phenotypes {undeformed:.3f} -> "
                      f"{after:.3f}, training maps {diversity:.3f})")
     if tissue_offsets:
         before, after = fit["before"], fit["after"]
