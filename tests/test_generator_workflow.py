@@ -35,7 +35,7 @@ def test_dry_run_plans_every_generator_rule(tmp_path):
     jobs = planned_jobs(out)
     for rule in ("train_label_vae", "calibrate_label_vae", "train_label_ldm",
                  "fit_compose_weight",  # config.yaml: compose_weight fit
-                 "fit_label_sampling",  # config.yaml: tissue_offsets fit
+                 "fit_label_sampling",  # config.yaml: tissue_offsets and deformation fit
                  "train_image_generator", "sample_synthetic",
                  "synthesis_quality", "restyle_synthetic",  # the default config's far-OOD style set
                  "label_generator_fidelity", "synthetic_sample_qc"):
@@ -262,23 +262,30 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert not {"train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_compose_weight",
                 "train_image_generator"} & set(jobs), jobs
 
-    # the tissue offsets (config.yaml: fit) are fitted after the LDM on maps drawn at the training
-    # maps' conditioning, and read by sampling, the compose-weight fit and the audit's samples:
-    # none instead reruns those, and trains nothing again
+    # the tissue offsets and the deformation (config.yaml: fit) are fitted after the LDM on maps
+    # drawn at the training maps' conditioning, and read by sampling, the compose-weight fit and the
+    # audit's samples: none for both instead reruns those, and trains nothing again
     sampling_cal = json.loads((gen / "label_sampling_calibration.json").read_text())
+    n_training = json.loads((gen / "label_ldm_config.json").read_text())["n_training"]
     assert set(sampling_cal["tissue_offsets"]) == {"csf", "gm", "wm", "deep_gm", "brainstem"}
-    assert sampling_cal["tissue_fit"]["maps"] == json.loads((gen / "label_ldm_config.json").read_text())["n_training"]
-    assert "tissue offsets at sampling" in (tmp_path / "logs" / EXP / "generators" / "fit_label_sampling.log").read_text()
+    assert sampling_cal["tissue_fit"]["maps"] == n_training
+    warp = sampling_cal["deformation"]
+    assert warp["maps"] == n_training and warp["grouping"] == "pooled"  # tumour, wmh, both: no phenotype twice
+    assert 0 <= warp["std_mm"] <= 8 and warp["pairwise_dice_after"] <= warp["pairwise_dice_before"]
+    fit_log = (tmp_path / "logs" / EXP / "generators" / "fit_label_sampling.log").read_text()
+    assert "tissue offsets at sampling" in fit_log and "deformation" in fit_log
+    fidelity = pd.read_csv(tmp_path / "results" / EXP / "synthesis" / "quality" / "label_fidelity.tsv", sep="\t")
+    assert float(fidelity.set_index("measure").loc["deformation_std_mm", "value"]) == pytest.approx(warp["std_mm"])
     plain = json.loads(json.dumps(cfg))
-    plain["label_generator"]["sampling"]["tissue_offsets"] = "none"
+    plain["label_generator"]["sampling"].update(tissue_offsets="none", deformation="none")
     code, out = run_snakemake(tmp_path, "-n", config=plain)
     jobs = planned_jobs(out)
     assert code == 0 and {"fit_compose_weight", "sample_synthetic", "label_generator_fidelity"} <= set(jobs), jobs
     assert not {"train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_label_sampling",
                 "train_image_generator"} & set(jobs), jobs
-    # the deformation fitted as well: the fit reruns (its settings changed), then what samples
+    # the deformation alone: the fit reruns (its settings changed), then what samples
     warped = json.loads(json.dumps(cfg))
-    warped["label_generator"]["sampling"]["deformation"] = "fit"
+    warped["label_generator"]["sampling"]["tissue_offsets"] = "none"
     code, out = run_snakemake(tmp_path, "-n", config=warped)
     jobs = planned_jobs(out)
     assert code == 0 and {"fit_label_sampling", "fit_compose_weight", "sample_synthetic",

@@ -1071,6 +1071,7 @@ def test_sampling_calibration_fits_the_deformation_before_the_tissue_offsets(mod
                                       deformation=True, sampling=samp, schema=schema, device="cpu", seed=2)
     d = rec["deformation"]
     assert d["voxel_mm"] == [4.0, 4.0, 4.0] and d["maps"] == 4 and d["spacing_mm"] == D.CONTROL_SPACING_MM
+    assert d["grouping"] == "phenotype"
     groups = ["tumour", "wmh", "tumour", "wmh"]                   # _brain: even maps tumour, odd maps WMH
     assert d["pairwise_dice_training"] == pytest.approx(D.mean_pairwise_dice(np.stack(cohort["labels"]), groups, K))
     _, tv = LG.training_conditioning(ldm)
@@ -1090,9 +1091,17 @@ def test_sampling_calibration_draws_at_most_its_cap_of_maps(models, cohort, tmp_
     from brainsynth.generators.brainspade import sampling_calibration as SC
     vae, ldm = models["vae"]["model"], models["ldm"]["model"]
     monkeypatch.setattr(SC, "FIT_MAX_MAPS", 3)
-    rec = SC.fit_sampling_calibration(vae, ldm, None, cohort["label_paths"], tmp_path / "s.json",
+    rec = SC.fit_sampling_calibration(vae, ldm, None, cohort["label_paths"], tmp_path / "s.json", deformation=True,
                                       sampling={"inference_steps": 2}, device="cpu", seed=2)
-    assert rec["tissue_fit"]["maps"] == 3
+    assert rec["tissue_fit"]["maps"] == 3 and rec["deformation"]["maps"] == 3
+    # 3 of the 2 + 2 maps of two phenotypes: one phenotype drawn twice, the fit within it
+    assert rec["deformation"]["grouping"] == "phenotype"
+    monkeypatch.setattr(SC, "FIT_MAX_MAPS", 2)
+    rec = SC.fit_sampling_calibration(vae, ldm, None, cohort["label_paths"], tmp_path / "s.json", deformation=True,
+                                      sampling={"inference_steps": 2}, device="cpu", seed=0)
+    # seed 0 keeps maps 2 and 3 (a tumour and a WMH map): no phenotype twice, all maps one group
+    assert list(np.sort(np.random.default_rng(0).choice(4, 2, replace=False))) == [2, 3]
+    assert rec["deformation"]["grouping"] == "pooled"
     assert rec["tissue_fit"]["csf_training"] == pytest.approx(
         np.mean([(lab == 1).sum() / (lab > 0).sum() for lab in cohort["labels"]]), abs=1e-6)
 

@@ -77,8 +77,14 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
     std, drawn = 0.0, logits
     if deformation:
         groups = [phenotypes[i] for i in keep]
-        # phenotypes of which fewer than two maps are drawn have no pairwise Dice on either side
+        # phenotypes of which fewer than two maps are drawn have no pairwise Dice on either side;
+        # where no phenotype has two, all maps form one group: the drawn maps follow the training
+        # maps' conditioning one to one, so the pooled figures still compare like with like
         drawn_twice = {g for g in groups if groups.count(g) > 1}
+        grouping = "phenotype" if drawn_twice else "pooled"
+        if not drawn_twice:
+            groups, phenotypes = ["all"] * len(groups), ["all"] * len(phenotypes)
+            drawn_twice = {"all"}
         diversity = D.mean_pairwise_dice(truth, [g if g in drawn_twice else None for g in phenotypes],
                                          schema.n_classes)
     for _ in range(ALTERNATIONS if deformation and tissue_offsets else 1):
@@ -100,9 +106,10 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
                                  "pairwise_dice_training": round(diversity, 6),
                                  "pairwise_dice_before": round(undeformed, 6),
                                  "pairwise_dice_after": round(after, 6), "maps": len(train_values),
-                                 "training_maps": len(truth), "seed": int(seed)}
-        notes.append(f"deformation {std:.2f} mm (pairwise Dice within phenotypes {undeformed:.3f} -> "
-                     f"{after:.3f}, training maps {diversity:.3f})")
+                                 "training_maps": len(truth), "grouping": grouping, "seed": int(seed)}
+        within = "within phenotypes" if grouping == "phenotype" else "pooled (no phenotype drawn twice)"
+        notes.append(f"deformation {std:.2f} mm (pairwise Dice {within} {undeformed:.3f} -> {after:.3f}, "
+                     f"training maps {diversity:.3f})")
     if tissue_offsets:
         before, after = fit["before"], fit["after"]
         record["tissue_offsets"] = {tissues[c]: round(float(offsets[c]), 6) for c in tissues}
