@@ -35,7 +35,7 @@ def test_dry_run_plans_every_generator_rule(tmp_path):
     jobs = planned_jobs(out)
     for rule in ("train_label_vae", "calibrate_label_vae", "train_label_ldm",
                  "fit_compose_weight",  # config.yaml: compose_weight fit
-                 "fit_label_sampling",  # config.yaml: tissue_offsets and deformation fit
+                 "fit_label_sampling",  # config.yaml: tissue_offsets fit
                  "train_image_generator", "sample_synthetic",
                  "synthesis_quality", "restyle_synthetic",  # the default config's far-OOD style set
                  "label_generator_fidelity", "synthetic_sample_qc"):
@@ -64,7 +64,8 @@ def _job_inputs(out, rule):
 
 
 def test_sampling_fits_run_only_when_asked_and_are_read_by_every_sampler(tmp_path):
-    """sampling.tissue_offsets or sampling.deformation fit: rule fit_label_sampling runs, and sampling, the compose-weight fit and the audit's samples decode with its
+    """sampling.tissue_offsets or sampling.deformation fit: rule fit_label_sampling runs, and
+    sampling, the compose-weight fit and the audit's samples decode with its
     calibration, the audit's reconstructions with the VAE's; both none: no fit, every one of them
     with the VAE's calibration."""
     gen = f"results/{EXP}/generators/label_generator"
@@ -262,8 +263,8 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     assert not {"train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_compose_weight",
                 "train_image_generator"} & set(jobs), jobs
 
-    # the tissue offsets and the deformation (config.yaml: fit) are fitted after the LDM on maps
-    # drawn at the training maps' conditioning, and read by sampling, the compose-weight fit and the
+    # the tissue offsets (config.yaml: fit) and the deformation (TINY_GEN: fit) are fitted after the
+    # LDM on maps drawn at the training maps' conditioning, and read by sampling, the compose-weight fit and the
     # audit's samples: none for both instead reruns those, and trains nothing again
     sampling_cal = json.loads((gen / "label_sampling_calibration.json").read_text())
     n_training = json.loads((gen / "label_ldm_config.json").read_text())["n_training"]

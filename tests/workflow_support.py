@@ -178,7 +178,8 @@ TINY_GEN = {
                 "channels": [8, 16], "norm_num_groups": 4},
         "ldm": {"steps": 30, "batch_size": 2, "channels": [8, 16, 16], "num_head_channels": 4,
                 "norm_num_groups": 4},
-        "sampling": {"scheduler": "ddim", "inference_steps": 5},
+        # deformation fit: off in the demo (README, "A deformation of each sample"), run here
+        "sampling": {"scheduler": "ddim", "inference_steps": 5, "deformation": "fit"},
     },
     "image_generator": {"checkpoint_every": 10, "steps": 20, "batch_size": 2},
     "synthesis": {"enabled": True, "n_samples": 3, "conditioning": "unseen", "seed": 3,
