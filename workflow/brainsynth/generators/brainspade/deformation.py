@@ -9,13 +9,14 @@ each sampled map is warped by its own random smooth displacement field (Gaussian
 points ``CONTROL_SPACING_MM`` apart, interpolated linearly); its standard deviation is fitted so that
 maps drawn at the training maps' conditioning are as alike as the training maps of the same
 phenotype. The warp acts on the decoder's log-probabilities, before the argmax, so the decoder's
-class offsets move the same argmaxes with and without it. It gives the samples spread, not the LDM.
+class offsets move the same argmaxes with and without it. It gives the samples spread, not the LDM;
+on the demo it brought their diversity near the training maps' but helped no segmentation arm
+and cost the WMH mixtures (README, "A deformation of each sample"), so the demo leaves it off.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 
 import numpy as np
 import torch
@@ -23,8 +24,6 @@ import torch.nn.functional as F
 
 from ...errors import InputError
 from .. import common as C
-
-log = logging.getLogger(__name__)
 
 #: spacing of the field's control points: displacements vary over a few centimetres, as the
 #: position of a gyrus or a ventricle does between subjects
