@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from brainsynth import feature_metrics as FM
+from brainsynth.errors import InputError
 from brainsynth.generators import label_quality as LQ
 from brainsynth.labels import LabelSchema
 
@@ -102,6 +103,23 @@ def test_pairwise_dice_identical_and_disjoint():
     mean, _, n = LQ.pairwise_dice([a, b], SCHEMA.n_classes)
     # CSF identical (1), GM and WM swapped (0 each)
     assert n == 1 and mean == pytest.approx(1 / 3)
+
+
+def test_mean_label_dice_is_the_mean_of_the_per_class_dice():
+    """One joint histogram gives what dice_per_class gives class by class: the mean over the
+    non-background classes either map holds (values beyond the classes count as background),
+    1 for two maps without any; maps of two shapes are refused."""
+    rng = np.random.default_rng(1)
+    for n_classes in (2, 5, 10):
+        a = rng.integers(0, n_classes + 2, size=(6, 7, 5))     # a few values beyond the classes
+        b = rng.integers(0, n_classes, size=(6, 7, 5))
+        a[a == 1] = 0                                           # a class only one map holds
+        per_class = [v for v in LQ.dice_per_class(a, b, range(1, n_classes)).values() if np.isfinite(v)]
+        assert LQ.mean_label_dice(a, b, n_classes) == float(np.mean(per_class))
+    empty = np.zeros((3, 3, 3), np.uint8)
+    assert LQ.mean_label_dice(empty, empty, 10) == 1.0
+    with pytest.raises(InputError, match="cannot be compared"):
+        LQ.mean_label_dice(empty, np.zeros((3, 3, 2), np.uint8), 10)
 
 
 def test_pairwise_dice_compared_like_for_like():

@@ -16,8 +16,6 @@ and cost the WMH mixtures (README, "A deformation of each sample"), so the demo 
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -85,32 +83,16 @@ def load_deformation(record):
     return float(d["std_mm"]), [float(v) for v in d["voxel_mm"]]
 
 
-def pair_dice(a, b, n_classes):
-    """Mean Dice of the non-background classes either of two hard maps holds (1 where neither
-    holds any), from their joint histogram."""
-    joint = np.bincount(a.ravel().astype(np.int64) * n_classes + b.ravel(), minlength=n_classes * n_classes)
-    joint = joint.reshape(n_classes, n_classes)
-    inter = np.diag(joint)[1:].astype(np.float64)
-    total = (joint.sum(1) + joint.sum(0))[1:]
-    present = total > 0
-    return float((2 * inter[present] / total[present]).mean()) if present.any() else 1.0
-
-
 def mean_pairwise_dice(hard, groups, n_classes, max_pairs=MAX_PAIRS, seed=0):
-    """Mean over groups (of two or more maps; a group named ``None`` left out) of the maps' mean
-    pairwise Dice over the non-background classes present in either map of a pair (as the audit's
-    diversity rows); at most ``max_pairs`` pairs a group, drawn with ``seed``."""
+    """Mean over groups (of two or more maps; a group named ``None`` left out) of the audit's
+    pairwise Dice of their maps (:func:`label_quality.pairwise_dice`, at most ``max_pairs`` pairs
+    a group, drawn with ``seed``)."""
+    from ..label_quality import pairwise_dice  # the audit's definition; it imports this package lazily too
+
     hard = np.asarray(hard)
-    per_group = []
-    for g in sorted({x for x in groups if x is not None}):
-        members = [i for i, x in enumerate(groups) if x == g]
-        pairs = list(itertools.combinations(members, 2))
-        if not pairs:
-            continue
-        if len(pairs) > max_pairs:
-            rng = np.random.default_rng(seed)
-            pairs = [pairs[k] for k in sorted(rng.choice(len(pairs), size=int(max_pairs), replace=False))]
-        per_group.append(float(np.mean([pair_dice(hard[i], hard[j], n_classes) for i, j in pairs])))
+    groups = np.asarray(groups, dtype=object)
+    per_group = [pairwise_dice(hard[groups == g], n_classes, max_pairs, seed)[0]
+                 for g in sorted({x for x in groups if x is not None}) if (groups == g).sum() > 1]
     if not per_group:
         raise InputError("the deformation fit needs two or more maps of one phenotype",
                          field="label_generator.sampling.deformation", fix="use deformation: none")
