@@ -421,7 +421,7 @@ def test_audit_reconstructs_with_the_vae_calibration_and_samples_with_the_sampli
     sampling_cal.write_text(json.dumps({"class_offsets": [0.0] * 8 + [OEDEMA_OFFSET, 0.0]}))
     warped_cal = tmp_path / "warped.json"
     warped_cal.write_text(json.dumps({"class_offsets": [0.0] * K, "deformation": {
-        "std_mm": 2.5, "spacing_mm": 24.0, "voxel_mm": [4.0] * 3, "pairwise_dice_training": 0.7,
+        "std_mm": 2.5, "spacing_mm": 24.0, "interpolation": "nearest", "voxel_mm": [4.0] * 3, "pairwise_dice_training": 0.7,
         "pairwise_dice_before": 0.9, "pairwise_dice_after": 0.71, "maps": 4}}))
     maps = {f"sub{i}": p for i, p in enumerate(cohort["label_paths"])}
     runs = {}
@@ -963,7 +963,8 @@ def test_sampling_calibration_adds_the_tissue_offsets_sampling_draws(models, coh
 
 def test_deformation_warp_moves_maps_along_the_right_axes_and_fields_are_seeded_per_map():
     """A constant displacement of one voxel along an axis samples each voxel's next neighbour on
-    that axis (hand case, on a grid of three different sizes); the fields depend on (seed, index)
+    that axis (hand case, on a grid of three different sizes), a fraction of a voxel the nearest
+    voxel's value; the fields depend on (seed, index)
     alone and scale with their standard deviation; a size of 0 leaves the maps as they are."""
     from brainsynth.generators.brainspade import deformation as D
     maps = torch.arange(2 * 4 * 5 * 6, dtype=torch.float32).view(2, 4, 5, 6)
@@ -979,6 +980,14 @@ def test_deformation_warp_moves_maps_along_the_right_axes_and_fields_are_seeded_
         last = [slice(None)] * 4
         last[axis + 1] = slice(-1, None)
         torch.testing.assert_close(moved[tuple(last)], maps[tuple(last)])      # the border beyond the grid
+    # between voxels the nearest one's value, never a blend: a one-voxel structure keeps its value
+    # and its single voxel (linear interpolation would spread it at a fraction over eight)
+    spike = torch.zeros(1, 6, 6, 6)
+    spike[0, 2, 3, 3] = 5.0
+    moved = D.warp(spike, torch.tensor([0.4, -0.3, 0.2]).view(3, 1, 1, 1).expand(3, 6, 6, 6))
+    assert set(moved.unique().tolist()) == {0.0, 5.0} and (moved == 5.0).sum() == 1 and moved[0, 2, 3, 3] == 5.0
+    moved = D.warp(spike, torch.tensor([0.6, 0.0, 0.0]).view(3, 1, 1, 1).expand(3, 6, 6, 6))
+    assert moved[0, 1, 3, 3] == 5.0 and (moved == 5.0).sum() == 1
     a, b = D.unit_field((8, 9, 10), 4.0, 3, 1), D.unit_field((8, 9, 10), 4.0, 3, 1)
     assert a.shape == (3, 8, 9, 10) and torch.equal(a, b)
     assert not torch.equal(a, D.unit_field((8, 9, 10), 4.0, 3, 2)) and not torch.equal(a, D.unit_field((8, 9, 10), 4.0, 4, 1))
@@ -1039,7 +1048,8 @@ def test_sampling_warps_each_map_by_the_calibrations_deformation(models, tmp_pat
     plain = {"class_offsets": [0.0] * K, "temperature": 1.0}
     (tmp_path / "plain.json").write_text(json.dumps(plain))
     (tmp_path / "warped.json").write_text(json.dumps(
-        {**plain, "deformation": {"std_mm": 3.0, "spacing_mm": D.CONTROL_SPACING_MM, "voxel_mm": [4.0, 4.0, 4.0]}}))
+        {**plain, "deformation": {"std_mm": 3.0, "spacing_mm": D.CONTROL_SPACING_MM, "interpolation": D.INTERPOLATION,
+                                  "voxel_mm": [4.0, 4.0, 4.0]}}))
     samp = {"inference_steps": 3}
     base = LG.sample_labels(vae, ldm, cond, seed=5, batch_size=4, device="cpu", sampling=samp,
                             calibration=tmp_path / "plain.json")
@@ -1049,10 +1059,12 @@ def test_sampling_warps_each_map_by_the_calibrations_deformation(models, tmp_pat
                                   calibration=tmp_path / "warped.json")
         np.testing.assert_allclose(warped, expected.numpy(), atol=2e-4)
     assert (warped.argmax(1) != base.argmax(1)).any()
-    (tmp_path / "other.json").write_text(json.dumps({**plain, "deformation": {"std_mm": 3.0, "spacing_mm": 10.0,
-                                                                              "voxel_mm": [4.0] * 3}}))
-    with pytest.raises(InputError, match="not one this version draws"):
-        LG.sample_labels(vae, ldm, cond, seed=5, device="cpu", sampling=samp, calibration=tmp_path / "other.json")
+    # another control spacing, or a fit of the linear warp (no interpolation recorded): refused
+    for other in ({"spacing_mm": 10.0, "interpolation": D.INTERPOLATION}, {"spacing_mm": D.CONTROL_SPACING_MM}):
+        (tmp_path / "other.json").write_text(json.dumps({**plain, "deformation": {"std_mm": 3.0, "voxel_mm": [4.0] * 3,
+                                                                                  **other}}))
+        with pytest.raises(InputError, match="not one this version draws"):
+            LG.sample_labels(vae, ldm, cond, seed=5, device="cpu", sampling=samp, calibration=tmp_path / "other.json")
 
 
 def test_sampling_calibration_fits_the_deformation_before_the_tissue_offsets(models, cohort, tmp_path):
@@ -1070,6 +1082,7 @@ def test_sampling_calibration_fits_the_deformation_before_the_tissue_offsets(mod
                                       deformation=True, sampling=samp, schema=schema, device="cpu", seed=2)
     d = rec["deformation"]
     assert d["voxel_mm"] == [4.0, 4.0, 4.0] and d["maps"] == 4 and d["spacing_mm"] == D.CONTROL_SPACING_MM
+    assert d["interpolation"] == "nearest"
     assert d["grouping"] == "phenotype"
     groups = ["tumour", "wmh", "tumour", "wmh"]                   # _brain: even maps tumour, odd maps WMH
     assert d["pairwise_dice_training"] == pytest.approx(D.mean_pairwise_dice(np.stack(cohort["labels"]), groups, K))

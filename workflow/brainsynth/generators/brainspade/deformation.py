@@ -9,7 +9,10 @@ each sampled map is warped by its own random smooth displacement field (Gaussian
 points ``CONTROL_SPACING_MM`` apart, interpolated linearly); its standard deviation is fitted so that
 maps drawn at the training maps' conditioning are as alike as the training maps of the same
 phenotype. The warp acts on the decoder's log-probabilities, before the argmax, so the decoder's
-class offsets move the same argmaxes with and without it. It gives the samples spread, not the LDM;
+class offsets move the same argmaxes with and without it, and it takes each voxel's value from the
+nearest voxel, as SynthSeg warps its label maps: interpolated linearly, a structure one voxel thin
+(the demo's CSF rim at 4 mm, a small WMH) fades under its neighbours and is lost to the argmax, and
+the tissue fit made up for the lost CSF and deep GM with offsets about twice as large. It gives the samples spread, not the LDM;
 on the demo it brought their diversity near the training maps' but helped no segmentation arm
 and cost the WMH mixtures (README, "A deformation of each sample"), so the demo leaves it off.
 """
@@ -31,6 +34,8 @@ FIT_MAX_MM = 8.0
 FIT_BISECTIONS = 10
 #: the fields' random stream, apart from the sampler's noise
 FIELD_STREAM = 0xDEF
+#: how the warp reads the maps (the calibration records it: a fit made with another is refused)
+INTERPOLATION = "nearest"
 #: pairs of maps a phenotype at most in the pairwise Dice (the audit's figure too)
 MAX_PAIRS = 300
 
@@ -52,14 +57,14 @@ def unit_field(shape, voxel_mm, seed, index, spacing_mm=CONTROL_SPACING_MM):
 
 def warp(maps, displacement):
     """``maps`` ``(K, *shape)`` sampled at each voxel plus ``displacement`` ``(D, *shape)``
-    (voxels), interpolated linearly, the border's value beyond the grid."""
+    (voxels): the value of the nearest voxel, the border's beyond the grid."""
     shape = maps.shape[1:]
     idx = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij"))
     pos = idx + displacement
     scale = torch.tensor([2.0 / max(s - 1, 1) for s in shape]).view(-1, *([1] * len(shape)))
     grid = (pos * scale - 1).flip(0)  # grid_sample takes (x, y[, z]) = the last axis first
     grid = grid.permute(*range(1, len(shape) + 1), 0)[None]
-    return F.grid_sample(maps[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    return F.grid_sample(maps[None].float(), grid, mode=INTERPOLATION, padding_mode="border", align_corners=True)[0]
 
 
 def deform(maps, std_mm, voxel_mm, seed, first_index=0):
@@ -77,7 +82,8 @@ def load_deformation(record):
     d = (record or {}).get("deformation")
     if not d or not float(d.get("std_mm", 0)):
         return None
-    if float(d["std_mm"]) < 0 or float(d.get("spacing_mm", CONTROL_SPACING_MM)) != CONTROL_SPACING_MM:
+    if (float(d["std_mm"]) < 0 or float(d.get("spacing_mm", CONTROL_SPACING_MM)) != CONTROL_SPACING_MM
+            or d.get("interpolation", "linear") != INTERPOLATION):
         raise InputError(f"the sampling calibration's deformation {d} is not one this version draws",
                          field="deformation", fix="rerun the rule fit_label_sampling")
     return float(d["std_mm"]), [float(v) for v in d["voxel_mm"]]

@@ -102,7 +102,8 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
                                      schema.n_classes)
         undeformed = D.mean_pairwise_dice(LG.with_class_offsets(logits, offsets).argmax(1).numpy(), groups,
                                           schema.n_classes)
-        record["deformation"] = {"std_mm": round(std, 4), "spacing_mm": D.CONTROL_SPACING_MM, "voxel_mm": voxel_mm,
+        record["deformation"] = {"std_mm": round(std, 4), "spacing_mm": D.CONTROL_SPACING_MM,
+                                 "interpolation": D.INTERPOLATION, "voxel_mm": voxel_mm,
                                  "pairwise_dice_training": round(diversity, 6),
                                  "pairwise_dice_before": round(undeformed, 6),
                                  "pairwise_dice_after": round(after, 6), "maps": len(train_values),
