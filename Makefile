@@ -55,8 +55,9 @@ demo-generic: install
 	$(SNAKEMAKE) --report results/demo/report.html
 	@echo "generic demo finished: tables in results/demo/tables/, figures in results/demo/figures/, report results/demo/report.html"
 
+# --durations: every CI log says which tests its time went to
 test: install
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest -ra -m "not slow"

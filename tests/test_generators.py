@@ -1059,8 +1059,21 @@ def test_sampling_warps_each_map_by_the_calibrations_deformation(models, tmp_pat
                                   calibration=tmp_path / "warped.json")
         np.testing.assert_allclose(warped, expected.numpy(), atol=2e-4)
     assert (warped.argmax(1) != base.argmax(1)).any()
-    # another control spacing, or a fit of the linear warp (no interpolation recorded): refused
-    for other in ({"spacing_mm": 10.0, "interpolation": D.INTERPOLATION}, {"spacing_mm": D.CONTROL_SPACING_MM}):
+    # a size per phenotype: the WMH maps' fields at theirs, the rest (tumour) at the record's std_mm
+    (tmp_path / "by_phenotype.json").write_text(json.dumps(
+        {**plain, "deformation": {"std_mm": 1.5, "std_mm_by_phenotype": {"wmh": 3.0}, "spacing_mm": D.CONTROL_SPACING_MM,
+                                  "interpolation": D.INTERPOLATION, "voxel_mm": [4.0, 4.0, 4.0]}}))
+    types, _ = LG.training_conditioning(ldm)
+    stds = [3.0 if row[types.index("wmh")] > 0 and row[types.index("tumour")] == 0 else 1.5 for row in cond]
+    assert 1.5 in stds and 3.0 in stds
+    expected = torch.cat([torch.softmax(D.deform(torch.log(torch.from_numpy(base[i:i + 1]).clamp_min(1e-30)), s,
+                                                 [4.0] * 3, 5, first_index=i), dim=1) for i, s in enumerate(stds)])
+    np.testing.assert_allclose(LG.sample_labels(vae, ldm, cond, seed=5, batch_size=3, device="cpu", sampling=samp,
+                                                calibration=tmp_path / "by_phenotype.json"), expected.numpy(), atol=2e-4)
+    # another control spacing, a fit of the linear warp (no interpolation recorded), a negative size: refused
+    for other in ({"spacing_mm": 10.0, "interpolation": D.INTERPOLATION}, {"spacing_mm": D.CONTROL_SPACING_MM},
+                  {"spacing_mm": D.CONTROL_SPACING_MM, "interpolation": D.INTERPOLATION,
+                   "std_mm_by_phenotype": {"wmh": -1.0}}):
         (tmp_path / "other.json").write_text(json.dumps({**plain, "deformation": {"std_mm": 3.0, "voxel_mm": [4.0] * 3,
                                                                                   **other}}))
         with pytest.raises(InputError, match="not one this version draws"):
@@ -1084,12 +1097,17 @@ def test_sampling_calibration_fits_the_deformation_before_the_tissue_offsets(mod
     assert d["voxel_mm"] == [4.0, 4.0, 4.0] and d["maps"] == 4 and d["spacing_mm"] == D.CONTROL_SPACING_MM
     assert d["interpolation"] == "nearest"
     assert d["grouping"] == "phenotype"
+    # one size per phenotype; the record's std_mm, for phenotypes without training maps, their mean
+    # weighted by maps (two each here)
+    sizes = d["std_mm_by_phenotype"]
+    assert set(sizes) == {"tumour", "wmh"}
+    assert d["std_mm"] == pytest.approx((sizes["tumour"] + sizes["wmh"]) / 2, abs=1e-4)
     groups = ["tumour", "wmh", "tumour", "wmh"]                   # _brain: even maps tumour, odd maps WMH
     assert d["pairwise_dice_training"] == pytest.approx(D.mean_pairwise_dice(np.stack(cohort["labels"]), groups, K))
     _, tv = LG.training_conditioning(ldm)
     probs = LG.sample_labels(vae, ldm, np.asarray(tv, np.float32), seed=2, batch_size=4, device="cpu",
                              sampling=samp, calibration=tmp_path / "s.json")
-    assert D.mean_pairwise_dice(probs.argmax(1), [SC.phenotype({"wmh": a > 0, "tumour": b > 0}) for a, b in tv],
+    assert D.mean_pairwise_dice(probs.argmax(1), [D.phenotype({"wmh": a > 0, "tumour": b > 0}) for a, b in tv],
                                 K) == pytest.approx(d["pairwise_dice_after"], abs=2e-3)
     tissues = {schema.value(t): t for t in schema.tissues}
     drawn = TF.brain_fractions(probs.argmax(1), tissues)
@@ -1106,14 +1124,16 @@ def test_sampling_calibration_draws_at_most_its_cap_of_maps(models, cohort, tmp_
     rec = SC.fit_sampling_calibration(vae, ldm, None, cohort["label_paths"], tmp_path / "s.json", deformation=True,
                                       sampling={"inference_steps": 2}, device="cpu", seed=2)
     assert rec["tissue_fit"]["maps"] == 3 and rec["deformation"]["maps"] == 3
-    # 3 of the 2 + 2 maps of two phenotypes: one phenotype drawn twice, the fit within it
+    # 3 of the 2 + 2 maps of two phenotypes: one phenotype drawn twice, the fit within it; the
+    # phenotype drawn once takes its size
     assert rec["deformation"]["grouping"] == "phenotype"
+    assert list(rec["deformation"]["std_mm_by_phenotype"].values()) == [rec["deformation"]["std_mm"]]
     monkeypatch.setattr(SC, "FIT_MAX_MAPS", 2)
     rec = SC.fit_sampling_calibration(vae, ldm, None, cohort["label_paths"], tmp_path / "s.json", deformation=True,
                                       sampling={"inference_steps": 2}, device="cpu", seed=0)
     # seed 0 keeps maps 2 and 3 (a tumour and a WMH map): no phenotype twice, all maps one group
     assert list(np.sort(np.random.default_rng(0).choice(4, 2, replace=False))) == [2, 3]
-    assert rec["deformation"]["grouping"] == "pooled"
+    assert rec["deformation"]["grouping"] == "pooled" and rec["deformation"]["std_mm_by_phenotype"] == {}
     assert rec["tissue_fit"]["csf_training"] == pytest.approx(
         np.mean([(lab == 1).sum() / (lab > 0).sum() for lab in cohort["labels"]]), abs=1e-6)
 

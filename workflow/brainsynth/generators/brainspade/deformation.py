@@ -6,9 +6,9 @@ samples have a mean pairwise Dice of 0.86 against the healthy training maps' 0.7
 setting, capacity or budget measured moved it (README, "Diversity like for like"). Anatomy varies
 between subjects mostly by where its boundaries lie, so, as SynthSeg does with its training labels,
 each sampled map is warped by its own random smooth displacement field (Gaussian values on control
-points ``CONTROL_SPACING_MM`` apart, interpolated linearly); its standard deviation is fitted so that
-maps drawn at the training maps' conditioning are as alike as the training maps of the same
-phenotype. The warp acts on the decoder's log-probabilities, before the argmax, so the decoder's
+points ``CONTROL_SPACING_MM`` apart, interpolated linearly); its standard deviation is fitted per
+phenotype so that maps drawn at the training maps' conditioning are as alike as the training maps
+of that phenotype (a phenotype no training map has takes the fitted sizes' mean). The warp acts on the decoder's log-probabilities, before the argmax, so the decoder's
 class offsets move the same argmaxes with and without it, and it takes each voxel's value from the
 nearest voxel, as SynthSeg warps its label maps: interpolated linearly, a structure one voxel thin
 (the demo's CSF rim at 4 mm, a small WMH) fades under its neighbours and is lost to the argmax, and
@@ -40,6 +40,18 @@ INTERPOLATION = "nearest"
 MAX_PAIRS = 300
 
 
+def phenotype(lesion_present):
+    """A map's phenotype from the lesion types it holds (``{type: bool}``): ``healthy`` or the
+    types joined by ``+``."""
+    held = [t for t, on in lesion_present.items() if on]
+    return "+".join(held) if held else "healthy"
+
+
+def conditioning_phenotypes(conditioning, lesion_types):
+    """The phenotype each row of a conditioning ``(N, n_types)`` asks for."""
+    return [phenotype({t: float(v) > 0 for t, v in zip(lesion_types, row)}) for row in np.asarray(conditioning)]
+
+
 def unit_field(shape, voxel_mm, seed, index, spacing_mm=CONTROL_SPACING_MM):
     """Displacement ``(D, *shape)`` in voxels of map ``index`` drawn at ``seed`` for a standard
     deviation of 1 mm: one generator per ``(seed, index)``, so a map's field depends on neither
@@ -69,24 +81,35 @@ def warp(maps, displacement):
 
 def deform(maps, std_mm, voxel_mm, seed, first_index=0):
     """Each of ``maps`` ``(N, K, *shape)`` warped by its own field (:func:`unit_field` of index
-    ``first_index + i``) of standard deviation ``std_mm``; unchanged where it is 0."""
-    if not std_mm:
+    ``first_index + i``) of standard deviation ``std_mm`` (one for all maps or one per map); a map
+    of 0 unchanged."""
+    stds = np.broadcast_to(np.asarray(std_mm, dtype=np.float64), (len(maps),))
+    if not stds.any():
         return maps
-    return torch.stack([warp(m, float(std_mm) * unit_field(m.shape[1:], voxel_mm, seed, first_index + i))
-                        for i, m in enumerate(maps)])
+    return torch.stack([warp(m, float(s) * unit_field(m.shape[1:], voxel_mm, seed, first_index + i)) if s else m
+                        for i, (m, s) in enumerate(zip(maps, stds))])
 
 
 def load_deformation(record):
-    """``(std_mm, voxel_mm)`` of a sampling calibration's record (its JSON as a dict), or ``None``
-    where it has no deformation."""
+    """``(stds, voxel_mm)`` of a sampling calibration's record (its JSON as a dict), ``stds``
+    ``{phenotype: std_mm}`` plus ``None``: the size of phenotypes it has none for; ``None`` where
+    it has no deformation."""
     d = (record or {}).get("deformation")
-    if not d or not float(d.get("std_mm", 0)):
+    by_phenotype = {str(k): float(v) for k, v in (d or {}).get("std_mm_by_phenotype", {}).items()}
+    if not d or not (float(d.get("std_mm", 0)) or any(by_phenotype.values())):
         return None
-    if (float(d["std_mm"]) < 0 or float(d.get("spacing_mm", CONTROL_SPACING_MM)) != CONTROL_SPACING_MM
+    if (min([float(d["std_mm"]), *by_phenotype.values()]) < 0
+            or float(d.get("spacing_mm", CONTROL_SPACING_MM)) != CONTROL_SPACING_MM
             or d.get("interpolation", "linear") != INTERPOLATION):
         raise InputError(f"the sampling calibration's deformation {d} is not one this version draws",
                          field="deformation", fix="rerun the rule fit_label_sampling")
-    return float(d["std_mm"]), [float(v) for v in d["voxel_mm"]]
+    return {**by_phenotype, None: float(d["std_mm"])}, [float(v) for v in d["voxel_mm"]]
+
+
+def map_stds(stds, phenotypes):
+    """The standard deviation of each map's field from its phenotype (:func:`load_deformation`'s
+    ``stds``; a phenotype it lacks takes the size under ``None``)."""
+    return np.array([stds.get(p, stds[None]) for p in phenotypes], dtype=np.float64)
 
 
 def mean_pairwise_dice(hard, groups, n_classes, max_pairs=MAX_PAIRS, seed=0):
@@ -106,14 +129,16 @@ def mean_pairwise_dice(hard, groups, n_classes, max_pairs=MAX_PAIRS, seed=0):
 
 
 def fit_deformation(logits, target, groups, voxel_mm, seed, offsets=None, max_mm=FIT_MAX_MM,
-                    bisections=FIT_BISECTIONS):
+                    bisections=FIT_BISECTIONS, indices=None):
     """The standard deviation (mm) at which the maps ``logits`` ``(N, K, *shape)`` (plus
-    ``offsets``), each warped by its field (:func:`deform` at ``seed``), have the mean pairwise
-    Dice ``target`` within their ``groups`` (bisection in ``[0, max_mm]``; the Dice falls as the
-    fields grow). 0 where they are already that diverse; ``max_mm`` where even that is too little.
+    ``offsets``), each warped by its field (:func:`unit_field` of its index in ``indices``,
+    default ``0..N-1``, at ``seed``), have the mean pairwise Dice ``target`` within their
+    ``groups`` (bisection in ``[0, max_mm]``; the Dice falls as the fields grow). 0 where they are
+    already that diverse; ``max_mm`` where even that is too little.
     -> ``{"std_mm", "before", "after"}`` (the pairwise Dice without and with the warp)."""
     n_classes = logits.shape[1]
-    unit = [unit_field(m.shape[1:], voxel_mm, seed, i) for i, m in enumerate(logits)]
+    indices = range(len(logits)) if indices is None else indices
+    unit = [unit_field(m.shape[1:], voxel_mm, seed, i) for i, m in zip(indices, logits)]
     shifted = logits if offsets is None else logits + offsets.view(1, -1, *([1] * (logits.ndim - 2)))
 
     def dice(std):

@@ -182,7 +182,7 @@ from ...io import save_json
 from ...labels import LabelSchema, check_conditioning_mode, single_type_of
 from .. import common as C
 from . import settings
-from .deformation import deform, load_deformation
+from .deformation import conditioning_phenotypes, deform, load_deformation, map_stds
 
 log = logging.getLogger("brainsynth.generators.label")
 
@@ -1503,7 +1503,7 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     vae, vpay = load_vae(vae_path, dev, calibration)
     unet, lpay = load_ldm(ldm_path, dev)
     samp = sampling_config(lpay, sampling)
-    field = load_deformation(calibration_record(calibration))  # (std mm, voxel mm) or None
+    field = load_deformation(calibration_record(calibration))  # ({phenotype: std mm}, voxel mm) or None
     kind = scheduler or samp["scheduler"]
     bs = int(batch_size or samp["batch_size"])
     eta = float(samp.get("ddim_eta", 0.0) if eta is None else eta)
@@ -1524,6 +1524,8 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
     types = lpay["lesion_types"]
     if cond.ndim != 2 or cond.shape[1] != len(types):
         raise InputError(f"conditioning must be (N, {len(types)}) for lesion types {types}, got {cond.shape}")
+    if field is not None:  # each map's field as large as fitted for the phenotype it asks for
+        field_stds = map_stds(field[0], conditioning_phenotypes(cond, types))
     typical = typical_lesion_values(lpay["train_conditioning"]) if negate else None
     weights = compose_weights(samp.get("compose_weight", 1.0), types)
     clip = None
@@ -1585,7 +1587,7 @@ def sample_labels(vae_path, ldm_path, conditioning, scheduler=None, steps=None, 
         else:
             prob = C.crop_to(torch.log_softmax(logits.float(), dim=1), vpay["shape"]).cpu()
             if field is not None:  # warped on the working grid, as fitted
-                prob = torch.log_softmax(deform(prob, *field, seed, first_index=b0), dim=1)
+                prob = torch.log_softmax(deform(prob, field_stds[b0:b1], field[1], seed, first_index=b0), dim=1)
             prob = prob if log_probs else torch.exp(prob)
         out.append(prob.cpu().numpy().astype(np.float32))
         if progress:

@@ -33,13 +33,6 @@ FIT_MAX_MAPS = 64
 ALTERNATIONS = 2
 
 
-def phenotype(lesion_present):
-    """A map's phenotype from the lesion types it holds (``{type: bool}``): ``healthy`` or the
-    types joined by ``+``."""
-    held = [t for t, on in lesion_present.items() if on]
-    return "+".join(held) if held else "healthy"
-
-
 def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out_path, *, tissue_offsets=True,
                              deformation=False, sampling=None, schema=None, device="auto", num_threads=None,
                              seed=FIT_SEED):
@@ -62,7 +55,7 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
                          field="training_maps", fix="give the maps the LDM was trained on, in its order")
     # each training map's phenotype by its conditioning row (the maps come in the LDM's order),
     # as the maps drawn at those rows
-    phenotypes = [phenotype({t: v > 0 for t, v in zip(types, row)}) for row in train_values]
+    phenotypes = D.conditioning_phenotypes(train_values, types)
     keep = np.arange(len(truth))
     if len(keep) > FIT_MAX_MAPS:
         keep = np.sort(np.random.default_rng(seed).choice(len(keep), FIT_MAX_MAPS, replace=False))
@@ -74,7 +67,7 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
                                                sampling=sampling, log_probs=True)) * temperature
     offsets = torch.zeros(schema.n_classes)
     record = {"temperature": temperature, "vae_class_offsets": [round(float(b), 6) for b in base]}
-    std, drawn = 0.0, logits
+    stds, drawn = {}, logits
     if deformation:
         groups = [phenotypes[i] for i in keep]
         # phenotypes of which fewer than two maps are drawn have no pairwise Dice on either side;
@@ -87,11 +80,19 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
             drawn_twice = {"all"}
         diversity = D.mean_pairwise_dice(truth, [g if g in drawn_twice else None for g in phenotypes],
                                          schema.n_classes)
+        members = {g: [i for i, x in enumerate(groups) if x == g] for g in sorted(drawn_twice)}
+        targets = {g: D.mean_pairwise_dice(truth[[i for i, x in enumerate(phenotypes) if x == g]],
+                                           [g] * phenotypes.count(g), schema.n_classes) for g in members}
     for _ in range(ALTERNATIONS if deformation and tissue_offsets else 1):
         if deformation:
-            dfit = D.fit_deformation(logits, diversity, groups, voxel_mm, seed, offsets)
-            std = dfit["std_mm"]
-            drawn = D.deform(logits, std, voxel_mm, seed)
+            # one size per phenotype, each against the training maps of its own: the LDM keeps
+            # some phenotypes more alike than others (the demo's healthy maps most)
+            stds = {g: D.fit_deformation(logits[idx], targets[g], [g] * len(idx), voxel_mm, seed, offsets,
+                                         indices=idx)["std_mm"] for g, idx in members.items()}
+            # a phenotype not fitted (drawn once, or none of the training maps': several lesion
+            # types at once) takes the mean size, weighted by the maps of each fitted one
+            stds[None] = float(np.average([stds[g] for g in members], weights=[len(i) for i in members.values()]))
+            drawn = D.deform(logits, D.map_stds(stds, groups), voxel_mm, seed)
         if tissue_offsets:
             fit = fit_tissue_offsets(drawn, target)
             offsets = fit["offsets"]
@@ -102,15 +103,18 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
                                      schema.n_classes)
         undeformed = D.mean_pairwise_dice(LG.with_class_offsets(logits, offsets).argmax(1).numpy(), groups,
                                           schema.n_classes)
-        record["deformation"] = {"std_mm": round(std, 4), "spacing_mm": D.CONTROL_SPACING_MM,
+        by_phenotype = {g: round(v, 4) for g, v in stds.items() if g is not None and grouping == "phenotype"}
+        record["deformation"] = {"std_mm": round(stds[None], 4), "std_mm_by_phenotype": by_phenotype,
+                                 "spacing_mm": D.CONTROL_SPACING_MM,
                                  "interpolation": D.INTERPOLATION, "voxel_mm": voxel_mm,
                                  "pairwise_dice_training": round(diversity, 6),
                                  "pairwise_dice_before": round(undeformed, 6),
                                  "pairwise_dice_after": round(after, 6), "maps": len(train_values),
                                  "training_maps": len(truth), "grouping": grouping, "seed": int(seed)}
         within = "within phenotypes" if grouping == "phenotype" else "pooled (no phenotype drawn twice)"
-        notes.append(f"deformation {std:.2f} mm (pairwise Dice {within} {undeformed:.3f} -> {after:.3f}, "
-                     f"training maps {diversity:.3f})")
+        sizes = ", ".join(f"{g} {v:.2f}" for g, v in by_phenotype.items())
+        notes.append(f"deformation {stds[None]:.2f} mm{f' ({sizes})' if sizes else ''} (pairwise Dice {within} "
+                     f"{undeformed:.3f} -> {after:.3f}, training maps {diversity:.3f})")
     if tissue_offsets:
         before, after = fit["before"], fit["after"]
         record["tissue_offsets"] = {tissues[c]: round(float(offsets[c]), 6) for c in tissues}
