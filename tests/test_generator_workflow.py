@@ -269,9 +269,11 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
     sampling_cal = json.loads((gen / "label_sampling_calibration.json").read_text())
     n_training = json.loads((gen / "label_ldm_config.json").read_text())["n_training"]
     assert set(sampling_cal["tissue_offsets"]) == {"csf", "gm", "wm", "deep_gm", "brainstem"}
-    assert sampling_cal["tissue_fit"]["maps"] == n_training
+    assert sampling_cal["tissue_fit"]["maps"] == 2 * n_training                 # two at each training map's
     warp = sampling_cal["deformation"]
-    assert warp["maps"] == n_training and warp["grouping"] == "pooled"  # tumour, wmh, both: no phenotype twice
+    # tumour, wmh, both: each phenotype drawn twice but held by one training map, so no pairwise
+    # Dice on the training side: one pooled group, no size per phenotype
+    assert warp["maps"] == 2 * n_training and warp["grouping"] == "pooled" and warp["std_mm_by_phenotype"] == {}
     assert 0 <= warp["std_mm"] <= 8 and warp["pairwise_dice_after"] <= warp["pairwise_dice_before"]
     fit_log = (tmp_path / "logs" / EXP / "generators" / "fit_label_sampling.log").read_text()
     assert "tissue offsets at sampling" in fit_log and "deformation" in fit_log

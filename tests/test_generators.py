@@ -421,7 +421,8 @@ def test_audit_reconstructs_with_the_vae_calibration_and_samples_with_the_sampli
     sampling_cal.write_text(json.dumps({"class_offsets": [0.0] * 8 + [OEDEMA_OFFSET, 0.0]}))
     warped_cal = tmp_path / "warped.json"
     warped_cal.write_text(json.dumps({"class_offsets": [0.0] * K, "deformation": {
-        "std_mm": 2.5, "spacing_mm": 24.0, "interpolation": "nearest", "voxel_mm": [4.0] * 3, "pairwise_dice_training": 0.7,
+        "std_mm": 0.0, "std_mm_by_phenotype": {"tumour": 2.5, "wmh": 1.0}, "spacing_mm": 24.0,
+        "interpolation": "nearest", "voxel_mm": [4.0] * 3, "pairwise_dice_training": 0.7,
         "pairwise_dice_before": 0.9, "pairwise_dice_after": 0.71, "maps": 4}}))
     maps = {f"sub{i}": p for i, p in enumerate(cohort["label_paths"])}
     runs = {}
@@ -438,7 +439,9 @@ def test_audit_reconstructs_with_the_vae_calibration_and_samples_with_the_sampli
     # a deformation in the sampling calibration: the table says its size and the LDM's own diversity
     warped = runs["warped"][0]
     assert "deformation_std_mm" not in plain.index and "pairwise_dice_fit_maps_undeformed" not in plain.index
-    assert warped.loc["deformation_std_mm", "value"] == 2.5
+    assert warped.loc["deformation_std_mm_tumour", "value"] == 2.5
+    assert warped.loc["deformation_std_mm_wmh", "value"] == 1.0
+    assert "deformation_std_mm" not in warped.index          # one row per fitted phenotype instead
     assert warped.loc["pairwise_dice_fit_maps_undeformed", "value"] == 0.9
     assert "after the warp 0.710, training maps 0.700" in warped.loc["pairwise_dice_fit_maps_undeformed", "note"]
 
@@ -952,7 +955,8 @@ def test_sampling_calibration_adds_the_tissue_offsets_sampling_draws(models, coh
     assert rec["tissue_offsets"]["brainstem"] == 0.0                     # no toy brain holds brainstem
     assert any(v != 0 for v in rec["tissue_offsets"].values())
     _, tv = LG.training_conditioning(ldm)
-    probs = LG.sample_labels(vae, ldm, np.asarray(tv, np.float32), seed=2, batch_size=4, device="cpu",
+    tv = np.repeat(np.asarray(tv, np.float32), 2, axis=0)
+    probs = LG.sample_labels(vae, ldm, tv, seed=2, batch_size=4, device="cpu",
                              sampling=samp, calibration=tmp_path / "s.json")
     drawn = TF.brain_fractions(probs.argmax(1), tissues)
     for c, t in tissues.items():
@@ -1094,18 +1098,17 @@ def test_sampling_calibration_fits_the_deformation_before_the_tissue_offsets(mod
     rec = SC.fit_sampling_calibration(vae, ldm, tmp_path / "vae_cal.json", cohort["label_paths"], tmp_path / "s.json",
                                       deformation=True, sampling=samp, schema=schema, device="cpu", seed=2)
     d = rec["deformation"]
-    assert d["voxel_mm"] == [4.0, 4.0, 4.0] and d["maps"] == 4 and d["spacing_mm"] == D.CONTROL_SPACING_MM
+    # two maps at each of the 4 training maps' conditioning
+    assert d["voxel_mm"] == [4.0, 4.0, 4.0] and d["maps"] == 8 and d["spacing_mm"] == D.CONTROL_SPACING_MM
     assert d["interpolation"] == "nearest"
     assert d["grouping"] == "phenotype"
-    # one size per phenotype; the record's std_mm, for phenotypes without training maps, their mean
-    # weighted by maps (two each here)
-    sizes = d["std_mm_by_phenotype"]
-    assert set(sizes) == {"tumour", "wmh"}
-    assert d["std_mm"] == pytest.approx((sizes["tumour"] + sizes["wmh"]) / 2, abs=1e-4)
+    # one size per phenotype; the record's std_mm, for phenotypes without training maps, none
+    assert set(d["std_mm_by_phenotype"]) == {"tumour", "wmh"} and d["std_mm"] == 0.0
     groups = ["tumour", "wmh", "tumour", "wmh"]                   # _brain: even maps tumour, odd maps WMH
     assert d["pairwise_dice_training"] == pytest.approx(D.mean_pairwise_dice(np.stack(cohort["labels"]), groups, K))
     _, tv = LG.training_conditioning(ldm)
-    probs = LG.sample_labels(vae, ldm, np.asarray(tv, np.float32), seed=2, batch_size=4, device="cpu",
+    tv = np.repeat(np.asarray(tv, np.float32), 2, axis=0)
+    probs = LG.sample_labels(vae, ldm, tv, seed=2, batch_size=4, device="cpu",
                              sampling=samp, calibration=tmp_path / "s.json")
     assert D.mean_pairwise_dice(probs.argmax(1), [D.phenotype({"wmh": a > 0, "tumour": b > 0}) for a, b in tv],
                                 K) == pytest.approx(d["pairwise_dice_after"], abs=2e-3)
@@ -1125,9 +1128,9 @@ def test_sampling_calibration_draws_at_most_its_cap_of_maps(models, cohort, tmp_
                                       sampling={"inference_steps": 2}, device="cpu", seed=2)
     assert rec["tissue_fit"]["maps"] == 3 and rec["deformation"]["maps"] == 3
     # 3 of the 2 + 2 maps of two phenotypes: one phenotype drawn twice, the fit within it; the
-    # phenotype drawn once takes its size
+    # phenotype drawn once is not warped
     assert rec["deformation"]["grouping"] == "phenotype"
-    assert list(rec["deformation"]["std_mm_by_phenotype"].values()) == [rec["deformation"]["std_mm"]]
+    assert len(rec["deformation"]["std_mm_by_phenotype"]) == 1 and rec["deformation"]["std_mm"] == 0.0
     monkeypatch.setattr(SC, "FIT_MAX_MAPS", 2)
     rec = SC.fit_sampling_calibration(vae, ldm, None, cohort["label_paths"], tmp_path / "s.json", deformation=True,
                                       sampling={"inference_steps": 2}, device="cpu", seed=0)

@@ -614,12 +614,13 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
                                 note="the same training maps encoded and decoded by the label VAE"))
     warp = calibration_record(sampling_calibration).get("deformation")
     if warp:  # the samples' spread is partly the deformation's: say so, and what the LDM gave alone
-        sizes = ", ".join(f"{g} {v:.2f} mm" for g, v in warp.get("std_mm_by_phenotype", {}).items())
-        size = (f"of a standard deviation fitted per phenotype ({sizes}; this one for phenotypes without "
-                "training maps)" if sizes else "of this standard deviation")
-        rows.append(_target_row("diversity", "deformation_std_mm", warp["std_mm"], n=warp["maps"],
-                                note=f"each sample warped by its own random smooth field {size}, fitted by rule "
-                                "fit_label_sampling"))
+        sizes = {f"_{g}": v for g, v in warp.get("std_mm_by_phenotype", {}).items()} or {"": warp["std_mm"]}
+        for suffix, size in sizes.items():
+            rows.append(_target_row("diversity", f"deformation_std_mm{suffix}", size, n=warp["maps"],
+                                    note="each sample warped by its own random smooth field of this standard "
+                                    "deviation, fitted by rule fit_label_sampling"
+                                    + ("; phenotypes without training maps of their own not warped" if suffix
+                                       else "")))
         rows.append(_target_row("diversity", "pairwise_dice_fit_maps_undeformed", warp["pairwise_dice_before"],
                                 n=warp["maps"], note=f"the fit's maps (one at each training map's conditioning) "
                                 f"before the warp, within phenotypes: the LDM's own diversity; after the warp "

@@ -8,7 +8,8 @@ between subjects mostly by where its boundaries lie, so, as SynthSeg does with i
 each sampled map is warped by its own random smooth displacement field (Gaussian values on control
 points ``CONTROL_SPACING_MM`` apart, interpolated linearly); its standard deviation is fitted per
 phenotype so that maps drawn at the training maps' conditioning are as alike as the training maps
-of that phenotype (a phenotype no training map has takes the fitted sizes' mean). The warp acts on the decoder's log-probabilities, before the argmax, so the decoder's
+of that phenotype (a phenotype without two training maps of its own, such as several lesion types
+at once, has no diversity to match and is not warped). The warp acts on the decoder's log-probabilities, before the argmax, so the decoder's
 class offsets move the same argmaxes with and without it, and it takes each voxel's value from the
 nearest voxel, as SynthSeg warps its label maps: interpolated linearly, a structure one voxel thin
 (the demo's CSF rim at 4 mm, a small WMH) fades under its neighbours and is lost to the argmax, and
