@@ -946,7 +946,7 @@ def test_sampling_calibration_adds_the_tissue_offsets_sampling_draws(models, coh
     rec = SC.fit_sampling_calibration(vae, ldm, tmp_path / "vae_cal.json", cohort["label_paths"], tmp_path / "s.json",
                                      sampling=samp, schema=schema, device="cpu", seed=2)
     assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(rec))
-    assert "deformation" not in rec
+    assert "deformation" not in rec and rec["tissue_fit"]["maps"] == 4     # one at each training map's conditioning
     assert rec["temperature"] == cal["temperature"]
     tissues = {schema.value(t): t for t in schema.tissues}
     offsets = [cal["class_offsets"][c] + rec["tissue_offsets"].get(n, 0.0) for c, n in
@@ -955,8 +955,7 @@ def test_sampling_calibration_adds_the_tissue_offsets_sampling_draws(models, coh
     assert rec["tissue_offsets"]["brainstem"] == 0.0                     # no toy brain holds brainstem
     assert any(v != 0 for v in rec["tissue_offsets"].values())
     _, tv = LG.training_conditioning(ldm)
-    tv = np.repeat(np.asarray(tv, np.float32), 2, axis=0)
-    probs = LG.sample_labels(vae, ldm, tv, seed=2, batch_size=4, device="cpu",
+    probs = LG.sample_labels(vae, ldm, np.asarray(tv, np.float32), seed=2, batch_size=4, device="cpu",
                              sampling=samp, calibration=tmp_path / "s.json")
     drawn = TF.brain_fractions(probs.argmax(1), tissues)
     for c, t in tissues.items():

@@ -622,7 +622,7 @@ def evaluate_label_generator(vae_path, ldm_path, training, held_out, out, *, n_p
                                     + ("; phenotypes without training maps of their own not warped" if suffix
                                        else "")))
         rows.append(_target_row("diversity", "pairwise_dice_fit_maps_undeformed", warp["pairwise_dice_before"],
-                                n=warp["maps"], note=f"the fit's maps (one at each training map's conditioning) "
+                                n=warp["maps"], note=f"the fit's maps (drawn at the training maps' conditioning) "
                                 f"before the warp, within phenotypes: the LDM's own diversity; after the warp "
                                 f"{warp['pairwise_dice_after']:.3f}, training maps {warp['pairwise_dice_training']:.3f}"))
     syn_div = pairwise_dice(hard, schema.n_classes, max_pairs, seed)

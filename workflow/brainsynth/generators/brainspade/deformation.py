@@ -9,13 +9,13 @@ each sampled map is warped by its own random smooth displacement field (Gaussian
 points ``CONTROL_SPACING_MM`` apart, interpolated linearly); its standard deviation is fitted per
 phenotype so that maps drawn at the training maps' conditioning are as alike as the training maps
 of that phenotype (a phenotype without two training maps of its own, such as several lesion types
-at once, has no diversity to match and is not warped). The warp acts on the decoder's log-probabilities, before the argmax, so the decoder's
-class offsets move the same argmaxes with and without it, and it takes each voxel's value from the
-nearest voxel, as SynthSeg warps its label maps: interpolated linearly, a structure one voxel thin
-(the demo's CSF rim at 4 mm, a small WMH) fades under its neighbours and is lost to the argmax, and
-the tissue fit made up for the lost CSF and deep GM with offsets about twice as large. It gives the samples spread, not the LDM;
-on the demo it brought their diversity near the training maps' but helped no segmentation arm
-and cost the WMH mixtures (README, "A deformation of each sample"), so the demo leaves it off.
+at once, has no diversity to match and is not warped). The warp acts on the decoder's
+log-probabilities, before the argmax, so the decoder's class offsets move the same argmaxes with and
+without it, and it takes each voxel's value from the nearest voxel, as SynthSeg warps its label
+maps: interpolated linearly, a structure one voxel thin (the demo's CSF rim at 4 mm, a small WMH)
+fades under its neighbours and is lost to the argmax. It gives the samples spread, not the LDM; on the demo it meets the healthy
+maps' diversity gate with no segmentation arm moving beyond the spread of single trainings (README,
+"A deformation of each sample"); the demo leaves it off until a fresh run states its figures.
 """
 
 from __future__ import annotations

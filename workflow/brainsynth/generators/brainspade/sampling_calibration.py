@@ -28,9 +28,9 @@ FIT_SEED = 11
 #: maps the fit draws at most (at the conditioning of as many training maps, drawn with the seed):
 #: enough for a mean fraction and a pairwise Dice, and a bounded cost on a large cohort
 FIT_MAX_MAPS = 64
-#: maps drawn at each training map's conditioning where the cap leaves room: with one, the demo's
-#: ten tumour maps gave a pairwise Dice already at the training maps' while 50 audit samples
-#: of that phenotype stood 0.035 above it
+#: maps drawn at each training map's conditioning for the deformation's fit, where the cap leaves
+#: room: a pairwise Dice within a phenotype of ten maps is noisier than a mean fraction (the tissue
+#: offsets alone draw one)
 DRAWS_PER_MAP = 2
 #: the deformation changes the tissue fractions a little and the offsets the pairwise Dice: each
 #: is fitted again on the other's result this many times
@@ -40,8 +40,8 @@ ALTERNATIONS = 2
 def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out_path, *, tissue_offsets=True,
                              deformation=False, sampling=None, schema=None, device="auto", num_threads=None,
                              seed=FIT_SEED):
-    """Sample maps at the training maps' conditioning (``DRAWS_PER_MAP`` each, at most
-    ``FIT_MAX_MAPS`` in all), fit the deformation's size (against the
+    """Sample maps at the training maps' conditioning (one each, ``DRAWS_PER_MAP`` where the
+    deformation is fitted, at most ``FIT_MAX_MAPS`` in all), fit the deformation's size (against the
     training maps' pairwise Dice within each phenotype) and the tissue offsets (against their mean
     tissue fractions), and write the calibration sampling decodes with: the VAE's class offsets
     (``calibration``, its JSON) plus the tissue offsets, its temperature, the deformation, and
@@ -64,7 +64,8 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
     keep = np.arange(len(truth))
     if len(keep) > FIT_MAX_MAPS:
         keep = np.sort(np.random.default_rng(seed).choice(len(keep), FIT_MAX_MAPS, replace=False))
-    keep = np.repeat(keep, max(1, min(DRAWS_PER_MAP, FIT_MAX_MAPS // len(keep))))
+    if deformation:
+        keep = np.repeat(keep, max(1, min(DRAWS_PER_MAP, FIT_MAX_MAPS // len(keep))))
     train_values = np.asarray(train_values, np.float32)[keep]
     # log-probabilities times the temperature: the logits less a per-voxel constant, and so is
     # any warp of them (each voxel takes one voxel's values): the argmaxes sampling takes
