@@ -85,11 +85,10 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
         if not fitted:
             groups, phenotypes = ["all"] * len(groups), ["all"] * len(phenotypes)
             fitted = {"all"}
-        diversity = D.mean_pairwise_dice(truth, [g if g in fitted else None for g in phenotypes],
-                                         schema.n_classes)
         members = {g: [i for i, x in enumerate(groups) if x == g] for g in sorted(fitted)}
         targets = {g: D.mean_pairwise_dice(truth[[i for i, x in enumerate(phenotypes) if x == g]],
                                            [g] * phenotypes.count(g), schema.n_classes) for g in members}
+        diversity = float(np.mean(list(targets.values())))  # the training maps' figure over phenotypes
     for _ in range(ALTERNATIONS if deformation and tissue_offsets else 1):
         if deformation:
             # one size per phenotype, each against the training maps of its own: the LDM keeps
@@ -112,7 +111,7 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
                                      schema.n_classes)
         undeformed = D.mean_pairwise_dice(LG.with_class_offsets(logits, offsets).argmax(1).numpy(), in_fit,
                                           schema.n_classes)
-        by_phenotype = {g: round(v, 4) for g, v in stds.items() if g is not None and grouping == "phenotype"}
+        by_phenotype = {g: round(v, 4) for g, v in stds.items() if g is not None} if grouping == "phenotype" else {}
         record["deformation"] = {"std_mm": round(stds[None], 4), "std_mm_by_phenotype": by_phenotype,
                                  "spacing_mm": D.CONTROL_SPACING_MM,
                                  "interpolation": D.INTERPOLATION, "voxel_mm": voxel_mm,
