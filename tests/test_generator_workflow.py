@@ -297,16 +297,17 @@ def test_generator_stage_runs_and_resumes_after_kill(tmp_path):
 
     # unrequested_lesions (config.yaml: remove) resolves each map's lesion types by its request
     # after decoding; the main set asks for both types ('unseen'): nothing to remove. The audit
-    # counts per mode what was removed. keep instead reruns sampling and the audit only
+    # counts per mode what was removed. keep instead reruns the sampling fit (it judges the maps
+    # as the samples carry them), what reads it, sampling and the audit; no training
     assert (manifest["unrequested_lesion_voxels"] == 0).all()
     assert "removed from the samples" in fidelity.set_index("measure").loc["healthy_unrequested_voxels", "note"]
     kept = json.loads(json.dumps(cfg))
     kept["label_generator"]["sampling"]["unrequested_lesions"] = "keep"
     code, out = run_snakemake(tmp_path, "-n", config=kept)
     jobs = planned_jobs(out)
-    assert code == 0 and {"sample_synthetic", "label_generator_fidelity"} <= set(jobs), jobs
-    assert not {"train_label_vae", "calibrate_label_vae", "train_label_ldm", "fit_compose_weight",
-                "train_image_generator"} & set(jobs), jobs
+    assert code == 0 and {"fit_label_sampling", "fit_compose_weight", "sample_synthetic",
+                          "label_generator_fidelity"} <= set(jobs), jobs
+    assert not {"train_label_vae", "calibrate_label_vae", "train_label_ldm", "train_image_generator"} & set(jobs), jobs
 
     # label consistency: the run's real-only tissue arm (its nnU-Net) reads the synthetic
     # images, scored against their labels beside its real test Dice

@@ -730,6 +730,13 @@ def test_unrequested_lesion_types_are_removed_by_the_request():
     kept, leaked_kept = LG.resolve_unrequested_lesions(p, cond, ["wmh", "tumour"], schema, "keep")
     np.testing.assert_array_equal(kept, p)
     np.testing.assert_array_equal(leaked_kept, leaked)
+    # the same removal on logits (what the sampling fit works on): the same argmaxes, a copy
+    logits = torch.log(torch.from_numpy(p)) + 0.7
+    removed = LG.remove_unrequested_logits(logits, cond, ["wmh", "tumour"], schema, "remove")
+    np.testing.assert_array_equal(removed.argmax(1).numpy(), out.argmax(1))
+    assert torch.isinf(removed[0, 7:]).all() and torch.isinf(removed[1, 6:]).all() and torch.isfinite(removed[2]).all()
+    assert torch.isfinite(logits).all()
+    assert LG.remove_unrequested_logits(logits, cond, ["wmh", "tumour"], schema, "keep") is logits
     # all of a voxel's probability on removed classes: it becomes background
     one_hot = np.zeros((1, K, 2), np.float32)
     one_hot[0, 8, 0] = one_hot[0, 3, 1] = 1
@@ -1093,7 +1100,11 @@ def test_sampling_calibration_fits_the_deformation_before_the_tissue_offsets(mod
     vae, ldm = models["vae"]["model"], models["ldm"]["model"]
     schema = LabelSchema()
     LG.calibrate_label_vae(vae, cohort["label_paths"], "tissue", tmp_path / "vae_cal.json", schema=schema, device="cpu")
-    samp = {"inference_steps": 3}
+    # oedema pushed up: the WMH maps draw some, which sampling removes (unrequested_lesions)
+    vae_cal = json.loads((tmp_path / "vae_cal.json").read_text())
+    vae_cal["class_offsets"][8] += OEDEMA_OFFSET
+    (tmp_path / "vae_cal.json").write_text(json.dumps(vae_cal))
+    samp = {"inference_steps": 3, "unrequested_lesions": "remove"}
     rec = SC.fit_sampling_calibration(vae, ldm, tmp_path / "vae_cal.json", cohort["label_paths"], tmp_path / "s.json",
                                       deformation=True, sampling=samp, schema=schema, device="cpu", seed=2)
     d = rec["deformation"]
@@ -1109,6 +1120,9 @@ def test_sampling_calibration_fits_the_deformation_before_the_tissue_offsets(mod
     tv = np.repeat(np.asarray(tv, np.float32), 2, axis=0)
     probs = LG.sample_labels(vae, ldm, tv, seed=2, batch_size=4, device="cpu",
                              sampling=samp, calibration=tmp_path / "s.json")
+    # the maps as the samples carry them: the fit judged them with unrequested lesion types removed
+    probs, leaked = LG.resolve_unrequested_lesions(probs, tv, ["wmh", "tumour"], schema, "remove")
+    assert leaked.any()  # the tiny decoder draws some: the removal is exercised
     assert D.mean_pairwise_dice(probs.argmax(1), [D.phenotype({"wmh": a > 0, "tumour": b > 0}) for a, b in tv],
                                 K) == pytest.approx(d["pairwise_dice_after"], abs=2e-3)
     tissues = {schema.value(t): t for t in schema.tissues}

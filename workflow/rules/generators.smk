@@ -154,7 +154,8 @@ rule fit_label_sampling:
     output:
         calibration=LABEL_SAMPLING_CALIBRATION,
     params:
-        # its requests ask for one lesion type or none: composition and its weights play no part
+        # its requests ask for one lesion type or none: composition and its weights play no part;
+        # it judges the maps as the samples carry them (unrequested_lesions)
         sampling=canonical(
             {
                 k: v
@@ -163,7 +164,6 @@ rule fit_label_sampling:
                 not in (
                     "compose_lesion_types",
                     "compose_weight",
-                    "unrequested_lesions",
                     "tissue_offsets",
                     "deformation",
                 )

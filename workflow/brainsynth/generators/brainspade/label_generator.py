@@ -32,6 +32,8 @@ Public API
     each map's lesion classes resolved by its request (``sampling.unrequested_lesions``):
     the classes of lesion types it does not ask for removed, and the voxels the decoder
     gave them counted per map.
+``remove_unrequested_logits(logits, conditioning, lesion_types, schema, setting)``
+    the same removal on logits (-inf), for the fits that work on them.
 ``make_conditioning(mode, n, lesion_types, train_values=None, values=None, seed=0)``
     ``explicit`` (given values), ``random`` (rows drawn from the training
     distribution of ``dc_jl``), ``unseen`` (every lesion type > 0 at once, each
@@ -1447,6 +1449,18 @@ def sampling_config(ldm_payload, sampling=None):
     return samp
 
 
+def _unrequested_classes(conditioning, lesion_types, schema):
+    """Per request row, the label values of every lesion type whose dc is 0 in it."""
+    unknown = [t for t in lesion_types if t not in schema.lesion_types]
+    if unknown:
+        raise InputError(f"the LDM's lesion types {unknown} are not in the label schema "
+                         f"(its types: {list(schema.lesion_types)})", field="labels.lesion_types",
+                         fix="sample with the label schema the generator was trained with")
+    values = schema.lesion_type_values
+    cond = np.asarray(conditioning, dtype=np.float32)
+    return [[v for j, t in enumerate(lesion_types) if row[j] == 0 for v in values[t]] for row in cond]
+
+
 def resolve_unrequested_lesions(probs, conditioning, lesion_types, schema, setting):
     """``(maps, leaked)``: the maps ``(N, K, *spatial)`` with, where ``setting`` is ``remove``, the
     classes of every lesion type whose dc is 0 in a map's request given probability 0 and the rest
@@ -1461,18 +1475,10 @@ def resolve_unrequested_lesions(probs, conditioning, lesion_types, schema, setti
     probs = np.asarray(probs)
     if not np.issubdtype(probs.dtype, np.floating):
         probs = probs.astype(np.float32)
-    cond = np.asarray(conditioning, dtype=np.float32)
-    unknown = [t for t in lesion_types if t not in schema.lesion_types]
-    if unknown:
-        raise InputError(f"the LDM's lesion types {unknown} are not in the label schema "
-                         f"(its types: {list(schema.lesion_types)})", field="labels.lesion_types",
-                         fix="sample with the label schema the generator was trained with")
-    values = schema.lesion_type_values
     hard = probs.argmax(1)
     leaked = np.zeros(len(probs), dtype=np.int64)
     out = probs.copy() if setting == "remove" else probs
-    for i in range(len(probs)):
-        classes = [v for j, t in enumerate(lesion_types) if cond[i, j] == 0 for v in values[t]]
+    for i, classes in enumerate(_unrequested_classes(conditioning, lesion_types, schema)):
         if not classes:
             continue
         leaked[i] = int(np.isin(hard[i], classes).sum())
@@ -1481,6 +1487,23 @@ def resolve_unrequested_lesions(probs, conditioning, lesion_types, schema, setti
             out[i, 0][out[i].sum(0) == 0] = 1  # all its probability was on removed classes: background
             out[i] /= out[i].sum(0, keepdims=True)
     return out, leaked
+
+
+def remove_unrequested_logits(logits, conditioning, lesion_types, schema, setting):
+    """``logits`` ``(N, K, *spatial)`` (a tensor) whose argmax is that of the maps
+    :func:`resolve_unrequested_lesions` leaves: with ``remove``, the classes of lesion types a
+    map's request leaves at 0 set to -inf (a copy); with ``keep``, ``logits`` as given. The
+    sampling calibration is fitted on these, so that it judges the maps the samples become: a few
+    leaked voxels of an unrequested type in some maps and not in others lower their pairwise Dice
+    by a whole class, a diversity the samples do not have."""
+    _check_unrequested_lesions(setting)
+    if setting == "keep":
+        return logits
+    out = logits.clone()
+    for i, classes in enumerate(_unrequested_classes(conditioning, lesion_types, schema)):
+        if classes:
+            out[i, classes] = float("-inf")
+    return out
 
 
 @torch.no_grad()

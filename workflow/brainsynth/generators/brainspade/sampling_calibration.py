@@ -72,6 +72,9 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
     logits = torch.from_numpy(LG.sample_labels(vae_path, ldm_path, train_values, seed=seed, device=device,
                                                progress=False, batch_size=4, calibration=calibration,
                                                sampling=sampling, log_probs=True)) * temperature
+    # the maps as the samples carry them: lesion types their request leaves at 0 removed
+    logits = LG.remove_unrequested_logits(logits, train_values, types, schema,
+                                          LG.sampling_config(ldm_path, sampling)["unrequested_lesions"])
     offsets = torch.zeros(schema.n_classes)
     record = {"temperature": temperature, "vae_class_offsets": [round(float(b), 6) for b in base]}
     stds, drawn = {}, logits
