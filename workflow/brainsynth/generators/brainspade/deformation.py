@@ -13,9 +13,9 @@ at once, has no diversity to match and is not warped). The warp acts on the deco
 log-probabilities, before the argmax, so the decoder's class offsets move the same argmaxes with and
 without it, and it takes each voxel's value from the nearest voxel, as SynthSeg warps its label
 maps: interpolated linearly, a structure one voxel thin (the demo's CSF rim at 4 mm, a small WMH)
-fades under its neighbours and is lost to the argmax. It gives the samples spread, not the LDM; on the demo it meets the healthy
-maps' diversity gate with no segmentation arm moving beyond the spread of single trainings (README,
-"A deformation of each sample"); the demo leaves it off until a fresh run states its figures.
+fades under its neighbours and is lost to the argmax. It gives the samples spread, not the LDM; on
+the demo (its setting there) it meets the diversity gate of every phenotype with no segmentation arm
+moving beyond the spread of single trainings (README, "A deformation of each sample").
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def fit_sampling_calibration(vae_path, ldm_path, calibration, training_maps, out
                                  "pairwise_dice_before": round(undeformed, 6),
                                  "pairwise_dice_after": round(after, 6), "maps": len(train_values),
                                  "training_maps": len(truth), "grouping": grouping, "seed": int(seed)}
-        within = "within phenotypes" if grouping == "phenotype" else "pooled (no phenotype drawn twice)"
+        within = "within phenotypes" if grouping == "phenotype" else "pooled (no phenotype with two maps on both sides)"
         sizes = (", ".join(f"{g} {v:.2f} mm" for g, v in by_phenotype.items()) + ", other phenotypes none"
                  if by_phenotype else f"{stds[None]:.2f} mm")
         notes.append(f"deformation {sizes} (pairwise Dice {within} {undeformed:.3f} -> {after:.3f}, "
