@@ -1396,8 +1396,8 @@ def test_common_helpers(cohort, tmp_path):
 
 def test_mixed_precision_follows_the_device(monkeypatch):
     """amp: the image generators train in float16 on CUDA only; sampling in bfloat16 on a CPU
-    with oneDNN bfloat16 kernels, float32 where bfloat16 would run emulated."""
-    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: True)
+    where it is faster than float32 (AMX), float32 elsewhere."""
+    monkeypatch.setattr(C, "cpu_bf16_fast", lambda: True)
     assert C.amp_dtype("cpu") == torch.bfloat16 and C.sampling_amp("cpu", True)
     assert not C.amp_enabled("cpu", True) and not C.sampling_amp("cpu", False)
     layer = torch.nn.Linear(4, 4)
@@ -1405,18 +1405,30 @@ def test_mixed_precision_follows_the_device(monkeypatch):
         assert layer(torch.ones(2, 4)).dtype == torch.bfloat16
     with C.autocast("cpu", False):
         assert layer(torch.ones(2, 4)).dtype == torch.float32
-    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(C, "cpu_bf16_fast", lambda: False)
     assert C.amp_dtype("cpu") is None and not C.sampling_amp("cpu", True)
     assert C.amp_dtype("cuda") == torch.float16 and C.amp_enabled("cuda", True)
 
 
+def test_cpu_bfloat16_only_with_amx(monkeypatch):
+    """bfloat16 on a CPU only with AMX tiles: on AVX-512 with bfloat16 instructions but no AMX it
+    was slower than float32 for every label-generator job measured (README, Timings), and
+    without native kernels it runs emulated."""
+    for kernels, amx, fast in [(True, True, True), (True, False, False), (False, True, False), (False, False, False)]:
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda k=kernels: k)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda a=amx: a)
+        assert C.cpu_bf16_kernels() is kernels and C.cpu_bf16_fast() is fast
+        assert (C.amp_dtype("cpu") == torch.bfloat16) is fast
+
+
 def test_precision_notice_only_where_float32_replaces_bfloat16(monkeypatch):
     """The run is told when the label generator will train in float32 on a CPU that lacks the
-    bfloat16 kernels its amp setting asks for; not where it has them, nor with amp off."""
-    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: False)
-    assert "no native bfloat16 kernels" in LG.precision_notice({"device": "cpu"})
+    AMX units that make the bfloat16 its amp setting asks for pay; not where it has them, nor with
+    amp off."""
+    monkeypatch.setattr(C, "cpu_bf16_fast", lambda: False)
+    assert "no AMX units" in LG.precision_notice({"device": "cpu"})
     assert LG.precision_notice({"device": "cpu", "amp": False}) is None
-    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(C, "cpu_bf16_fast", lambda: True)
     assert LG.precision_notice({"device": "cpu"}) is None
 
 
@@ -1464,13 +1476,13 @@ def test_bfloat16_training_probe_refuses_a_faulty_convolution(monkeypatch, caplo
     assert torch.equal(torch.get_rng_state(), state)
     problem = C.bf16_convolution_problem(bad, lambda: bad(x))
     assert "_GarbageInBfloat16(4->4, stride (2, 2, 2)) on [2, 4, 8, 10, 8]" in problem
-    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(C, "cpu_bf16_fast", lambda: True)
     assert C.training_amp("cpu", True, good, lambda: good(x), "test net")
     assert not C.training_amp("cpu", False, good, lambda: good(x), "test net")
     with caplog.at_level(logging.WARNING, logger="brainsynth.generators"):
         assert not C.training_amp("cpu", True, bad, lambda: bad(x), "test net")
     assert "test net: training in float32, not bfloat16" in caplog.text
-    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(C, "cpu_bf16_fast", lambda: False)
     assert not C.training_amp("cpu", True, good, lambda: good(x), "test net")
 
 
@@ -1498,11 +1510,13 @@ def test_bfloat16_inference_guard_answers_a_faulty_convolution_in_float32(caplog
     assert caplog.text.count("test net: _GarbageInBfloat16(4->4, stride (2, 2, 2)) on [2, 4, 8, 10, 8]") == 1
 
 
-@pytest.mark.skipif(not C.cpu_bf16_supported(), reason="no native bfloat16 kernels on this CPU")
+@pytest.mark.skipif(not C.cpu_bf16_kernels(), reason="no native bfloat16 kernels on this CPU")
 def test_label_vae_trains_in_bfloat16_here_reproducibly(cohort, tmp_path, monkeypatch, caplog):
-    """On this CPU the label VAE trains under bfloat16 autocast (the faster path the demo takes):
-    two runs give the same weights bit for bit, float32 (amp: false) others; a checkpoint
-    written in float32 (a CPU without bfloat16 kernels) is not resumed in bfloat16."""
+    """Where this CPU runs bfloat16 natively the label VAE trains under bfloat16 autocast as the
+    demo's AMX machine does (taken here whether or not it is the faster path): two runs give the
+    same weights bit for bit, float32 (amp: false) others; a checkpoint written in float32 (a
+    CPU without AMX) is not resumed in bfloat16."""
+    monkeypatch.setattr(C, "cpu_bf16_fast", lambda: True)
     cfg = _cfg(LABEL_CFG, checkpoint_every=2, vae={"steps": 4, "adv_weight": 0.0})
     a = LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "a")
     b = LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "b")
@@ -1510,19 +1524,20 @@ def test_label_vae_trains_in_bfloat16_here_reproducibly(cohort, tmp_path, monkey
     assert torch.load(a["model"], weights_only=False)["training_amp"] is True
     f = LG.train_label_vae(cohort["label_paths"], _cfg(cfg, amp=False), tmp_path / "f")
     assert any(not torch.equal(x, y) for x, y in zip(_state(a["model"]).values(), _state(f["model"]).values()))
-    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(C, "cpu_bf16_fast", lambda: False)
     LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "c", max_steps_this_run=2)
-    monkeypatch.setattr(C, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(C, "cpu_bf16_fast", lambda: True)
     with caplog.at_level(logging.WARNING, logger="brainsynth.generators"):
         c = LG.train_label_vae(cohort["label_paths"], cfg, tmp_path / "c")
     assert "another configuration" in caplog.text
     _same_weights(_state(c["model"]), _state(a["model"]), atol=0)
 
 
-@pytest.mark.skipif(not C.cpu_bf16_supported(), reason="no native bfloat16 kernels on this CPU")
-def test_label_sampling_in_bfloat16_is_reproducible_and_close_to_float32(models, tmp_path):
-    """Sampling under amp (bfloat16 here) repeats exactly for a seed and draws the maps float32
-    draws, up to rounding."""
+@pytest.mark.skipif(not C.cpu_bf16_kernels(), reason="no native bfloat16 kernels on this CPU")
+def test_label_sampling_in_bfloat16_is_reproducible_and_close_to_float32(models, tmp_path, monkeypatch):
+    """Sampling under amp (bfloat16, as on the demo's AMX machine) repeats exactly for a seed and
+    draws the maps float32 draws, up to rounding."""
+    monkeypatch.setattr(C, "cpu_bf16_fast", lambda: True)
     cond = np.array([[0.0, 0.0], [0.5, 0.0], [0.0, 1.0]], np.float32)
     a = LG.sample_labels(models["vae"]["model"], models["ldm"]["model"], cond, seed=1, progress=False)
     b = LG.sample_labels(models["vae"]["model"], models["ldm"]["model"], cond, seed=1, progress=False)

@@ -178,7 +178,8 @@ TINY_GEN = {
                 "channels": [8, 16], "norm_num_groups": 4},
         "ldm": {"steps": 30, "batch_size": 2, "channels": [8, 16, 16], "num_head_channels": 4,
                 "norm_num_groups": 4},
-        # deformation fit: off in the demo (README, "A deformation of each sample"), run here
+        # deformation fit: the demo's setting (config/config.yaml); named here so the tiny stage
+        # fits it whatever the default becomes (README, "A deformation of each sample")
         "sampling": {"scheduler": "ddim", "inference_steps": 5, "deformation": "fit"},
     },
     "image_generator": {"checkpoint_every": 10, "steps": 20, "batch_size": 2},

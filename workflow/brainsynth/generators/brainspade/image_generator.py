@@ -41,7 +41,7 @@ Config (``image_generator:`` in config.yaml; defaults in :data:`DEFAULTS`)
 key                        meaning
 =========================  =============================================================
 device / amp / seed        as for the label generator (amp: float16 training and sampling on CUDA,
-                           bfloat16 sampling on CPUs with native bfloat16 kernels)
+                           bfloat16 sampling on CPUs with AMX)
 num_threads                torch CPU threads
 checkpoint_every/log_every steps between checkpoints / progress lines
 steps / batch_size         optimisation steps / slices per step

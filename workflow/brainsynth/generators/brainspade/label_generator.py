@@ -55,8 +55,8 @@ key                             meaning
 spatial_dims                    3 (volumes) or 2 (axial slices)
 device                          auto | cpu | cuda[:i]
 amp                             mixed precision: training and sampling in float16 on CUDA, in bfloat16 on
-                                CPUs with native bfloat16 kernels (AVX-512 / AMX; training only where every
-                                convolution passes common.bf16_convolution_problem); false: float32
+                                CPUs with AMX, where it beats float32 (common.cpu_bf16_fast; training only
+                                where every convolution passes common.bf16_convolution_problem); false: float32
 seed                            training seed (torch, numpy, random)
 num_threads                     torch CPU threads (null: $OMP_NUM_THREADS or 1)
 checkpoint_every / log_every    steps between checkpoints / progress lines
@@ -292,7 +292,7 @@ def resolve_config(cfg):
 
 def precision_notice(cfg):
     """What a run should be told before the label generator trains on this machine, or None:
-    with ``amp`` on a CPU without native bfloat16 kernels (AVX-512 / AMX) it trains in float32,
+    with ``amp`` on a CPU without AMX (where bfloat16 is slower than float32) it trains in float32,
     several times slower than on the AMX CPU the demo's training budgets were set on (README,
     Timings)."""
     cfg = resolve_config(cfg)
@@ -300,9 +300,9 @@ def precision_notice(cfg):
         device = C.get_device(cfg["device"])
     except InputError:
         return None  # the training rule refuses the device, naming the field
-    if not cfg["amp"] or device.type != "cpu" or C.cpu_bf16_supported():
+    if not cfg["amp"] or device.type != "cpu" or C.cpu_bf16_fast():
         return None
-    return ("this CPU has no native bfloat16 kernels (AVX-512 / AMX): the label generator trains in float32, "
+    return ("this CPU has no AMX units, where bfloat16 beats float32: the label generator trains in float32, "
             "several times slower than on a CPU that has them (README, Timings)")
 
 
