@@ -292,9 +292,9 @@ def guard_bf16_inference(model, what, tolerance=0.1):
 
 def training_amp(device, want, model, example, what):
     """Mixed-precision training of ``model``: on CUDA when wanted (float16); on a CPU where
-    bfloat16 is faster (:func:`cpu_bf16_fast`) when wanted and :func:`bf16_convolution_problem` finds none in the
-    convolutions ``example()`` runs (in the 2026-12-05 demo the label VAE trained 2.35x, the LDM
-    1.8x faster); else float32. Deterministic per thread count like float32, so a resumed
+    bfloat16 is faster (:func:`cpu_bf16_fast`) when wanted and :func:`bf16_convolution_problem`
+    finds none in the convolutions ``example()`` runs (in the 2026-12-05 demo the label VAE
+    trained 2.35x, the LDM 1.8x faster); else float32. Deterministic per thread count like float32, so a resumed
     training equals an uninterrupted one (the precision is part of the checkpoint fingerprint).
     The choice is logged under ``what``."""
     amp = bool(want) and amp_dtype(device) is not None
