@@ -27,7 +27,7 @@ ADDED_SINCE_MOVE = {"posterior_sigma_init": None, "compose_lesion_types": False,
                     "lr_schedule": "constant", "select_every": 0, "calibration": "none", "norm": "instance",
                     "output_block_channels": 0, "training_amp": False, "lesion_presence": False,
                     "reconstruction_target": "soft", "unrequested_lesions": "keep", "tissue_offsets": "none",
-                    "deformation": "none"}
+                    "deformation": "none", "patch_size": 1}
 # manifest columns added since the move (the outputs' other columns and files compared as they are)
 MANIFEST_ADDED_SINCE_MOVE = ["unrequested_lesion_voxels"]
 

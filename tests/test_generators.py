@@ -1732,6 +1732,29 @@ def test_lesion_presence_trains_and_samples(models, cohort, tmp_path):
                                                             3, seed=1, sampling=sampling))
 
 
+def test_ldm_on_blocks_of_latent_voxels_trains_resumes_and_samples(models, cohort, tmp_path):
+    """ldm.patch_size 2: the U-Net runs on 2x2x2 blocks of the latent; the model file rebuilds it,
+    a kill resumes to the same weights, and sampling draws maps on the working grid."""
+    cfg = _cfg(LABEL_CFG, ldm={"patch_size": 2, "channels": [8, 8], "attention_levels": [False, True],
+                               "condition_channels": True, "steps": 4})
+    ldm = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"], cfg, tmp_path / "a")
+    payload = torch.load(ldm["model"], map_location="cpu", weights_only=False)
+    assert payload["unet_kwargs"]["patch_size"] == 2 and payload["unet_kwargs"]["out_channels"] == 2
+    assert payload["latent_shape"] == [8, 10, 8]
+    assert payload["padded_latent_shape"] == [8, 12, 8]  # divisible by 2 (levels) x 2 (blocks)
+    unet, _ = LG.load_ldm(ldm["model"])
+    assert unet.unet.conv_in.conv.in_channels == (2 + 3) * 8 and unet.unet.out[-1].conv.out_channels == 2 * 8
+    part = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"], cfg, tmp_path / "b",
+                              max_steps_this_run=2)
+    assert not part["completed"]
+    resumed = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"], cfg, tmp_path / "b")
+    _same_weights(_state(ldm["model"]), _state(resumed["model"]))
+    cond = np.array([[0.0, 0.0], [0.4, 0.6]], np.float32)
+    out = LG.sample_labels(models["vae"]["model"], ldm["model"], cond, "ddim", 3, seed=1)
+    assert out.shape == (2, K) + SHAPE and np.allclose(out.sum(1), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(out, LG.sample_labels(models["vae"]["model"], ldm["model"], cond, "ddim", 3, seed=1))
+
+
 def test_classifier_free_guidance_trains_and_samples(models, cohort, tmp_path):
     cfg = _cfg(LABEL_CFG, ldm={"condition_dropout": 0.5, "steps": 4})
     ldm = LG.train_label_ldm(models["vae"]["model"], cohort["label_paths"], cohort["cond"], cfg, tmp_path)

@@ -130,6 +130,10 @@ ldm.condition_dropout           share of training steps' samples whose condition
 ldm.ema_decay                   > 0: sample from the exponential moving average of the UNet's weights
                                 (decay per step, with warm-up); 0: from the last weights
 ldm.steps / ldm.batch_size / ldm.lr    optimisation steps / latents per step / Adam lr
+ldm.patch_size                  p: the U-Net sees each p^d block of latent voxels as channels and runs on a
+                                grid p times coarser per axis (1: on the latent grid); for a VAE whose
+                                latent keeps the working grid (vae.channels of one level), whose LDM would
+                                otherwise cost about ten times as much per step (latent_patches)
 calibration                     none | tissue | all: per-class offsets added to the decoder's logits, fitted
                                 on the training maps after training (rule calibrate_label_vae; coordinate
                                 ascent of the selection's score), used by sampling and the audit: the VAE
@@ -183,6 +187,7 @@ from ...errors import InputError
 from ...io import save_json
 from ...labels import LabelSchema, check_conditioning_mode, single_type_of
 from .. import common as C
+from .latent_patches import PatchedUNet
 from . import settings
 from .deformation import conditioning_phenotypes, deform, load_deformation, map_stds
 
@@ -245,6 +250,7 @@ DEFAULTS = {  # demo scale: 48x56x48 grid, trains on 2 CPU cores in minutes
         "lesion_presence": False,
         "lesion_weight": 0.0,
         "ema_decay": 0.0,
+        "patch_size": 1,
         "steps": 500,
         "batch_size": 4,
         "lr": 5e-4,
@@ -337,10 +343,14 @@ def context_dim(n_types, presence):
 
 
 def _unet_kwargs(cfg, latent_channels, n_types):
+    """The U-Net's keyword arguments on the latent grid; with ``ldm.patch_size`` > 1 they carry
+    ``patch_size`` and :func:`build_unet` widens the channels to the blocks."""
     m = cfg["ldm"]
     dim = context_dim(n_types, m["lesion_presence"])
     extra = dim if m["condition_channels"] else 0
+    patch = {"patch_size": int(m["patch_size"])} if int(m["patch_size"]) > 1 else {}
     return dict(
+        **patch,
         spatial_dims=int(cfg["spatial_dims"]),
         in_channels=latent_channels + extra,
         out_channels=latent_channels,
@@ -373,7 +383,13 @@ def build_vae(kwargs):
 def build_unet(kwargs):
     from monai.networks.nets import DiffusionModelUNet
 
-    return DiffusionModelUNet(**kwargs)
+    kw = dict(kwargs)
+    p = int(kw.pop("patch_size", 1))
+    if p == 1:
+        return DiffusionModelUNet(**kw)
+    block = p ** int(kw["spatial_dims"])
+    kw["in_channels"], kw["out_channels"] = kw["in_channels"] * block, kw["out_channels"] * block
+    return PatchedUNet(DiffusionModelUNet(**kw), p)
 
 
 def build_scheduler(kind, kwargs, clip_range=None):
@@ -1107,6 +1123,11 @@ def _check_ldm_settings(m, schema):
         raise InputError(f"ldm.latent_norm must be one of {', '.join(LATENT_NORMS)}, got {m['latent_norm']!r}",
                          field="label_generator.ldm.latent_norm")
     settings.loss_weights(m["lesion_weight"], list(schema.lesion_types))
+    patch = m["patch_size"]
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise InputError(f"ldm.patch_size must be an integer >= 1, got {patch!r}",
+                         field="label_generator.ldm.patch_size",
+                         fix="use 1 (the U-Net on the latent grid) or 2 (on 2x2x2 blocks of latent voxels)")
 
 
 def _latent_normalisation(mu, sigma, m, seed):
@@ -1198,7 +1219,7 @@ def train_label_ldm(vae_path, label_paths, cond_table, cfg, out_dir, *, subjects
     latent_shape = list(mu.shape[2:])
     zn = (z_sample - shift_b) * scale_b
     latent_range = [float(zn.min()), float(zn.max())]
-    lpad = list(C.divisible_shape(latent_shape, _levels_factor(len(m["channels"]))))
+    lpad = list(C.divisible_shape(latent_shape, _levels_factor(len(m["channels"])) * int(m["patch_size"])))
     log.info("label LDM: %d latents %s (padded %s), scale factor %.4f, lesion types %s, device %s",
              mu.shape[0], latent_shape, lpad, scale_factor, types, device)
 
